@@ -1,0 +1,282 @@
+"""Building blocks shared by every ViT in the package.
+
+Parameter names follow the official PyTorch modules (``qkv``, ``q_bias``, ``gamma_1``,
+``relative_position_bias_table``, ``mlp.fc1`` ...), so converting a checkpoint is a copy
+plus the transposition of Linear weights (Paddle keeps them as [in, out]).
+
+Two attention flavours exist in the reference code and both are kept exactly:
+* ``"timm"`` (MAE): one ``qkv`` Linear with a full bias; scores are (q @ k^T) * scale.
+* ``"beit"`` (CAE, BootMAE): ``qkv`` without bias plus ``q_bias``/``v_bias`` (no k bias);
+  queries are scaled before the product; optional relative position bias.
+"""
+import math
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+LN_EPS = 1e-6
+
+
+def layer_norm(dim, eps=LN_EPS):
+    return nn.LayerNorm(dim, epsilon=eps)
+
+
+# ----------------------------------------------------------------------------- init
+def trunc_normal_(param, std=0.02, mean=0.0, a=None, b=None):
+    """Fill ``param`` from N(mean, std) truncated to [a, b] (absolute bounds; default
+    +-2 std). Inverse-CDF sampling, the same method PyTorch's trunc_normal_ uses."""
+    a = mean - 2 * std if a is None else a
+    b = mean + 2 * std if b is None else b
+
+    def cdf(x):
+        return 0.5 * (1.0 + math.erf((x - mean) / (std * math.sqrt(2.0))))
+
+    lo, hi = 2 * cdf(a) - 1, 2 * cdf(b) - 1
+    u = paddle.uniform(param.shape, dtype="float32", min=lo, max=hi)
+    u = paddle.clip(u, -1 + 1e-7, 1 - 1e-7)
+    x = paddle.erfinv(u) * (std * math.sqrt(2.0)) + mean
+    param.set_value(paddle.clip(x, a, b).astype(param.dtype))
+
+
+def normal_(param, std, mean=0.0):
+    param.set_value(paddle.normal(mean, std, param.shape).astype(param.dtype))
+
+
+def zeros_(param):
+    param.set_value(paddle.zeros(param.shape, dtype=param.dtype))
+
+
+def ones_(param):
+    param.set_value(paddle.ones(param.shape, dtype=param.dtype))
+
+
+def xavier_uniform_(param, fan_in=None, fan_out=None):
+    """Xavier-uniform for a Paddle Linear weight ([in, out]) or a given fan."""
+    shape = param.shape
+    fan_in = shape[0] if fan_in is None else fan_in
+    fan_out = shape[-1] if fan_out is None else fan_out
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    param.set_value(paddle.uniform(shape, dtype="float32", min=-limit, max=limit))
+
+
+def zero_parameter(layer, shape, trainable=True):
+    p = layer.create_parameter(shape, default_initializer=nn.initializer.Constant(0.0))
+    p.stop_gradient = not trainable
+    return p
+
+
+# ---------------------------------------------------------------------------- layers
+class DropPath(nn.Layer):
+    """Stochastic depth per sample: keep with probability 1 - p and rescale by 1/(1 - p)."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = [x.shape[0]] + [1] * (x.ndim - 1)
+        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
+        return x / keep * mask
+
+    def extra_repr(self):
+        return f"drop_prob={self.drop_prob}"
+
+
+class PatchEmbed(nn.Layer):
+    """Image [B, C, H, W] -> patch tokens [B, N, D], raster order (row-major)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        img_size = _pair(img_size)
+        patch_size = _pair(patch_size)
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2D(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        if tuple(x.shape[2:]) != self.img_size:
+            raise ValueError(
+                f"input image size {tuple(x.shape[2:])} does not match the model's "
+                f"img_size {self.img_size}; build the model with --input_size {x.shape[2]}"
+            )
+        x = self.proj(x)  # [B, D, H/p, W/p]
+        return x.flatten(2).transpose([0, 2, 1])  # [B, N, D]
+
+
+class Mlp(nn.Layer):
+    def __init__(self, in_features, hidden_features=None, out_features=None, drop=0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()  # exact erf form, as the reference
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def relative_position_index(grid_size):
+    """[(N+1), (N+1)] index into a table of (2H-1)(2W-1)+3 rows (BEiT layout):
+    patch pairs by (dy + H - 1) * (2W - 1) + (dx + W - 1); then cls->token row, token->cls
+    column and cls->cls take the three extra entries L-3, L-2, L-1."""
+    h, w = grid_size
+    coords = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij")).reshape(2, -1)
+    rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N], query - key
+    rel[0] += h - 1
+    rel[1] += w - 1
+    num_rel = (2 * h - 1) * (2 * w - 1) + 3
+    index = np.zeros((h * w + 1, h * w + 1), dtype=np.int64)
+    index[1:, 1:] = rel[0] * (2 * w - 1) + rel[1]
+    index[0, :] = num_rel - 3
+    index[:, 0] = num_rel - 2
+    index[0, 0] = num_rel - 1
+    return index
+
+
+class Attention(nn.Layer):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
+                 proj_drop=0.0, window_size=None, attn_head_dim=None, style="timm"):
+        super().__init__()
+        if style not in ("timm", "beit"):
+            raise ValueError(f"attention style must be 'timm' or 'beit', got {style!r}")
+        self.style = style
+        self.num_heads = num_heads
+        head_dim = attn_head_dim or dim // num_heads
+        self.head_dim = head_dim
+        inner = head_dim * num_heads
+        self.inner_dim = inner
+        self.scale = qk_scale or head_dim ** -0.5
+        if style == "timm":
+            self.qkv = nn.Linear(dim, inner * 3, bias_attr=None if qkv_bias else False)
+            self.q_bias = self.v_bias = None
+        else:
+            self.qkv = nn.Linear(dim, inner * 3, bias_attr=False)
+            if qkv_bias:
+                self.q_bias = zero_parameter(self, [inner])
+                self.v_bias = zero_parameter(self, [inner])
+            else:
+                self.q_bias = self.v_bias = None
+        self.window_size = tuple(window_size) if window_size else None
+        if self.window_size:
+            num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
+            self.relative_position_bias_table = zero_parameter(self, [num_rel, num_heads])
+            self.register_buffer(
+                "relative_position_index",
+                paddle.to_tensor(relative_position_index(self.window_size)),
+                persistable=False,
+            )
+        else:
+            self.relative_position_bias_table = None
+        self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def qkv_projection(self, x):
+        if self.q_bias is None:
+            return self.qkv(x)
+        zero_k = paddle.zeros_like(self.v_bias)
+        zero_k.stop_gradient = True
+        bias = paddle.concat([self.q_bias, zero_k, self.v_bias])
+        return F.linear(x, self.qkv.weight, bias)
+
+    def relative_bias(self):
+        """[heads, N+1, N+1] bias taken from the table by the fixed index."""
+        n = self.relative_position_index.shape[0]
+        bias = paddle.gather(self.relative_position_bias_table,
+                             self.relative_position_index.flatten())  # [(N+1)^2, heads]
+        return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
+
+    def forward(self, x, rel_pos_bias=None):
+        b, n, _ = x.shape
+        qkv = self.qkv_projection(x).reshape([b, n, 3, self.num_heads, self.head_dim])
+        q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, h, N, d]
+        if self.style == "timm":
+            attn = paddle.matmul(q, k, transpose_y=True) * self.scale
+        else:
+            attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        if self.relative_position_bias_table is not None:
+            attn = attn + self.relative_bias().unsqueeze(0)
+        if rel_pos_bias is not None:
+            attn = attn + rel_pos_bias
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([b, n, self.inner_dim])
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Layer):
+    """Pre-norm transformer block with optional layer-scale gammas (CAE)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
+                 attn_drop=0.0, drop_path=0.0, init_values=None, window_size=None,
+                 attn_head_dim=None, attn_style="timm", norm_eps=LN_EPS):
+        super().__init__()
+        self.norm1 = layer_norm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                              window_size, attn_head_dim, style=attn_style)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = layer_norm(dim, norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        if init_values is not None and init_values > 0:
+            init = nn.initializer.Constant(float(init_values))
+            self.gamma_1 = self.create_parameter([dim], default_initializer=init)
+            self.gamma_2 = self.create_parameter([dim], default_initializer=init)
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def forward(self, x, rel_pos_bias=None):
+        if self.gamma_1 is None:
+            x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
+        return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+class TorchBatchNorm1D(nn.Layer):
+    """BatchNorm over features [B, C] with PyTorch's semantics, which linear probing
+    relies on: batch statistics use the biased variance for normalising, while the
+    running variance is updated with the UNBIASED one (Paddle's own BatchNorm updates it
+    with the biased variance). ``momentum`` is PyTorch's (weight of the new value)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False):
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        if affine:
+            self.weight = self.create_parameter([num_features],
+                                                default_initializer=nn.initializer.Constant(1.0))
+            self.bias = self.create_parameter([num_features],
+                                              default_initializer=nn.initializer.Constant(0.0))
+        else:
+            self.weight = self.bias = None
+        self.register_buffer("_mean", paddle.zeros([num_features]))
+        self.register_buffer("_variance", paddle.ones([num_features]))
+
+    def forward(self, x):
+        if self.training:
+            mean = x.mean(axis=0)
+            var = ((x - mean) ** 2).mean(axis=0)
+            n = x.shape[0]
+            with paddle.no_grad():
+                unbiased = var * (n / max(n - 1, 1))
+                self._mean.set_value((1 - self.momentum) * self._mean + self.momentum * mean)
+                self._variance.set_value(
+                    (1 - self.momentum) * self._variance + self.momentum * unbiased)
+        else:
+            mean, var = self._mean, self._variance
+        y = (x - mean) / paddle.sqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight + self.bias
+        return y
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)

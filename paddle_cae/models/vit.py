@@ -1,0 +1,263 @@
+"""ViT classifiers for fine-tuning and linear probing, one class for the three methods.
+
+What differs between MAE, CAE and BootMAE classifiers is a handful of switches, set by
+the registered constructors below (the official model names):
+
+| switch            | MAE (models_vit)      | CAE (modeling_finetune) | BootMAE              |
+|-------------------|-----------------------|-------------------------|----------------------|
+| attn_style        | timm (full qkv bias)  | beit (q/v bias)         | beit                 |
+| pos_embed_type    | learned               | sincos (frozen, moco)   | sincos (frozen, moco)|
+| use_rel_pos_bias  | no                    | yes (per block)         | no                   |
+| init_values       | none                  | 0.1 (layer scale)       | none                 |
+| pooling           | mean + fc_norm / cls  | mean + fc_norm / cls    | mean + fc_norm / cls |
+"""
+import paddle
+import paddle.nn as nn
+
+from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, layer_norm, normal_, ones_,
+                     trunc_normal_, xavier_uniform_, zeros_)
+from .pos_embed import sincos_pos_embed
+from .registry import register_model
+
+
+class VisionTransformer(nn.Layer):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None,
+                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=LN_EPS,
+                 attn_style="timm", pos_embed_type="learned", sincos_layout="moco",
+                 use_rel_pos_bias=False, init_values=None, global_pool=True,
+                 init_style="mae", head_init_std=2e-5, init_scale=1.0, lin_probe=False,
+                 family="mae"):
+        super().__init__()
+        self.family = family
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = embed_dim
+        self.global_pool = global_pool
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        grid = self.patch_embed.grid_size
+        num_patches = self.patch_embed.num_patches
+
+        self.cls_token = self.create_parameter(
+            [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
+        self.pos_embed_type = pos_embed_type
+        if pos_embed_type == "learned":
+            self.pos_embed = self.create_parameter(
+                [1, num_patches + 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
+        elif pos_embed_type == "sincos":
+            table = sincos_pos_embed(embed_dim, grid, cls_token=True, layout=sincos_layout)
+            self.pos_embed = self.create_parameter(
+                [1, num_patches + 1, embed_dim],
+                default_initializer=nn.initializer.Assign(table[None]))
+            self.pos_embed.stop_gradient = True  # fixed table, never trained
+        elif pos_embed_type == "none":
+            self.pos_embed = None
+        else:
+            raise ValueError(f"pos_embed_type must be learned, sincos or none, got {pos_embed_type!r}")
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.LayerList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+                  dpr[i], init_values=init_values,
+                  window_size=grid if use_rel_pos_bias else None,
+                  attn_style=attn_style, norm_eps=norm_eps)
+            for i in range(depth)
+        ])
+        # mean pooling: the final norm becomes fc_norm on the pooled patch tokens
+        if global_pool:
+            self.norm = None
+            self.fc_norm = layer_norm(embed_dim, norm_eps)
+        else:
+            self.norm = layer_norm(embed_dim, norm_eps)
+            self.fc_norm = None
+        if lin_probe:
+            self.head = LinearProbeHead(embed_dim, num_classes)
+        else:
+            self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights(init_style, head_init_std, init_scale, lin_probe)
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self, style, head_init_std, init_scale, lin_probe):
+        for name, layer in self.named_sublayers():
+            if isinstance(layer, nn.Linear):
+                if style == "mae":
+                    xavier_uniform_(layer.weight)
+                else:  # BEiT: truncated at +-1 std
+                    trunc_normal_(layer.weight, std=0.02, a=-0.02, b=0.02)
+                if layer.bias is not None:
+                    zeros_(layer.bias)
+            elif isinstance(layer, nn.LayerNorm):
+                ones_(layer.weight)
+                zeros_(layer.bias)
+        w = self.patch_embed.proj.weight
+        if style == "mae":
+            xavier_uniform_(w, fan_in=w.shape[1] * w.shape[2] * w.shape[3], fan_out=w.shape[0])
+        else:
+            trunc_normal_(w, std=0.02, a=-0.02, b=0.02)
+            zeros_(self.patch_embed.proj.bias)
+        if style == "bootmae":
+            normal_(self.cls_token, std=1e-6)
+        elif style == "mae":
+            normal_(self.cls_token, std=0.02)
+        else:
+            trunc_normal_(self.cls_token, std=0.02, a=-0.02, b=0.02)
+        if self.pos_embed_type == "learned":
+            trunc_normal_(self.pos_embed, std=0.02)
+        if lin_probe:
+            trunc_normal_(self.head.linear.weight, std=0.01)
+            zeros_(self.head.linear.bias)
+        elif isinstance(self.head, nn.Linear):
+            trunc_normal_(self.head.weight, std=head_init_std)
+            zeros_(self.head.bias)
+            if init_scale != 1.0:
+                self.head.weight.set_value(self.head.weight * init_scale)
+                self.head.bias.set_value(self.head.bias * init_scale)
+
+    # -------------------------------------------------------------- metadata
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def num_layers_for_decay(self):
+        return len(self.blocks) + 1
+
+    def layer_id(self, name):
+        """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, rest L + 1."""
+        if name in ("cls_token", "pos_embed", "mask_token") or name.startswith("patch_embed"):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
+
+    # --------------------------------------------------------------- forward
+    def forward_tokens(self, x, depth=None):
+        """All tokens [B, 1 + N, D] after ``depth`` blocks (all by default), before any norm."""
+        x = self.patch_embed(x)  # [B, N, D]
+        cls = self.cls_token.expand([x.shape[0], -1, -1])
+        x = paddle.concat([cls, x], axis=1)  # [B, 1 + N, D]
+        if self.pos_embed is not None:
+            pos = self.pos_embed
+            if self.pos_embed_type == "sincos":
+                pos = pos.detach()
+            x = x + pos
+        x = self.pos_drop(x)
+        for blk in self.blocks[: depth if depth is not None else len(self.blocks)]:
+            x = blk(x)
+        return x
+
+    def pool(self, tokens):
+        if self.global_pool:
+            return self.fc_norm(tokens[:, 1:].mean(axis=1))  # mean of patch tokens, cls excluded
+        return self.norm(tokens)[:, 0]
+
+    def forward_features(self, x):
+        return self.pool(self.forward_tokens(x))
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+class LinearProbeHead(nn.Layer):
+    """MAE's probe head: BatchNorm without affine (eps 1e-6, PyTorch statistics) + Linear.
+    Sub-layers are named ``0`` / ``1`` like the official nn.Sequential (``head.0``, ``head.1``)."""
+
+    def __init__(self, in_features, num_classes, eps=1e-6, momentum=0.1):
+        super().__init__()
+        self.add_sublayer("0", TorchBatchNorm1D(in_features, eps=eps, momentum=momentum))
+        self.add_sublayer("1", nn.Linear(in_features, num_classes))
+
+    @property
+    def bn(self):
+        return self._sub_layers["0"]
+
+    @property
+    def linear(self):
+        return self._sub_layers["1"]
+
+    def forward(self, x):
+        return self.linear(self.bn(x))
+
+
+# ------------------------------------------------------------------ constructors
+_SIZES = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=12),
+    "small": dict(embed_dim=384, depth=12, num_heads=12),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def mae_vit(size, patch_size=16, **kwargs):
+    cfg = dict(patch_size=patch_size, mlp_ratio=4.0, qkv_bias=True, attn_style="timm",
+               pos_embed_type="learned", init_style="mae", head_init_std=2e-5, family="mae",
+               **_SIZES[size])
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
+
+
+def cae_vit(size, img_size=224, **kwargs):
+    cfg = dict(img_size=img_size, patch_size=16, mlp_ratio=4.0, qkv_bias=True, attn_style="beit",
+               pos_embed_type="sincos", sincos_layout="moco", use_rel_pos_bias=True,
+               init_values=0.1, global_pool=True, init_style="beit", head_init_std=0.02,
+               init_scale=0.001, family="cae", **_SIZES[size])
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
+
+
+def bootmae_vit(size, **kwargs):
+    cfg = dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, attn_style="beit",
+               pos_embed_type="sincos", sincos_layout="moco", use_rel_pos_bias=False,
+               init_values=None, global_pool=True, init_style="bootmae", head_init_std=0.02,
+               init_scale=0.001, family="bootmae", **_SIZES[size])
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
+
+
+@register_model("classify")
+def vit_base_patch16(**kwargs):
+    return mae_vit("base", **kwargs)
+
+
+@register_model("classify")
+def vit_large_patch16(**kwargs):
+    return mae_vit("large", **kwargs)
+
+
+@register_model("classify")
+def vit_huge_patch14(**kwargs):
+    return mae_vit("huge", patch_size=14, **kwargs)
+
+
+@register_model("classify")
+def cae_tiny_patch16_224(**kwargs):
+    return cae_vit("tiny", **kwargs)
+
+
+@register_model("classify")
+def cae_small_patch16_224(**kwargs):
+    return cae_vit("small", **kwargs)
+
+
+@register_model("classify")
+def cae_base_patch16_224(**kwargs):
+    return cae_vit("base", **kwargs)
+
+
+@register_model("classify")
+def cae_base_patch16_384(**kwargs):
+    return cae_vit("base", img_size=384, **kwargs)
+
+
+@register_model("classify")
+def cae_large_patch16_224(**kwargs):
+    return cae_vit("large", **kwargs)
+
+
+@register_model("classify")
+def bootmae_base_patch16_224(**kwargs):
+    return bootmae_vit("base", **kwargs)
+
+
+@register_model("classify")
+def bootmae_large_patch16_224(**kwargs):
+    return bootmae_vit("large", **kwargs)
