@@ -1,0 +1,223 @@
+"""Checkpoint files of this package (``.pd``) and the safe reader shared with ``convert.py``.
+
+A ``.pd`` file is a pickle (protocol 4) of plain objects only: dicts, lists, tuples, strings,
+numbers, bools, None and numpy arrays. That is the same shape of file ``paddle.save`` writes for a
+state_dict, so ``paddle.load`` reads ours and :func:`load_checkpoint` reads paddle's.
+
+Pickles can run arbitrary code while loading, so the reader never uses ``pickle.load`` as is: it
+rebuilds only the handful of globals that plain data needs (numpy's array/dtype/scalar
+reconstructors, ``collections.OrderedDict`` and a few harmless builtins) and refuses everything
+else before it is imported or called.
+"""
+import collections
+import collections.abc
+import io
+import os
+import pickle
+import tempfile
+
+import numpy as np
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "to_plain"]
+
+PICKLE_PROTOCOL = 4
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (missing, truncated, corrupt, not a checkpoint, or it
+    asks for a global that is not on the allow-list). The message is one line naming the file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# globals that rebuild plain data only
+# ----------------------------------------------------------------------------------------------
+def _numpy_globals():
+    """numpy moved ``numpy.core`` to ``numpy._core`` in 2.0; pickles from either side name
+    either module, so both spellings are accepted and resolved to what this numpy has."""
+    from numpy.lib import format as _unused  # noqa: F401  (ensures numpy is fully imported)
+
+    try:
+        from numpy._core import multiarray as _multiarray  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray as _multiarray
+    try:
+        from numpy._core import numeric as _numeric
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import numeric as _numeric
+
+    table = {}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(mod, "_reconstruct")] = _multiarray._reconstruct
+        table[(mod, "scalar")] = _multiarray.scalar
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        # protocol-5 pickles of arrays go through _frombuffer(buffer, dtype, shape, order)
+        table[(mod, "_frombuffer")] = _numeric._frombuffer
+    table[("numpy", "ndarray")] = np.ndarray
+    table[("numpy", "dtype")] = np.dtype
+    return table
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """Python 3 writes ``bytes`` into protocol-2 pickles as ``_codecs.encode(str, 'latin1')``.
+    Only that exact use is honoured; other codecs are refused."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+SAFE_DATA_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "bytearray"): bytearray,
+    ("builtins", "slice"): slice,
+    ("builtins", "range"): range,
+    ("builtins", "tuple"): tuple,
+    ("builtins", "list"): list,
+    ("builtins", "dict"): dict,
+    ("_codecs", "encode"): _latin1_encode,
+}
+SAFE_DATA_GLOBALS.update(_numpy_globals())
+
+# protocol < 3 pickles name Python 2 modules; map them the way pickle's own fix_imports would
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+def normalise_global(module, name):
+    return _PY2_MODULES.get(module, module), name
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only globals present in ``allowed`` ((module, name) -> object)."""
+
+    def __init__(self, file, source, allowed=SAFE_DATA_GLOBALS):
+        super().__init__(file)
+        self.source = str(source)
+        self.allowed = allowed
+
+    def find_class(self, module, name):
+        key = normalise_global(module, name)
+        if key in self.allowed:
+            return self.allowed[key]
+        raise CheckpointError(
+            f"{self.source}: refused to load global '{key[0]}.{key[1]}': checkpoints may only "
+            "contain tensors/arrays and plain containers (the file may try to run code)"
+        )
+
+    def persistent_load(self, pid):
+        raise CheckpointError(
+            f"{self.source}: unexpected persistent id {str(pid)[:60]!r} (this is not a .pd/.pdparams "
+            "pickle; PyTorch .pth files are read by paddle_cae.convert.read_torch_checkpoint)"
+        )
+
+
+def describe_read_error(source, err):
+    """One line explaining why a pickle stream could not be read."""
+    if isinstance(err, CheckpointError):
+        return str(err)
+    if isinstance(err, EOFError):
+        return f"{source}: file ends too early (truncated checkpoint?)"
+    if isinstance(err, MemoryError):
+        return f"{source}: corrupt checkpoint (asks for an impossible amount of memory)"
+    detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{source}: not a readable checkpoint ({type(err).__name__}: {detail})"
+
+
+def load_pickle_bytes(data, source, allowed=SAFE_DATA_GLOBALS):
+    """Unpickle ``data`` with :class:`SafeUnpickler`, turning every failure into
+    :class:`CheckpointError`. Trailing bytes after the pickle's STOP mark a corrupt file."""
+    if not data:
+        raise CheckpointError(f"{source}: file is empty")
+    stream = io.BytesIO(data)
+    try:
+        obj = SafeUnpickler(stream, source, allowed).load()
+    except CheckpointError:
+        raise
+    except Exception as err:  # pickle raises many types on garbage input
+        raise CheckpointError(describe_read_error(source, err)) from None
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+def to_plain(obj, where="checkpoint"):
+    """Turn ``obj`` into the plain objects a ``.pd`` file may hold: mappings -> dict (order
+    kept), tuples/lists kept, paddle Tensors and numpy scalars -> numpy arrays/numbers.
+    Anything else raises TypeError naming where it was found."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, complex)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise TypeError(f"{where}: numpy arrays of Python objects cannot be saved")
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item() if obj.dtype.kind in "biufc" else np.asarray(obj)
+    if isinstance(obj, collections.abc.Mapping):
+        return {k: to_plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    if hasattr(obj, "numpy") and callable(obj.numpy):  # paddle.Tensor / EagerParamBase
+        return np.asarray(obj.numpy())
+    raise TypeError(f"{where}: cannot save an object of type {type(obj).__module__}.{type(obj).__name__}")
+
+
+def save_checkpoint(obj, path):
+    """Write ``obj`` (nested dicts/lists of arrays, tensors, numbers, strings, None) to ``path``
+    atomically: pickle into a temporary file in the same directory, flush and fsync it, then
+    rename it over ``path``. If anything fails the old ``path`` is left untouched and the
+    temporary file is removed."""
+    path = os.fspath(path)
+    plain = to_plain(obj)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(plain, f, protocol=PICKLE_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(directory)
+    return path
+
+
+def _fsync_directory(directory):
+    # makes the rename itself durable; not possible on every platform, so best effort
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path):
+    """Read a ``.pd`` file of this package or a ``.pdparams``/``.pd`` written by ``paddle.save``
+    of a state_dict, without executing anything from the file. Returns the plain objects.
+
+    Raises :class:`CheckpointError` for missing, truncated, corrupt or unsafe files."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise CheckpointError(f"{source}: cannot read checkpoint ({err.strerror or err})") from None
+    if data[:4] == b"PK\x03\x04":
+        raise CheckpointError(
+            f"{source}: this is a zip archive (a PyTorch .pth?), not a .pd pickle; "
+            "convert it with `python -m paddle_cae.convert`"
+        )
+    return load_pickle_bytes(data, source)
