@@ -24,6 +24,16 @@ def layer_norm(dim, eps=LN_EPS):
 
 
 # ----------------------------------------------------------------------------- init
+def lazy_init_active():
+    """True inside ``paddle.LazyGuard()``: parameters exist but hold no values, so
+    custom initialisation must wait (used to count or shard large models cheaply)."""
+    try:
+        from paddle.nn.initializer.lazy_init import lazy_init_helper
+    except ImportError:  # pragma: no cover - older Paddle
+        return False
+    return bool(lazy_init_helper().state)
+
+
 def trunc_normal_(param, std=0.02, mean=0.0, a=None, b=None):
     """Fill ``param`` from N(mean, std) truncated to [a, b] (absolute bounds; default
     +-2 std). Inverse-CDF sampling, the same method PyTorch's trunc_normal_ uses."""
@@ -259,6 +269,9 @@ class TorchBatchNorm1D(nn.Layer):
             self.weight = self.bias = None
         self.register_buffer("_mean", paddle.zeros([num_features]))
         self.register_buffer("_variance", paddle.ones([num_features]))
+        # informational only (momentum is fixed), so it is not written to checkpoints
+        self.register_buffer("num_batches_tracked", paddle.zeros([], dtype="int64"),
+                             persistable=False)
 
     def forward(self, x):
         if self.training:
@@ -270,6 +283,7 @@ class TorchBatchNorm1D(nn.Layer):
                 self._mean.set_value((1 - self.momentum) * self._mean + self.momentum * mean)
                 self._variance.set_value(
                     (1 - self.momentum) * self._variance + self.momentum * unbiased)
+                self.num_batches_tracked.set_value(self.num_batches_tracked + 1)
         else:
             mean, var = self._mean, self._variance
         y = (x - mean) / paddle.sqrt(var + self.eps)

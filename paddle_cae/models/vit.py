@@ -11,11 +11,13 @@ the registered constructors below (the official model names):
 | init_values       | none                  | 0.1 (layer scale)       | none                 |
 | pooling           | mean + fc_norm / cls  | mean + fc_norm / cls    | mean + fc_norm / cls |
 """
+import re
+
 import paddle
 import paddle.nn as nn
 
-from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, layer_norm, normal_, ones_,
-                     trunc_normal_, xavier_uniform_, zeros_)
+from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, layer_norm, lazy_init_active,
+                     normal_, ones_, trunc_normal_, xavier_uniform_, zeros_)
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -78,6 +80,8 @@ class VisionTransformer(nn.Layer):
 
     # ------------------------------------------------------------------ init
     def _init_weights(self, style, head_init_std, init_scale, lin_probe):
+        if lazy_init_active():  # under paddle.LazyGuard nothing is materialised yet
+            return
         for name, layer in self.named_sublayers():
             if isinstance(layer, nn.Linear):
                 if style == "mae":
@@ -175,6 +179,52 @@ class LinearProbeHead(nn.Layer):
 
     def forward(self, x):
         return self.linear(self.bn(x))
+
+
+# ------------------------------------------------------- official arguments
+def norm_eps_from_official(norm_layer):
+    """``"partial(nn.LayerNorm, eps=1e-6)"`` -> 1e-6; a plain nn.LayerNorm is torch's 1e-5."""
+    if norm_layer is None:
+        return LN_EPS
+    match = re.search(r"eps\s*=\s*([0-9.eE+-]+)", str(norm_layer))
+    return float(match.group(1)) if match else 1e-5
+
+
+_OFFICIAL_COMMON = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                    "num_heads", "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate",
+                    "attn_drop_rate", "drop_path_rate")
+
+
+def classifier_from_official_args(family, **official):
+    """Build a classifier from the constructor arguments of the official class
+    (models_vit / CAE modeling_finetune / BootMAE modeling_finetune_bootmae).
+    Arguments the official class accepts but ignores are accepted and ignored here too."""
+    cfg = {k: official[k] for k in _OFFICIAL_COMMON if k in official}
+    cfg["norm_eps"] = norm_eps_from_official(official.get("norm_layer"))
+    if family == "mae":
+        cfg["global_pool"] = official.get("global_pool", False)
+        return VisionTransformer(attn_style="timm", pos_embed_type="learned", init_style="mae",
+                                 family="mae", **cfg)
+    if official.get("use_shared_rel_pos_bias"):
+        raise NotImplementedError("a shared relative position bias is not supported")
+    if official.get("lin_probe") or official.get("linear_type", "standard") != "standard":
+        raise NotImplementedError("build probe models with the linear-probe constructors")
+    cfg["global_pool"] = official.get("use_mean_pooling", True)
+    cfg["init_scale"] = official.get("init_scale", 0.001)
+    if family == "cae":
+        sin_pos = official.get("args", {}).get("sin_pos_emb", True)
+        return VisionTransformer(attn_style="beit", pos_embed_type="sincos" if sin_pos else "none",
+                                 sincos_layout="moco",
+                                 use_rel_pos_bias=official.get("use_rel_pos_bias", False),
+                                 init_values=official.get("init_values"), init_style="beit",
+                                 head_init_std=0.02, family="cae", **cfg)
+    if family == "bootmae":
+        # the official class always adds the fixed sin-cos table and builds its blocks
+        # without layer scale or relative position bias, whatever the flags say
+        return VisionTransformer(attn_style="beit", pos_embed_type="sincos", sincos_layout="moco",
+                                 use_rel_pos_bias=False, init_values=None, init_style="bootmae",
+                                 head_init_std=0.02, family="bootmae", **cfg)
+    raise ValueError(f"unknown classifier family {family!r} (expected mae, cae or bootmae)")
 
 
 # ------------------------------------------------------------------ constructors

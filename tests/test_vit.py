@@ -1,0 +1,147 @@
+"""ViT building blocks and the registered classifiers."""
+import numpy as np
+import paddle
+import pytest
+
+from paddle_cae.models import create_model, list_models
+from paddle_cae.models.layers import DropPath, TorchBatchNorm1D, relative_position_index
+from paddle_cae.models.pos_embed import resize_pos_embed, sincos_pos_embed
+
+
+def trainable_count(model):
+    return sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
+
+
+def expected_classifier_params(family, dim, depth, heads, patch, img=224, classes=1000):
+    """Parameter count implied by the papers' configurations, from first principles."""
+    n = (img // patch) ** 2
+    total = 3 * patch * patch * dim + dim  # patch embedding conv
+    total += dim  # cls token
+    if family == "mae":
+        total += (n + 1) * dim  # learned position table (CAE/BootMAE: fixed, not trained)
+    per_block = 4 * dim  # two LayerNorms
+    per_block += 3 * dim * dim + dim * dim + dim  # qkv and proj weights, proj bias
+    per_block += 3 * dim if family == "mae" else 2 * dim  # full qkv bias vs q/v biases
+    per_block += 2 * dim * 4 * dim + 4 * dim + dim  # MLP
+    if family == "cae":
+        per_block += 2 * dim  # layer-scale gammas
+        grid = img // patch
+        per_block += ((2 * grid - 1) ** 2 + 3) * heads  # relative position table
+    total += depth * per_block
+    total += 2 * dim  # fc_norm of mean pooling
+    total += dim * classes + classes  # head
+    return total
+
+
+def test_vit_base_patch16_has_the_published_parameter_count():
+    assert trainable_count(create_model("vit_base_patch16", num_classes=1000)) == 86_567_656
+
+
+@pytest.mark.parametrize("name,family,dim,depth,heads,patch,img", [
+    ("vit_large_patch16", "mae", 1024, 24, 16, 16, 224),
+    ("vit_huge_patch14", "mae", 1280, 32, 16, 14, 224),
+    ("cae_tiny_patch16_224", "cae", 192, 12, 12, 16, 224),
+    ("cae_small_patch16_224", "cae", 384, 12, 12, 16, 224),
+    ("cae_base_patch16_224", "cae", 768, 12, 12, 16, 224),
+    ("cae_base_patch16_384", "cae", 768, 12, 12, 16, 384),
+    ("cae_large_patch16_224", "cae", 1024, 24, 16, 16, 224),
+    ("bootmae_base_patch16_224", "bootmae", 768, 12, 12, 16, 224),
+    ("bootmae_large_patch16_224", "bootmae", 1024, 24, 16, 16, 224),
+])
+def test_registered_classifier_parameter_counts(name, family, dim, depth, heads, patch, img):
+    with paddle.LazyGuard():  # shapes only: no need to fill 600M parameters
+        model = create_model(name, num_classes=1000)
+    assert trainable_count(model) == expected_classifier_params(family, dim, depth, heads, patch, img)
+
+
+def test_every_classifier_name_is_registered():
+    names = set(list_models("classify"))
+    for n in ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14", "cae_tiny_patch16_224",
+              "cae_small_patch16_224", "cae_base_patch16_224", "cae_large_patch16_224",
+              "cae_base_patch16_384", "bootmae_base_patch16_224", "bootmae_large_patch16_224"]:
+        assert n in names
+
+
+def test_unknown_model_name_lists_the_known_ones():
+    with pytest.raises(KeyError, match="vit_base_patch16"):
+        create_model("vit_gigantic")
+
+
+def test_sincos_layouts_are_the_same_table_with_halves_swapped():
+    mae = sincos_pos_embed(64, 4, layout="mae")
+    moco = sincos_pos_embed(64, 4, layout="moco")
+    assert mae.shape == (17, 64)
+    np.testing.assert_array_equal(mae[0], 0)
+    np.testing.assert_allclose(mae[1:, :32], moco[1:, 32:], atol=2e-6)
+    np.testing.assert_allclose(mae[1:, 32:], moco[1:, :32], atol=2e-6)
+
+
+def test_mae_layout_puts_the_column_first():
+    table = sincos_pos_embed(8, 3, cls_token=False, layout="mae")
+    # token 1 is row 0, column 1: the first quarter is sin(column * omega_0) = sin(1)
+    assert table[1, 0] == pytest.approx(np.sin(1.0), abs=1e-6)
+    assert table[1, 4] == pytest.approx(0.0, abs=1e-6)  # sin(row * omega_0) = 0
+    # token 3 is row 1, column 0
+    assert table[3, 0] == pytest.approx(0.0, abs=1e-6)
+    assert table[3, 4] == pytest.approx(np.sin(1.0), abs=1e-6)
+
+
+def test_resize_pos_embed_keeps_cls_and_is_identity_on_same_grid():
+    table = np.random.RandomState(0).randn(1, 17, 8).astype(np.float32)
+    assert resize_pos_embed(table, 4) is table
+    resized = resize_pos_embed(table, 6)
+    assert resized.shape == (1, 37, 8)
+    np.testing.assert_array_equal(resized[:, 0], table[:, 0])
+    # a constant grid stays constant under bicubic resampling
+    const = np.ones((1, 17, 8), np.float32)
+    np.testing.assert_allclose(resize_pos_embed(const, 7)[:, 1:], 1.0, atol=1e-5)
+
+
+def test_relative_position_index_layout():
+    index = relative_position_index((2, 2))
+    num_rel = 3 * 3 + 3
+    assert index.shape == (5, 5)
+    assert index[0, 0] == num_rel - 1
+    assert (index[0, 1:] == num_rel - 3).all() and (index[1:, 0] == num_rel - 2).all()
+    # query (0,0) vs key (1,1): dy = -1, dx = -1 -> (0) * 3 + 0
+    assert index[1, 4] == 0
+    # identical positions share the centre entry (dy = dx = 0)
+    assert set(np.diag(index)[1:]) == {4}
+
+
+def test_drop_path_is_identity_in_eval_and_rescales_in_train():
+    paddle.seed(1)
+    layer = DropPath(0.5)
+    x = paddle.ones([1000, 4])
+    layer.eval()
+    np.testing.assert_array_equal(layer(x).numpy(), x.numpy())
+    layer.train()
+    y = layer(x).numpy()
+    rows = set(np.unique(y))
+    assert rows <= {0.0, 2.0}
+    assert 0.4 < (y[:, 0] == 0).mean() < 0.6
+
+
+def test_torch_batchnorm_updates_running_var_with_unbiased_variance():
+    bn = TorchBatchNorm1D(3, eps=1e-6, momentum=0.1)
+    x = np.random.RandomState(0).randn(8, 3).astype(np.float32)
+    bn.train()
+    y = bn(paddle.to_tensor(x)).numpy()
+    np.testing.assert_allclose(y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-6), atol=1e-5)
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(bn._mean.numpy(), 0.1 * x.mean(0), atol=1e-6)
+
+
+def test_classifier_rejects_a_wrong_input_size_with_a_clear_message():
+    model = create_model("cae_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1,
+                         num_heads=4, num_classes=3)
+    with pytest.raises(ValueError, match="input_size"):
+        model(paddle.zeros([1, 3, 48, 48]))
+
+
+def test_cae_fixed_position_table_is_not_trained():
+    model = create_model("cae_base_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1,
+                         num_heads=4, num_classes=3)
+    model(paddle.randn([2, 3, 32, 32])).sum().backward()
+    assert model.pos_embed.stop_gradient and model.pos_embed.grad is None
+    assert model.blocks[0].attn.relative_position_bias_table.grad is not None
