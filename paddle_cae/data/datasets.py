@@ -1,0 +1,180 @@
+"""ImageNet-style folder datasets.
+
+Layout (the one torchvision's ImageFolder and every official script expect)::
+
+    DATA_PATH/train/<class>/<image>
+    DATA_PATH/val/<class>/<image>
+
+A class is a sub-folder; classes are sorted by name and numbered from 0. Every sample is a
+dict: the transform's output (an array becomes ``"image"``, a dict is taken as is) plus
+``"label"`` (int64) and ``"replaced"`` (int64: -1, or the index of the unreadable image this
+sample stands in for). The loader counts ``replaced >= 0`` per epoch, so a corrupt file is
+visible in the logs without stopping a 300-epoch run.
+"""
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SPLITS = ("train", "val")
+MAX_REPLACEMENT_TRIES = 20
+
+
+class DatasetLayoutError(ValueError):
+    """The data folder does not have the DATA_PATH/<split>/<class>/<image> layout."""
+
+
+def expected_layout(data_path="DATA_PATH"):
+    return (
+        "expected an ImageNet-style folder tree:\n"
+        f"  {data_path}/\n"
+        "    train/\n"
+        "      <class_a>/<image>.jpg|jpeg|png|bmp|webp\n"
+        "      <class_b>/<image>...\n"
+        "    val/\n"
+        "      <class_a>/<image>...\n"
+        "      <class_b>/<image>...\n"
+        "(one sub-folder per class, the same class names in train/ and val/)"
+    )
+
+
+def default_data_path():
+    """The bundled demo dataset (handwritten digits, 32x32 PNG), used when no --data_path is given."""
+    return str(Path(__file__).resolve().parents[2] / "demo" / "digits")
+
+
+def pil_loader(path):
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()  # decode now, so a truncated or corrupt file fails here, not in a transform
+        return img.convert("RGB")
+
+
+def _has_image_extension(name, extensions):
+    return name.lower().endswith(extensions)
+
+
+def find_classes(root):
+    entries = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return entries, {name: i for i, name in enumerate(entries)}
+
+
+class ImageFolder:
+    """Images in ``root/<class>/<image>``, read with PIL as RGB.
+
+    An image that cannot be read is logged once (per process), remembered, and replaced by the
+    next readable index (``(index + k) % len``), so the choice is deterministic. Subclassing
+    ``paddle.io.Dataset`` is not needed: the DataLoader only uses ``__getitem__``/``__len__``.
+    """
+
+    def __init__(self, root, transform=None, extensions=IMG_EXTENSIONS, loader=pil_loader):
+        self.root = str(root)
+        self.transform = transform
+        self.loader = loader
+        self.extensions = tuple(e.lower() for e in extensions)
+        self._check_root()
+        self.classes, self.class_to_idx = find_classes(self.root)
+        self.samples = self._scan()
+        self.targets = [label for _, label in self.samples]
+        self.known_bad = set()  # indices whose file failed to load; filled here and by the loader
+
+    @property
+    def class_names(self):
+        return list(self.classes)
+
+    def _check_root(self):
+        if not os.path.isdir(self.root):
+            raise DatasetLayoutError(f"image folder '{self.root}' does not exist; {expected_layout()}")
+
+    def _scan(self):
+        samples = []
+        empty = []
+        for name in self.classes:
+            class_dir = os.path.join(self.root, name)
+            files = []
+            for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
+                files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
+                             if _has_image_extension(f, self.extensions))
+            if not files:
+                empty.append(name)
+            samples.extend((path, self.class_to_idx[name]) for path in files)
+        if not self.classes or not samples:
+            loose = [f for f in sorted(os.listdir(self.root)) if _has_image_extension(f, self.extensions)]
+            hint = (f" It holds {len(loose)} images directly (e.g. '{loose[0]}'): move them into one"
+                    " sub-folder per class." if loose else "")
+            raise DatasetLayoutError(
+                f"no images found in class sub-folders of '{self.root}'.{hint}\n{expected_layout()}")
+        if empty:
+            logger.warning("%s: %d class folder(s) without images: %s", self.root, len(empty), ", ".join(empty[:10]))
+        return samples
+
+    def __len__(self):
+        return len(self.samples)
+
+    def _load(self, index):
+        """Returns (image, index actually used, index replaced or -1)."""
+        n = len(self.samples)
+        for k in range(min(MAX_REPLACEMENT_TRIES, n)):
+            candidate = (index + k) % n
+            if candidate in self.known_bad:
+                continue
+            path = self.samples[candidate][0]
+            try:
+                img = self.loader(path)
+            except Exception as err:  # noqa: BLE001  any decoder error means "unreadable"
+                self.known_bad.add(candidate)
+                logger.warning("cannot read image '%s' (%s: %s); using the next sample instead",
+                               path, type(err).__name__, err)
+                continue
+            return img, candidate, (-1 if k == 0 else index)
+        raise RuntimeError(
+            f"{MAX_REPLACEMENT_TRIES} consecutive images from '{self.samples[index][0]}' on could not be "
+            f"read; check the dataset under '{self.root}'")
+
+    def __getitem__(self, index):
+        img, used, replaced = self._load(int(index))
+        out = self.transform(img) if self.transform is not None else np.asarray(img)
+        sample = dict(out) if isinstance(out, dict) else {"image": out}
+        sample["label"] = np.int64(self.samples[used][1])
+        sample["replaced"] = np.int64(replaced)
+        return sample
+
+    def summary(self):
+        return f"{self.root}: {len(self.samples)} images in {len(self.classes)} classes"
+
+    def __repr__(self):
+        return f"ImageFolder({self.summary()}, transform={self.transform!r})"
+
+
+def split_folder(data_path, split):
+    """``DATA_PATH/<split>``, with a clear error if the layout is wrong.
+
+    For ``split='train'`` a path that already ends in ``train`` and contains class folders is
+    accepted as is (the CAE scripts pass ``.../imagenet/train``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    data_path = str(data_path)
+    if not os.path.isdir(data_path):
+        raise DatasetLayoutError(f"--data_path '{data_path}' does not exist; {expected_layout(data_path)}")
+    folder = os.path.join(data_path, split)
+    if os.path.isdir(folder):
+        return folder
+    if os.path.basename(os.path.normpath(data_path)) == split:
+        return data_path
+    present = sorted(os.listdir(data_path))[:8]
+    raise DatasetLayoutError(
+        f"--data_path '{data_path}' has no '{split}/' folder (it contains: {', '.join(present) or 'nothing'}); "
+        f"{expected_layout(data_path)}")
+
+
+def build_dataset(split, data_path=None, transform=None):
+    """``ImageFolder`` over ``data_path/split`` (``data_path`` None -> the bundled demo digits)."""
+    data_path = data_path or default_data_path()
+    dataset = ImageFolder(split_folder(data_path, split), transform=transform)
+    logger.info("%s set: %s", split, dataset.summary())
+    return dataset

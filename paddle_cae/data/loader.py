@@ -1,0 +1,162 @@
+"""DataLoader construction: distributed batching, reproducible augmentation, corrupt-image counts.
+
+Reproducibility, in two layers:
+
+* order: :class:`SeededDistributedBatchSampler` shuffles with ``RandomState(seed + epoch)``
+  (Paddle's sampler uses the epoch alone) and splits the order across ranks;
+* augmentation: every sample is produced under per-sample generators seeded from
+  ``(seed, epoch, index)`` (``transforms.sample_rng``, thread-local). So sample ``i`` of epoch
+  ``e`` gets the same crop, flip and mask whatever the number of workers or ranks, and the
+  global ``random``/numpy streams of the training loop are neither used nor disturbed (with
+  ``num_workers=0`` Paddle fetches in a background thread, so reseeding globals would race).
+  ``worker_init_fn`` additionally seeds ``random``, numpy and Paddle in each worker from
+  ``(seed, epoch, rank, worker_id)`` for code that draws from the global streams.
+
+Iterating a :class:`Loader` yields dicts of Paddle tensors; each holds ``"replaced"`` ([B]
+int64, -1 or the index of the unreadable image the sample replaced). The loader counts them:
+``loader.replaced_this_epoch`` and ``loader.replaced_total``.
+"""
+import logging
+import random
+
+import numpy as np
+import paddle
+from paddle.io import DataLoader, DistributedBatchSampler
+
+from .transforms import sample_rng
+
+logger = logging.getLogger(__name__)
+
+
+def derive_seed(*parts):
+    """A 32-bit seed mixing integer parts (order matters); stable across runs and platforms."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class SeededSamples:
+    """Wraps a dataset so that item ``i`` is produced under seeds derived from (seed, epoch, i)."""
+
+    def __init__(self, dataset, seed=0, epoch=0):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with sample_rng(derive_seed(self.seed, self.epoch, index)):
+            return self.dataset[index]
+
+
+class SeededDistributedBatchSampler(DistributedBatchSampler):
+    """``DistributedBatchSampler`` whose shuffle depends on ``seed + epoch``, not the epoch alone.
+    Works with world size 1. Call ``set_epoch`` before each epoch."""
+
+    def __init__(self, dataset, batch_size, num_replicas=None, rank=None, shuffle=False,
+                 drop_last=False, seed=0):
+        super().__init__(dataset, batch_size, num_replicas=num_replicas, rank=rank,
+                         shuffle=shuffle, drop_last=drop_last)
+        self.seed = int(seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        self.current_epoch = int(epoch)
+        # the parent shuffles with RandomState(self.epoch) and then increments it
+        self.epoch = (self.seed + self.current_epoch) % (2 ** 32)
+
+
+def collate_samples(samples):
+    """List of sample dicts -> dict of stacked numpy arrays (the DataLoader makes them tensors)."""
+    keys = samples[0].keys()
+    batch = {}
+    for key in keys:
+        values = [s[key] for s in samples]
+        try:
+            batch[key] = np.stack([np.asarray(v) for v in values])
+        except ValueError as err:
+            shapes = sorted({tuple(np.shape(v)) for v in values})
+            raise ValueError(f"cannot batch '{key}': samples have shapes {shapes}") from err
+    return batch
+
+
+def num_replaced(batch):
+    """How many samples of a batch stand in for an unreadable image."""
+    replaced = batch.get("replaced") if isinstance(batch, dict) else None
+    if replaced is None:
+        return 0
+    return int((np.asarray(replaced.numpy() if hasattr(replaced, "numpy") else replaced) >= 0).sum())
+
+
+class _WorkerSeeder:
+    """``worker_init_fn``: seeds ``random``, numpy and Paddle from (seed, epoch, rank, worker)."""
+
+    def __init__(self, seed, rank):
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.epoch = 0
+
+    def __call__(self, worker_id):
+        worker_seed = derive_seed(self.seed, self.epoch, self.rank, worker_id)
+        random.seed(worker_seed)
+        np.random.seed(worker_seed)
+        paddle.seed(worker_seed)
+
+
+class Loader:
+    """An epoch-aware DataLoader: ``set_epoch(e)``, then iterate."""
+
+    def __init__(self, dataset, batch_sampler, seeded, worker_seeder, data_loader):
+        self.dataset = dataset
+        self.batch_sampler = batch_sampler
+        self._seeded = seeded
+        self._worker_seeder = worker_seeder
+        self.data_loader = data_loader
+        self.epoch = 0
+        self.replaced_this_epoch = 0
+        self.replaced_total = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+        self.batch_sampler.set_epoch(self.epoch)
+        self._seeded.epoch = self.epoch
+        self._worker_seeder.epoch = self.epoch
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        self.replaced_this_epoch = 0
+        known_bad = getattr(self.dataset, "known_bad", None)
+        for batch in self.data_loader:
+            replaced = batch.get("replaced") if isinstance(batch, dict) else None
+            if replaced is not None:
+                bad = np.asarray(replaced.numpy())
+                bad = bad[bad >= 0]
+                if bad.size:
+                    self.replaced_this_epoch += int(bad.size)
+                    self.replaced_total += int(bad.size)
+                    if known_bad is not None:
+                        # workers started in later epochs inherit this and skip the file silently
+                        known_bad.update(int(i) for i in bad)
+            yield batch
+
+
+def build_loader(dataset, batch_size, shuffle=True, num_workers=0, drop_last=False, seed=0, epoch=0,
+                 num_replicas=None, rank=None, use_shared_memory=True, collate_fn=collate_samples):
+    """Loader over ``dataset`` with ``SeededDistributedBatchSampler`` (rank and world size from
+    the Paddle environment unless given). Returns a :class:`Loader`; call ``set_epoch`` each epoch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    seeded = SeededSamples(dataset, seed=seed, epoch=epoch)
+    sampler = SeededDistributedBatchSampler(dataset, batch_size, num_replicas=num_replicas, rank=rank,
+                                            shuffle=shuffle, drop_last=drop_last, seed=seed)
+    seeder = _WorkerSeeder(seed, sampler.local_rank)
+    data_loader = DataLoader(seeded, batch_sampler=sampler, num_workers=num_workers,
+                             collate_fn=collate_fn, use_shared_memory=use_shared_memory and num_workers > 0,
+                             worker_init_fn=seeder if num_workers > 0 else None)
+    loader = Loader(dataset, sampler, seeded, seeder, data_loader)
+    loader.set_epoch(epoch)
+    return loader

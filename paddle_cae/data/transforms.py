@@ -1,0 +1,492 @@
+"""Image transforms (PIL in, numpy out) and the per-method pretraining pipelines.
+
+No torchvision: each transform re-implements the behaviour the official recipes rely on.
+Randomness: geometric parameters (crop boxes, flips) and masks are drawn from a Python
+``random.Random``, pixel noise from a numpy ``RandomState`` - the per-sample generators that
+:func:`sample_rng` installs for the current thread (the loader does it for every sample,
+seeded from (seed, epoch, index)). Outside such a block the global ``random`` module and
+numpy state are used. Thread-local generators, rather than reseeding the global state, keep
+the loader's prefetch thread (``num_workers=0``) from racing with the training loop's own
+random draws.
+
+Pipelines (SPEC h.4), built by :func:`build_pretrain_transform`:
+
+* MAE      RandomResizedCrop(scale 0.2-1, bicubic) -> flip -> ToTensor -> Normalize
+           -> ``{"image"}``  (the model draws its own random mask)
+* BootMAE  RandomResizedCrop(scale 0.2-1, bicubic) -> flip -> ToTensor -> Normalize(0.5, 0.5)
+           + block mask (120 of 196, blocks <= 60) -> ``{"image", "mask"}``
+* CAE      flip -> ONE crop box (scale 0.08-1) resized twice: ``input_size`` bicubic for the
+           encoder (normalised) and ``second_input_size`` LANCZOS for the tokenizer
+           (ToTensor + map_pixels 0.8x + 0.1) + block (or random) mask
+           -> ``{"image", "tokenizer_image", "mask"}``
+
+Masks are boolean ``[N]`` arrays in raster order, True = masked.
+"""
+import contextlib
+import math
+import random
+import re
+import threading
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = (0.5, 0.5, 0.5)
+HALF_STD = (0.5, 0.5, 0.5)
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def sample_rng(seed):
+    """Within the block, this thread's transforms and masks draw from generators seeded by ``seed``."""
+    saved = getattr(_local, "rngs", None)
+    _local.rngs = (random.Random(seed), np.random.RandomState(seed & 0xFFFFFFFF))
+    try:
+        yield
+    finally:
+        _local.rngs = saved
+
+
+def python_rng():
+    """The current ``random.Random`` (or the ``random`` module outside :func:`sample_rng`)."""
+    rngs = getattr(_local, "rngs", None)
+    return random if rngs is None else rngs[0]
+
+
+def numpy_rng():
+    """The current numpy ``RandomState`` (or the global one outside :func:`sample_rng`)."""
+    rngs = getattr(_local, "rngs", None)
+    return np.random.mtrand._rand if rngs is None else rngs[1]
+
+
+_INTERPOLATIONS = {
+    "nearest": Image.NEAREST,
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "lanczos": Image.LANCZOS,
+    "box": Image.BOX,
+    "hamming": Image.HAMMING,
+}
+
+
+def pil_interpolation(name):
+    """PIL resampling filter for a name (``bicubic``, ``lanczos``, ...) or ``random``
+    (bilinear or bicubic, chosen per call, as timm does)."""
+    if not isinstance(name, str):
+        return name
+    key = name.lower()
+    if key == "random":
+        return "random"
+    if key not in _INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation '{name}'; expected one of {sorted(_INTERPOLATIONS)} or 'random'")
+    return _INTERPOLATIONS[key]
+
+
+def _resolve_interpolation(interpolation):
+    if interpolation == "random":
+        return python_rng().choice((Image.BILINEAR, Image.BICUBIC))
+    return interpolation
+
+
+def _pair(size):
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def mean_std(imagenet_default_mean_and_std):
+    """ImageNet mean/std when the flag is on, otherwise 0.5/0.5 (the official default for
+    CAE/BootMAE on non-ImageNet data)."""
+    if imagenet_default_mean_and_std:
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return HALF_MEAN, HALF_STD
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, x):
+        for t in self.transforms:
+            x = t(x)
+        return x
+
+    def __repr__(self):
+        inner = "".join(f"\n  {t!r}," for t in self.transforms)
+        return f"Compose({inner}\n)"
+
+
+def resized_crop(img, top, left, height, width, size, interpolation):
+    """Crop the box (top, left, height, width) and resize it to ``size`` (h, w)."""
+    out_h, out_w = _pair(size)
+    box = img.crop((left, top, left + width, top + height))
+    return box.resize((out_w, out_h), _resolve_interpolation(interpolation))
+
+
+class RandomResizedCrop:
+    """Random area fraction in ``scale`` and log-uniform aspect ratio in ``ratio``; up to 10
+    tries for a box that fits, otherwise the largest centred box with a ratio in range."""
+
+    def __init__(self, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), interpolation="bicubic"):
+        self.size = _pair(size)
+        if scale[0] > scale[1] or ratio[0] > ratio[1]:
+            raise ValueError(f"scale and ratio must be (min, max), got scale={scale}, ratio={ratio}")
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.interpolation = pil_interpolation(interpolation)
+
+    @staticmethod
+    def get_params(img, scale, ratio, attempts=10):
+        rng = python_rng()
+        width, height = img.size
+        area = width * height
+        log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        for _ in range(attempts):
+            target_area = rng.uniform(*scale) * area
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                return top, left, h, w
+        # fallback: centre crop with the aspect ratio clamped into range
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w = width
+            h = int(round(w / min(ratio)))
+        elif in_ratio > max(ratio):
+            h = height
+            w = int(round(h * max(ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img):
+        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+        return resized_crop(img, top, left, h, w, self.size, self.interpolation)
+
+    def __repr__(self):
+        return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomResizedCropTwoViews(RandomResizedCrop):
+    """One crop box, resized to two sizes with two filters (CAE: encoder view + tokenizer view)."""
+
+    def __init__(self, size, second_size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
+                 interpolation="bicubic", second_interpolation="lanczos"):
+        super().__init__(size, scale, ratio, interpolation)
+        self.second_size = _pair(second_size)
+        self.second_interpolation = pil_interpolation(second_interpolation)
+
+    def __call__(self, img):
+        top, left, h, w = self.get_params(img, self.scale, self.ratio)
+        return (resized_crop(img, top, left, h, w, self.size, self.interpolation),
+                resized_crop(img, top, left, h, w, self.second_size, self.second_interpolation))
+
+    def __repr__(self):
+        return (f"RandomResizedCropTwoViews(size={self.size}, second_size={self.second_size}, "
+                f"scale={self.scale}, ratio={self.ratio})")
+
+
+class RandomResizedCropTF(RandomResizedCrop):
+    """MAE's linear-probe crop: draw area and log-ratio ONCE, clamp w and h to the image, and
+    place the box uniformly (no retry loop, no centre fallback)."""
+
+    @staticmethod
+    def get_params(img, scale, ratio, attempts=None):
+        rng = python_rng()
+        width, height = img.size
+        target_area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w = min(max(int(round(math.sqrt(target_area * aspect))), 1), width)
+        h = min(max(int(round(math.sqrt(target_area / aspect))), 1), height)
+        return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+
+    def __repr__(self):
+        return f"RandomResizedCropTF(size={self.size}, scale={self.scale}, ratio={self.ratio})"
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, img):
+        if python_rng().random() < self.p:
+            return img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img
+
+    def __repr__(self):
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class Resize:
+    """``size`` int: shorter side -> size, aspect kept; (h, w): exact size."""
+
+    def __init__(self, size, interpolation="bicubic"):
+        self.size = size
+        self.interpolation = pil_interpolation(interpolation)
+
+    def __call__(self, img):
+        width, height = img.size
+        if isinstance(self.size, (int, np.integer)):
+            short, long = (width, height) if width <= height else (height, width)
+            new_short, new_long = int(self.size), int(self.size * long / short)
+            out_w, out_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        else:
+            out_h, out_w = _pair(self.size)
+        if (out_w, out_h) == (width, height):
+            return img
+        return img.resize((out_w, out_h), _resolve_interpolation(self.interpolation))
+
+    def __repr__(self):
+        return f"Resize(size={self.size})"
+
+
+class CenterCrop:
+    def __init__(self, size):
+        self.size = _pair(size)
+
+    def __call__(self, img):
+        width, height = img.size
+        th, tw = self.size
+        if th > height or tw > width:  # pad like torchvision would, with black
+            canvas = Image.new(img.mode, (max(width, tw), max(height, th)))
+            canvas.paste(img, ((max(width, tw) - width) // 2, (max(height, th) - height) // 2))
+            img, (width, height) = canvas, canvas.size
+        top = int(round((height - th) / 2.0))
+        left = int(round((width - tw) / 2.0))
+        return img.crop((left, top, left + tw, top + th))
+
+    def __repr__(self):
+        return f"CenterCrop(size={self.size})"
+
+
+class ToTensor:
+    """PIL RGB image -> float32 ``[3, H, W]`` in [0, 1]."""
+
+    def __call__(self, img):
+        arr = np.asarray(img, dtype=np.float32)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 255.0
+
+    def __repr__(self):
+        return "ToTensor()"
+
+
+class Normalize:
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
+
+    def __call__(self, chw):
+        return ((chw - self.mean) / self.std).astype(np.float32)
+
+    def __repr__(self):
+        return f"Normalize(mean={self.mean.ravel().tolist()}, std={self.std.ravel().tolist()})"
+
+
+class MapPixels:
+    """DALL-E's input mapping x -> (1 - 2 eps) x + eps (eps 0.1: [0, 1] -> [0.1, 0.9])."""
+
+    def __init__(self, eps=0.1):
+        self.eps = eps
+
+    def __call__(self, chw):
+        return ((1 - 2 * self.eps) * chw + self.eps).astype(np.float32)
+
+    def __repr__(self):
+        return f"MapPixels(eps={self.eps})"
+
+
+# ----------------------------------------------------------------- config access helpers
+def _get(args, name, default=None):
+    """Read ``name`` from a Namespace, a dict or any object; None counts as missing."""
+    value = args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+    return default if value is None else value
+
+
+def patch_size_of(args, default=16):
+    """Patch size from ``--patch_size``, ``--model_args {"patch_size": ..}`` or the model
+    name (``..._patch16_...``)."""
+    value = _get(args, "patch_size")
+    if value is None:
+        model_args = _get(args, "model_args", {}) or {}
+        value = model_args.get("patch_size") if isinstance(model_args, dict) else None
+    if value is None:
+        match = re.search(r"patch(\d+)", str(_get(args, "model", "")))
+        value = int(match.group(1)) if match else default
+    return int(value)
+
+
+def window_size_of(args):
+    """Patch grid (H, W) = input_size // patch_size."""
+    input_size = int(_get(args, "input_size", 224))
+    patch = patch_size_of(args)
+    if input_size % patch:
+        raise ValueError(f"--input_size {input_size} is not a multiple of the patch size {patch}")
+    return input_size // patch, input_size // patch
+
+
+def build_mask_generator(args, method):
+    """The mask generator a method's recipe asks for (None for MAE, which masks in the model)."""
+    from . import masking
+
+    method = method.lower()
+    if method == "mae":
+        return None
+    window = window_size_of(args)
+    num_patches = window[0] * window[1]
+    kind = str(_get(args, "mask_generator", "block")).lower()
+    if kind == "random":
+        ratio = _get(args, "ratio_mask_patches", _get(args, "mask_ratio"))
+        if ratio is not None:
+            return masking.RandomMaskGenerator(window, mask_ratio=float(ratio))
+        return masking.RandomMaskGenerator(window, num_masking_patches=int(_get(args, "num_mask_patches")))
+    if kind != "block":
+        raise ValueError(f"--mask_generator must be 'block' or 'random', got '{kind}'")
+    default_count = 120 if method == "bootmae" else 98
+    count = int(_get(args, "num_mask_patches", default_count))
+    if count > num_patches:
+        raise ValueError(f"--num_mask_patches {count} exceeds the {num_patches} patches of a "
+                         f"{window[0]}x{window[1]} grid")
+    min_block = int(_get(args, "min_mask_patches_per_block", 16))
+    if method == "bootmae":
+        return masking.bootmae_mask_generator(
+            window, num_masking_patches=count, min_num_patches=min_block,
+            max_num_patches=int(_get(args, "max_mask_patches_per_block", 60)))
+    return masking.BlockMaskGenerator(
+        window, count, min_num_patches=min_block,
+        max_num_patches=_get(args, "max_mask_patches_per_block"))
+
+
+def _bool_mask(generator):
+    return np.asarray(generator(rng=python_rng()), dtype=bool).reshape(-1)
+
+
+# ------------------------------------------------------------------ pretraining pipelines
+class MAEPretrainTransform:
+    def __init__(self, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+        self.transform = Compose([
+            RandomResizedCrop(input_size, scale=scale, interpolation=interpolation),
+            RandomHorizontalFlip(),
+            ToTensor(),
+            Normalize(mean, std),
+        ])
+
+    def __call__(self, img):
+        return {"image": self.transform(img)}
+
+    def __repr__(self):
+        return f"MAEPretrainTransform({self.transform!r})"
+
+
+class BootMAEPretrainTransform(MAEPretrainTransform):
+    def __init__(self, mask_generator, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
+                 mean=HALF_MEAN, std=HALF_STD):
+        super().__init__(input_size, scale, interpolation, mean, std)
+        self.mask_generator = mask_generator
+
+    def __call__(self, img):
+        return {"image": self.transform(img), "mask": _bool_mask(self.mask_generator)}
+
+    def __repr__(self):
+        return f"BootMAEPretrainTransform({self.transform!r}, mask={self.mask_generator!r})"
+
+
+class CAEPretrainTransform:
+    def __init__(self, mask_generator, input_size=224, second_input_size=112, scale=(0.08, 1.0),
+                 interpolation="bicubic", second_interpolation="lanczos",
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, color_jitter=0.0):
+        if color_jitter and color_jitter > 0:
+            raise NotImplementedError("--color_jitter > 0 is not supported (every CAE recipe uses 0)")
+        self.flip = RandomHorizontalFlip()  # flip first, then crop: the official order
+        self.crop = RandomResizedCropTwoViews(input_size, second_input_size, scale=scale,
+                                              interpolation=interpolation,
+                                              second_interpolation=second_interpolation)
+        self.patch_transform = Compose([ToTensor(), Normalize(mean, std)])
+        self.tokenizer_transform = Compose([ToTensor(), MapPixels(0.1)])
+        self.mask_generator = mask_generator
+
+    def __call__(self, img):
+        view, tokenizer_view = self.crop(self.flip(img))
+        return {
+            "image": self.patch_transform(view),                           # [3, S, S]
+            "tokenizer_image": self.tokenizer_transform(tokenizer_view),   # [3, S2, S2] in [0.1, 0.9]
+            "mask": _bool_mask(self.mask_generator),                       # [N] bool
+        }
+
+    def __repr__(self):
+        return (f"CAEPretrainTransform({self.flip!r}, {self.crop!r}, {self.patch_transform!r}, "
+                f"{self.tokenizer_transform!r}, mask={self.mask_generator!r})")
+
+
+PRETRAIN_METHODS = ("mae", "cae", "bootmae")
+
+
+def method_of_model(model_name):
+    """'mae' / 'cae' / 'bootmae' from a pretraining model name."""
+    name = str(model_name).lower()
+    for method in ("bootmae", "cae", "mae"):
+        if name.startswith(method):
+            return method
+    raise ValueError(f"cannot tell the pretraining method of model '{model_name}' "
+                     f"(expected a name starting with one of {PRETRAIN_METHODS})")
+
+
+def build_pretrain_transform(method, args, mask_generator=None):
+    """image (PIL RGB) -> dict of arrays for ``method`` in {'mae', 'cae', 'bootmae'}.
+
+    ``args``: Namespace or dict with the official flag names (input_size,
+    imagenet_default_mean_and_std, num_mask_patches, ...). ``mask_generator`` overrides the
+    one the config describes (tests, parity runs)."""
+    method = method.lower()
+    if method not in PRETRAIN_METHODS:
+        raise ValueError(f"unknown pretraining method '{method}'; expected one of {PRETRAIN_METHODS}")
+    input_size = int(_get(args, "input_size", 224))
+    interpolation = _get(args, "train_interpolation", "bicubic")
+    if method == "mae":
+        # MAE always normalises with the ImageNet statistics
+        return MAEPretrainTransform(input_size, scale=(0.2, 1.0), interpolation=interpolation)
+    mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
+    if mask_generator is None:
+        mask_generator = build_mask_generator(args, method)
+    if method == "bootmae":
+        scale = (float(_get(args, "resize_scale", 0.2)), 1.0)
+        return BootMAEPretrainTransform(mask_generator, input_size, scale, interpolation, mean, std)
+    second = int(_get(args, "second_input_size", input_size // 2))
+    scale = (float(_get(args, "crop_min_size", 0.08)), float(_get(args, "crop_max_size", 1.0)))
+    return CAEPretrainTransform(mask_generator, input_size, second, scale, interpolation,
+                                _get(args, "second_interpolation", "lanczos"), mean, std,
+                                color_jitter=float(_get(args, "color_jitter", 0.0)))
+
+
+# ----------------------------------------------------------------------- eval / probing
+def build_eval_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                         crop_pct=None, interpolation="bicubic"):
+    """Resize the shorter side to input_size / crop_pct (crop_pct 0.875 up to 224 px, else 1)
+    and centre-crop input_size."""
+    if crop_pct is None:
+        crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    return Compose([
+        Resize(int(input_size / crop_pct), interpolation),
+        CenterCrop(input_size),
+        ToTensor(),
+        Normalize(mean, std),
+    ])
+
+
+def build_linprobe_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """MAE linear-probe training: TF-style crop (bicubic) + flip + normalise."""
+    return Compose([
+        RandomResizedCropTF(input_size, interpolation="bicubic"),
+        RandomHorizontalFlip(),
+        ToTensor(),
+        Normalize(mean, std),
+    ])

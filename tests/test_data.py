@@ -1,0 +1,239 @@
+"""Datasets, transforms and the loader: layout errors, corrupt files, pipelines, determinism."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paddle_cae.data.datasets import (DatasetLayoutError, ImageFolder, build_dataset,
+                                      default_data_path)
+from paddle_cae.data.loader import SeededDistributedBatchSampler, build_loader, collate_samples
+from paddle_cae.data.transforms import (CenterCrop, MapPixels, Normalize, RandomResizedCrop,
+                                        RandomResizedCropTF, Resize, ToTensor,
+                                        build_eval_transform, build_pretrain_transform,
+                                        sample_rng)
+
+TINY = {"input_size": 32, "patch_size": 4, "num_mask_patches": 30, "min_mask_patches_per_block": 4,
+        "second_input_size": 64}
+
+
+def _write_images(folder, n, size=(20, 16), start=0):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(n):
+        value = (start + i) * 10 % 256
+        Image.new("RGB", size, (value, value, value)).save(os.path.join(folder, f"img{start + i}.png"))
+
+
+def _position_image(size=256):
+    """R encodes the column, G the row: any crop/flip is readable from the pixel values."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    rgb = np.zeros((size, size, 3), np.uint8)
+    rgb[..., 0] = ramp[None, :].round()
+    rgb[..., 1] = ramp[:, None].round()
+    rgb[..., 2] = 128
+    return Image.fromarray(rgb)
+
+
+# ----------------------------------------------------------------------------- datasets
+def test_demo_dataset_has_ten_classes_and_the_fixed_split():
+    train = build_dataset("train")
+    val = build_dataset("val", default_data_path())
+    assert train.class_names == [str(d) for d in range(10)]
+    assert val.class_names == train.class_names
+    assert (len(train), len(val)) == (1438, 359)
+    sample = train[0]
+    assert sample["image"].shape == (32, 32, 3) and sample["label"] == 0 and sample["replaced"] == -1
+
+
+def test_missing_split_folder_error_shows_the_expected_tree(tmp_path):
+    _write_images(tmp_path / "training" / "cat", 2)
+    with pytest.raises(DatasetLayoutError) as err:
+        build_dataset("train", str(tmp_path))
+    message = str(err.value)
+    assert "no 'train/' folder" in message and "training" in message
+    assert "train/" in message and "<class_a>/<image>" in message
+
+
+def test_images_without_class_folders_error_names_the_fix(tmp_path):
+    _write_images(tmp_path / "train", 3)
+    with pytest.raises(DatasetLayoutError) as err:
+        build_dataset("train", str(tmp_path))
+    assert "sub-folder per class" in str(err.value) and "val/" in str(err.value)
+
+
+def test_extensions_are_case_insensitive_and_other_files_ignored(tmp_path):
+    root = tmp_path / "train" / "a"
+    _write_images(root, 1)
+    Image.new("RGB", (8, 8)).save(root / "UPPER.JPG", format="JPEG")
+    (root / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path / "train")
+    assert sorted(os.path.basename(p) for p, _ in ds.samples) == ["UPPER.JPG", "img0.png"]
+
+
+def test_split_path_itself_is_accepted_for_train(tmp_path):
+    _write_images(tmp_path / "train" / "a", 2)
+    assert len(build_dataset("train", str(tmp_path / "train"))) == 2
+
+
+def test_corrupt_jpeg_is_replaced_by_the_next_sample_and_counted(tmp_path, caplog):
+    root = tmp_path / "train"
+    _write_images(root / "a", 3)
+    _write_images(root / "b", 3, start=3)
+    good = root / "a" / "img1.png"
+    (root / "a" / "img1.png").unlink()
+    (root / "a" / "img1.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    ds = ImageFolder(root, transform=ToTensor())
+    bad_index = [os.path.basename(p) for p, _ in ds.samples].index("img1.jpg")
+    sample = ds[bad_index]
+    assert sample["replaced"] == bad_index
+    np.testing.assert_array_equal(sample["image"], ds[bad_index + 1]["image"])
+    assert "img1.jpg" in caplog.text and caplog.text.count("img1.jpg") == 1
+    ds[bad_index]  # known bad now: skipped without a second warning
+    assert caplog.text.count("img1.jpg") == 1
+    assert not good.exists()
+
+    loader = build_loader(ds, batch_size=4, shuffle=False, seed=0)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        assert loader.replaced_this_epoch == 1
+        assert sum(int((b["replaced"].numpy() >= 0).sum()) for b in batches) == 1
+    assert loader.replaced_total == 2
+
+
+def test_replacement_is_counted_inside_worker_processes(tmp_path):
+    root = tmp_path / "train"
+    _write_images(root / "a", 4)
+    (root / "a" / "img0.png").write_bytes(b"broken")
+    ds = ImageFolder(root, transform=ToTensor())
+    loader = build_loader(ds, batch_size=2, shuffle=False, num_workers=1, seed=0)
+    list(loader)
+    assert loader.replaced_this_epoch == 1
+    assert 0 in ds.known_bad  # reported back to the main process for the next epoch's workers
+
+
+# ---------------------------------------------------------------------------- transforms
+def test_to_tensor_and_normalize_give_chw_float32():
+    img = Image.new("RGB", (4, 2), (255, 0, 51))
+    chw = ToTensor()(img)
+    assert chw.shape == (3, 2, 4) and chw.dtype == np.float32
+    np.testing.assert_allclose(chw[:, 0, 0], [1.0, 0.0, 0.2], atol=1e-6)
+    out = Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(chw)
+    np.testing.assert_allclose(out[:, 0, 0], [1.0, -1.0, -0.6], atol=1e-6)
+    np.testing.assert_allclose(MapPixels(0.1)(chw)[:, 0, 0], [0.9, 0.1, 0.26], atol=1e-6)
+
+
+def test_random_resized_crop_falls_back_to_a_centred_box():
+    wide = Image.new("RGB", (1000, 10))
+    with sample_rng(0):
+        top, left, h, w = RandomResizedCrop.get_params(wide, (0.9, 1.0), (3 / 4, 4 / 3))
+    assert (top, h, w) == (0, 10, 13) and left == (1000 - 13) // 2
+
+
+def test_tf_style_crop_clamps_the_box_to_the_image():
+    img = Image.new("RGB", (40, 30))
+    with sample_rng(3):
+        for _ in range(50):
+            top, left, h, w = RandomResizedCropTF.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+            assert 0 < h <= 30 and 0 < w <= 40 and top + h <= 30 and left + w <= 40
+
+
+def test_eval_transform_resizes_shorter_side_then_centre_crops():
+    img = Image.new("RGB", (300, 200))
+    assert Resize(256)(img).size == (384, 256)
+    assert CenterCrop(224)(Resize(256)(img)).size == (224, 224)
+    assert build_eval_transform(224)(img).shape == (3, 224, 224)
+    assert build_eval_transform(32)(img).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("method, keys", [
+    ("mae", {"image"}),
+    ("bootmae", {"image", "mask"}),
+    ("cae", {"image", "tokenizer_image", "mask"}),
+])
+def test_pretrain_pipelines_output_shapes_and_ranges(method, keys):
+    transform = build_pretrain_transform(method, dict(TINY, max_mask_patches_per_block=15))
+    with sample_rng(0):
+        out = transform(_position_image(48))
+    assert set(out) == keys
+    assert out["image"].shape == (3, 32, 32) and out["image"].dtype == np.float32
+    if method == "mae":  # ImageNet normalisation
+        assert out["image"].min() >= (0 - 0.485) / 0.229 - 1e-4 and out["image"].max() <= (1 - 0.406) / 0.225 + 1e-4
+    else:  # 0.5 / 0.5
+        assert out["image"].min() >= -1 - 1e-6 and out["image"].max() <= 1 + 1e-6
+    if "mask" in out:
+        assert out["mask"].dtype == bool and out["mask"].shape == (64,) and out["mask"].sum() == 30
+    if method == "cae":
+        tok = out["tokenizer_image"]
+        assert tok.shape == (3, 64, 64) and tok.min() >= 0.1 - 1e-6 and tok.max() <= 0.9 + 1e-6
+
+
+def test_cae_second_view_defaults_to_half_the_input_size():
+    args = dict(TINY, input_size=224, patch_size=16, num_mask_patches=98)
+    args.pop("second_input_size")
+    with sample_rng(0):
+        out = build_pretrain_transform("cae", args)(_position_image(256))
+    assert out["image"].shape == (3, 224, 224) and out["tokenizer_image"].shape == (3, 112, 112)
+
+
+def test_cae_views_come_from_the_same_crop_box_and_flip():
+    transform = build_pretrain_transform("cae", dict(TINY, input_size=64, second_input_size=32,
+                                                     patch_size=8, num_mask_patches=20))
+    img = _position_image(256)
+    flips = 0
+    for seed in range(12):
+        with sample_rng(seed):
+            out = transform(img)
+        view = out["image"] * 0.5 + 0.5            # undo 0.5/0.5 normalisation -> [0, 1]
+        tok = (out["tokenizer_image"] - 0.1) / 0.8  # undo map_pixels
+        # R (the source column) read along columns, G (the source row) along rows
+        for profile in (lambda x: x[0].mean(axis=0), lambda x: x[1].mean(axis=1)):
+            a, b = profile(view), profile(tok)            # 64 and 32 samples over the same box
+            np.testing.assert_allclose([a[:2].mean(), a[-2:].mean()], [b[0], b[-1]], atol=0.02)
+        flips += int(view[0, :, 0].mean() > view[0, :, -1].mean())  # x decreasing -> flipped
+    assert 0 < flips < 12
+
+
+def test_same_seed_and_epoch_give_identical_batches_for_any_worker_count():
+    ds = build_dataset("train", None, build_pretrain_transform("cae", TINY))
+    batches = []
+    for workers in (0, 2):
+        loader = build_loader(ds, batch_size=16, shuffle=True, num_workers=workers, seed=5, epoch=3)
+        batches.append({k: v.numpy() for k, v in next(iter(loader)).items()})
+    for key in batches[0]:
+        np.testing.assert_array_equal(batches[0][key], batches[1][key])
+
+
+def test_epoch_and_seed_change_order_and_augmentation():
+    ds = build_dataset("train", None, build_pretrain_transform("bootmae", dict(TINY, max_mask_patches_per_block=15)))
+    loader = build_loader(ds, batch_size=8, shuffle=True, seed=0, epoch=0)
+    first = next(iter(loader))
+    loader.set_epoch(1)
+    second = next(iter(loader))
+    loader.set_epoch(0)
+    again = next(iter(loader))
+    np.testing.assert_array_equal(first["image"].numpy(), again["image"].numpy())
+    np.testing.assert_array_equal(first["mask"].numpy(), again["mask"].numpy())
+    assert not np.array_equal(first["label"].numpy(), second["label"].numpy()) or \
+        not np.array_equal(first["image"].numpy(), second["image"].numpy())
+    other_seed = next(iter(build_loader(ds, batch_size=8, shuffle=True, seed=1, epoch=0)))
+    assert not np.array_equal(first["image"].numpy(), other_seed["image"].numpy())
+
+
+def test_sampler_splits_one_shuffled_order_across_ranks():
+    data = list(range(10))
+    per_rank = []
+    for rank in range(2):
+        sampler = SeededDistributedBatchSampler(data, batch_size=2, num_replicas=2, rank=rank,
+                                                shuffle=True, seed=7)
+        sampler.set_epoch(4)
+        per_rank.append([i for batch in sampler for i in batch])
+    assert sorted(per_rank[0] + per_rank[1]) == data
+    single = SeededDistributedBatchSampler(data, batch_size=3, num_replicas=1, rank=0, shuffle=True, seed=7)
+    single.set_epoch(4)
+    assert len(single) == 4 and sorted(i for b in single for i in b) == data
+
+
+def test_collate_names_the_key_whose_shapes_differ():
+    with pytest.raises(ValueError, match="'image'"):
+        collate_samples([{"image": np.zeros((3, 4))}, {"image": np.zeros((3, 5))}])
