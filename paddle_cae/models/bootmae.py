@@ -1,0 +1,664 @@
+"""BootMAE pretraining model (Dong et al., LightDXY/BootMAE ``models/modeling_pretrain_bootmae.py``,
+``VisionTransformerForMaskedImageModeling``) with the loss of its training loop.
+
+The encoder sees the visible patches (cls + N - mask_len tokens). Two target-aware decoders
+cross-attend to encoder features of the visible tokens:
+* the pixel decoder (``decode_dim`` wide) reads the FIRST block's output and predicts the image,
+  per patch and channel normalised, through a ConvTranspose head (``lm_head``);
+* the feature decoder (``embed_dim`` wide) reads the LAST block's output and predicts the
+  features that a momentum (EMA) copy of the encoder computes on the whole image.
+
+The momentum encoder is held beside the model, not as a sub-layer: the optimizer never sees
+it, it receives no gradient, and it is updated with :meth:`update_teacher` after every
+optimizer step. Its state travels in checkpoints through :meth:`teacher_state_dict` /
+:meth:`set_teacher_state_dict`.
+
+Parameter names equal the official state_dict keys (``decode_blocks.0.c_attn.kv.weight``,
+``lm_head.proj.weight``, ``mask_token_1`` ...).
+"""
+import math
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .layers import (Attention, Block, DropPath, Mlp, PatchEmbed, layer_norm, normal_, ones_,
+                     trunc_normal_, xavier_uniform_, zeros_, zero_parameter)
+from .mae import images_from_batch, norm_eps_from
+from .pos_embed import sincos_pos_embed
+from .registry import register_model
+
+__all__ = ["VisionTransformerForMaskedImageModeling", "MomentumEncoder", "CrossAttention",
+           "DecodeBlock", "ema_update_", "ema_decay_for_epoch", "feature_weight_at",
+           "masks_from_shuffle", "bootmae_base", "bootmae_large"]
+
+PIXEL_NORM_EPS = 1e-5  # inside the sqrt of the per-patch, per-channel pixel target
+FEATURE_LN_EPS = 1e-6  # affine-free LayerNorm applied to both sides of the feature loss
+
+
+# ----------------------------------------------------------------------------- schedules
+# Kept here until paddle_cae/optim/schedules.py provides them; the formulas are the
+# official ones (utils.adjust_ema_momentum, run_pretraining.train_one_epoch).
+def ema_decay_for_epoch(epoch, model_ema_decay=0.999, model_ema_dynamic=False):
+    """Momentum of the teacher during ``epoch`` (constant over the epoch's iterations):
+    a linear rise from ``model_ema_decay`` towards 0.9999 over the first 100 epochs, then
+    0.9999, or with ``model_ema_dynamic`` a rise to 0.99999 over the next 300 epochs."""
+    if epoch < 100:
+        return model_ema_decay + epoch / 100 * (0.9999 - model_ema_decay)
+    if model_ema_dynamic:
+        return 0.9999 + min(300, epoch - 100) / 300 * (0.99999 - 0.9999)
+    return 0.9999
+
+
+def feature_weight_at(epoch, feature_weight, epochs):
+    """Weight of the feature loss in ``epoch``: linear ramp reaching ``feature_weight`` at
+    25% of training."""
+    ramp = feature_weight * (1 + epoch) / epochs
+    return min(ramp * 4, feature_weight)
+
+
+@paddle.no_grad()
+def ema_update_(ema_model, online_model, decay):
+    """ema <- decay * ema + (1 - decay) * online, for every state_dict entry of ``ema_model``
+    (parameters and buffers), in the entry's own precision (float32) with ``decay`` a Python
+    float, as timm's ModelEma does. Integer entries are copied."""
+    online = online_model.state_dict()
+    keep = float(decay)
+    take = 1.0 - keep
+    for key, ema_value in ema_model.state_dict().items():
+        if key not in online:
+            raise KeyError(f"EMA update: the online model has no entry '{key}'")
+        value = online[key].detach()
+        if tuple(value.shape) != tuple(ema_value.shape):
+            raise ValueError(f"EMA update: '{key}' has shape {list(value.shape)} online but "
+                             f"{list(ema_value.shape)} in the EMA copy")
+        if ema_value.dtype in (paddle.float32, paddle.float64, paddle.float16, paddle.bfloat16):
+            paddle.assign(ema_value * keep + value.astype(ema_value.dtype) * take, ema_value)
+        else:
+            paddle.assign(value.astype(ema_value.dtype), ema_value)
+
+
+# ----------------------------------------------------------------------------- masks
+def masks_from_shuffle(idx_shuffle, mask_len, grid_size, patch_size, weight_mask=True):
+    """Loss and weight masks from a shuffle order whose last ``mask_len`` entries are dropped.
+
+    idx_shuffle [B, N] int64. Returns a dict of float32 tensors:
+    ``loss_mask`` [B, N] (1 = dropped, raster order), ``weight_mask`` [B, N]
+    (with ``weight_mask``: m + m * AvgPool3x3(m), zero padding counted, so w in {0} U [1, 2];
+    else m) and their pixel versions ``loss_mask_pixel`` / ``weight_mask_pixel`` [B, 1, H, W]
+    (each patch constant, i.e. nearest upsampling)."""
+    b, n = idx_shuffle.shape
+    h, w = grid_size
+    idx_unshuffle = paddle.argsort(idx_shuffle, axis=1, stable=True)
+    keep = n - mask_len
+    order_mask = paddle.concat([paddle.zeros([b, keep]), paddle.ones([b, mask_len])], axis=1)
+    loss_mask = paddle.take_along_axis(order_mask, idx_unshuffle, axis=1)  # [B, N], raster
+    grid_mask = loss_mask.reshape([b, 1, h, w])
+    if weight_mask:
+        pooled = F.avg_pool2d(grid_mask, kernel_size=3, stride=1, padding=1, exclusive=False)
+        grid_weight = grid_mask * pooled + grid_mask  # [B, 1, h, w]
+    else:
+        grid_weight = grid_mask
+
+    def to_pixels(m):  # [B, 1, h, w] -> [B, 1, h*p, w*p]
+        m = m.reshape([b, 1, h, 1, w, 1]).expand([b, 1, h, patch_size, w, patch_size])
+        return m.reshape([b, 1, h * patch_size, w * patch_size])
+
+    return {
+        "loss_mask": loss_mask,
+        "weight_mask": grid_weight.reshape([b, n]),
+        "loss_mask_pixel": to_pixels(grid_mask),
+        "weight_mask_pixel": to_pixels(grid_weight),
+    }
+
+
+def _gather_tokens(x, index):
+    """x [B, L, C], index [B, K] -> [B, K, C]."""
+    index = index.unsqueeze(-1).expand([index.shape[0], index.shape[1], x.shape[-1]])
+    return paddle.take_along_axis(x, index, axis=1)
+
+
+def _as_index(value, name):
+    if isinstance(value, paddle.Tensor):
+        return value.astype("int64")
+    array = np.asarray(value)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    return paddle.to_tensor(array.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- layers
+class CrossAttention(nn.Layer):
+    """Queries from the decoder tokens, keys/values from encoder features (BEiT flavour:
+    ``q`` and ``kv`` without bias, plus ``q_bias`` and ``v_bias``; no k bias; queries scaled
+    before the product). Inner width = heads * (dim // heads), may be below ``dim``."""
+
+    def __init__(self, dim, c_dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
+                 proj_drop=0.0, attn_head_dim=None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = attn_head_dim or dim // num_heads
+        inner = self.head_dim * num_heads
+        self.inner_dim = inner
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self.q = nn.Linear(dim, inner, bias_attr=False)
+        self.kv = nn.Linear(c_dim, inner * 2, bias_attr=False)
+        if qkv_bias:
+            self.q_bias = zero_parameter(self, [inner])
+            self.v_bias = zero_parameter(self, [inner])
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x, fea):
+        b, n, _ = x.shape
+        m = fea.shape[1]
+        if self.q_bias is None:
+            q = F.linear(x, self.q.weight)
+            kv = F.linear(fea, self.kv.weight)
+        else:
+            zero_k = paddle.zeros_like(self.v_bias)
+            zero_k.stop_gradient = True
+            q = F.linear(x, self.q.weight, self.q_bias)
+            kv = F.linear(fea, self.kv.weight, paddle.concat([zero_k, self.v_bias]))
+        q = q.reshape([b, n, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])  # [B, h, N, d]
+        kv = kv.reshape([b, m, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        k, v = kv[0], kv[1]  # each [B, h, M, d]
+        attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, N, M]
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([b, n, self.inner_dim])
+        return self.proj_drop(self.proj(x))
+
+
+class DecodeBlock(nn.Layer):
+    """Target-aware decoder block: self-attention, cross-attention to the encoder's
+    features of the visible tokens, MLP; each pre-norm with a residual."""
+
+    def __init__(self, dim, c_dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None,
+                 drop=0.0, attn_drop=0.0, drop_path=0.0, norm_eps=1e-6, attn_head_dim=None):
+        super().__init__()
+        self.norm1 = layer_norm(dim, norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                              attn_head_dim=attn_head_dim, style="beit")
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = layer_norm(dim, norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.norm3 = layer_norm(dim, norm_eps)
+        self.norm4 = layer_norm(c_dim, norm_eps)
+        self.c_attn = CrossAttention(dim, c_dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                                     attn_head_dim=attn_head_dim)
+
+    def forward(self, x, fea):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.c_attn(self.norm3(x), self.norm4(fea)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchDeEmbed(nn.Layer):
+    """Patch tokens [B, N, C] -> image [B, in_chans, H, W] with a ConvTranspose2D whose
+    kernel = stride = patch (weight [C, in_chans, p, p], PyTorch's layout too)."""
+
+    def __init__(self, grid_size, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.proj = nn.Conv2DTranspose(embed_dim, in_chans, kernel_size=patch_size,
+                                       stride=patch_size)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        x = x.transpose([0, 2, 1]).reshape([b, c, self.grid_size[0], self.grid_size[1]])
+        return self.proj(x)  # [B, in_chans, H, W]
+
+
+# ----------------------------------------------------------------------------- encoders
+def _add_encoder(layer, img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+                 qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate, norm_eps,
+                 attn_head_dim):
+    """Give ``layer`` the encoder pieces under the official names: patch_embed, cls_token,
+    pos_embed (frozen sin-cos, MoCo layout) and blocks."""
+    layer.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+    grid = layer.patch_embed.grid_size
+    table = sincos_pos_embed(embed_dim, grid, cls_token=True, layout="moco")
+    layer.pos_embed = _frozen_table(layer, table)
+    layer.cls_token = layer.create_parameter(
+        [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
+    dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+    layer.blocks = nn.LayerList([
+        Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
+              dpr[i], init_values=None, attn_head_dim=attn_head_dim, attn_style="beit",
+              norm_eps=norm_eps)
+        for i in range(depth)
+    ])
+
+
+def _frozen_table(layer, table):
+    p = layer.create_parameter([1] + list(table.shape),
+                               default_initializer=nn.initializer.Assign(table[None]))
+    p.stop_gradient = True
+    return p
+
+
+def _embed_tokens(layer, images):
+    """images [B, C, H, W] -> [B, 1 + N, D]: patches, cls first, plus the position table."""
+    x = layer.patch_embed(images)  # [B, N, D]
+    cls = layer.cls_token.expand([x.shape[0], -1, -1])
+    x = paddle.concat([cls, x], axis=1)  # [B, 1 + N, D]
+    return x + layer.pos_embed
+
+
+_ENCODER_PREFIXES = ("patch_embed.", "blocks.")
+_ENCODER_KEYS = ("cls_token", "pos_embed")
+
+
+class MomentumEncoder(nn.Layer):
+    """The teacher: the encoder part that produces the feature target (no final norm).
+    Holds exactly the state the official ``get_feature`` reads."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0,
+                 attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=1e-6, attn_head_dim=None):
+        super().__init__()
+        _add_encoder(self, img_size, patch_size, in_chans, embed_dim, depth, num_heads,
+                     mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, drop_path_rate,
+                     norm_eps, attn_head_dim)
+
+    def official_key_map(self, key):
+        """Official ``model`` / ``model_ema`` / fixture ``teacher`` key -> ours; the keys a
+        teacher never reads (final norm, decoders) are dropped."""
+        if key.startswith(_ENCODER_PREFIXES) or key in _ENCODER_KEYS:
+            return key
+        return None
+
+    @paddle.no_grad()
+    def get_feature(self, images):
+        """Last block's output for every patch of the whole image, no final norm: [B, N, D]."""
+        x = _embed_tokens(self, images)
+        for blk in self.blocks:
+            x = blk(x)
+        return x[:, 1:, :]
+
+    def forward(self, images):
+        return self.get_feature(images)
+
+
+# ----------------------------------------------------------------------------- the model
+class VisionTransformerForMaskedImageModeling(nn.Layer):
+    """BootMAE pretraining model. Constructor arguments mirror the official class; the
+    remaining ones configure the loss and the teacher as the official training loop does
+    (``--feature_weight``, ``--weight_mask``, ``--mask_num``, ``--epochs``,
+    ``--model_ema_decay``, ``--model_ema_dynamic``)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
+                 fea_list=(0, 6), num_classes=1000, num_heads=12, mlp_ratio=4.0, qkv_bias=True,
+                 qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, no_grad=False,
+                 drop_path_rate=0.0, norm_layer=None, init_values=None, attn_head_dim=None,
+                 decoder_depth=2, decode_dim=512, use_abs_pos_emb=True, use_rel_pos_bias=False,
+                 use_shared_rel_pos_bias=False, init_std=0.02,
+                 feature_weight=1.0, weight_mask=True, mask_num=None, epochs=800,
+                 model_ema_decay=0.999, model_ema_dynamic=False, with_teacher=True):
+        super().__init__()
+        # num_classes, no_grad, init_values, use_*_pos_* are accepted for compatibility with
+        # the official signature; the official model ignores them as well (no layer scale,
+        # absolute sin-cos positions only).
+        eps = norm_eps_from(norm_layer)
+        self.embed_dim = self.num_features = embed_dim
+        self.decode_dim = decode_dim
+        self.fea_list = [int(i) for i in fea_list]
+        self.init_std = init_std
+        encoder_cfg = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                           embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                           drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                           drop_path_rate=drop_path_rate, norm_eps=eps,
+                           attn_head_dim=attn_head_dim)
+
+        # ---------------------------------------------------------------- encoder
+        _add_encoder(self, **encoder_cfg)
+        self.norm = layer_norm(embed_dim, eps)
+        grid = self.patch_embed.grid_size
+        self.grid_size = grid
+        self.num_patches = self.patch_embed.num_patches
+        self.patch = self.patch_embed.patch_size[0]
+        self.de_pos_embed = _frozen_table(
+            self, sincos_pos_embed(decode_dim, grid, cls_token=True, layout="moco"))
+
+        # ---------------------------------------------------------- pixel decoder
+        def decoder(width):
+            return nn.LayerList([
+                DecodeBlock(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                            drop_rate, attn_drop_rate, 0.0, eps, attn_head_dim)
+                for _ in range(decoder_depth)
+            ])
+
+        self.decode_blocks = decoder(decode_dim)
+        self.decode_norm = layer_norm(decode_dim, eps)
+        self.down = nn.Linear(embed_dim, decode_dim)
+        self.mask_token = self.create_parameter(
+            [1, 1, decode_dim], default_initializer=nn.initializer.Constant(0.0))
+        self.lm_head = PatchDeEmbed(grid, self.patch, in_chans, decode_dim)
+
+        # -------------------------------------------------------- feature decoder
+        self.decode_blocks_1 = decoder(embed_dim)
+        self.down_1 = nn.Linear(embed_dim, embed_dim)
+        self.mask_token_1 = self.create_parameter(
+            [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
+        self.decode_norm_1 = layer_norm(embed_dim, eps)
+        self.lm_head_1 = nn.Linear(embed_dim, embed_dim)
+        self.initialize_weights()
+
+        # ------------------------------------------------------------ loss config
+        self.feature_weight = float(feature_weight)
+        self.weight_mask = bool(weight_mask)
+        self.mask_num = int(mask_num) if mask_num is not None else int(0.75 * self.num_patches)
+        if not 0 < self.mask_num < self.num_patches:
+            raise ValueError(f"mask_num must be in [1, {self.num_patches - 1}] for a "
+                             f"{grid[0]}x{grid[1]} grid, got {self.mask_num}")
+        self.epochs = int(epochs)
+        self.model_ema_decay = float(model_ema_decay)
+        self.model_ema_dynamic = bool(model_ema_dynamic)
+        self.current_epoch = None
+
+        # ---------------------------------------------------------------- teacher
+        # Built in its own name scope so that the student's (and anything later built)
+        # global parameter names, which key the optimizer state, do not depend on it;
+        # kept out of _sub_layers so that parameters() and state_dict() do not include it.
+        teacher = None
+        if with_teacher:
+            with paddle.utils.unique_name.guard():
+                teacher = MomentumEncoder(**encoder_cfg)
+            for p in teacher.parameters():
+                p.stop_gradient = True
+            teacher.eval()
+        object.__setattr__(self, "_teacher", teacher)
+        if teacher is not None:
+            self.reset_teacher()
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self):
+        """The official scheme: BEiT init first (overwritten below for every Linear), then
+        ``*qkv*`` Linear weights uniform(+-sqrt(6 / (out/3 + in))), other Linear weights
+        xavier-uniform, biases 0; LayerNorm 1/0; patch-embed uniform(+-sqrt(6 / (C*p*p + D)))
+        with bias 0; cls N(0, 1e-6); mask tokens trunc-normal(0.02, +-0.02); the
+        ConvTranspose head keeps PyTorch's default init (uniform(+-1/sqrt(fan_in)))."""
+        std = self.init_std
+        trunc_normal_(self.mask_token, std=std, a=-std, b=std)
+        trunc_normal_(self.mask_token_1, std=std, a=-std, b=std)
+        for name, layer in self.named_sublayers():
+            if isinstance(layer, nn.Linear):
+                if "qkv" in name:
+                    fan_in, out = layer.weight.shape  # paddle [in, out]
+                    xavier_uniform_(layer.weight, fan_in=fan_in, fan_out=out // 3)
+                else:
+                    xavier_uniform_(layer.weight)
+                if layer.bias is not None:
+                    zeros_(layer.bias)
+            elif isinstance(layer, nn.LayerNorm):
+                ones_(layer.weight)
+                zeros_(layer.bias)
+        normal_(self.cls_token, std=1e-6)
+        w = self.patch_embed.proj.weight  # [D, C, p, p]
+        fan = w.shape[1] * w.shape[2] * w.shape[3]
+        xavier_uniform_(w, fan_in=fan, fan_out=w.shape[0])
+        zeros_(self.patch_embed.proj.bias)
+        w = self.lm_head.proj.weight  # [Dd, C, p, p]; torch's fan_in of a ConvTranspose = C*p*p
+        bound = 1.0 / math.sqrt(w.shape[1] * w.shape[2] * w.shape[3])
+        for p in (w, self.lm_head.proj.bias):
+            p.set_value(paddle.uniform(p.shape, dtype="float32", min=-bound, max=bound))
+
+    # -------------------------------------------------------------- metadata
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    def official_key_map(self, key):
+        """Official key -> ours: the same names; a fine-tuned file's classifier is dropped."""
+        if key.startswith(("fc_norm.", "head.")):
+            return None
+        return key
+
+    # --------------------------------------------------------------- teacher
+    @property
+    def teacher(self):
+        """The momentum encoder (a Layer outside this model's parameters), or None."""
+        return self._teacher
+
+    def _require_teacher(self):
+        if self._teacher is None:
+            raise RuntimeError("this BootMAE model was built with with_teacher=False")
+        return self._teacher
+
+    @paddle.no_grad()
+    def reset_teacher(self):
+        """Make the teacher an exact copy of the current encoder (done at construction)."""
+        teacher = self._require_teacher()
+        own = self.state_dict()
+        for key, value in teacher.state_dict().items():
+            paddle.assign(own[key].detach(), value)
+
+    def ema_decay(self, epoch):
+        """Teacher momentum for ``epoch`` under this model's EMA settings."""
+        return ema_decay_for_epoch(epoch, self.model_ema_decay, self.model_ema_dynamic)
+
+    def update_teacher(self, decay=None, epoch=None):
+        """One EMA step after an optimizer step: teacher <- decay * teacher + (1 - decay) *
+        encoder, per state entry. ``decay`` defaults to the schedule at ``epoch`` (or the
+        epoch of the last forward). Returns the decay used."""
+        teacher = self._require_teacher()
+        if decay is None:
+            epoch = self.current_epoch if epoch is None else epoch
+            if epoch is None:
+                raise ValueError("update_teacher needs a decay or an epoch (none seen in forward)")
+            decay = self.ema_decay(epoch)
+        ema_update_(teacher, self, decay)
+        return decay
+
+    def teacher_state_dict(self):
+        """The teacher's state, under the official key names (a subset of ``model_ema``)."""
+        return self._require_teacher().state_dict()
+
+    def set_teacher_state_dict(self, state):
+        """Load the teacher; every teacher key must be present with its shape. Extra keys of
+        an official ``model_ema`` (final norm, decoders) are ignored."""
+        teacher = self._require_teacher()
+        own = teacher.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise KeyError(f"teacher state lacks {len(missing)} keys, e.g. {missing[:5]}")
+        for key, value in own.items():
+            src = state[key]
+            shape = tuple(src.shape)
+            if shape != tuple(value.shape):
+                raise ValueError(f"teacher state '{key}': shape {list(shape)}, expected "
+                                 f"{list(value.shape)}")
+        teacher.set_state_dict({k: state[k] for k in own})
+
+    # --------------------------------------------------------------- forward
+    def forward_encoder(self, images, mask_len, idx_shuffle):
+        """Visible tokens through the encoder.
+
+        images [B, C, H, W]; idx_shuffle [B, N] (the last ``mask_len`` are dropped).
+        Returns x (after the final norm) [B, 1 + K, D], the recorded block outputs
+        (feas[0] for the pixel decoder, feas[1] for the feature decoder, each [B, 1 + K, D],
+        before the norm) and the shuffle with cls prepended [B, 1 + N]."""
+        x = _embed_tokens(self, images)  # [B, 1 + N, D]
+        b = x.shape[0]
+        ids = paddle.concat([paddle.zeros([b, 1], dtype="int64"), idx_shuffle + 1], axis=1)
+        keep = self.num_patches - mask_len
+        x = _gather_tokens(x, ids[:, :1 + keep])  # [B, 1 + K, D]
+        feas = []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.fea_list:
+                feas.append(x)
+        if len(feas) == 1:
+            feas.append(feas[0])
+        return self.norm(x), feas, ids
+
+    def _decoder_input(self, tokens, mask_token, pos_table, ids, mask_len):
+        """Visible tokens [B, 1 + K, C] + mask tokens carrying the position rows of the
+        dropped patches, back in raster order with cls first: [B, 1 + N, C]."""
+        b, _, c = tokens.shape
+        dropped = ids[:, ids.shape[1] - mask_len:]  # [B, M] (indices into the 1 + N table)
+        mask_pe = _gather_tokens(pos_table.expand([b, -1, -1]), dropped)  # [B, M, C]
+        masked = mask_token.expand([b, mask_len, c]) + mask_pe
+        x = paddle.concat([tokens, masked], axis=1)  # [B, 1 + N, C], shuffled order
+        ids_unshuffle = paddle.argsort(ids, axis=1, stable=True)
+        return _gather_tokens(x, ids_unshuffle)  # [B, 1 + N, C], raster order
+
+    def forward_pixel_decoder(self, x, fea, ids, mask_len):
+        z = self._decoder_input(self.down(x), self.mask_token, self.de_pos_embed, ids, mask_len)
+        for blk in self.decode_blocks:
+            z = blk(z, fea)
+        z = self.decode_norm(z)
+        return self.lm_head(z[:, 1:, :])  # [B, C, H, W]
+
+    def forward_feature_decoder(self, x, fea, ids, mask_len):
+        z = self._decoder_input(self.down_1(x), self.mask_token_1, self.pos_embed, ids, mask_len)
+        for blk in self.decode_blocks_1:
+            z = blk(z, fea)
+        z = self.decode_norm_1(z)
+        return self.lm_head_1(z[:, 1:, :])  # [B, N, D]
+
+    def forward_predictions(self, images, mask_len, idx_shuffle):
+        """The official model's forward: (pixel prediction [B, C, H, W], feature prediction
+        [B, N, D])."""
+        x, feas, ids = self.forward_encoder(images, mask_len, idx_shuffle)
+        pred_pixel = self.forward_pixel_decoder(x, feas[0], ids, mask_len)
+        pred_feature = self.forward_feature_decoder(x, feas[1], ids, mask_len)
+        return pred_pixel, pred_feature
+
+    def pixel_target(self, images):
+        """Each patch and channel normalised by its own mean and biased variance:
+        [B, C, H, W] -> [B, C, H, W]."""
+        b, c, hh, ww = images.shape
+        p = self.patch
+        x = images.reshape([b, c, hh // p, p, ww // p, p])
+        mean = x.mean(axis=[3, 5], keepdim=True)
+        var = ((x - mean) ** 2).mean(axis=[3, 5], keepdim=True)
+        return ((x - mean) / paddle.sqrt(var + PIXEL_NORM_EPS)).reshape([b, c, hh, ww])
+
+    def feature_target(self, images):
+        """Teacher features of the whole image [B, N, D] (no gradient)."""
+        teacher = self._require_teacher()
+        teacher.eval()
+        with paddle.no_grad():
+            target = teacher.get_feature(images)
+        target.stop_gradient = True
+        return target
+
+    def forward_loss(self, pred_pixel, pred_feature, pixel_target, feature_target, masks,
+                     feature_weight):
+        """Rloss = mean(w_pix * (pred - target)^2) / mean(m_pix) over [B, C, H, W];
+        Ploss = mean(w * (LN(target) - LN(pred))^2) / mean(m_pix) over [B, N, D]
+        (LN affine-free, eps 1e-6); total = Rloss + feature_weight * Ploss."""
+        masked_fraction = masks["loss_mask_pixel"].mean()
+        loss_pixel = (masks["weight_mask_pixel"] * (pred_pixel - pixel_target) ** 2).mean()
+        loss_pixel = loss_pixel / masked_fraction
+        if feature_weight > 0:
+            d = pred_feature.shape[-1]
+            diff = (F.layer_norm(feature_target, d, epsilon=FEATURE_LN_EPS)
+                    - F.layer_norm(pred_feature, d, epsilon=FEATURE_LN_EPS))
+            weight = masks["weight_mask"].unsqueeze(-1)  # [B, N, 1]
+            loss_feature = (weight * diff ** 2).mean() / masked_fraction
+        else:
+            loss_feature = paddle.zeros([], dtype=pred_pixel.dtype)
+        return loss_pixel + loss_feature * feature_weight, loss_pixel, loss_feature
+
+    def shuffle_from_mask(self, bool_masked_pos, rng=None):
+        """The official mask -> order step for block masks [B, N] or [B, h, w] (1 = masked):
+        visible patches first, random order inside each group, a roll of 0..3, then the
+        last ``mask_num`` are dropped. Returns idx_shuffle [B, N] int64 (numpy)."""
+        from paddle_cae.data.masking import bootmae_shuffle_from_mask
+
+        mask = bool_masked_pos.numpy() if isinstance(bool_masked_pos, paddle.Tensor) else \
+            np.asarray(bool_masked_pos)
+        h, w = self.grid_size
+        mask = mask.reshape([-1, h, w]).astype(np.int64)
+        idx_shuffle, _ = bootmae_shuffle_from_mask(mask, self.mask_num, rng=rng)
+        return idx_shuffle
+
+    def _unpack(self, batch, idx_shuffle, bool_masked_pos):
+        images = images_from_batch(batch)
+        if isinstance(batch, dict):
+            idx_shuffle = batch.get("idx_shuffle", idx_shuffle)
+            bool_masked_pos = batch.get("bool_masked_pos", batch.get("mask", bool_masked_pos))
+        elif isinstance(batch, (tuple, list)) and len(batch) > 1 and idx_shuffle is None \
+                and bool_masked_pos is None:
+            second = batch[1]
+            array = second.numpy() if isinstance(second, paddle.Tensor) else np.asarray(second)
+            # a permutation of the patches is an order; a 0/1 (or bool) array is a mask
+            if array.dtype.kind in "iu" and array.ndim == 2 and array.max() > 1:
+                idx_shuffle = second
+            else:
+                bool_masked_pos = second
+        return images, idx_shuffle, bool_masked_pos
+
+    def forward(self, batch, idx_shuffle=None, bool_masked_pos=None, mask_len=None, epoch=None,
+                feature_weight=None, rng=None):
+        """One training forward with the official loss.
+
+        batch: images [B, C, H, W], or (images, idx_shuffle | block mask), or a dict with
+        'images' and 'idx_shuffle' or 'bool_masked_pos'. ``idx_shuffle`` [B, N] is the patch
+        order whose last ``mask_len`` (default ``mask_num``) patches are dropped; without it
+        the order is made from ``bool_masked_pos`` (with ``rng``), as the official loop does.
+        ``epoch`` sets the feature-weight ramp (and is remembered for :meth:`update_teacher`);
+        ``feature_weight`` overrides the ramp.
+
+        Returns ``{"loss", "loss_pixel", "loss_feature", "feature_weight", "pred_pixel"
+        [B, C, H, W], "pred_feature" [B, N, D], "target_feature" [B, N, D], "pixel_target"
+        [B, C, H, W], "mask" [B, N] (1 = dropped), "weight_mask" [B, N],
+        "weight_mask_pixel" [B, 1, H, W]}``."""
+        images, idx_shuffle, bool_masked_pos = self._unpack(batch, idx_shuffle, bool_masked_pos)
+        mask_len = self.mask_num if mask_len is None else int(mask_len)
+        if idx_shuffle is None:
+            if bool_masked_pos is None:
+                raise ValueError("BootMAE forward needs idx_shuffle or bool_masked_pos")
+            if mask_len != self.mask_num:
+                raise ValueError("mask_len differs from mask_num; pass idx_shuffle instead")
+            idx_shuffle = self.shuffle_from_mask(bool_masked_pos, rng)
+        idx_shuffle = _as_index(idx_shuffle, "idx_shuffle")
+        if tuple(idx_shuffle.shape) != (images.shape[0], self.num_patches):
+            raise ValueError(f"idx_shuffle must be [{images.shape[0]}, {self.num_patches}], "
+                             f"got {list(idx_shuffle.shape)}")
+        if epoch is not None:
+            self.current_epoch = epoch
+        if feature_weight is None:
+            feature_weight = (self.feature_weight if epoch is None
+                              else feature_weight_at(epoch, self.feature_weight, self.epochs))
+        feature_weight = float(feature_weight)
+
+        masks = masks_from_shuffle(idx_shuffle, mask_len, self.grid_size, self.patch,
+                                   self.weight_mask)
+        with paddle.no_grad():
+            pixel_target = self.pixel_target(images)
+        pred_pixel, pred_feature = self.forward_predictions(images, mask_len, idx_shuffle)
+        target_feature = self.feature_target(images) if feature_weight > 0 else None
+        loss, loss_pixel, loss_feature = self.forward_loss(
+            pred_pixel, pred_feature, pixel_target, target_feature, masks, feature_weight)
+        return {
+            "loss": loss, "loss_pixel": loss_pixel, "loss_feature": loss_feature,
+            "feature_weight": feature_weight,
+            "pred_pixel": pred_pixel, "pred_feature": pred_feature,
+            "target_feature": target_feature, "pixel_target": pixel_target,
+            "mask": masks["loss_mask"], "weight_mask": masks["weight_mask"],
+            "weight_mask_pixel": masks["weight_mask_pixel"],
+        }
+
+
+# ------------------------------------------------------------------ constructors
+@register_model("pretrain")
+def bootmae_base(**kwargs):
+    cfg = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+               qkv_bias=True, decode_dim=512, fea_list=(0, 11), model_ema_dynamic=True)
+    cfg.update(kwargs)
+    return VisionTransformerForMaskedImageModeling(**cfg)
+
+
+@register_model("pretrain")
+def bootmae_large(**kwargs):
+    cfg = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
+               qkv_bias=True, decode_dim=512, fea_list=(0, 23), model_ema_dynamic=False)
+    cfg.update(kwargs)
+    return VisionTransformerForMaskedImageModeling(**cfg)
