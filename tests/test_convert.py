@@ -80,3 +80,291 @@ def test_convert_transposes_linear_weights_only_and_maps_batchnorm_stats():
     assert "norm.num_batches_tracked" in report["dropped"]
     model.set_state_dict(state)
     np.testing.assert_array_equal(model.fc.weight.numpy(), official["fc.weight"].T)
+
+
+# ---------------------------------------------------------------------------------------------
+# the test writer is faithful to torch.save, so the reader is tested on the real format
+# ---------------------------------------------------------------------------------------------
+from tests.torchfile import (  # noqa: E402
+    BFloat16, Call, Device, Global, Parameter, TensorView, TorchModule,
+    dalle_encoder_module, write_torch_legacy, write_torch_module_pickle, write_torch_zip,
+)
+
+
+@pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: Path(p).parent.name)
+def test_test_writer_reproduces_fixture_files_byte_for_byte(path, tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        pkl_name = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+        prefix = pkl_name[: -len("/data.pkl")]
+        serialization_id = archive.read(f"{prefix}/.data/serialization_id")
+        n_storages = sum(1 for n in archive.namelist() if n.startswith(f"{prefix}/data/"))
+    obj = read_torch_checkpoint(path)
+    out = write_torch_zip(tmp_path / "again.pth", obj, prefix=prefix, serialization_id=serialization_id)
+    n_tensors = sum(len(v) for v in obj.values())
+    if n_storages == n_tensors:
+        assert Path(out).read_bytes() == Path(path).read_bytes()
+    else:
+        # tensors sharing one storage come back as separate copies, so the bytes differ
+        again = read_torch_checkpoint(out)
+        for part in obj:
+            for key, value in obj[part].items():
+                np.testing.assert_array_equal(again[part][key], value, err_msg=key)
+
+
+def test_strides_offsets_and_shared_storage_are_honoured(tmp_path):
+    storage = np.arange(24, dtype=np.float32)
+    obj = {
+        "transposed": TensorView(storage, 0, (4, 6), (1, 4)),  # a .t() of a [6, 4] tensor
+        "offset_slice": TensorView(storage, 5, (2, 3), (6, 2)),
+        "broadcast": TensorView(storage, 3, (2, 3), (0, 1)),  # expand(): stride 0
+        "whole": TensorView(storage, 0, (24,), (1,)),
+        "scalar": np.array(3.5, dtype=np.float64),
+        "empty": np.zeros((0, 3), dtype=np.float32),
+    }
+    path = write_torch_zip(tmp_path / "views.pth", obj)
+    got = read_torch_checkpoint(path)
+    np.testing.assert_array_equal(got["transposed"], storage.reshape(6, 4).T)
+    np.testing.assert_array_equal(got["offset_slice"], np.array([[5, 7, 9], [11, 13, 15]], np.float32))
+    np.testing.assert_array_equal(got["broadcast"], np.array([[3, 4, 5], [3, 4, 5]], np.float32))
+    np.testing.assert_array_equal(got["whole"], storage)
+    assert got["scalar"].shape == () and got["scalar"] == 3.5
+    assert got["empty"].shape == (0, 3)
+    for value in got.values():
+        assert value.flags.c_contiguous and value.flags.owndata
+    got["whole"][0] = 100.0  # copies: writing one tensor does not change another
+    assert got["transposed"][0, 0] == 0.0
+
+
+def test_views_reaching_outside_their_storage_are_rejected(tmp_path):
+    path = write_torch_zip(tmp_path / "oob.pth", {"w": TensorView(np.arange(4, dtype=np.float32), 2, (3,), (1,))})
+    with pytest.raises(CheckpointError, match="storage"):
+        read_torch_checkpoint(path)
+
+
+def test_every_storage_dtype_and_bfloat16_widening(tmp_path):
+    values = np.array([1.0, -2.5, 3.140625, 0.0], dtype=np.float32)
+    bf16_bits = (values.view(np.uint32) >> 16).astype(np.uint16)  # exact: values fit in bfloat16
+    obj = {
+        "f64": np.arange(3, dtype=np.float64), "f16": np.arange(3, dtype=np.float16),
+        "i64": np.arange(3, dtype=np.int64), "i32": np.arange(3, dtype=np.int32),
+        "i16": np.arange(3, dtype=np.int16), "i8": np.arange(-1, 2, dtype=np.int8),
+        "u8": np.arange(3, dtype=np.uint8), "bool": np.array([True, False, True]),
+        "bf16": BFloat16(bf16_bits.reshape(2, 2)),
+    }
+    got = read_torch_checkpoint(write_torch_zip(tmp_path / "dtypes.pth", obj))
+    for key, value in obj.items():
+        if key == "bf16":
+            continue
+        assert got[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(got[key], value)
+    assert got["bf16"].dtype == np.float32
+    np.testing.assert_array_equal(got["bf16"], values.reshape(2, 2))
+
+
+def test_training_checkpoint_with_args_namespace_parameters_and_devices(tmp_path):
+    namespace = Call(Global("argparse", "Namespace"), ())
+    weight = np.ones((2, 2), np.float32)
+    obj = {"model": {"module.w": Parameter(weight), "module.b": np.zeros(2, np.float32)},
+           "epoch": 4, "args": namespace, "device": Device("cuda:0"), "scaler": {"scale": 65536.0}}
+    got = read_torch_checkpoint(write_torch_zip(tmp_path / "train.pth", obj))
+    assert got["epoch"] == 4 and got["device"] == "cuda:0" and got["scaler"] == {"scale": 65536.0}
+    assert isinstance(got["args"], dict)
+    state = select_state_dict(got)
+    assert sorted(state) == ["b", "w"]  # 'module.' stripped
+    np.testing.assert_array_equal(state["w"], weight)
+
+
+def test_argparse_namespace_with_attributes_becomes_a_dict(tmp_path):
+    import argparse
+    import pickle
+
+    raw = pickle.dumps({"args": argparse.Namespace(lr=0.1, model="vit", layers=[1, 2])}, protocol=2)
+    path = write_torch_zip(tmp_path / "args.pth", {}, pickle_bytes=raw)
+    args = read_torch_checkpoint(path)["args"]
+    assert dict(args) == {"lr": 0.1, "model": "vit", "layers": [1, 2]} and args.model == "vit"
+
+
+def test_legacy_single_stream_format_is_read(tmp_path):
+    obj = {"model": {"a": np.arange(6.0).reshape(2, 3),
+                     "b": TensorView(np.arange(12, dtype=np.float32), 1, (3, 2), (1, 3))}, "epoch": 3}
+    got = read_torch_checkpoint(write_torch_legacy(tmp_path / "old.pth", obj))
+    assert got["epoch"] == 3
+    np.testing.assert_array_equal(got["model"]["a"], obj["model"]["a"])
+    np.testing.assert_array_equal(got["model"]["b"], np.array([[1, 4], [2, 5], [3, 6]], np.float32))
+
+
+@pytest.mark.parametrize("with_id_path", [True, False])
+def test_pickled_dalle_module_gives_its_state_dict_without_running_anything(tmp_path, with_id_path):
+    module, expected = dalle_encoder_module(np.random.default_rng(3), with_id_path=with_id_path)
+    path = write_torch_module_pickle(tmp_path / "encoder.pkl", module)
+    state = read_torch_module_state(path)
+    assert list(state) == list(expected)
+    assert ("blocks.group_1.block_1.id_path.w" in state) == with_id_path
+    for key, value in expected.items():
+        np.testing.assert_array_equal(state[key], value, err_msg=key)
+    # the plain reader does not accept module classes
+    with pytest.raises(CheckpointError, match="dall_e.encoder.Encoder"):
+        read_torch_checkpoint(path)
+
+
+def test_dalle_state_dict_fixture_also_reads_through_the_module_reader():
+    path = FIXTURES / "dalle_encoder" / "checkpoint.pth"
+    state = read_torch_module_state(path)
+    with np.load(FIXTURES / "dalle_encoder" / "weights.npz") as ref:
+        assert sorted(state) == sorted(ref.files)
+        assert "blocks.group_1.block_1.res_path.conv_1.w" in state
+
+
+def test_module_classes_outside_the_allow_list_are_refused(tmp_path):
+    evil = TorchModule("evil.layers", "Backdoor", parameters={"w": np.ones(2, np.float32)})
+    root = TorchModule("torch.nn.modules.container", "Sequential", modules={"0": evil})
+    path = write_torch_module_pickle(tmp_path / "evil.pkl", root)
+    with pytest.raises(CheckpointError, match="evil.layers.Backdoor"):
+        read_torch_module_state(path)
+
+
+MALICIOUS_CALLS = {
+    "os_system": lambda marker: Call(Global("os", "system"), [f"touch {marker}"]),
+    "builtins_eval": lambda marker: Call(Global("builtins", "eval"), [f"open({str(marker)!r}, 'w')"]),
+    "subprocess_popen": lambda marker: Call(Global("subprocess", "Popen"), [["touch", str(marker)]]),
+    "getattr_trick": lambda marker: Call(Global("builtins", "getattr"), [Call(Global("builtins", "__import__"), ["os"]), "system"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALICIOUS_CALLS))
+@pytest.mark.parametrize("container", ["zip", "legacy"])
+def test_checkpoints_that_try_to_run_code_are_refused(tmp_path, kind, container):
+    marker = tmp_path / "pwned"
+    obj = {"model": {"w": np.ones(2, np.float32)}, "args": MALICIOUS_CALLS[kind](marker)}
+    path = tmp_path / "evil.pth"
+    (write_torch_zip if container == "zip" else write_torch_legacy)(path, obj)
+    for reader in (read_torch_checkpoint, read_torch_module_state):
+        with pytest.raises(CheckpointError) as info:
+            reader(path)
+        message = str(info.value)
+        assert str(path) in message and "refused to load global" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_plain_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"model": Evil()}, protocol=2))
+    with pytest.raises(CheckpointError, match="system"):
+        read_torch_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoints_raise_checkpoint_error(tmp_path):
+    data = (FIXTURES / "mae_pretrain" / "checkpoint.pth").read_bytes()
+    for cut in (10, 100, len(data) // 2, len(data) - 30):
+        path = tmp_path / f"cut{cut}.pth"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError) as info:
+            read_torch_checkpoint(path)
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+    legacy = Path(write_torch_legacy(tmp_path / "legacy.pth", {"w": np.arange(100, dtype=np.float32)})).read_bytes()
+    path = tmp_path / "legacy_cut.pth"
+    path.write_bytes(legacy[:-50])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_torch_checkpoint(path)
+
+
+def test_corrupted_storage_bytes_fail_the_zip_crc_check(tmp_path):
+    data = bytearray((FIXTURES / "mae_lars" / "checkpoint.pth").read_bytes())
+    data[900] ^= 0xFF  # inside checkpoint/data/0
+    path = tmp_path / "flipped.pth"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="flipped.pth"):
+        read_torch_checkpoint(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + bytes(64), b"lr: 0.1\nepochs: 400\n",
+                                     b"PK\x03\x04" + bytes(40)])
+def test_files_that_are_not_checkpoints_raise_checkpoint_error(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        read_torch_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_zip_without_torch_pickle_is_not_a_checkpoint(tmp_path):
+    import zipfile
+
+    path = tmp_path / "other.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "hello")
+    with pytest.raises(CheckpointError, match="data.pkl"):
+        read_torch_checkpoint(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# choosing the state_dict and converting it
+# ---------------------------------------------------------------------------------------------
+def test_select_state_dict_picks_the_requested_or_first_known_entry():
+    a, b = {"x": np.zeros(1)}, {"x": np.ones(1)}
+    assert select_state_dict({"model": a, "model_ema": b}) is a
+    assert select_state_dict({"model": a, "model_ema": b}, key="model_ema") is b
+    assert select_state_dict({"state_dict": a, "epoch": 3}) is a
+    assert select_state_dict(a) is a
+    assert list(select_state_dict({"module": {"module.x": np.zeros(1)}})) == ["x"]
+    with pytest.raises(CheckpointError, match="teacher"):
+        select_state_dict({"model": a}, key="teacher")
+    with pytest.raises(CheckpointError, match="cannot find a state_dict"):
+        select_state_dict({"epoch": 3, "optimizer": {"lr": 1}})
+
+
+class WithKeyMap(paddle.nn.Layer):
+    """A model declaring how official names map to its own (as model files do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = paddle.nn.Linear(2, 3)
+        self.head = paddle.nn.Linear(3, 4)
+
+    def official_key_map(self, key):
+        if key.startswith("teacher."):
+            return None
+        return key.replace("encoder_to_decoder.", "proj.")
+
+
+def test_official_key_map_renames_drops_and_shape_mismatches_are_reported():
+    model = WithKeyMap()
+    official = {
+        "encoder_to_decoder.weight": np.ones((3, 2), np.float32),
+        "encoder_to_decoder.bias": np.ones(3, np.float32),
+        "teacher.weight": np.ones((3, 2), np.float32),
+        "head.weight": np.ones((5, 3), np.float32),  # 5 classes in the source, 4 in the model
+        "head.bias": np.ones(5, np.float32),
+        "blocks.0.attn.relative_position_index": np.zeros((5, 5), np.int64),
+    }
+    state, report = convert_state_dict(official, model)
+    assert sorted(state) == ["proj.bias", "proj.weight"]
+    assert state["proj.weight"].shape == (2, 3)
+    assert sorted(report["dropped"]) == ["blocks.0.attn.relative_position_index", "teacher.weight"]
+    assert sorted(report["mismatched"]) == [("head.bias", (5,), (4,)), ("head.weight", (5, 3), (3, 4))]
+    assert report["missing"] == [] and report["unused"] == []
+    # an explicit rename wins over the model's own map
+    _, report = convert_state_dict(official, model, rename={"encoder_to_decoder.weight": "proj.weight"})
+    assert "encoder_to_decoder.bias" in report["unused"] and "proj.bias" in report["missing"]
+
+
+def test_fixture_checkpoint_converts_onto_a_paddle_layer_with_the_same_names(tmp_path):
+    state = read_torch_checkpoint(FIXTURES / "mae_lars" / "checkpoint.pth")["model"]
+    out_features, in_features = state["weight"].shape
+    model = paddle.nn.Linear(in_features, out_features)
+    converted, report = convert_state_dict(state, model)
+    assert report["missing"] == [] and report["unused"] == [] and report["mismatched"] == []
+    model.set_state_dict(converted)
+    x = np.random.default_rng(0).standard_normal((2, in_features)).astype(np.float32)
+    np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), x @ state["weight"].T + state["bias"], rtol=1e-6, atol=1e-6)

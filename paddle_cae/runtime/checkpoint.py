@@ -220,4 +220,11 @@ def load_checkpoint(path):
             f"{source}: this is a zip archive (a PyTorch .pth?), not a .pd pickle; "
             "convert it with `python -m paddle_cae.convert`"
         )
-    return load_pickle_bytes(data, source)
+    obj = load_pickle_bytes(data, source)
+    if isinstance(obj, dict):
+        # paddle.save adds this bookkeeping entry (structured -> global parameter names)
+        obj.pop(_PADDLE_NAME_TABLE, None)
+    return obj
+
+
+_PADDLE_NAME_TABLE = "StructuredToParameterName@@"
