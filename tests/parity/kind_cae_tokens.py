@@ -17,28 +17,30 @@ DALLE_RUNTIME_ARGS = ("device", "requires_grad", "use_mixed_precision")
 def connected_components(mask, eight=False):
     """Components of the masked cells of a 2-D 0/1 array: list of (size, bbox area)."""
     height, width = mask.shape
-    seen = np.zeros(mask.shape, dtype=bool)
+    cells_on = mask.astype(bool).tolist()  # plain lists: much faster to index than numpy
+    seen = [[False] * width for _ in range(height)]
     if eight:
         steps = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
     else:
         steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
     components = []
-    for start in zip(*np.nonzero(mask)):
-        if seen[start]:
-            continue
-        seen[start] = True
-        stack, cells = [start], []
-        while stack:
-            r, c = stack.pop()
-            cells.append((r, c))
-            for dr, dc in steps:
-                rr, cc = r + dr, c + dc
-                if 0 <= rr < height and 0 <= cc < width and mask[rr, cc] and not seen[rr, cc]:
-                    seen[rr, cc] = True
-                    stack.append((rr, cc))
-        rows = [r for r, _ in cells]
-        cols = [c for _, c in cells]
-        components.append((len(cells), (max(rows) - min(rows) + 1) * (max(cols) - min(cols) + 1)))
+    for r0 in range(height):
+        for c0 in range(width):
+            if not cells_on[r0][c0] or seen[r0][c0]:
+                continue
+            seen[r0][c0] = True
+            stack, size = [(r0, c0)], 0
+            top, bottom, left, right = r0, r0, c0, c0
+            while stack:
+                r, c = stack.pop()
+                size += 1
+                top, bottom, left, right = min(top, r), max(bottom, r), min(left, c), max(right, c)
+                for dr, dc in steps:
+                    rr, cc = r + dr, c + dc
+                    if 0 <= rr < height and 0 <= cc < width and cells_on[rr][cc] and not seen[rr][cc]:
+                        seen[rr][cc] = True
+                        stack.append((rr, cc))
+            components.append((size, (bottom - top + 1) * (right - left + 1)))
     return components
 
 
