@@ -722,9 +722,11 @@ def _print_report(report, out):
             print(f"  {k}: {list(src)} -> {list(dst)}", file=out)
 
 
-def run(args, out=sys.stdout):
+def run(args, out=None):
+    """Convert as the command line asks; prints the report to ``out`` (default stdout)."""
     from paddle_cae.models import create_model
 
+    out = sys.stdout if out is None else out
     src = os.fspath(args.src)
     obj = read_torch_checkpoint(src, allow_modules=True)
     state = select_state_dict(obj, args.key, source=src)
@@ -745,7 +747,10 @@ def run(args, out=sys.stdout):
             f"mismatched keys for model {args.model}; nothing written"
         )
     if not paddle_state:
-        raise CheckpointError(f"{src}: no key of the checkpoint matches model {args.model}; nothing written")
+        raise CheckpointError(
+            f"{src}: no tensor could be loaded into model {args.model} ({len(report['unused'])} unused, "
+            f"{len(report['mismatched'])} shape-mismatched keys); nothing written"
+        )
     meta = {
         "source": os.path.basename(src),
         "sha256": _sha256(src),
@@ -764,8 +769,12 @@ def main(argv=None):
     args = _build_parser().parse_args(argv)
     try:
         return run(args)
-    except CheckpointError as err:
+    except CheckpointError as err:  # already one line naming the file
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"error: converting {args.src} -> {args.dst}: {detail}", file=sys.stderr)
         return 1
 
 

@@ -368,3 +368,147 @@ def test_fixture_checkpoint_converts_onto_a_paddle_layer_with_the_same_names(tmp
     model.set_state_dict(converted)
     x = np.random.default_rng(0).standard_normal((2, in_features)).astype(np.float32)
     np.testing.assert_allclose(model(paddle.to_tensor(x)).numpy(), x @ state["weight"].T + state["bias"], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from paddle_cae.convert import main  # noqa: E402
+from paddle_cae.models.registry import _REGISTRY, register_model  # noqa: E402
+from paddle_cae.runtime.checkpoint import load_checkpoint  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class TinyClassifier(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.fc = paddle.nn.Linear(3, 2)
+        self.head = paddle.nn.Linear(2, 4)
+
+
+class ConvWB(paddle.nn.Layer):
+    """A conv with DALL-E's parameter names ``w``/``b``."""
+
+    def __init__(self, n_in, n_out, kw):
+        super().__init__()
+        self.w = self.create_parameter([n_out, n_in, kw, kw])
+        self.b = self.create_parameter([n_out], is_bias=True)
+
+
+class TinyDalle(paddle.nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.blocks = paddle.nn.LayerDict({"input": ConvWB(3, 4, 7)})
+
+
+def _register(name, factory, task):
+    if name not in _REGISTRY:
+        factory.__name__ = name
+        register_model(task)(factory)
+
+
+_register("convert_test_tiny_classifier", lambda: TinyClassifier(), "classify")
+_register("convert_test_tiny_dalle", lambda: TinyDalle(), "tokenizer")
+
+
+def _tiny_official(rng):
+    return {
+        "fc.weight": rng.standard_normal((2, 3)).astype(np.float32),
+        "fc.bias": rng.standard_normal(2).astype(np.float32),
+        "head.weight": rng.standard_normal((4, 2)).astype(np.float32),
+        "head.bias": rng.standard_normal(4).astype(np.float32),
+    }
+
+
+def test_cli_converts_selected_entry_and_writes_a_pd_with_the_report(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    model_sd, ema_sd = _tiny_official(rng), _tiny_official(rng)
+    src = write_torch_zip(tmp_path / "train.pth", {"model": model_sd, "model_ema": ema_sd, "epoch": 9})
+    dst = tmp_path / "out" / "ema.pd"
+    assert main([src, str(dst), "--model", "convert_test_tiny_classifier", "--key", "model_ema"]) == 0
+    printed = capsys.readouterr().out
+    assert "loaded 4, missing 0, unused 0, mismatched 0" in printed
+    saved = load_checkpoint(dst)
+    np.testing.assert_array_equal(saved["model"]["fc.weight"], ema_sd["fc.weight"].T)
+    np.testing.assert_array_equal(saved["model"]["head.bias"], ema_sd["head.bias"])
+    assert saved["converted_from"]["source"] == "train.pth" and len(saved["converted_from"]["sha256"]) == 64
+    model = TinyClassifier()
+    model.set_state_dict(saved["model"])
+    np.testing.assert_array_equal(model.fc.weight.numpy(), ema_sd["fc.weight"].T)
+
+
+def test_cli_lists_unused_and_missing_keys(tmp_path, capsys):
+    official = _tiny_official(np.random.default_rng(0))
+    official["decoder.weight"] = np.zeros((2, 2), np.float32)
+    del official["head.bias"]
+    src = write_torch_zip(tmp_path / "partial.pth", {"model": official})
+    assert main([src, str(tmp_path / "p.pd"), "--model", "convert_test_tiny_classifier"]) == 0
+    out = capsys.readouterr().out
+    assert "missing 1, unused 1" in out and "  head.bias" in out and "  decoder.weight" in out
+    # --strict refuses to write a partial conversion
+    assert main([src, str(tmp_path / "strict.pd"), "--model", "convert_test_tiny_classifier", "--strict"]) == 1
+    assert not (tmp_path / "strict.pd").exists()
+
+
+def test_cli_encoder_only_strips_the_encoder_prefix(tmp_path, capsys):
+    official = _tiny_official(np.random.default_rng(1))
+    pretrain = {f"encoder.{k}": v for k, v in official.items() if k.startswith("fc.")}
+    pretrain["decoder.head.weight"] = np.zeros((4, 2), np.float32)
+    src = write_torch_zip(tmp_path / "pretrain.pth", {"model": pretrain})
+    dst = tmp_path / "backbone.pd"
+    assert main([src, str(dst), "--model", "convert_test_tiny_classifier", "--encoder_only"]) == 0
+    assert "loaded 2, missing 0" in capsys.readouterr().out
+    assert sorted(load_checkpoint(dst)["model"]) == ["fc.bias", "fc.weight"]
+
+
+def test_cli_reads_a_pickled_module_for_dalle(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((4, 3, 7, 7)).astype(np.float32)
+    conv = TorchModule("dall_e.utils", "Conv2d", attrs={"n_in": 3, "n_out": 4, "kw": 7, "device": Device("cpu")},
+                       parameters={"w": Parameter(w, False), "b": Parameter(np.zeros(4, np.float32), False)})
+    blocks = TorchModule("torch.nn.modules.container", "Sequential", modules={"input": conv})
+    encoder = TorchModule("dall_e.encoder", "Encoder", attrs={"n_hid": 4}, modules={"blocks": blocks})
+    src = write_torch_module_pickle(tmp_path / "encoder.pkl", encoder)
+    dst = tmp_path / "dalle.pd"
+    assert main([src, str(dst), "--model", "convert_test_tiny_dalle"]) == 0
+    saved = load_checkpoint(dst)["model"]
+    np.testing.assert_array_equal(saved["blocks.input.w"], w)  # conv weights are never transposed
+
+
+def _run_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "paddle_cae.convert", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+
+
+def test_cli_help_describes_the_flags():
+    result = _run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--model", "--key", "--encoder_only", "--strict"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("problem", ["not_a_checkpoint", "truncated", "runs_code"])
+def test_cli_fails_with_one_line_and_writes_nothing(tmp_path, problem):
+    marker = tmp_path / "pwned"
+    src = tmp_path / "src.pth"
+    if problem == "not_a_checkpoint":
+        src.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    elif problem == "truncated":
+        src.write_bytes((FIXTURES / "mae_pretrain" / "checkpoint.pth").read_bytes()[:3000])
+    else:
+        write_torch_zip(src, {"model": {"w": np.ones(1, np.float32)},
+                              "args": Call(Global("os", "system"), [f"touch {marker}"])})
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    result = _run_cli(src, out_dir / "dst.pd", "--model", "vit_base_patch16")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(src) in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(out_dir.iterdir()) == []
+    assert not marker.exists()
