@@ -1,6 +1,8 @@
 """The PyTorch checkpoint reader and the state_dict converter (no torch involved)."""
 import glob
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,11 +11,18 @@ import pytest
 
 from paddle_cae.convert import (
     CheckpointError,
+    main,
     convert_state_dict,
     linear_weight_names,
     read_torch_checkpoint,
     read_torch_module_state,
     select_state_dict,
+)
+from paddle_cae.models.registry import _REGISTRY, register_model
+from paddle_cae.runtime.checkpoint import load_checkpoint
+from tests.torchfile import (
+    BFloat16, Call, Device, Global, Parameter, TensorView, TorchModule,
+    dalle_encoder_module, write_torch_legacy, write_torch_module_pickle, write_torch_zip,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -85,10 +94,6 @@ def test_convert_transposes_linear_weights_only_and_maps_batchnorm_stats():
 # ---------------------------------------------------------------------------------------------
 # the test writer is faithful to torch.save, so the reader is tested on the real format
 # ---------------------------------------------------------------------------------------------
-from tests.torchfile import (  # noqa: E402
-    BFloat16, Call, Device, Global, Parameter, TensorView, TorchModule,
-    dalle_encoder_module, write_torch_legacy, write_torch_module_pickle, write_torch_zip,
-)
 
 
 @pytest.mark.parametrize("path", CHECKPOINTS, ids=lambda p: Path(p).parent.name)
@@ -373,12 +378,6 @@ def test_fixture_checkpoint_converts_onto_a_paddle_layer_with_the_same_names(tmp
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-from paddle_cae.convert import main  # noqa: E402
-from paddle_cae.models.registry import _REGISTRY, register_model  # noqa: E402
-from paddle_cae.runtime.checkpoint import load_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
