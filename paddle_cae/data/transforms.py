@@ -451,17 +451,19 @@ def build_pretrain_transform(method, args, mask_generator=None):
         raise ValueError(f"unknown pretraining method '{method}'; expected one of {PRETRAIN_METHODS}")
     input_size = int(_get(args, "input_size", 224))
     interpolation = _get(args, "train_interpolation", "bicubic")
+    max_scale = float(_get(args, "crop_max_size", 1.0))
     if method == "mae":
         # MAE always normalises with the ImageNet statistics
-        return MAEPretrainTransform(input_size, scale=(0.2, 1.0), interpolation=interpolation)
+        scale = (float(_get(args, "crop_min_size", 0.2)), max_scale)
+        return MAEPretrainTransform(input_size, scale=scale, interpolation=interpolation)
     mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
     if mask_generator is None:
         mask_generator = build_mask_generator(args, method)
     if method == "bootmae":
-        scale = (float(_get(args, "resize_scale", 0.2)), 1.0)
+        scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))), max_scale)
         return BootMAEPretrainTransform(mask_generator, input_size, scale, interpolation, mean, std)
     second = int(_get(args, "second_input_size", input_size // 2))
-    scale = (float(_get(args, "crop_min_size", 0.08)), float(_get(args, "crop_max_size", 1.0)))
+    scale = (float(_get(args, "crop_min_size", 0.08)), max_scale)
     return CAEPretrainTransform(mask_generator, input_size, second, scale, interpolation,
                                 _get(args, "second_interpolation", "lanczos"), mean, std,
                                 color_jitter=float(_get(args, "color_jitter", 0.0)))

@@ -1,0 +1,218 @@
+"""The pretraining argument table: every flag of the official MAE, CAE (Atten4Vis and the Paddle
+CAE port) and BootMAE pretraining scripts, under the official names.
+
+Flags whose official default differs between the three methods default to None here and are
+filled by :func:`apply_method_defaults` from :data:`METHOD_DEFAULTS`, keyed by the method of
+``--model`` (``mae_*``, ``cae_*``, ``bootmae_*``). So each seed command line means what it means
+in its own repository.
+
+Aliases (same meaning, other repository's name):
+``--update_freq`` (BEiT/BootMAE) = ``--accum_iter`` (MAE); ``--dual_loss_weight`` (Paddle CAE) =
+``--align_loss_weight``; ``--num_decoder_self_attention`` (Paddle CAE) = ``--decoder_depth``;
+``--rescale_init`` (Paddle CAE) = ``--fix_init_weight``; ``--resize_scale`` (BootMAE) =
+``--crop_min_size`` (CAE).
+"""
+import os
+
+from ..data.transforms import method_of_model
+from .config import Arg, ArgTable, parse_args
+
+G_RUN, G_MODEL, G_OPT, G_DATA, G_MASK, G_CAE, G_BOOT, G_DIST = (
+    "run", "model", "optimisation", "data and augmentation", "masking", "CAE", "BootMAE", "distributed")
+
+PRETRAIN_ARGS = (
+    # --- run
+    Arg("batch_size", "int", None, "batch size per GPU; effective batch = batch_size x accum_iter x GPUs "
+        "(method default: MAE 64, CAE 64, BootMAE 128)", minimum=1, group=G_RUN),
+    Arg("epochs", "int", None, "total pretraining epochs (method default: MAE 400, CAE 300, BootMAE 800)",
+        minimum=1, group=G_RUN),
+    Arg("accum_iter", "int", 1, "gradient accumulation steps per optimizer step", minimum=1,
+        aliases=("update_freq",), group=G_RUN),
+    Arg("save_ckpt_freq", "int", None, "save a checkpoint every N epochs (and at the last one) "
+        "(method default: MAE 20, CAE 50, BootMAE 20)", minimum=1, group=G_RUN),
+    Arg("output_dir", "str", "./output_dir", "where checkpoints and logs go; empty for no saving", group=G_RUN),
+    Arg("log_dir", "str", None, "VisualDL log directory (default: <output_dir>/vdl; relative paths are "
+        "taken under output_dir)", group=G_RUN),
+    Arg("exp_name", "str", "", "experiment name, used in checkpoint and log names", group=G_RUN),
+    Arg("seed", "int", 0, "random seed (each rank adds its rank)", minimum=0, group=G_RUN),
+    Arg("resume", "str", "", "checkpoint to resume from (weights, optimizer, scaler, epoch)", group=G_RUN),
+    Arg("auto_resume", "bool", True, "resume from the newest checkpoint in output_dir if there is one",
+        negative=("no_auto_resume",), group=G_RUN),
+    Arg("start_epoch", "int", 0, "first epoch (overridden by a resumed checkpoint)", minimum=0, group=G_RUN),
+    Arg("device", "str", None, "gpu or cpu (default: gpu when Paddle is compiled with CUDA)", group=G_RUN),
+    Arg("amp", "bool", True, "mixed precision (fp16 autocast O1 + loss scaling) on GPU; a no-op on CPU; "
+        "--amp false runs fp32", group=G_RUN),
+    Arg("print_freq", "int", 10, "log every N iterations", minimum=1, group=G_RUN),
+    Arg("max_train_step", "int", None, "stop each epoch after N iterations (debugging)", minimum=1, group=G_RUN),
+    Arg("debug", "bool", False, "debug mode of the Paddle CAE port (accepted, no effect)", group=G_RUN),
+    Arg("enable_multi_print", "bool", False, "let every rank print, not only rank 0", group=G_RUN),
+    # --- model
+    Arg("model", "str", "mae_vit_base_patch16", "name of the pretraining model (mae_vit_{base,large}_patch16, "
+        "mae_vit_huge_patch14, cae_{tiny,small,base,large}_patch16_224_8k_vocab, bootmae_{base,large})",
+        group=G_MODEL),
+    Arg("model_args", "dict", {}, "extra constructor arguments for the model, JSON or inline YAML, "
+        "e.g. '{\"embed_dim\": 64, \"depth\": 2}'", group=G_MODEL),
+    Arg("model_type", "str", "cae", "CAE model type (only 'cae'; 'caev2' is not implemented)",
+        choices=("cae", "caev2"), group=G_MODEL),
+    Arg("input_size", "int", 224, "image size for the encoder", minimum=1, group=G_MODEL),
+    Arg("drop_path", "float", None, "stochastic depth rate (method default 0; the CAE recipes use 0.1)",
+        minimum=0.0, maximum=1.0, group=G_MODEL),
+    Arg("layer_scale_init_value", "float", None, "layer-scale init (CAE: 0.1 base, 1e-5 large, 0 disables)",
+        minimum=0.0, group=G_MODEL),
+    Arg("rel_pos_bias", "bool", None, "relative position bias in the encoder", negative=("disable_rel_pos_bias",),
+        group=G_MODEL),
+    Arg("abs_pos_emb", "bool", False, "learned absolute position embedding", group=G_MODEL),
+    Arg("sincos_pos_emb", "bool", False, "fixed 2-D sin-cos position embedding in the encoder (Paddle CAE)",
+        group=G_MODEL),
+    Arg("fix_init_weight", "bool", False, "rescale block output weights by depth (BEiT's fix_init_weight)",
+        aliases=("rescale_init",), group=G_MODEL),
+    Arg("norm_pix_loss", "bool", False, "MAE: per-patch normalised pixels as targets", group=G_MODEL),
+    # --- optimisation
+    Arg("lr", "float", None, "learning rate. MAE and CAE: absolute (MAE computes it from --blr when unset); "
+        "BootMAE: as in its scripts, multiplied by effective batch / 256", minimum=0.0, open_min=True, group=G_OPT),
+    Arg("blr", "float", 1e-3, "base learning rate: lr = blr x effective batch / 256 when --lr is unset",
+        minimum=0.0, open_min=True, group=G_OPT),
+    Arg("min_lr", "float", None, "floor of the cosine schedule (method default: MAE 0, CAE/BootMAE 1e-5)",
+        minimum=0.0, group=G_OPT),
+    Arg("warmup_epochs", "int", None, "linear warmup epochs (method default: MAE 40, CAE/BootMAE 5)",
+        minimum=0, group=G_OPT),
+    Arg("warmup_steps", "int", -1, "warmup iterations; overrides warmup_epochs when > 0", minimum=-1, group=G_OPT),
+    Arg("warmup_lr", "float", 1e-6, "accepted for compatibility; the official schedules warm up from 0",
+        minimum=0.0, group=G_OPT),
+    Arg("lr_scheduler", "str", "cos", "learning-rate schedule", choices=("cos",), group=G_OPT),
+    Arg("weight_decay", "float", 0.05, "weight decay", minimum=0.0, group=G_OPT),
+    Arg("weight_decay_end", "float", None, "final weight decay of a cosine weight-decay schedule "
+        "(unset: constant)", minimum=0.0, group=G_OPT),
+    Arg("opt", "str", "adamw", "optimizer", choices=("adamw",), group=G_OPT),
+    Arg("opt_eps", "float", 1e-8, "optimizer epsilon", minimum=0.0, open_min=True, group=G_OPT),
+    Arg("opt_betas", "floats", None, "optimizer betas (method default: MAE/BootMAE 0.9 0.95, CAE 0.9 0.999)",
+        metavar="BETA", group=G_OPT),
+    Arg("momentum", "float", 0.9, "SGD momentum (unused by AdamW)", minimum=0.0, group=G_OPT),
+    Arg("clip_grad", "float", None, "clip the global gradient norm (CAE recipes: 3.0)", minimum=0.0,
+        open_min=True, group=G_OPT),
+    # --- data
+    Arg("data_path", "str", None, "dataset root holding train/<class>/<image> (default: the bundled "
+        "demo digits)", group=G_DATA),
+    Arg("num_workers", "int", 10, "data loader worker processes per rank", minimum=0, group=G_DATA),
+    Arg("pin_mem", "bool", True, "pin host memory for faster host-to-GPU copies", negative=("no_pin_mem",),
+        group=G_DATA),
+    Arg("imagenet_default_mean_and_std", "bool", None, "normalise with the ImageNet mean/std instead of "
+        "0.5/0.5 (CAE/BootMAE; MAE always uses ImageNet statistics)", group=G_DATA),
+    Arg("second_input_size", "int", None, "CAE: size of the tokenizer view (default: input_size / 2, "
+        "112 at 224)", minimum=1, group=G_DATA),
+    Arg("train_interpolation", "str", "bicubic", "resize filter of the encoder view",
+        choices=("bicubic", "bilinear", "lanczos", "nearest", "random"), group=G_DATA),
+    Arg("second_interpolation", "str", "lanczos", "CAE: resize filter of the tokenizer view",
+        choices=("bicubic", "bilinear", "lanczos", "nearest", "random"), group=G_DATA),
+    Arg("crop_min_size", "float", None, "smallest crop area fraction (method default: MAE/BootMAE 0.2, "
+        "CAE 0.08)", minimum=0.0, maximum=1.0, open_min=True, aliases=("resize_scale",), group=G_DATA),
+    Arg("crop_max_size", "float", 1.0, "largest crop area fraction", minimum=0.0, maximum=1.0,
+        open_min=True, group=G_DATA),
+    Arg("color_jitter", "float", 0.0, "colour jitter strength (every pretraining recipe uses 0)",
+        minimum=0.0, group=G_DATA),
+    # --- masking
+    Arg("mask_ratio", "float", 0.75, "MAE: fraction of patches removed", minimum=0.0, maximum=1.0,
+        group=G_MASK),
+    Arg("mask_generator", "str", "block", "CAE: block-wise or random masking", choices=("block", "random"),
+        group=G_MASK),
+    Arg("num_mask_patches", "int", None, "CAE/BootMAE: number of block-masked patches (method default: "
+        "CAE 98, BootMAE 120)", minimum=0, group=G_MASK),
+    Arg("max_mask_patches_per_block", "int", None, "largest block (default: CAE all, BootMAE 60)",
+        minimum=1, group=G_MASK),
+    Arg("min_mask_patches_per_block", "int", 16, "smallest block", minimum=1, group=G_MASK),
+    Arg("ratio_mask_patches", "float", None, "CAE random masking: fraction of patches masked",
+        minimum=0.0, maximum=1.0, group=G_MASK),
+    # --- CAE
+    Arg("discrete_vae_weight_path", "str", None, "folder with the DALL-E tokenizer weights "
+        "(encoder.pkl or encoder_weight.pd)", group=G_CAE),
+    Arg("discrete_vae_type", "str", "dall-e", "tokenizer type", choices=("dall-e",), group=G_CAE),
+    Arg("dvae_num_layers", "int", 3, "accepted for compatibility (unused by the DALL-E tokenizer)",
+        minimum=1, group=G_CAE),
+    Arg("regressor_depth", "int", 4, "blocks of the latent contextual regressor", minimum=0, group=G_CAE),
+    Arg("decoder_depth", "int", 4, "self-attention blocks of the decoder", minimum=0,
+        aliases=("num_decoder_self_attention",), group=G_CAE),
+    Arg("decoder_embed_dim", "int", 768, "width of the regressor and decoder", minimum=1, group=G_CAE),
+    Arg("decoder_num_heads", "int", 12, "heads of the regressor and decoder", minimum=1, group=G_CAE),
+    Arg("decoder_num_classes", "int", 8192, "decoder output classes (= tokenizer vocabulary)", minimum=1,
+        group=G_CAE),
+    Arg("decoder_layer_scale_init_value", "float", 0.1, "layer-scale init of regressor/decoder blocks",
+        minimum=0.0, group=G_CAE),
+    Arg("num_out_dim", "int", 512, "CAE v2 output width (unused by CAE)", minimum=1, group=G_CAE),
+    Arg("align_loss_weight", "float", 2.0, "weight of the alignment loss", minimum=0.0,
+        aliases=("dual_loss_weight",), group=G_CAE),
+    Arg("dual_loss_type", "str", "mse", "alignment loss (Paddle CAE)", choices=("mse",), group=G_CAE),
+    Arg("dual_path_ema", "float", 0.0, "momentum of the alignment target encoder (Paddle CAE); 0 = the "
+        "current encoder without gradient", minimum=0.0, maximum=1.0, group=G_CAE),
+    Arg("latent_alignment_loss_weight", "float", 0.0, "CAE v2 loss weight (unused by CAE)", minimum=0.0,
+        group=G_CAE),
+    # --- BootMAE
+    Arg("model_ema", "bool", False, "BootMAE: keep a momentum (EMA) encoder as feature target", group=G_BOOT),
+    Arg("model_ema_decay", "float", 0.999, "BootMAE: starting EMA decay, raised to 0.9999 over the first "
+        "100 epochs", minimum=0.0, maximum=1.0, group=G_BOOT),
+    Arg("model_ema_dynamic", "bool", False, "BootMAE: further raise the EMA decay to 0.99999 over the "
+        "first 400 epochs", group=G_BOOT),
+    Arg("mask_num", "int", 147, "BootMAE: patches dropped from the encoder input", minimum=0, group=G_BOOT),
+    Arg("feature_weight", "float", 0.0, "BootMAE: weight of the feature-prediction loss", minimum=0.0,
+        group=G_BOOT),
+    Arg("weight_mask", "bool", False, "BootMAE: larger loss weight at the centre of masked blocks",
+        group=G_BOOT),
+    # --- distributed (set by paddle.distributed.launch; accepted for compatibility)
+    Arg("world_size", "int", 1, "number of processes (set by the launcher)", minimum=1, group=G_DIST),
+    Arg("local_rank", "int", -1, "set by the launcher", minimum=-1, group=G_DIST),
+    Arg("dist_on_itp", "bool", False, "accepted for compatibility", group=G_DIST),
+    Arg("dist_url", "str", "env://", "accepted for compatibility", group=G_DIST),
+)
+
+PRETRAIN_TABLE = ArgTable(PRETRAIN_ARGS)
+
+# Official defaults that differ between the repositories, applied where the value is unset.
+METHOD_DEFAULTS = {
+    "mae": dict(batch_size=64, epochs=400, save_ckpt_freq=20, min_lr=0.0, warmup_epochs=40, drop_path=0.0,
+                opt_betas=[0.9, 0.95], crop_min_size=0.2, imagenet_default_mean_and_std=True,
+                layer_scale_init_value=0.0),
+    "cae": dict(batch_size=64, epochs=300, save_ckpt_freq=50, min_lr=1e-5, warmup_epochs=5, drop_path=0.0,
+                opt_betas=[0.9, 0.999], crop_min_size=0.08, imagenet_default_mean_and_std=False,
+                layer_scale_init_value=0.1, num_mask_patches=98),
+    "bootmae": dict(batch_size=128, epochs=800, save_ckpt_freq=20, min_lr=1e-5, warmup_epochs=5, drop_path=0.0,
+                    opt_betas=[0.9, 0.95], crop_min_size=0.2, imagenet_default_mean_and_std=False,
+                    layer_scale_init_value=0.0, num_mask_patches=120, max_mask_patches_per_block=60),
+}
+
+
+def apply_method_defaults(args):
+    """Fill the unset method-dependent keys from ``METHOD_DEFAULTS`` (in place); sets ``args.method``."""
+    method = method_of_model(args.model)
+    for key, value in METHOD_DEFAULTS[method].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    if args.second_input_size is None:
+        args.second_input_size = args.input_size // 2
+    if method == "mae":
+        args.imagenet_default_mean_and_std = True  # MAE's pipeline has no switch
+    args.method = method
+    return args
+
+
+def effective_batch_size(args, world_size=1):
+    return args.batch_size * args.accum_iter * world_size
+
+
+def absolute_lr(args, world_size=1):
+    """The peak learning rate each official script would use for these arguments."""
+    scale = effective_batch_size(args, world_size) / 256
+    method = getattr(args, "method", None) or method_of_model(args.model)
+    if args.lr is None:
+        return args.blr * scale
+    return args.lr * scale if method == "bootmae" else args.lr
+
+
+def default_config_dir():
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+
+
+def parse_pretrain_args(argv=None, config_dir=None, method_defaults=True):
+    """Parse a pretraining command line (``--config`` files are looked up as given, then under
+    ``configs/``) and fill the method defaults."""
+    args = parse_args(argv, PRETRAIN_TABLE, config_dir=config_dir or default_config_dir(),
+                      description="Masked-image-modeling pretraining (MAE, CAE, BootMAE)")
+    return apply_method_defaults(args) if method_defaults else args
