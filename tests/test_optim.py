@@ -21,6 +21,7 @@ from paddle_cae.optim import (
     layer_id_for_vit,
     mae_lr_at,
     param_groups,
+    recipe_group_options,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -425,3 +426,17 @@ def test_ema_decay_is_constant_within_an_epoch_and_capped():
     assert ema_decay_for_epoch(100) == ema_decay_for_epoch(5000) == 0.9999
     assert ema_decay_for_epoch(400, dynamic=True) == pytest.approx(0.99999, rel=1e-15)
     assert ema_decay_for_epoch(5000, dynamic=True) == ema_decay_for_epoch(400, dynamic=True)
+
+
+def test_recipe_options_decay_tokens_only_in_mae_and_cae_pretraining():
+    model = TinyViT()
+    for method in ("mae", "cae"):
+        opts = recipe_group_options(method, "pretrain", model)
+        info = describe_param_groups(model, 0.05, **opts)
+        assert info["cls_token"]["weight_decay"] == 0.05
+    opts = recipe_group_options("bootmae", "pretrain", model)
+    assert opts["rule"] == "beit"
+    info = describe_param_groups(model, 0.05, **opts)
+    assert info["cls_token"]["weight_decay"] == 0.0 and info["mask_token"]["weight_decay"] == 0.05
+    assert recipe_group_options("cae", "finetune", SelfDescribingViT())["no_weight_decay_list"] \
+        == {"cls_token", "mask_token"}
