@@ -25,7 +25,7 @@ import paddle.nn.functional as F
 
 from .layers import (Attention, Block, DropPath, Mlp, PatchEmbed, layer_norm, normal_, ones_,
                      trunc_normal_, xavier_uniform_, zeros_, zero_parameter)
-from .mae import images_from_batch, norm_eps_from
+from .mae import fixed_table, images_from_batch, norm_eps_from, zero_filled_parameters
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -222,7 +222,7 @@ def _add_encoder(layer, img_size, patch_size, in_chans, embed_dim, depth, num_he
     layer.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
     grid = layer.patch_embed.grid_size
     table = sincos_pos_embed(embed_dim, grid, cls_token=True, layout="moco")
-    layer.pos_embed = _frozen_table(layer, table)
+    layer.pos_embed = fixed_table(layer, table)
     layer.cls_token = layer.create_parameter(
         [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
     dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
@@ -232,13 +232,6 @@ def _add_encoder(layer, img_size, patch_size, in_chans, embed_dim, depth, num_he
               norm_eps=norm_eps)
         for i in range(depth)
     ])
-
-
-def _frozen_table(layer, table):
-    p = layer.create_parameter([1] + list(table.shape),
-                               default_initializer=nn.initializer.Assign(table[None]))
-    p.stop_gradient = True
-    return p
 
 
 def _embed_tokens(layer, images):
@@ -315,38 +308,39 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
                            drop_path_rate=drop_path_rate, norm_eps=eps,
                            attn_head_dim=attn_head_dim)
 
-        # ---------------------------------------------------------------- encoder
-        _add_encoder(self, **encoder_cfg)
-        self.norm = layer_norm(embed_dim, eps)
-        grid = self.patch_embed.grid_size
-        self.grid_size = grid
-        self.num_patches = self.patch_embed.num_patches
-        self.patch = self.patch_embed.patch_size[0]
-        self.de_pos_embed = _frozen_table(
-            self, sincos_pos_embed(decode_dim, grid, cls_token=True, layout="moco"))
+        with zero_filled_parameters():  # initialize_weights sets every value
+            # ---------------------------------------------------------------- encoder
+            _add_encoder(self, **encoder_cfg)
+            self.norm = layer_norm(embed_dim, eps)
+            grid = self.patch_embed.grid_size
+            self.grid_size = grid
+            self.num_patches = self.patch_embed.num_patches
+            self.patch = self.patch_embed.patch_size[0]
+            self.de_pos_embed = fixed_table(
+                self, sincos_pos_embed(decode_dim, grid, cls_token=True, layout="moco"))
 
-        # ---------------------------------------------------------- pixel decoder
-        def decoder(width):
-            return nn.LayerList([
-                DecodeBlock(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
-                            drop_rate, attn_drop_rate, 0.0, eps, attn_head_dim)
-                for _ in range(decoder_depth)
-            ])
+            # ---------------------------------------------------------- pixel decoder
+            def decoder(width):
+                return nn.LayerList([
+                    DecodeBlock(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                                drop_rate, attn_drop_rate, 0.0, eps, attn_head_dim)
+                    for _ in range(decoder_depth)
+                ])
 
-        self.decode_blocks = decoder(decode_dim)
-        self.decode_norm = layer_norm(decode_dim, eps)
-        self.down = nn.Linear(embed_dim, decode_dim)
-        self.mask_token = self.create_parameter(
-            [1, 1, decode_dim], default_initializer=nn.initializer.Constant(0.0))
-        self.lm_head = PatchDeEmbed(grid, self.patch, in_chans, decode_dim)
+            self.decode_blocks = decoder(decode_dim)
+            self.decode_norm = layer_norm(decode_dim, eps)
+            self.down = nn.Linear(embed_dim, decode_dim)
+            self.mask_token = self.create_parameter(
+                [1, 1, decode_dim], default_initializer=nn.initializer.Constant(0.0))
+            self.lm_head = PatchDeEmbed(grid, self.patch, in_chans, decode_dim)
 
-        # -------------------------------------------------------- feature decoder
-        self.decode_blocks_1 = decoder(embed_dim)
-        self.down_1 = nn.Linear(embed_dim, embed_dim)
-        self.mask_token_1 = self.create_parameter(
-            [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
-        self.decode_norm_1 = layer_norm(embed_dim, eps)
-        self.lm_head_1 = nn.Linear(embed_dim, embed_dim)
+            # -------------------------------------------------------- feature decoder
+            self.decode_blocks_1 = decoder(embed_dim)
+            self.down_1 = nn.Linear(embed_dim, embed_dim)
+            self.mask_token_1 = self.create_parameter(
+                [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
+            self.decode_norm_1 = layer_norm(embed_dim, eps)
+            self.lm_head_1 = nn.Linear(embed_dim, embed_dim)
         self.initialize_weights()
 
         # ------------------------------------------------------------ loss config
@@ -367,8 +361,8 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
         # kept out of _sub_layers so that parameters() and state_dict() do not include it.
         teacher = None
         if with_teacher:
-            with paddle.utils.unique_name.guard():
-                teacher = MomentumEncoder(**encoder_cfg)
+            with paddle.utils.unique_name.guard(), zero_filled_parameters():
+                teacher = MomentumEncoder(**encoder_cfg)  # values copied by reset_teacher
             for p in teacher.parameters():
                 p.stop_gradient = True
             teacher.eval()

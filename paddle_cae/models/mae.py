@@ -8,6 +8,7 @@ Parameter names equal the official state_dict keys (``blocks.0.attn.qkv.weight``
 ``decoder_blocks.0.mlp.fc1.bias``, ``decoder_embed.weight``, ``mask_token`` ...), so loading an
 official checkpoint is a copy plus the transposition of Linear weights (``paddle_cae.convert``).
 """
+import contextlib
 import math
 import re
 
@@ -18,7 +19,7 @@ from .layers import LN_EPS, Block, PatchEmbed, layer_norm, normal_, ones_, xavie
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
-__all__ = ["MaskedAutoencoderViT", "norm_eps_from", "images_from_batch",
+__all__ = ["MaskedAutoencoderViT", "norm_eps_from", "images_from_batch", "zero_filled_parameters",
            "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
 
 _TORCH_LN_EPS = 1e-5
@@ -55,6 +56,32 @@ def images_from_batch(batch, key="images"):
     return batch
 
 
+@contextlib.contextmanager
+def zero_filled_parameters():
+    """Parameters created inside start as zeros instead of Paddle's default random draws
+    (seconds of single-threaded sampling for a ViT-B), for models that set every value
+    themselves afterwards."""
+    from paddle.base import initializer as base_init
+
+    saved = (getattr(base_init, "_global_weight_initializer", lambda: None)(),
+             getattr(base_init, "_global_bias_initializer", lambda: None)())
+    zero = nn.initializer.Constant(0.0)
+    nn.initializer.set_global_initializer(zero, zero)
+    try:
+        yield
+    finally:
+        nn.initializer.set_global_initializer(*saved)
+
+
+def fixed_table(layer, table):
+    """A frozen parameter [1, rows, D] holding ``table`` (official: requires_grad=False)."""
+    p = layer.create_parameter([1] + list(table.shape),
+                               default_initializer=nn.initializer.Constant(0.0))
+    p.set_value(table[None].astype("float32"))
+    p.stop_gradient = True
+    return p
+
+
 def _gather_tokens(x, index):
     """x [B, L, C], index [B, K] -> [B, K, C] (rows of x picked per sample)."""
     index = index.unsqueeze(-1).expand([index.shape[0], index.shape[1], x.shape[-1]])
@@ -74,44 +101,39 @@ class MaskedAutoencoderViT(nn.Layer):
         self.mask_ratio = mask_ratio
         self.in_chans = in_chans
 
-        # --------------------------------------------------------------- encoder
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
-        grid = self.patch_embed.grid_size
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = self._zeros([1, 1, embed_dim])
-        self.pos_embed = self._fixed_table(sincos_pos_embed(embed_dim, grid, layout="mae"))
-        self.blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, attn_style="timm", norm_eps=eps)
-            for _ in range(depth)
-        ])
-        self.norm = layer_norm(embed_dim, eps)
+        with zero_filled_parameters():  # initialize_weights sets every value
+            # ----------------------------------------------------------- encoder
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+            grid = self.patch_embed.grid_size
+            num_patches = self.patch_embed.num_patches
+            self.cls_token = self._zeros([1, 1, embed_dim])
+            self.pos_embed = fixed_table(self, sincos_pos_embed(embed_dim, grid, layout="mae"))
+            self.blocks = nn.LayerList([
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, attn_style="timm",
+                      norm_eps=eps)
+                for _ in range(depth)
+            ])
+            self.norm = layer_norm(embed_dim, eps)
 
-        # --------------------------------------------------------------- decoder
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
-        self.mask_token = self._zeros([1, 1, decoder_embed_dim])
-        self.decoder_pos_embed = self._fixed_table(
-            sincos_pos_embed(decoder_embed_dim, grid, layout="mae"))
-        self.decoder_blocks = nn.LayerList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                  attn_style="timm", norm_eps=eps)
-            for _ in range(decoder_depth)
-        ])
-        self.decoder_norm = layer_norm(decoder_embed_dim, eps)
-        patch = self.patch_embed.patch_size[0]
-        self.decoder_pred = nn.Linear(decoder_embed_dim, patch * patch * in_chans)
+            # ----------------------------------------------------------- decoder
+            self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+            self.mask_token = self._zeros([1, 1, decoder_embed_dim])
+            self.decoder_pos_embed = fixed_table(
+                self, sincos_pos_embed(decoder_embed_dim, grid, layout="mae"))
+            self.decoder_blocks = nn.LayerList([
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                      attn_style="timm", norm_eps=eps)
+                for _ in range(decoder_depth)
+            ])
+            self.decoder_norm = layer_norm(decoder_embed_dim, eps)
+            patch = self.patch_embed.patch_size[0]
+            self.decoder_pred = nn.Linear(decoder_embed_dim, patch * patch * in_chans)
         self.num_patches = num_patches
         self.initialize_weights()
 
     # ------------------------------------------------------------------ params
     def _zeros(self, shape):
         return self.create_parameter(shape, default_initializer=nn.initializer.Constant(0.0))
-
-    def _fixed_table(self, table):
-        # [1 + N, D] -> parameter [1, 1 + N, D], frozen like the official requires_grad=False
-        p = self.create_parameter([1] + list(table.shape),
-                                  default_initializer=nn.initializer.Assign(table[None]))
-        p.stop_gradient = True
-        return p
 
     def initialize_weights(self):
         """The official scheme: xavier-uniform Linear weights (the fused qkv as one matrix),
@@ -246,23 +268,23 @@ class MaskedAutoencoderViT(nn.Layer):
 
 
 # ------------------------------------------------------------------ constructors
-def _mae(embed_dim, depth, num_heads, patch_size=16, **kwargs):
+def _mae(embed_dim, depth, num_heads, patch_size, overrides):
     cfg = dict(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0)
-    cfg.update(kwargs)
+    cfg.update(overrides)  # any argument, the sizes included, may be overridden
     return MaskedAutoencoderViT(**cfg)
 
 
 @register_model("pretrain")
 def mae_vit_base_patch16(**kwargs):
-    return _mae(768, 12, 12, **kwargs)
+    return _mae(768, 12, 12, 16, kwargs)
 
 
 @register_model("pretrain")
 def mae_vit_large_patch16(**kwargs):
-    return _mae(1024, 24, 16, **kwargs)
+    return _mae(1024, 24, 16, 16, kwargs)
 
 
 @register_model("pretrain")
 def mae_vit_huge_patch14(**kwargs):
-    return _mae(1280, 32, 16, patch_size=14, **kwargs)
+    return _mae(1280, 32, 16, 14, kwargs)
