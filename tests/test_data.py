@@ -237,3 +237,86 @@ def test_sampler_splits_one_shuffled_order_across_ranks():
 def test_collate_names_the_key_whose_shapes_differ():
     with pytest.raises(ValueError, match="'image'"):
         collate_samples([{"image": np.zeros((3, 4))}, {"image": np.zeros((3, 5))}])
+
+
+# ------------------------------------------------------------------ fine-tune augmentation
+def test_every_randaugment_op_keeps_size_and_mode():
+    from paddle_cae.data.transforms import RandAugment
+
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (24, 20, 3), dtype=np.uint8))
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    assert (ra.num_ops, ra.magnitude, ra.magnitude_std, len(ra.ops)) == (2, 9.0, 0.5, 15)
+    with sample_rng(0):
+        for name, (apply, level_to_args) in ra.ops:
+            out = apply(img, *level_to_args(9.0), fill=ra.fill, resample=ra.resample)
+            assert out.size == img.size and out.mode == "RGB", name
+
+
+def test_randaugment_is_reproducible_and_changes_images():
+    from paddle_cae.data.transforms import RandAugment
+
+    img = _position_image(32)
+    ra = RandAugment(op_prob=1.0)
+    with sample_rng(4):
+        a = np.asarray(ra(img))
+    with sample_rng(4):
+        b = np.asarray(ra(img))
+    np.testing.assert_array_equal(a, b)
+    changed = 0
+    for seed in range(5):
+        with sample_rng(seed):
+            changed += int(not np.array_equal(np.asarray(ra(img)), np.asarray(img)))
+    assert changed >= 4
+
+
+def test_random_erasing_fills_one_box_with_noise():
+    from paddle_cae.data.transforms import RandomErasing
+
+    chw = np.full((3, 32, 32), 5.0, np.float32)
+    with sample_rng(0):
+        out = RandomErasing(p=1.0)(chw)
+    erased = (out != 5.0).all(axis=0)
+    rows, cols = np.nonzero(erased)
+    assert 0.02 * 1024 * 0.5 <= erased.sum() <= 1024 / 3 + 40
+    assert erased[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a rectangle
+    assert (chw == 5.0).all()  # input untouched
+    with sample_rng(0):
+        assert np.array_equal(RandomErasing(p=0.0)(chw), chw)
+
+
+def test_finetune_transform_output_shape():
+    from paddle_cae.data.transforms import build_finetune_transform
+
+    with sample_rng(0):
+        out = build_finetune_transform(32)(_position_image(48))
+    assert out.shape == (3, 32, 32) and out.dtype == np.float32
+
+
+def test_mixup_targets_are_smoothed_and_sum_to_one():
+    import paddle
+
+    from paddle_cae.data.mixup import Mixup, one_hot_smoothed
+
+    hot = one_hot_smoothed(paddle.to_tensor([2]), 5, smoothing=0.1).numpy()
+    np.testing.assert_allclose(hot, [[0.02, 0.02, 0.92, 0.02, 0.02]], atol=1e-6)
+    x = paddle.to_tensor(np.stack([np.full((3, 8, 8), i, np.float32) for i in range(4)]))
+    y = paddle.to_tensor([0, 1, 2, 3])
+    for seed in range(6):
+        mix = Mixup(num_classes=4, rng=np.random.RandomState(seed))
+        images, targets = mix(x, y)
+        t = targets.numpy()
+        np.testing.assert_allclose(t.sum(1), 1.0, atol=1e-5)
+        lam = (t[0, 0] - 0.025) / 0.9  # weight of the sample's own label
+        # image mass matches the label weights: own value * lam + reversed value * (1 - lam)
+        np.testing.assert_allclose(images.numpy()[0].mean(), 3 * (1 - lam), atol=1e-4)
+
+
+def test_mixup_disabled_gives_plain_smoothed_targets():
+    import paddle
+
+    from paddle_cae.data.mixup import Mixup
+
+    x = paddle.rand([2, 3, 4, 4])
+    images, targets = Mixup(prob=0.0, num_classes=3, label_smoothing=0.0)(x, paddle.to_tensor([1, 2]))
+    np.testing.assert_array_equal(images.numpy(), x.numpy())
+    np.testing.assert_array_equal(targets.numpy(), [[0, 1, 0], [0, 0, 1]])

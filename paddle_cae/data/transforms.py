@@ -492,3 +492,182 @@ def build_linprobe_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMA
         ToTensor(),
         Normalize(mean, std),
     ])
+
+
+# ------------------------------------------------------------------ fine-tune augmentation
+_MAX_LEVEL = 10.0
+
+
+def _signed(value):
+    return -value if python_rng().random() < 0.5 else value
+
+
+def _affine(img, matrix, fill, resample):
+    return img.transform(img.size, Image.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
+def _enhance(kind):
+    from PIL import ImageEnhance
+
+    enhancer = getattr(ImageEnhance, kind)
+    return lambda img, factor, **_: enhancer(img).enhance(factor)
+
+
+def _solarize_add(img, add, threshold=128, **_):
+    lut = [min(255, i + add) if i < threshold else i for i in range(256)]
+    return img.point(lut * len(img.getbands()))
+
+
+def _ops():
+    from PIL import ImageOps
+
+    def enhance_level(level):  # increasing: stronger change with level, either direction
+        return (1.0 + _signed(level / _MAX_LEVEL * 0.9),)
+
+    return {
+        "AutoContrast": (lambda img, **_: ImageOps.autocontrast(img), lambda level: ()),
+        "Equalize": (lambda img, **_: ImageOps.equalize(img), lambda level: ()),
+        "Invert": (lambda img, **_: ImageOps.invert(img), lambda level: ()),
+        "Rotate": (lambda img, degrees, fill, resample: img.rotate(degrees, resample=resample, fillcolor=fill),
+                   lambda level: (_signed(level / _MAX_LEVEL * 30.0),)),
+        "PosterizeIncreasing": (lambda img, bits, **_: img if bits >= 8 else ImageOps.posterize(img, bits),
+                                lambda level: (4 - int(level / _MAX_LEVEL * 4),)),
+        "SolarizeIncreasing": (lambda img, threshold, **_: ImageOps.solarize(img, threshold),
+                               lambda level: (256 - int(level / _MAX_LEVEL * 256),)),
+        "SolarizeAdd": (_solarize_add, lambda level: (int(level / _MAX_LEVEL * 110),)),
+        "ColorIncreasing": (_enhance("Color"), enhance_level),
+        "ContrastIncreasing": (_enhance("Contrast"), enhance_level),
+        "BrightnessIncreasing": (_enhance("Brightness"), enhance_level),
+        "SharpnessIncreasing": (_enhance("Sharpness"), enhance_level),
+        "ShearX": (lambda img, s, fill, resample: _affine(img, (1, s, 0, 0, 1, 0), fill, resample),
+                   lambda level: (_signed(level / _MAX_LEVEL * 0.3),)),
+        "ShearY": (lambda img, s, fill, resample: _affine(img, (1, 0, 0, s, 1, 0), fill, resample),
+                   lambda level: (_signed(level / _MAX_LEVEL * 0.3),)),
+        "TranslateXRel": (lambda img, pct, fill, resample: _affine(img, (1, 0, pct * img.size[0], 0, 1, 0),
+                                                                   fill, resample),
+                          lambda level: (_signed(level / _MAX_LEVEL * 0.45),)),
+        "TranslateYRel": (lambda img, pct, fill, resample: _affine(img, (1, 0, 0, 0, 1, pct * img.size[1]),
+                                                                   fill, resample),
+                          lambda level: (_signed(level / _MAX_LEVEL * 0.45),)),
+    }
+
+
+RAND_INCREASING_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+                       "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                       "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+                       "TranslateXRel", "TranslateYRel")
+
+
+class RandAugment:
+    """RandAugment with the timm semantics of ``rand-m9-mstd0.5-inc1``: ``num_ops`` ops drawn with
+    replacement from the increasing-severity set, each applied with probability ``op_prob``
+    at magnitude ~ N(magnitude, magnitude_std) clipped to [0, 10]; geometric ops fill with
+    ``fill`` (the mean colour) and resample bicubic."""
+
+    def __init__(self, num_ops=2, magnitude=9.0, magnitude_std=0.5, op_prob=0.5, fill=(124, 116, 104),
+                 resample="bicubic", ops=RAND_INCREASING_OPS):
+        table = _ops()
+        unknown = [name for name in ops if name not in table]
+        if unknown:
+            raise ValueError(f"unknown RandAugment ops {unknown}; known: {sorted(table)}")
+        self.ops = [(name, table[name]) for name in ops]
+        self.num_ops = num_ops
+        self.magnitude = magnitude
+        self.magnitude_std = magnitude_std
+        self.op_prob = op_prob
+        self.fill = tuple(int(v) for v in fill)
+        self.resample = pil_interpolation(resample)
+
+    @classmethod
+    def from_string(cls, spec, fill=(124, 116, 104)):
+        """Parse timm's ``rand-m9-mstd0.5-inc1`` style (n = ops, m = magnitude, mstd, inc)."""
+        parts = spec.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"RandAugment spec must start with 'rand', got '{spec}'")
+        kwargs = {}
+        for part in parts[1:]:
+            key, value = re.match(r"([a-z]+)([\d.]+)", part).groups()
+            if key == "m":
+                kwargs["magnitude"] = float(value)
+            elif key == "n":
+                kwargs["num_ops"] = int(value)
+            elif key == "mstd":
+                kwargs["magnitude_std"] = float(value)
+            elif key == "inc":
+                if not int(value):
+                    raise NotImplementedError("only the increasing op set (inc1) is implemented")
+            else:
+                raise ValueError(f"unknown RandAugment option '{part}' in '{spec}'")
+        return cls(fill=fill, **kwargs)
+
+    def __call__(self, img):
+        rng = python_rng()
+        picks = [self.ops[rng.randrange(len(self.ops))] for _ in range(self.num_ops)]
+        for _, (apply, level_to_args) in picks:
+            if self.op_prob < 1.0 and rng.random() > self.op_prob:
+                continue
+            magnitude = self.magnitude
+            if self.magnitude_std > 0:
+                magnitude = rng.gauss(magnitude, self.magnitude_std)
+            magnitude = min(_MAX_LEVEL, max(0.0, magnitude))
+            img = apply(img, *level_to_args(magnitude), fill=self.fill, resample=self.resample)
+        return img
+
+    def __repr__(self):
+        return (f"RandAugment(n={self.num_ops}, m={self.magnitude}, mstd={self.magnitude_std}, "
+                f"ops={[name for name, _ in self.ops]})")
+
+
+class RandomErasing:
+    """Erase one random rectangle of a normalised CHW array with probability ``p`` (timm
+    'pixel' mode: per-pixel N(0, 1) values), area fraction in [min_area, max_area], aspect
+    ratio log-uniform in [min_aspect, 1/min_aspect], up to 10 tries."""
+
+    def __init__(self, p=0.25, min_area=0.02, max_area=1 / 3, min_aspect=0.3, max_aspect=None,
+                 mode="pixel"):
+        if mode not in ("pixel", "const"):
+            raise ValueError(f"random erasing mode must be 'pixel' or 'const', got '{mode}'")
+        self.p = p
+        self.min_area, self.max_area = min_area, max_area
+        max_aspect = max_aspect or 1 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+        self.mode = mode
+
+    def __call__(self, chw):
+        rng = python_rng()
+        if rng.random() > self.p:
+            return chw
+        channels, height, width = chw.shape
+        area = height * width
+        for _ in range(10):
+            target = rng.uniform(self.min_area, self.max_area) * area
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(target * aspect)))
+            w = int(round(math.sqrt(target / aspect)))
+            if w < width and h < height:
+                top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+                chw = chw.copy()
+                if self.mode == "pixel":
+                    chw[:, top:top + h, left:left + w] = numpy_rng().standard_normal((channels, h, w))
+                else:
+                    chw[:, top:top + h, left:left + w] = 0.0
+                break
+        return chw
+
+    def __repr__(self):
+        return f"RandomErasing(p={self.p}, area=({self.min_area}, {self.max_area:.3f}), mode={self.mode})"
+
+
+def build_finetune_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                             auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, scale=(0.08, 1.0),
+                             interpolation="bicubic"):
+    """Fine-tune training: crop (bicubic) -> flip -> RandAugment -> ToTensor -> Normalize ->
+    RandomErasing. ``auto_augment``/``reprob`` None or 0 turn those steps off."""
+    steps = [RandomResizedCrop(input_size, scale=scale, interpolation=interpolation), RandomHorizontalFlip()]
+    if auto_augment:
+        fill = tuple(min(255, round(255 * m)) for m in mean)
+        steps.append(RandAugment.from_string(auto_augment, fill=fill))
+    steps += [ToTensor(), Normalize(mean, std)]
+    if reprob:
+        steps.append(RandomErasing(p=reprob))
+    return Compose(steps)
