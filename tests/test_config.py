@@ -167,15 +167,15 @@ def test_every_config_file_loads_and_validates(path):
 
 
 def test_demo_configs_build_their_data_pipelines():
-    for name, keys in (("mae", {"image"}), ("cae", {"image", "tokenizer_image", "mask"}),
-                       ("bootmae", {"image", "mask"})):
+    for name, keys in (("mae", {"images"}), ("cae", {"images", "tokenizer_images", "bool_masked_pos"}),
+                       ("bootmae", {"images", "bool_masked_pos"})):
         args = parse_pretrain_args(["--config", f"demo/{name}"])
         assert args.input_size == 32 and args.model_args["patch_size"] == 4
         from PIL import Image
         out = build_pretrain_transform(args.method, args)(Image.new("RGB", (32, 32)))
         assert set(out) == keys
-        if "mask" in out:
-            assert out["mask"].shape == (64,) and out["mask"].sum() == args.num_mask_patches
+        if "bool_masked_pos" in out:
+            assert out["bool_masked_pos"].shape == (64,) and out["bool_masked_pos"].sum() == args.num_mask_patches
 
 
 def test_recipe_values_match_the_official_scripts():

@@ -42,7 +42,7 @@ def test_demo_dataset_has_ten_classes_and_the_fixed_split():
     assert val.class_names == train.class_names
     assert (len(train), len(val)) == (1438, 359)
     sample = train[0]
-    assert sample["image"].shape == (32, 32, 3) and sample["label"] == 0 and sample["replaced"] == -1
+    assert sample["images"].shape == (32, 32, 3) and sample["labels"] == 0 and sample["replaced"] == -1
 
 
 def test_missing_split_folder_error_shows_the_expected_tree(tmp_path):
@@ -86,7 +86,7 @@ def test_corrupt_jpeg_is_replaced_by_the_next_sample_and_counted(tmp_path, caplo
     bad_index = [os.path.basename(p) for p, _ in ds.samples].index("img1.jpg")
     sample = ds[bad_index]
     assert sample["replaced"] == bad_index
-    np.testing.assert_array_equal(sample["image"], ds[bad_index + 1]["image"])
+    np.testing.assert_array_equal(sample["images"], ds[bad_index + 1]["images"])
     assert "img1.jpg" in caplog.text and caplog.text.count("img1.jpg") == 1
     ds[bad_index]  # known bad now: skipped without a second warning
     assert caplog.text.count("img1.jpg") == 1
@@ -147,24 +147,24 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops():
 
 
 @pytest.mark.parametrize("method, keys", [
-    ("mae", {"image"}),
-    ("bootmae", {"image", "mask"}),
-    ("cae", {"image", "tokenizer_image", "mask"}),
+    ("mae", {"images"}),
+    ("bootmae", {"images", "bool_masked_pos"}),
+    ("cae", {"images", "tokenizer_images", "bool_masked_pos"}),
 ])
 def test_pretrain_pipelines_output_shapes_and_ranges(method, keys):
     transform = build_pretrain_transform(method, dict(TINY, max_mask_patches_per_block=15))
     with sample_rng(0):
         out = transform(_position_image(48))
     assert set(out) == keys
-    assert out["image"].shape == (3, 32, 32) and out["image"].dtype == np.float32
+    assert out["images"].shape == (3, 32, 32) and out["images"].dtype == np.float32
     if method == "mae":  # ImageNet normalisation
-        assert out["image"].min() >= (0 - 0.485) / 0.229 - 1e-4 and out["image"].max() <= (1 - 0.406) / 0.225 + 1e-4
+        assert out["images"].min() >= (0 - 0.485) / 0.229 - 1e-4 and out["images"].max() <= (1 - 0.406) / 0.225 + 1e-4
     else:  # 0.5 / 0.5
-        assert out["image"].min() >= -1 - 1e-6 and out["image"].max() <= 1 + 1e-6
-    if "mask" in out:
-        assert out["mask"].dtype == bool and out["mask"].shape == (64,) and out["mask"].sum() == 30
+        assert out["images"].min() >= -1 - 1e-6 and out["images"].max() <= 1 + 1e-6
+    if "bool_masked_pos" in out:
+        assert out["bool_masked_pos"].dtype == bool and out["bool_masked_pos"].shape == (64,) and out["bool_masked_pos"].sum() == 30
     if method == "cae":
-        tok = out["tokenizer_image"]
+        tok = out["tokenizer_images"]
         assert tok.shape == (3, 64, 64) and tok.min() >= 0.1 - 1e-6 and tok.max() <= 0.9 + 1e-6
 
 
@@ -173,7 +173,7 @@ def test_cae_second_view_defaults_to_half_the_input_size():
     args.pop("second_input_size")
     with sample_rng(0):
         out = build_pretrain_transform("cae", args)(_position_image(256))
-    assert out["image"].shape == (3, 224, 224) and out["tokenizer_image"].shape == (3, 112, 112)
+    assert out["images"].shape == (3, 224, 224) and out["tokenizer_images"].shape == (3, 112, 112)
 
 
 def test_cae_views_come_from_the_same_crop_box_and_flip():
@@ -184,8 +184,8 @@ def test_cae_views_come_from_the_same_crop_box_and_flip():
     for seed in range(12):
         with sample_rng(seed):
             out = transform(img)
-        view = out["image"] * 0.5 + 0.5            # undo 0.5/0.5 normalisation -> [0, 1]
-        tok = (out["tokenizer_image"] - 0.1) / 0.8  # undo map_pixels
+        view = out["images"] * 0.5 + 0.5            # undo 0.5/0.5 normalisation -> [0, 1]
+        tok = (out["tokenizer_images"] - 0.1) / 0.8  # undo map_pixels
         # R (the source column) read along columns, G (the source row) along rows
         for profile in (lambda x: x[0].mean(axis=0), lambda x: x[1].mean(axis=1)):
             a, b = profile(view), profile(tok)            # 64 and 32 samples over the same box
@@ -212,12 +212,12 @@ def test_epoch_and_seed_change_order_and_augmentation():
     second = next(iter(loader))
     loader.set_epoch(0)
     again = next(iter(loader))
-    np.testing.assert_array_equal(first["image"].numpy(), again["image"].numpy())
-    np.testing.assert_array_equal(first["mask"].numpy(), again["mask"].numpy())
-    assert not np.array_equal(first["label"].numpy(), second["label"].numpy()) or \
-        not np.array_equal(first["image"].numpy(), second["image"].numpy())
+    np.testing.assert_array_equal(first["images"].numpy(), again["images"].numpy())
+    np.testing.assert_array_equal(first["bool_masked_pos"].numpy(), again["bool_masked_pos"].numpy())
+    assert not np.array_equal(first["labels"].numpy(), second["labels"].numpy()) or \
+        not np.array_equal(first["images"].numpy(), second["images"].numpy())
     other_seed = next(iter(build_loader(ds, batch_size=8, shuffle=True, seed=1, epoch=0)))
-    assert not np.array_equal(first["image"].numpy(), other_seed["image"].numpy())
+    assert not np.array_equal(first["images"].numpy(), other_seed["images"].numpy())
 
 
 def test_sampler_splits_one_shuffled_order_across_ranks():
@@ -235,8 +235,8 @@ def test_sampler_splits_one_shuffled_order_across_ranks():
 
 
 def test_collate_names_the_key_whose_shapes_differ():
-    with pytest.raises(ValueError, match="'image'"):
-        collate_samples([{"image": np.zeros((3, 4))}, {"image": np.zeros((3, 5))}])
+    with pytest.raises(ValueError, match="'images'"):
+        collate_samples([{"images": np.zeros((3, 4))}, {"images": np.zeros((3, 5))}])
 
 
 # ------------------------------------------------------------------ fine-tune augmentation

@@ -6,8 +6,8 @@ Layout (the one torchvision's ImageFolder and every official script expect)::
     DATA_PATH/val/<class>/<image>
 
 A class is a sub-folder; classes are sorted by name and numbered from 0. Every sample is a
-dict: the transform's output (an array becomes ``"image"``, a dict is taken as is) plus
-``"label"`` (int64) and ``"replaced"`` (int64: -1, or the index of the unreadable image this
+dict: the transform's output (an array becomes ``"images"``, a dict is taken as is) plus
+``"labels"`` (int64) and ``"replaced"`` (int64: -1, or the index of the unreadable image this
 sample stands in for). The loader counts ``replaced >= 0`` per epoch, so a corrupt file is
 visible in the logs without stopping a 300-epoch run.
 """
@@ -139,8 +139,8 @@ class ImageFolder:
     def __getitem__(self, index):
         img, used, replaced = self._load(int(index))
         out = self.transform(img) if self.transform is not None else np.asarray(img)
-        sample = dict(out) if isinstance(out, dict) else {"image": out}
-        sample["label"] = np.int64(self.samples[used][1])
+        sample = dict(out) if isinstance(out, dict) else {"images": out}
+        sample["labels"] = np.int64(self.samples[used][1])
         sample["replaced"] = np.int64(replaced)
         return sample
 

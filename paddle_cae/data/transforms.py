@@ -12,15 +12,16 @@ random draws.
 Pipelines (SPEC h.4), built by :func:`build_pretrain_transform`:
 
 * MAE      RandomResizedCrop(scale 0.2-1, bicubic) -> flip -> ToTensor -> Normalize
-           -> ``{"image"}``  (the model draws its own random mask)
+           -> ``{"images"}``  (the model draws its own random mask)
 * BootMAE  RandomResizedCrop(scale 0.2-1, bicubic) -> flip -> ToTensor -> Normalize(0.5, 0.5)
-           + block mask (120 of 196, blocks <= 60) -> ``{"image", "mask"}``
+           + block mask (120 of 196, blocks <= 60) -> ``{"images", "bool_masked_pos"}``
 * CAE      flip -> ONE crop box (scale 0.08-1) resized twice: ``input_size`` bicubic for the
            encoder (normalised) and ``second_input_size`` LANCZOS for the tokenizer
            (ToTensor + map_pixels 0.8x + 0.1) + block (or random) mask
-           -> ``{"image", "tokenizer_image", "mask"}``
+           -> ``{"images", "tokenizer_images", "bool_masked_pos"}``
 
-Masks are boolean ``[N]`` arrays in raster order, True = masked.
+Masks are boolean ``[N]`` arrays in raster order, True = masked. The keys are the names of the
+pretraining models' forward arguments, so a batch can be handed over as it is.
 """
 import contextlib
 import math
@@ -381,7 +382,7 @@ class MAEPretrainTransform:
         ])
 
     def __call__(self, img):
-        return {"image": self.transform(img)}
+        return {"images": self.transform(img)}
 
     def __repr__(self):
         return f"MAEPretrainTransform({self.transform!r})"
@@ -394,7 +395,7 @@ class BootMAEPretrainTransform(MAEPretrainTransform):
         self.mask_generator = mask_generator
 
     def __call__(self, img):
-        return {"image": self.transform(img), "mask": _bool_mask(self.mask_generator)}
+        return {"images": self.transform(img), "bool_masked_pos": _bool_mask(self.mask_generator)}
 
     def __repr__(self):
         return f"BootMAEPretrainTransform({self.transform!r}, mask={self.mask_generator!r})"
@@ -417,9 +418,9 @@ class CAEPretrainTransform:
     def __call__(self, img):
         view, tokenizer_view = self.crop(self.flip(img))
         return {
-            "image": self.patch_transform(view),                           # [3, S, S]
-            "tokenizer_image": self.tokenizer_transform(tokenizer_view),   # [3, S2, S2] in [0.1, 0.9]
-            "mask": _bool_mask(self.mask_generator),                       # [N] bool
+            "images": self.patch_transform(view),                          # [3, S, S]
+            "tokenizer_images": self.tokenizer_transform(tokenizer_view),  # [3, S2, S2] in [0.1, 0.9]
+            "bool_masked_pos": _bool_mask(self.mask_generator),            # [N] bool
         }
 
     def __repr__(self):
