@@ -1,0 +1,240 @@
+"""BootMAE pretraining model: sizes, masks, loss switches, the momentum teacher and its
+update, checkpoint round trip, conversion of official keys."""
+import numpy as np
+import paddle
+import pytest
+
+from paddle_cae.convert import convert_state_dict, linear_weight_names
+from paddle_cae.models import create_model, list_models
+from paddle_cae.models.bootmae import (VisionTransformerForMaskedImageModeling, ema_decay_for_epoch,
+                                       feature_weight_at, masks_from_shuffle)
+from paddle_cae.models.pos_embed import sincos_pos_embed
+
+
+def tiny(**kwargs):
+    cfg = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
+               decode_dim=16, decoder_depth=1, fea_list=(0, 1), mask_num=12)
+    cfg.update(kwargs)
+    return VisionTransformerForMaskedImageModeling(**cfg)
+
+
+def trainable_count(model):
+    return sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
+
+
+def random_order(batch, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.stack([rng.permutation(n) for _ in range(batch)]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------ sizes
+def test_bootmae_base_has_the_published_trainable_parameter_count():
+    model = create_model("bootmae_base")
+    assert trainable_count(model) == 115_373_251
+    # pixel decoder of the base model: 12 heads of 512 // 12 = 42 channels -> inner width 504
+    assert model.decode_blocks[0].attn.qkv.weight.shape == [512, 3 * 504]
+    assert model.decode_blocks[0].c_attn.kv.weight.shape == [768, 2 * 504]
+    assert model.lm_head.proj.weight.shape == [512, 3, 16, 16]
+
+
+def test_bootmae_names_are_registered_as_pretraining_models():
+    assert {"bootmae_base", "bootmae_large"} <= set(list_models("pretrain"))
+
+
+def test_position_tables_are_frozen_moco_layout():
+    model = tiny()
+    for name, dim in (("pos_embed", 32), ("de_pos_embed", 16)):
+        p = getattr(model, name)
+        assert p.stop_gradient
+        np.testing.assert_array_equal(p.numpy()[0], sincos_pos_embed(dim, 4, layout="moco"))
+
+
+# ------------------------------------------------------------------------------ masks
+def test_masks_from_shuffle_drop_exactly_the_last_mask_len_patches():
+    order = paddle.to_tensor(random_order(3, 16))
+    masks = masks_from_shuffle(order, 12, (4, 4), 8, weight_mask=True)
+    m = masks["loss_mask"].numpy()
+    np.testing.assert_array_equal(m.sum(1), [12, 12, 12])
+    for b in range(3):
+        assert not m[b, order.numpy()[b, :4]].any()
+    w = masks["weight_mask"].numpy()
+    assert (w[m == 0] == 0).all() and (w[m == 1] >= 1 + 1 / 9 - 1e-6).all() and (w <= 2).all()
+    pix = masks["weight_mask_pixel"].numpy()
+    assert pix.shape == (3, 1, 32, 32)
+    np.testing.assert_array_equal(pix[:, 0, ::8, ::8].reshape(3, 16), w)
+
+
+def test_weight_mask_counts_padding_in_the_3x3_average():
+    order = paddle.to_tensor(np.arange(16, dtype=np.int64)[None])  # patches 4..15 dropped
+    w = masks_from_shuffle(order, 12, (4, 4), 8)["weight_mask"].numpy().reshape(4, 4)
+    np.testing.assert_allclose(w[3, 0], 1 + 4 / 9, rtol=1e-6)  # corner: 4 masked cells of 9
+    np.testing.assert_allclose(w[2, 1], 1 + 9 / 9, rtol=1e-6)
+    w_plain = masks_from_shuffle(order, 12, (4, 4), 8, weight_mask=False)["weight_mask"]
+    np.testing.assert_array_equal(w_plain.numpy().reshape(4, 4)[1:], 1.0)
+
+
+def test_block_mask_input_gives_the_official_order_and_exact_count():
+    model = tiny()
+    mask = np.zeros((2, 4, 4), np.int64)
+    mask[:, :3, :] = 1  # 12 block-masked patches
+    out = model(paddle.randn([2, 3, 32, 32]), bool_masked_pos=mask, rng=np.random.default_rng(3))
+    dropped = out["mask"].numpy()
+    np.testing.assert_array_equal(dropped.sum(1), [12, 12])
+    # the roll (0..3, one per batch) turns up to 3 block patches visible and the same number
+    # of originally visible patches dropped
+    moved = (dropped.reshape(2, 4, 4) != mask).sum((1, 2))
+    assert moved[0] == moved[1] and moved[0] in (0, 2, 4, 6)
+
+
+# ------------------------------------------------------------------------------ loss
+def test_feature_loss_ramps_with_the_epoch():
+    model = tiny(feature_weight=1.0, epochs=800)
+    images, order = paddle.randn([2, 3, 32, 32]), random_order(2, 16)
+    out = model(images, idx_shuffle=order, epoch=9)
+    assert out["feature_weight"] == pytest.approx(4 * 10 / 800)
+    np.testing.assert_allclose(float(out["loss"]),
+                               float(out["loss_pixel"]) + 0.05 * float(out["loss_feature"]),
+                               rtol=1e-6)
+    assert model(images, idx_shuffle=order, epoch=500)["feature_weight"] == 1.0
+
+
+def test_zero_feature_weight_skips_the_teacher():
+    model = tiny(feature_weight=0.0)
+    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16), epoch=0)
+    assert float(out["loss_feature"]) == 0.0 and out["target_feature"] is None
+    assert float(out["loss"]) == float(out["loss_pixel"])
+
+
+def test_tuple_and_dict_batches_carry_the_order():
+    model = tiny()
+    images, order = paddle.randn([2, 3, 32, 32]), random_order(2, 16)
+    ref = float(model(images, idx_shuffle=order)["loss"])
+    assert float(model((images, paddle.to_tensor(order)))["loss"]) == ref
+    assert float(model({"images": images, "idx_shuffle": order})["loss"]) == ref
+
+
+# --------------------------------------------------------------------------- teacher
+def test_teacher_starts_as_a_copy_and_is_not_part_of_the_model():
+    model = tiny()
+    teacher = model.teacher
+    student = model.state_dict()
+    assert set(model.teacher_state_dict()) == {
+        k for k in student if k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed")}
+    for k, v in model.teacher_state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), student[k].numpy())
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in model.parameters()}
+    assert all(p.stop_gradient for p in teacher.parameters())
+    assert not any(k.startswith(("teacher", "_teacher")) for k in student)
+
+
+def test_teacher_receives_no_gradient_and_the_optimizer_leaves_it_alone():
+    model = tiny()
+    before = {k: v.numpy().copy() for k, v in model.teacher_state_dict().items()}
+    opt = paddle.optimizer.AdamW(learning_rate=1e-2, parameters=model.parameters())
+    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16), epoch=400)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    opt.step()
+    for k, v in model.teacher_state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
+
+
+def test_teacher_does_not_change_the_students_global_parameter_names():
+    with paddle.utils.unique_name.guard():
+        plain = [p.name for p in tiny(with_teacher=False).parameters()]
+        after_plain = paddle.utils.unique_name.generate("probe")
+    with paddle.utils.unique_name.guard():
+        with_teacher = [p.name for p in tiny().parameters()]
+        after_teacher = paddle.utils.unique_name.generate("probe")
+    assert plain == with_teacher
+    assert after_plain == after_teacher  # layers built later keep their names too
+
+
+def test_update_teacher_is_the_float32_ema_of_every_entry():
+    model = tiny()
+    with paddle.no_grad():
+        for p in model.parameters():
+            p.set_value(p + 0.1)
+    student = {k: v.numpy() for k, v in model.state_dict().items()}
+    before = {k: v.numpy().copy() for k, v in model.teacher_state_dict().items()}
+    decay = 0.9995
+    assert model.update_teacher(decay) == decay
+    for k, v in model.teacher_state_dict().items():
+        expected = before[k] * np.float32(decay) + np.float32(1 - decay) * student[k]
+        np.testing.assert_array_equal(v.numpy(), expected.astype(np.float32), err_msg=k)
+
+
+def test_update_teacher_follows_the_schedule_of_the_last_epoch_seen():
+    model = tiny(model_ema_decay=0.999, model_ema_dynamic=True)
+    model(paddle.randn([1, 3, 32, 32]), idx_shuffle=random_order(1, 16), epoch=250)
+    assert model.update_teacher() == pytest.approx(0.999945)
+    assert model.update_teacher(epoch=0) == 0.999
+
+
+def test_ema_decay_schedule_static_and_dynamic():
+    assert ema_decay_for_epoch(0) == 0.999
+    assert ema_decay_for_epoch(99) == pytest.approx(0.999891)
+    assert ema_decay_for_epoch(100) == 0.9999
+    assert ema_decay_for_epoch(700) == 0.9999
+    assert ema_decay_for_epoch(250, model_ema_dynamic=True) == pytest.approx(0.999945)
+    assert ema_decay_for_epoch(400, model_ema_dynamic=True) == pytest.approx(0.99999)
+    assert ema_decay_for_epoch(800, model_ema_dynamic=True) == pytest.approx(0.99999)
+    assert feature_weight_at(0, 1.0, 801) == pytest.approx(4 / 801)
+    assert feature_weight_at(200, 1.0, 801) == 1.0
+
+
+def test_teacher_state_survives_a_save_and_restore(tmp_path):
+    model = tiny()
+    with paddle.no_grad():  # make the teacher differ from a fresh model's
+        model.teacher.cls_token.set_value(paddle.full([1, 1, 32], 3.0))
+    path = str(tmp_path / "ckpt.pd")
+    paddle.save({"model": model.state_dict(), "teacher": model.teacher_state_dict()}, path)
+    restored = tiny()
+    ckpt = paddle.load(path)
+    restored.set_state_dict(ckpt["model"])
+    restored.set_teacher_state_dict(ckpt["teacher"])
+    for k, v in model.teacher_state_dict().items():
+        np.testing.assert_array_equal(restored.teacher_state_dict()[k].numpy(), v.numpy())
+    with pytest.raises(KeyError):
+        restored.set_teacher_state_dict({"cls_token": ckpt["teacher"]["cls_token"]})
+
+
+# ------------------------------------------------------------------------ conversion
+def test_official_model_ema_loads_into_the_teacher_and_drops_the_rest():
+    source = tiny()
+    linear = linear_weight_names(source)
+    official = {k: (v.numpy().T if k in linear else v.numpy()) for k, v in source.state_dict().items()}
+    target = tiny()
+    state, report = convert_state_dict(official, target.teacher)
+    assert not report["missing"] and not report["mismatched"] and not report["unused"]
+    assert "norm.weight" in report["dropped"] and "lm_head_1.weight" in report["dropped"]
+    target.set_teacher_state_dict(state)
+    state, report = convert_state_dict(official, target)
+    assert not report["missing"] and not report["unused"]
+    target.set_state_dict(state)
+    images, order = paddle.randn([1, 3, 32, 32]), random_order(1, 16)
+    np.testing.assert_array_equal(target(images, idx_shuffle=order)["loss"].numpy(),
+                                  source(images, idx_shuffle=order)["loss"].numpy())
+
+
+# ------------------------------------------------------------------------- full size
+@pytest.mark.slow
+def test_bootmae_base_forward_backward_at_224_is_finite():
+    from paddle_cae.data.masking import bootmae_mask_generator
+
+    paddle.seed(0)
+    model = create_model("bootmae_base")
+    generator = bootmae_mask_generator(14)
+    masks = np.stack([generator(rng=i) for i in range(2)])
+    out = model(paddle.randn([2, 3, 224, 224]), bool_masked_pos=masks,
+                rng=np.random.default_rng(0), epoch=300)
+    assert out["pred_pixel"].shape == [2, 3, 224, 224]
+    assert out["pred_feature"].shape == [2, 196, 768]
+    np.testing.assert_array_equal(out["mask"].numpy().sum(1), [147, 147])
+    assert np.isfinite(float(out["loss"])) and float(out["loss_feature"]) > 0
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    grad = model.decode_blocks_1[1].c_attn.kv.weight.grad
+    assert grad is not None and np.isfinite(grad.numpy()).all()
