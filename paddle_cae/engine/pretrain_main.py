@@ -1,0 +1,183 @@
+"""Everything ``main_pretrain.py`` does, importable (notebooks call :func:`main` too)."""
+import inspect
+import logging
+import os
+import sys
+
+import paddle
+
+from ..data.datasets import build_dataset, default_data_path
+from ..data.transforms import build_pretrain_transform, method_of_model
+from ..models import create_model
+from ..optim import build_optimizer, param_groups
+from ..optim.param_groups import recipe_group_options
+from ..runtime import distributed as dist_rt
+from ..runtime.amp import Precision
+from ..runtime.logging import setup_console_logging
+from ..runtime.pretrain_args import (absolute_lr, default_config_dir, effective_batch_size,
+                                     parse_pretrain_args)
+from .pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
+
+logger = logging.getLogger("paddle_cae")
+
+# command-line flag -> constructor argument, per method (only those the constructor takes)
+_MODEL_FLAGS = {
+    "mae": {"input_size": "img_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"},
+    "cae": {"input_size": "img_size", "drop_path": "drop_path_rate",
+            "layer_scale_init_value": "init_values", "regressor_depth": "regressor_depth",
+            "decoder_depth": "decoder_depth", "decoder_embed_dim": "decoder_embed_dim",
+            "decoder_num_heads": "decoder_num_heads", "decoder_num_classes": "vocab_size",
+            "decoder_layer_scale_init_value": "decoder_layer_scale_init_value",
+            "align_loss_weight": "align_loss_weight", "fix_init_weight": "fix_init_weight"},
+    "bootmae": {"input_size": "img_size", "drop_path": "drop_path_rate", "mask_num": "mask_num",
+                "feature_weight": "feature_weight", "weight_mask": "weight_mask",
+                "epochs": "epochs", "model_ema_decay": "model_ema_decay",
+                "model_ema_dynamic": "model_ema_dynamic", "model_ema": "with_teacher"},
+}
+
+
+def model_kwargs(args):
+    kwargs = {}
+    for flag, name in _MODEL_FLAGS[args.method].items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            kwargs[name] = value
+    if args.method == "cae" and getattr(args, "dual_path_ema", 0):
+        kwargs["alignment"] = "ema"
+        kwargs["alignment_momentum"] = float(args.dual_path_ema)
+    kwargs.update(args.model_args or {})
+    return kwargs
+
+
+def build_model(args):
+    kwargs = model_kwargs(args)
+    with paddle.utils.unique_name.guard():
+        model = create_model(args.model, **kwargs)
+    return model
+
+
+def find_tokenizer_file(path):
+    """``--discrete_vae_weight_path`` may be a file or a folder holding encoder.pkl (the
+    official release) or a converted .pd."""
+    if os.path.isfile(path):
+        return path
+    if os.path.isdir(path):
+        for name in ("encoder.pd", "encoder_weight.pd", "encoder.pkl", "encoder.pth"):
+            candidate = os.path.join(path, name)
+            if os.path.isfile(candidate):
+                return candidate
+        raise FileNotFoundError(
+            f"--discrete_vae_weight_path {path}: no encoder.pkl (the DALL-E release) or "
+            "encoder.pd in this folder")
+    raise FileNotFoundError(f"--discrete_vae_weight_path {path} does not exist")
+
+
+def attach_tokenizer(model, args):
+    if not hasattr(model, "set_tokenizer"):
+        return None
+    from ..models.dalle import infer_dalle_arch, load_dalle_encoder, _read_state
+
+    if not args.discrete_vae_weight_path:
+        raise ValueError("CAE needs the DALL-E tokenizer: pass --discrete_vae_weight_path "
+                         "(a folder with encoder.pkl, or a tokenizer .pd file)")
+    path = find_tokenizer_file(args.discrete_vae_weight_path)
+    arch = dict(getattr(args, "tokenizer_args", None) or {})
+    if not arch and not path.endswith(".pkl"):
+        arch = infer_dalle_arch(_read_state(path))
+    tokenizer = load_dalle_encoder(path, **arch)
+    vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
+    head = getattr(getattr(model, "decoder", None), "head", None)
+    if vocab is not None and head is not None and head.weight.shape[-1] != vocab:
+        raise ValueError(f"tokenizer {path} has a vocabulary of {vocab}, the model predicts "
+                         f"{head.weight.shape[-1]} classes (--decoder_num_classes)")
+    model.set_tokenizer(tokenizer)
+    logger.info("tokenizer: DALL-E encoder from %s", path)
+    return tokenizer
+
+
+def prepare_args(args, env):
+    args.data_path = args.data_path or default_data_path()
+    args.lr_schedule = getattr(args, "lr_schedule", None) or (
+        "mae" if args.method == "mae" else "beit")
+    args.abs_lr = absolute_lr(args, env.world_size)
+    eff = effective_batch_size(args, env.world_size)
+    if args.lr is None:
+        args.lr_rule = f"blr {args.blr:g} x {eff} / 256"
+    elif args.method == "bootmae":
+        args.lr_rule = f"lr {args.lr:g} x {eff} / 256 (BootMAE scaling)"
+    else:
+        args.lr_rule = "absolute --lr"
+    if args.output_dir:
+        if args.log_dir is None:
+            args.log_dir = os.path.join(args.output_dir, "vdl")
+        elif not os.path.isabs(args.log_dir):
+            args.log_dir = os.path.join(args.output_dir, args.log_dir)
+    return args
+
+
+def demo_argv(argv):
+    """Without --config and --data_path the run is the CPU-sized demo on the bundled digits:
+    the demo config of the method of --model (MAE by default) is put in front."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = {a.split("=")[0] for a in argv if a.startswith("-")}
+    if given & {"--config", "-c", "--data_path"} or given & {"-h", "--help"}:
+        return argv, None
+    method = "mae"
+    for i, a in enumerate(argv):
+        if a.startswith("--model="):
+            method = method_of_model(a.split("=", 1)[1])
+        elif a == "--model" and i + 1 < len(argv):
+            method = method_of_model(argv[i + 1])
+    config = os.path.join(default_config_dir(), "demo", f"{method}.yaml")
+    return ["--config", config] + argv, config
+
+
+def run(argv=None):
+    env = dist_rt.init_distributed()
+    setup_console_logging(env.rank)
+    argv, demo_config = demo_argv(argv)
+    if demo_config:
+        logger.info("no --data_path: running the CPU demo on the bundled digits with %s",
+                    os.path.relpath(demo_config))
+    args = parse_pretrain_args(argv)
+    prepare_args(args, env)
+    if getattr(args, "device", None):
+        paddle.set_device(args.device)
+    paddle.seed(args.seed)
+    model = build_model(args)
+    attach_tokenizer(model, args)
+    transform = build_pretrain_transform(args.method, args)
+    if hasattr(model, "data_transform"):
+        transform = model.data_transform(transform)
+    dataset = build_dataset("train", args.data_path, transform)
+    options = recipe_group_options(args.method, "pretrain", model)
+    groups = param_groups(model, args.weight_decay, **options)
+    optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,
+                                betas=tuple(args.opt_betas), eps=args.opt_eps,
+                                weight_decay=args.weight_decay)
+    precision = Precision("float16" if args.amp else None)
+    runner = PretrainRun(args, model, dataset, optimizer, precision, env,
+                         output_dir=args.output_dir or None, log_dir=args.log_dir)
+    if env.is_main:
+        write_config_snapshot(args, args.output_dir)
+    describe_start(args, env, model, dataset, runner)
+    runner.fit()
+    return runner
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        message = str(err).strip().splitlines()
+        print(f"error: {message[0] if message else type(err).__name__}", file=sys.stderr)
+        for line in message[1:]:
+            print(line, file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["main", "run", "build_model", "model_kwargs", "inspect"]

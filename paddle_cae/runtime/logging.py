@@ -1,0 +1,177 @@
+"""Progress lines with smoothed metrics and ETA, JSON-lines logs and VisualDL curves/images.
+
+Only rank 0 writes files; every rank can print (the launcher keeps one log per rank).
+"""
+import collections
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+logger = logging.getLogger("paddle_cae")
+
+
+def setup_console_logging(rank=0):
+    """One format for the package's messages; ranks other than 0 only show warnings."""
+    root = logging.getLogger("paddle_cae")
+    if root.handlers:
+        return root
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+    return root
+
+
+class SmoothedValue:
+    """Keeps a window of recent values and the global average."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = collections.deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    @property
+    def median(self):
+        return float(np.median(self.deque)) if self.deque else 0.0
+
+    @property
+    def avg(self):
+        return float(np.mean(self.deque)) if self.deque else 0.0
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self):
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               value=self.value)
+
+
+class MetricLogger:
+    def __init__(self, delimiter="  "):
+        self.meters = collections.defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **values):
+        for name, value in values.items():
+            if value is None:
+                continue
+            if hasattr(value, "item"):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def averages(self):
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def log_every(self, iterable, print_freq, header="", total=None, start_index=0,
+                  batch_size=None):
+        """Yield from ``iterable``; every ``print_freq`` steps print smoothed metrics,
+        images per second and the epoch's ETA."""
+        total = total if total is not None else len(iterable)
+        start = time.time()
+        end = start
+        iter_time = SmoothedValue(fmt="{avg:.3f}")
+        width = len(str(total))
+        i = start_index
+        for obj in iterable:
+            yield obj
+            now = time.time()
+            iter_time.update(now - end)
+            end = now
+            i += 1
+            if i % print_freq == 0 or i == total:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                speed = ""
+                if batch_size:
+                    speed = f"  img/s: {batch_size / max(iter_time.avg, 1e-9):.1f}"
+                logger.info(f"{header} [{i:>{width}}/{total}]  eta: {eta}  {self}"
+                            f"  time: {iter_time}{speed}")
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        logger.info(f"{header} total time: {elapsed} ({(time.time() - start) / max(i - start_index, 1):.3f} s/it)")
+
+
+class JsonLinesLog:
+    """Appends one JSON object per line (``log.txt`` of the reference scripts)."""
+
+    def __init__(self, path, enabled=True):
+        self.path = path
+        self.enabled = enabled and path is not None
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_plain(record)) + "\n")
+            f.flush()
+
+
+class VisualDLWriter:
+    """Scalars and images for VisualDL; a silent no-op when disabled (other ranks, no
+    --log_dir) so call sites need no branches."""
+
+    def __init__(self, log_dir, enabled=True):
+        self._writer = None
+        self.log_dir = log_dir
+        if enabled and log_dir:
+            from visualdl import LogWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self._writer = LogWriter(logdir=log_dir)
+
+    @property
+    def enabled(self):
+        return self._writer is not None
+
+    def add_scalar(self, tag, value, step):
+        if self._writer is not None and value is not None:
+            self._writer.add_scalar(tag=tag, value=float(value), step=int(step))
+
+    def add_scalars(self, prefix, values, step):
+        for name, value in values.items():
+            self.add_scalar(f"{prefix}/{name}", value, step)
+
+    def add_image(self, tag, image_hwc_uint8, step):
+        if self._writer is not None:
+            self._writer.add_image(tag=tag, img=np.asarray(image_hwc_uint8), step=int(step))
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "size", 1) == 1:
+        return obj.item()
+    return obj
