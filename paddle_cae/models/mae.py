@@ -246,7 +246,9 @@ class MaskedAutoencoderViT(nn.Layer):
         target = self.patchify(imgs)  # [B, N, p*p*C]
         if self.norm_pix_loss:
             mean = target.mean(axis=-1, keepdim=True)
-            var = target.var(axis=-1, keepdim=True, unbiased=True)
+            # unbiased variance, written out: paddle.var warns about dtype promotion each call
+            n = target.shape[-1]
+            var = ((target - mean) ** 2).sum(axis=-1, keepdim=True) / (n - 1)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         loss = ((pred - target) ** 2).mean(axis=-1)  # [B, N], per patch
         return (loss * mask).sum() / mask.sum()
