@@ -372,8 +372,13 @@ def _bool_mask(generator):
 
 # ------------------------------------------------------------------ pretraining pipelines
 class MAEPretrainTransform:
+    """MAE's crop/flip/normalise. With ``num_patches`` each sample also carries ``noise``
+    [N] ~ U[0, 1): the draw MAE's random_masking sorts to pick the kept patches, made here
+    per sample so the masks do not depend on batch size or the number of processes."""
+
     def __init__(self, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
-                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_patches=None):
+        self.num_patches = num_patches
         self.transform = Compose([
             RandomResizedCrop(input_size, scale=scale, interpolation=interpolation),
             RandomHorizontalFlip(),
@@ -382,20 +387,37 @@ class MAEPretrainTransform:
         ])
 
     def __call__(self, img):
-        return {"images": self.transform(img)}
+        sample = {"images": self.transform(img)}
+        if self.num_patches:
+            sample["noise"] = numpy_rng().random_sample(self.num_patches).astype(np.float32)
+        return sample
 
     def __repr__(self):
         return f"MAEPretrainTransform({self.transform!r})"
 
 
 class BootMAEPretrainTransform(MAEPretrainTransform):
+    """Block mask plus, with ``mask_num``, the per-sample patch ``order`` of BootMAE's
+    mask-to-index step before its roll (visible patches first, each group in random order);
+    the model rolls the order by one amount per global batch."""
+
     def __init__(self, mask_generator, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
-                 mean=HALF_MEAN, std=HALF_STD):
+                 mean=HALF_MEAN, std=HALF_STD, mask_num=None):
         super().__init__(input_size, scale, interpolation, mean, std)
         self.mask_generator = mask_generator
+        self.mask_num = mask_num
 
     def __call__(self, img):
-        return {"images": self.transform(img), "bool_masked_pos": _bool_mask(self.mask_generator)}
+        mask = _bool_mask(self.mask_generator)
+        sample = {"images": self.transform(img), "bool_masked_pos": mask}
+        if self.mask_num is not None:
+            from .masking import bootmae_shuffle_from_mask
+
+            side = int(round(np.sqrt(mask.size)))
+            order, _ = bootmae_shuffle_from_mask(mask.reshape(side, side).astype(np.int64),
+                                                 self.mask_num, rng=numpy_rng(), roll=0)
+            sample["order"] = order
+        return sample
 
     def __repr__(self):
         return f"BootMAEPretrainTransform({self.transform!r}, mask={self.mask_generator!r})"
@@ -456,13 +478,17 @@ def build_pretrain_transform(method, args, mask_generator=None):
     if method == "mae":
         # MAE always normalises with the ImageNet statistics
         scale = (float(_get(args, "crop_min_size", 0.2)), max_scale)
-        return MAEPretrainTransform(input_size, scale=scale, interpolation=interpolation)
+        grid = window_size_of(args)
+        return MAEPretrainTransform(input_size, scale=scale, interpolation=interpolation,
+                                    num_patches=grid[0] * grid[1])
     mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
     if mask_generator is None:
         mask_generator = build_mask_generator(args, method)
     if method == "bootmae":
         scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))), max_scale)
-        return BootMAEPretrainTransform(mask_generator, input_size, scale, interpolation, mean, std)
+        mask_num = _get(args, "mask_num")
+        return BootMAEPretrainTransform(mask_generator, input_size, scale, interpolation, mean, std,
+                                        mask_num=None if mask_num is None else int(mask_num))
     second = int(_get(args, "second_input_size", input_size // 2))
     scale = (float(_get(args, "crop_min_size", 0.08)), max_scale)
     return CAEPretrainTransform(mask_generator, input_size, second, scale, interpolation,

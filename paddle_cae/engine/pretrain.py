@@ -273,7 +273,8 @@ class PretrainRun:
                 if hasattr(core, "after_optimizer_step"):
                     core.after_optimizer_step()
             parts = scalar_parts(outputs)
-            metrics.update(**parts, lr=self.optimizer.get_lr(), loss_scale=info["loss_scale"],
+            scale = info["loss_scale"] if self.stepper.scaler.enabled else None
+            metrics.update(**parts, lr=self.optimizer.get_lr(), loss_scale=scale,
                            grad_norm=info["grad_norm"])
             if info["stepped"]:
                 self._log_step(parts, info, epoch, i)

@@ -3,6 +3,7 @@ import inspect
 import logging
 import os
 import sys
+from pathlib import Path
 
 import paddle
 
@@ -58,7 +59,12 @@ def build_model(args):
 
 def find_tokenizer_file(path):
     """``--discrete_vae_weight_path`` may be a file or a folder holding encoder.pkl (the
-    official release) or a converted .pd."""
+    official release) or a converted .pd. A relative path that does not exist from the
+    working directory is also looked up from the repository root (the demo configs)."""
+    if not os.path.exists(path) and not os.path.isabs(path):
+        from_root = os.path.join(os.path.dirname(default_config_dir()), path)
+        if os.path.exists(from_root):
+            path = from_root
     if os.path.isfile(path):
         return path
     if os.path.isdir(path):
@@ -83,7 +89,7 @@ def attach_tokenizer(model, args):
     path = find_tokenizer_file(args.discrete_vae_weight_path)
     arch = dict(getattr(args, "tokenizer_args", None) or {})
     if not arch and not path.endswith(".pkl"):
-        arch = infer_dalle_arch(_read_state(path))
+        arch = infer_dalle_arch(_read_state(Path(path))) or {}
     tokenizer = load_dalle_encoder(path, **arch)
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
     head = getattr(getattr(model, "decoder", None), "head", None)

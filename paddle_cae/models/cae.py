@@ -474,7 +474,12 @@ class ContextAutoencoderViT(nn.Layer):
             mlm_acc = (logits.argmax(axis=-1) == labels).astype("float32").mean()
         return loss_main, loss_align, mlm_acc
 
-    def forward(self, images, bool_masked_pos, target_ids=None, tokenizer_images=None):
+    def encoder_state_dict(self):
+        """The encoder alone, under the names a CAE classifier uses (``encoder.`` stripped)."""
+        return {k[len("encoder."):]: v for k, v in self.state_dict().items()
+                if k.startswith("encoder.")}
+
+    def forward(self, images, bool_masked_pos=None, target_ids=None, tokenizer_images=None):
         """images [B, C, H, W] (normalised); bool_masked_pos [B, N] or [B, h, w] (True =
         masked, equal count M per sample); target_ids [B, N] or [B, h, w] int tokens of
         ALL patches, or tokenizer_images for the attached tokenizer.
@@ -482,6 +487,14 @@ class ContextAutoencoderViT(nn.Layer):
         Returns {"loss", "loss_main", "loss_align", "mlm_acc", "logits" [B*M, V],
         "labels" [B*M], "latent_pred" [B, M, Dd], "latent_target" [B, M, Dd]}.
         """
+        if isinstance(images, dict):  # a batch of the pretraining engine
+            batch = images
+            images = batch["images"]
+            bool_masked_pos = batch.get("bool_masked_pos", bool_masked_pos)
+            target_ids = batch.get("target_ids", target_ids)
+            tokenizer_images = batch.get("tokenizer_images", tokenizer_images)
+        if bool_masked_pos is None:
+            raise ValueError("CAE forward needs bool_masked_pos (the block mask of each sample)")
         mask = bool_masked_pos.astype("bool")
         mask = mask.flatten(1) if mask.ndim > 2 else mask  # [B, N]
         if mask.shape[1] != self.num_patches:

@@ -179,6 +179,10 @@ def save_checkpoint(obj, path):
             pickle.dump(plain, f, protocol=PICKLE_PROTOCOL)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file private (0600); give it the permissions of a normal file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
     except BaseException:
         try:
