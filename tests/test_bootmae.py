@@ -6,8 +6,7 @@ import pytest
 
 from paddle_cae.convert import convert_state_dict, linear_weight_names
 from paddle_cae.models import create_model, list_models
-from paddle_cae.models.bootmae import (VisionTransformerForMaskedImageModeling, ema_decay_for_epoch,
-                                       feature_weight_at, masks_from_shuffle)
+from paddle_cae.models.bootmae import VisionTransformerForMaskedImageModeling, masks_from_shuffle
 from paddle_cae.models.pos_embed import sincos_pos_embed
 
 
@@ -173,16 +172,15 @@ def test_update_teacher_follows_the_schedule_of_the_last_epoch_seen():
     assert model.update_teacher(epoch=0) == 0.999
 
 
-def test_ema_decay_schedule_static_and_dynamic():
-    assert ema_decay_for_epoch(0) == 0.999
-    assert ema_decay_for_epoch(99) == pytest.approx(0.999891)
-    assert ema_decay_for_epoch(100) == 0.9999
-    assert ema_decay_for_epoch(700) == 0.9999
-    assert ema_decay_for_epoch(250, model_ema_dynamic=True) == pytest.approx(0.999945)
-    assert ema_decay_for_epoch(400, model_ema_dynamic=True) == pytest.approx(0.99999)
-    assert ema_decay_for_epoch(800, model_ema_dynamic=True) == pytest.approx(0.99999)
-    assert feature_weight_at(0, 1.0, 801) == pytest.approx(4 / 801)
-    assert feature_weight_at(200, 1.0, 801) == 1.0
+def test_model_ema_decay_follows_the_official_schedule():
+    static = tiny(model_ema_decay=0.999, model_ema_dynamic=False)
+    dynamic = tiny(model_ema_decay=0.999, model_ema_dynamic=True)
+    assert static.ema_decay(0) == 0.999
+    assert static.ema_decay(99) == pytest.approx(0.999891)
+    assert static.ema_decay(100) == static.ema_decay(700) == 0.9999
+    assert dynamic.ema_decay(250) == pytest.approx(0.999945)
+    assert dynamic.ema_decay(400) == dynamic.ema_decay(800) == pytest.approx(0.99999)
+    assert create_model("bootmae_base", depth=1, decoder_depth=1, fea_list=(0,)).model_ema_dynamic
 
 
 def test_teacher_state_survives_a_save_and_restore(tmp_path):
@@ -199,6 +197,56 @@ def test_teacher_state_survives_a_save_and_restore(tmp_path):
         np.testing.assert_array_equal(restored.teacher_state_dict()[k].numpy(), v.numpy())
     with pytest.raises(KeyError):
         restored.set_teacher_state_dict({"cls_token": ckpt["teacher"]["cls_token"]})
+
+
+# ---------------------------------------------------------------------- engine hooks
+def test_engine_batch_order_is_rolled_alike_for_one_batch_seed():
+    model = tiny()
+    order = random_order(2, 16)
+    batch = {"images": paddle.randn([2, 3, 32, 32]), "order": order, "epoch": 3,
+             "batch_seed": 1234, "bool_masked_pos": np.zeros((2, 16), bool)}
+    first = model(batch)
+    again = model(dict(batch))
+    np.testing.assert_array_equal(first["mask"].numpy(), again["mask"].numpy())
+    roll = model.draw_roll(1234)
+    assert 0 <= roll <= 3
+    expected = model(batch["images"], idx_shuffle=np.roll(order, roll, axis=1))
+    np.testing.assert_array_equal(first["mask"].numpy(), expected["mask"].numpy())
+    assert model.current_epoch == 3
+    rolls = {model.draw_roll(seed) for seed in range(200)}
+    assert rolls == {0, 1, 2, 3}
+
+
+def test_engine_hooks_update_the_teacher_once_per_optimizer_step():
+    model = tiny(model_ema_decay=0.99)
+    model.on_epoch_start(0)
+    with paddle.no_grad():
+        model.cls_token.set_value(paddle.ones([1, 1, 32]))
+    before = model.teacher.cls_token.numpy().copy()
+    model.after_optimizer_step()
+    np.testing.assert_allclose(model.teacher.cls_token.numpy(),
+                               before * np.float32(0.99) + np.float32(1 - 0.99), rtol=1e-6)
+
+
+def test_extra_state_carries_the_teacher():
+    model = tiny()
+    with paddle.no_grad():
+        model.teacher.cls_token.set_value(paddle.full([1, 1, 32], 2.0))
+    extra = model.extra_state()
+    assert all(isinstance(v, np.ndarray) for v in extra["teacher"].values())
+    other = tiny()
+    other.load_extra_state(extra)
+    np.testing.assert_array_equal(other.teacher.cls_token.numpy(), 2.0)
+
+
+def test_encoder_export_and_reconstruction_image():
+    model = tiny()
+    keys = set(model.encoder_state_dict())
+    assert "norm.weight" in keys and "blocks.1.attn.qkv.weight" in keys and "cls_token" in keys
+    assert not any(k.startswith(("decode", "down", "lm_head", "mask_token")) for k in keys)
+    batch = {"images": paddle.randn([2, 3, 32, 32]), "order": random_order(2, 16)}
+    image = model.reconstruction_image(batch, model(batch))
+    assert image.shape == (32, 96, 3) and image.dtype == np.uint8
 
 
 # ------------------------------------------------------------------------ conversion

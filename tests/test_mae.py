@@ -146,6 +146,16 @@ def test_initialisation_follows_the_official_scheme():
         np.testing.assert_allclose(token.numpy().std(), 0.02, rtol=0.2)
 
 
+def test_encoder_export_and_reconstruction_image():
+    model = tiny(norm_pix_loss=True)
+    keys = set(model.encoder_state_dict())
+    assert {"cls_token", "pos_embed", "norm.weight", "blocks.1.mlp.fc2.bias"} <= keys
+    assert not any(k.startswith(("decoder", "mask_token")) for k in keys)
+    batch = {"images": paddle.randn([2, 3, 32, 32]), "epoch": 0, "batch_seed": 5}
+    image = model.reconstruction_image(batch, model(batch))
+    assert image.shape == (32, 96, 3) and image.dtype == np.uint8
+
+
 # ----------------------------------------------------------------------- conversion
 def test_encoder_only_release_loads_with_the_decoder_reported_missing():
     source = tiny()

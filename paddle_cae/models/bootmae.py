@@ -17,12 +17,14 @@ Parameter names equal the official state_dict keys (``decode_blocks.0.c_attn.kv.
 ``lm_head.proj.weight``, ``mask_token_1`` ...).
 """
 import math
+import random
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .layers import (Attention, Block, DropPath, Mlp, PatchEmbed, layer_norm, normal_, ones_,
                      trunc_normal_, xavier_uniform_, zeros_, zero_parameter)
 from .mae import fixed_table, images_from_batch, norm_eps_from, zero_filled_parameters
@@ -30,32 +32,12 @@ from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
 __all__ = ["VisionTransformerForMaskedImageModeling", "MomentumEncoder", "CrossAttention",
-           "DecodeBlock", "ema_update_", "ema_decay_for_epoch", "feature_weight_at",
-           "masks_from_shuffle", "bootmae_base", "bootmae_large"]
+           "DecodeBlock", "ema_update_", "masks_from_shuffle", "bootmae_base", "bootmae_large"]
+
+MAX_ROLL = 3  # the official order is rolled right by random.randint(0, 3) per batch
 
 PIXEL_NORM_EPS = 1e-5  # inside the sqrt of the per-patch, per-channel pixel target
 FEATURE_LN_EPS = 1e-6  # affine-free LayerNorm applied to both sides of the feature loss
-
-
-# ----------------------------------------------------------------------------- schedules
-# Kept here until paddle_cae/optim/schedules.py provides them; the formulas are the
-# official ones (utils.adjust_ema_momentum, run_pretraining.train_one_epoch).
-def ema_decay_for_epoch(epoch, model_ema_decay=0.999, model_ema_dynamic=False):
-    """Momentum of the teacher during ``epoch`` (constant over the epoch's iterations):
-    a linear rise from ``model_ema_decay`` towards 0.9999 over the first 100 epochs, then
-    0.9999, or with ``model_ema_dynamic`` a rise to 0.99999 over the next 300 epochs."""
-    if epoch < 100:
-        return model_ema_decay + epoch / 100 * (0.9999 - model_ema_decay)
-    if model_ema_dynamic:
-        return 0.9999 + min(300, epoch - 100) / 300 * (0.99999 - 0.9999)
-    return 0.9999
-
-
-def feature_weight_at(epoch, feature_weight, epochs):
-    """Weight of the feature loss in ``epoch``: linear ramp reaching ``feature_weight`` at
-    25% of training."""
-    ramp = feature_weight * (1 + epoch) / epochs
-    return min(ramp * 4, feature_weight)
 
 
 @paddle.no_grad()
@@ -111,6 +93,12 @@ def masks_from_shuffle(idx_shuffle, mask_len, grid_size, patch_size, weight_mask
         "loss_mask_pixel": to_pixels(grid_mask),
         "weight_mask_pixel": to_pixels(grid_weight),
     }
+
+
+def _to_uint8_hwc(image_chw, mean, std):
+    """A normalised [C, H, W] tensor -> uint8 [H, W, C] for logging."""
+    image = image_chw.numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def _gather_tokens(x, index):
@@ -284,6 +272,8 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
     (``--feature_weight``, ``--weight_mask``, ``--mask_num``, ``--epochs``,
     ``--model_ema_decay``, ``--model_ema_dynamic``)."""
 
+    image_mean = image_std = (0.5, 0.5, 0.5)  # the method's input normalisation
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
                  fea_list=(0, 6), num_classes=1000, num_heads=12, mlp_ratio=4.0, qkv_bias=True,
                  qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, no_grad=False,
@@ -433,7 +423,8 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
 
     def ema_decay(self, epoch):
         """Teacher momentum for ``epoch`` under this model's EMA settings."""
-        return ema_decay_for_epoch(epoch, self.model_ema_decay, self.model_ema_dynamic)
+        return ema_decay_for_epoch(epoch, dynamic=self.model_ema_dynamic,
+                                   base_decay=self.model_ema_decay)
 
     def update_teacher(self, decay=None, epoch=None):
         """One EMA step after an optimizer step: teacher <- decay * teacher + (1 - decay) *
@@ -560,67 +551,96 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
             loss_feature = paddle.zeros([], dtype=pred_pixel.dtype)
         return loss_pixel + loss_feature * feature_weight, loss_pixel, loss_feature
 
-    def shuffle_from_mask(self, bool_masked_pos, rng=None):
+    # ------------------------------------------------------------- masking
+    def draw_roll(self, batch_seed=None):
+        """The official per-batch roll, uniform in 0..3. With ``batch_seed`` (the same on
+        every rank for one global batch) all ranks roll alike; else Python's ``random``."""
+        rng = random.Random(int(batch_seed)) if batch_seed is not None else random
+        return rng.randint(0, MAX_ROLL)
+
+    def shuffle_from_mask(self, bool_masked_pos, rng=None, roll=None):
         """The official mask -> order step for block masks [B, N] or [B, h, w] (1 = masked):
-        visible patches first, random order inside each group, a roll of 0..3, then the
-        last ``mask_num`` are dropped. Returns idx_shuffle [B, N] int64 (numpy)."""
+        visible patches first, random order inside each group, rolled right by ``roll``
+        (drawn in 0..3 unless given); the last ``mask_num`` are dropped.
+        Returns idx_shuffle [B, N] int64 (numpy)."""
         from paddle_cae.data.masking import bootmae_shuffle_from_mask
 
         mask = bool_masked_pos.numpy() if isinstance(bool_masked_pos, paddle.Tensor) else \
             np.asarray(bool_masked_pos)
         h, w = self.grid_size
         mask = mask.reshape([-1, h, w]).astype(np.int64)
-        idx_shuffle, _ = bootmae_shuffle_from_mask(mask, self.mask_num, rng=rng)
+        idx_shuffle, _ = bootmae_shuffle_from_mask(mask, self.mask_num, rng=rng, roll=roll,
+                                                   max_roll=MAX_ROLL)
         return idx_shuffle
 
-    def _unpack(self, batch, idx_shuffle, bool_masked_pos):
+    def _unpack(self, batch, given):
+        """images and the masking inputs from a tensor, an (images, order | mask) pair or
+        the engine's dict; explicit keyword arguments win."""
         images = images_from_batch(batch)
+        found = {}
         if isinstance(batch, dict):
-            idx_shuffle = batch.get("idx_shuffle", idx_shuffle)
-            bool_masked_pos = batch.get("bool_masked_pos", batch.get("mask", bool_masked_pos))
-        elif isinstance(batch, (tuple, list)) and len(batch) > 1 and idx_shuffle is None \
-                and bool_masked_pos is None:
+            found = {k: batch.get(k) for k in ("idx_shuffle", "order", "bool_masked_pos",
+                                               "epoch", "batch_seed")}
+            if found["bool_masked_pos"] is None:
+                found["bool_masked_pos"] = batch.get("mask")
+        elif isinstance(batch, (tuple, list)) and len(batch) > 1:
             second = batch[1]
             array = second.numpy() if isinstance(second, paddle.Tensor) else np.asarray(second)
-            # a permutation of the patches is an order; a 0/1 (or bool) array is a mask
+            # a permutation of the patches is a (final) order; a 0/1 or bool array a mask
             if array.dtype.kind in "iu" and array.ndim == 2 and array.max() > 1:
-                idx_shuffle = second
+                found["idx_shuffle"] = second
             else:
-                bool_masked_pos = second
-        return images, idx_shuffle, bool_masked_pos
+                found["bool_masked_pos"] = second
+        for key, value in given.items():
+            if value is not None or key not in found:
+                found[key] = value
+        return images, found
 
-    def forward(self, batch, idx_shuffle=None, bool_masked_pos=None, mask_len=None, epoch=None,
-                feature_weight=None, rng=None):
+    def forward(self, batch, idx_shuffle=None, order=None, bool_masked_pos=None, mask_len=None,
+                epoch=None, feature_weight=None, roll=None, batch_seed=None, rng=None):
         """One training forward with the official loss.
 
-        batch: images [B, C, H, W], or (images, idx_shuffle | block mask), or a dict with
-        'images' and 'idx_shuffle' or 'bool_masked_pos'. ``idx_shuffle`` [B, N] is the patch
-        order whose last ``mask_len`` (default ``mask_num``) patches are dropped; without it
-        the order is made from ``bool_masked_pos`` (with ``rng``), as the official loop does.
-        ``epoch`` sets the feature-weight ramp (and is remembered for :meth:`update_teacher`);
+        batch: images [B, C, H, W], an (images, idx_shuffle | block mask) pair, or the
+        engine's dict (``images`` plus ``idx_shuffle`` / ``order`` / ``bool_masked_pos``,
+        ``epoch``, ``batch_seed``). The patch order, whose last ``mask_len`` (default
+        ``mask_num``) entries are dropped, comes from the first available of:
+        ``idx_shuffle`` [B, N] (used as is); ``order`` [B, N] (visible-first order before
+        the roll; rolled here by ``roll``, drawn from ``batch_seed`` unless given);
+        ``bool_masked_pos`` [B, N] or [B, h, w] (the whole official step, with ``rng``).
+        ``epoch`` sets the feature-weight ramp and is remembered for the teacher update;
         ``feature_weight`` overrides the ramp.
 
-        Returns ``{"loss", "loss_pixel", "loss_feature", "feature_weight", "pred_pixel"
-        [B, C, H, W], "pred_feature" [B, N, D], "target_feature" [B, N, D], "pixel_target"
-        [B, C, H, W], "mask" [B, N] (1 = dropped), "weight_mask" [B, N],
-        "weight_mask_pixel" [B, 1, H, W]}``."""
-        images, idx_shuffle, bool_masked_pos = self._unpack(batch, idx_shuffle, bool_masked_pos)
+        Returns ``{"loss", "loss_pixel", "loss_feature", "feature_weight" (float),
+        "pred_pixel" [B, C, H, W], "pred_feature" [B, N, D], "target_feature" [B, N, D]
+        (None when the feature weight is 0), "pixel_target" [B, C, H, W], "mask" [B, N]
+        (1 = dropped), "weight_mask" [B, N], "weight_mask_pixel" [B, 1, H, W]}``."""
+        images, found = self._unpack(batch, dict(
+            idx_shuffle=idx_shuffle, order=order, bool_masked_pos=bool_masked_pos,
+            epoch=epoch, batch_seed=batch_seed))
+        idx_shuffle, order = found["idx_shuffle"], found["order"]
+        epoch, batch_seed = found["epoch"], found["batch_seed"]
         mask_len = self.mask_num if mask_len is None else int(mask_len)
         if idx_shuffle is None:
-            if bool_masked_pos is None:
-                raise ValueError("BootMAE forward needs idx_shuffle or bool_masked_pos")
-            if mask_len != self.mask_num:
-                raise ValueError("mask_len differs from mask_num; pass idx_shuffle instead")
-            idx_shuffle = self.shuffle_from_mask(bool_masked_pos, rng)
+            if roll is None:
+                roll = self.draw_roll(batch_seed)
+            if order is not None:
+                idx_shuffle = paddle.roll(_as_index(order, "order"), int(roll), axis=1)
+            elif found["bool_masked_pos"] is not None:
+                if mask_len != self.mask_num:
+                    raise ValueError("mask_len differs from mask_num; pass idx_shuffle instead")
+                idx_shuffle = self.shuffle_from_mask(found["bool_masked_pos"], rng, roll)
+            else:
+                raise ValueError("BootMAE forward needs idx_shuffle, order or bool_masked_pos")
         idx_shuffle = _as_index(idx_shuffle, "idx_shuffle")
         if tuple(idx_shuffle.shape) != (images.shape[0], self.num_patches):
             raise ValueError(f"idx_shuffle must be [{images.shape[0]}, {self.num_patches}], "
                              f"got {list(idx_shuffle.shape)}")
         if epoch is not None:
+            epoch = int(epoch)
             self.current_epoch = epoch
         if feature_weight is None:
             feature_weight = (self.feature_weight if epoch is None
-                              else feature_weight_at(epoch, self.feature_weight, self.epochs))
+                              else feature_weight_at(epoch, self.epochs, self.feature_weight))
         feature_weight = float(feature_weight)
 
         masks = masks_from_shuffle(idx_shuffle, mask_len, self.grid_size, self.patch,
@@ -639,6 +659,48 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
             "mask": masks["loss_mask"], "weight_mask": masks["weight_mask"],
             "weight_mask_pixel": masks["weight_mask_pixel"],
         }
+
+    # ------------------------------------------------------- engine hooks
+    def on_epoch_start(self, epoch):
+        """The official loop sets the teacher's decay (and the feature weight) per epoch."""
+        self.current_epoch = int(epoch)
+
+    def after_optimizer_step(self):
+        """EMA step of the teacher, at the decay of the current epoch."""
+        if self._teacher is not None and self.current_epoch is not None:
+            self.update_teacher()
+
+    def extra_state(self):
+        """Saved beside the weights: the teacher (numpy arrays, official key names)."""
+        if self._teacher is None:
+            return {}
+        return {"teacher": {k: v.numpy() for k, v in self.teacher_state_dict().items()}}
+
+    def load_extra_state(self, state):
+        if self._teacher is not None and state and "teacher" in state:
+            self.set_teacher_state_dict(state["teacher"])
+
+    def encoder_state_dict(self):
+        """The encoder for fine-tuning (patch_embed, cls_token, pos_embed, blocks, norm)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith(_ENCODER_PREFIXES + ("norm.",)) or k in _ENCODER_KEYS}
+
+    @paddle.no_grad()
+    def reconstruction_image(self, batch, outputs):
+        """First sample as uint8 HWC: [input | visible patches | visible + prediction], the
+        prediction mapped back with each patch's own mean and std."""
+        images = images_from_batch(batch)[:1]
+        b, c, hh, ww = images.shape
+        p = self.patch
+        x = images.reshape([1, c, hh // p, p, ww // p, p])
+        mean = x.mean(axis=[3, 5], keepdim=True)
+        std = paddle.sqrt(((x - mean) ** 2).mean(axis=[3, 5], keepdim=True) + PIXEL_NORM_EPS)
+        pred = outputs["pred_pixel"][:1].astype(images.dtype).reshape(x.shape) * std + mean
+        pred = pred.reshape([1, c, hh, ww])
+        m = outputs["weight_mask_pixel"][:1] > 0  # [1, 1, H, W]
+        m = m.astype(images.dtype)
+        panel = paddle.concat([images, images * (1 - m), images * (1 - m) + pred * m], axis=3)
+        return _to_uint8_hwc(panel[0], self.image_mean, self.image_std)
 
 
 # ------------------------------------------------------------------ constructors

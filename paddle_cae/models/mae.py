@@ -12,6 +12,7 @@ import contextlib
 import math
 import re
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 
@@ -91,6 +92,9 @@ def _gather_tokens(x, index):
 class MaskedAutoencoderViT(nn.Layer):
     """Masked autoencoder with a ViT backbone (timm attention flavour, full qkv bias)."""
 
+    image_mean = (0.485, 0.456, 0.406)  # the method's input normalisation (ImageNet)
+    image_std = (0.229, 0.224, 0.225)
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
                  num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
                  mlp_ratio=4.0, norm_layer=None, norm_pix_loss=False, mask_ratio=0.75,
@@ -167,6 +171,13 @@ class MaskedAutoencoderViT(nn.Layer):
         if key.startswith(("fc_norm.", "head.")):
             return None
         return key
+
+    def encoder_state_dict(self):
+        """The encoder alone, as the official encoder-only release holds it (patch_embed,
+        cls_token, pos_embed, blocks, norm): what fine-tuning starts from."""
+        return {k: v for k, v in self.state_dict().items()
+                if k.startswith(("patch_embed.", "blocks.", "norm.")) or k in ("cls_token",
+                                                                              "pos_embed")}
 
     # ---------------------------------------------------------------- patches
     @property
@@ -267,6 +278,25 @@ class MaskedAutoencoderViT(nn.Layer):
         loss = self.forward_loss(imgs, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask, "latent": latent,
                 "ids_restore": ids_restore}
+
+
+    @paddle.no_grad()
+    def reconstruction_image(self, batch, outputs):
+        """First sample as uint8 HWC: [input | visible patches | visible + prediction]; with
+        norm_pix_loss the prediction is mapped back with each patch's own mean and std."""
+        imgs = images_from_batch(batch)[:1]
+        pred = outputs["pred"][:1].astype(imgs.dtype)  # [1, N, p*p*C]
+        if self.norm_pix_loss:
+            target = self.patchify(imgs)
+            mean = target.mean(axis=-1, keepdim=True)
+            var = ((target - mean) ** 2).sum(axis=-1, keepdim=True) / (target.shape[-1] - 1)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        mask = outputs["mask"][:1].astype(imgs.dtype).unsqueeze(-1).expand(pred.shape)
+        recon, mask = self.unpatchify(pred), self.unpatchify(mask)  # [1, C, H, W]
+        panel = paddle.concat([imgs, imgs * (1 - mask), imgs * (1 - mask) + recon * mask], axis=3)
+        image = panel[0].numpy().transpose(1, 2, 0) * np.asarray(self.image_std) \
+            + np.asarray(self.image_mean)
+        return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 # ------------------------------------------------------------------ constructors

@@ -10,9 +10,9 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from paddle_cae.models.bootmae import (VisionTransformerForMaskedImageModeling, ema_decay_for_epoch,
-                                       ema_update_, feature_weight_at)
+from paddle_cae.models.bootmae import VisionTransformerForMaskedImageModeling, ema_update_
 from paddle_cae.models.mae import MaskedAutoencoderViT
+from paddle_cae.optim.schedules import ema_decay_for_epoch, feature_weight_at
 
 
 def _constructor_args(cls, model_args, fixture):
@@ -102,12 +102,12 @@ def run_bootmae_ema(fx):
     d0 = schedule["model_ema_decay"]
     for flavour, dynamic in (("static", False), ("dynamic", True)):
         for point in schedule["schedule"][flavour]:
-            got = ema_decay_for_epoch(point["epoch"], d0, dynamic)
+            got = ema_decay_for_epoch(point["epoch"], dynamic=dynamic, base_decay=d0)
             assert abs(got - point["decay"]) <= 1e-12, (flavour, point, got)
     ramp_key = next(k for k in schedule if k.startswith("feature_weight_schedule"))
     epochs = schedule["epochs"]
     for point in schedule[ramp_key]:
-        got = feature_weight_at(point["epoch"], 1.0, epochs)
+        got = feature_weight_at(point["epoch"], epochs, 1.0)
         assert abs(got - point["feature_weight"]) <= 1e-12, (point, got)
 
     # the reference's checkpoint holds the same student/teacher the case feeds in
@@ -119,6 +119,12 @@ def run_bootmae_ema(fx):
         np.testing.assert_array_equal(teacher_ref[k], fx.input("teacher." + k))
 
     student = _stand_in({k: fx.input("student." + k) for k in names})
+    # the model's own schedule, as the engine uses it
+    model = VisionTransformerForMaskedImageModeling(
+        img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, decode_dim=8,
+        decoder_depth=1, fea_list=(0,), mask_num=3, model_ema_decay=d0, model_ema_dynamic=True)
+    assert model.ema_decay(250) == schedule["updates"][1]["decay"]
+
     for update in schedule["updates"]:
         tag, decay = update["tag"], update["decay"]
         assert np.float32(decay) == fx.input("decay_" + tag)
