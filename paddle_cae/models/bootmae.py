@@ -410,7 +410,9 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
 
     def _require_teacher(self):
         if self._teacher is None:
-            raise RuntimeError("this BootMAE model was built with with_teacher=False")
+            raise RuntimeError("this BootMAE model has no momentum teacher (built with "
+                               "with_teacher=False, i.e. without --model_ema); the feature "
+                               "loss needs it: enable --model_ema or set --feature_weight 0")
         return self._teacher
 
     @paddle.no_grad()

@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from paddle_cae.convert import read_torch_checkpoint
 from paddle_cae.models.bootmae import VisionTransformerForMaskedImageModeling, ema_update_
 from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.optim.schedules import ema_decay_for_epoch, feature_weight_at
@@ -53,7 +54,9 @@ def run_bootmae_pretrain_loss(fx):
                 epochs=train.get("epochs", 800))
     model = VisionTransformerForMaskedImageModeling(**args)
     fx.load_into(model)
-    fx.load_into(model.teacher, key="teacher")
+    # the fixtures store the momentum encoder under "teacher"; official runs under "model_ema"
+    stored = read_torch_checkpoint(fx.dir / "checkpoint.pth")
+    fx.load_into(model.teacher, key="teacher" if "teacher" in stored else "model_ema")
     model.train()
 
     # the order the fixture used is the official mask_to_index of its block mask (roll 0)
