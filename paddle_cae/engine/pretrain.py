@@ -233,6 +233,11 @@ class PretrainRun:
             numbered = last or (args.save_ckpt_freq and (epoch + 1) % args.save_ckpt_freq == 0)
             self.save(epoch, None, numbered)
             record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+            if self.env.distributed:
+                # data-parallel replicas must stay bit-identical; say so if they drift
+                record["ranks_in_sync"] = dist_rt.ranks_in_sync(self.model_core)
+                if not record["ranks_in_sync"]:
+                    logger.warning("epoch %d: the model differs between ranks", epoch)
             self.json_log.write(record)
         if self.output_dir and self.env.is_main:
             self.export_encoder()

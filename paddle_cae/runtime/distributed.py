@@ -157,3 +157,30 @@ def broadcast_parameters(model):
         return
     for p in model.parameters():
         dist.broadcast(p, src=0)
+
+
+def all_gather_ints(value):
+    """[value of rank 0, value of rank 1, ...] for a python int (a list of one in a single
+    process)."""
+    if not _ENV.distributed:
+        return [int(value)]
+    gathered = []
+    dist.all_gather(gathered, paddle.to_tensor([int(value)], dtype="int64"))
+    return [int(t.item()) for t in gathered]
+
+
+def state_digest(layer):
+    """A 56-bit digest of every entry of ``layer.state_dict()`` (names and exact bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, value in sorted(layer.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.numpy().tobytes())
+    return int.from_bytes(h.digest()[:7], "little")
+
+
+def ranks_in_sync(layer):
+    """True when every rank holds bit-identical weights (always True in one process)."""
+    digests = all_gather_ints(state_digest(layer))
+    return len(set(digests)) == 1

@@ -43,6 +43,10 @@ PRETRAIN_ARGS = (
     Arg("amp", "bool", True, "mixed precision (fp16 autocast O1 + loss scaling) on GPU; a no-op on CPU; "
         "--amp false runs fp32", group=G_RUN),
     Arg("print_freq", "int", 10, "log every N iterations", minimum=1, group=G_RUN),
+    Arg("save_latest_freq", "int", 0, "also write <exp_name>_checkpoint-latest.pd every N optimizer updates "
+        "inside an epoch, so a killed run resumes mid-epoch (0: only at epoch ends)", minimum=0, group=G_RUN),
+    Arg("vis_freq", "int", 200, "MAE/BootMAE: log a reconstruction image to VisualDL every N iterations "
+        "(0: never)", minimum=0, group=G_RUN),
     Arg("max_train_step", "int", None, "stop each epoch after N iterations (debugging)", minimum=1, group=G_RUN),
     Arg("debug", "bool", False, "debug mode of the Paddle CAE port (accepted, no effect)", group=G_RUN),
     Arg("enable_multi_print", "bool", False, "let every rank print, not only rank 0", group=G_RUN),
@@ -125,6 +129,8 @@ PRETRAIN_ARGS = (
     # --- CAE
     Arg("discrete_vae_weight_path", "str", None, "folder with the DALL-E tokenizer weights "
         "(encoder.pkl or encoder_weight.pd)", group=G_CAE),
+    Arg("tokenizer_args", "dict", {}, "architecture of the tokenizer file when it cannot be read from the "
+        "file itself, e.g. '{\"n_hid\": 256, \"vocab_size\": 8192}'", group=G_CAE),
     Arg("discrete_vae_type", "str", "dall-e", "tokenizer type", choices=("dall-e",), group=G_CAE),
     Arg("dvae_num_layers", "int", 3, "accepted for compatibility (unused by the DALL-E tokenizer)",
         minimum=1, group=G_CAE),

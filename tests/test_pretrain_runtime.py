@@ -1,0 +1,237 @@
+"""The pretraining runtime end to end on the bundled demo digits: defaults, accumulation,
+multi-process equivalence, kill-and-resume, corrupt data, checkpoints and VisualDL logs."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_cae.engine.pretrain_main import run
+from paddle_cae.runtime.checkpoint import load_checkpoint, save_checkpoint
+from paddle_cae.runtime.resume import find_resume_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = str(ROOT / "main_pretrain.py")
+DEMO = str(ROOT / "demo" / "digits")
+SMALL = ["--config", "demo/mae.yaml", "--num_workers", "0", "--print_freq", "50"]
+
+
+def env_for_subprocess():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def model_state(path):
+    return load_checkpoint(path)["model"]
+
+
+def assert_states_close(a, b, atol=0.0):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        if atol == 0.0:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(a[key], b[key], atol=atol, rtol=1e-4, err_msg=key)
+
+
+def read_log(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines()]
+
+
+def test_main_pretrain_without_arguments_trains_the_demo_and_writes_a_checkpoint(tmp_path):
+    proc = subprocess.run([sys.executable, MAIN], cwd=tmp_path, env=env_for_subprocess(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = tmp_path / "output" / "demo_mae"
+    checkpoints = sorted(out.glob("checkpoint-*.pd"))
+    assert out / "checkpoint-latest.pd" in checkpoints
+    state = load_checkpoint(out / "checkpoint-latest.pd")
+    assert state["kind"] == "pretrain" and state["batches_done"] is None
+    assert state["epoch"] == state["args"]["epochs"] - 1
+    log = read_log(out)
+    assert log[-1]["train_loss"] < log[0]["train_loss"]  # it learns
+    assert (out / "encoder.pd").exists()
+    assert "effective batch size" in proc.stdout and "learning rate" in proc.stdout
+
+
+def test_accumulating_two_batches_equals_one_batch_twice_as_large(tmp_path):
+    common = SMALL + ["--epochs", "1", "--max_train_step", "2", "--auto_resume", "false",
+                      "--warmup_epochs", "0", "--blr", "1e-2"]
+    paddle.seed(0)
+    big = run(common + ["--batch_size", "16", "--accum_iter", "1", "--max_train_step", "1",
+                        "--output_dir", str(tmp_path / "big")])
+    paddle.seed(0)
+    acc = run(common + ["--batch_size", "8", "--accum_iter", "2",
+                        "--output_dir", str(tmp_path / "acc")])
+    assert big.global_step == acc.global_step == 1
+    big_ckpt = load_checkpoint(tmp_path / "big" / "checkpoint-0.pd")
+    acc_ckpt = load_checkpoint(tmp_path / "acc" / "checkpoint-0.pd")
+    # the first moment after one AdamW step is (1 - beta1) * gradient: same gradient
+    for i, moments in big_ckpt["optimizer"]["state"].items():
+        other = acc_ckpt["optimizer"]["state"][i]
+        np.testing.assert_allclose(other["exp_avg"], moments["exp_avg"], rtol=1e-4, atol=1e-9)
+    # Adam normalises each gradient, so entries whose true gradient is zero (the key bias
+    # cancels in the softmax) move by a rounding-noise amount: compare at lr scale
+    assert_states_close(big_ckpt["model"], acc_ckpt["model"], atol=2e-5)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    args = ["--config", "demo/mae.yaml", "--epochs", "1", "--max_train_step", "3",
+            "--num_workers", "0", "--auto_resume", "false", "--print_freq", "50",
+            "--warmup_epochs", "0"]
+    env = env_for_subprocess()
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(tmp_path / "launch_logs"), MAIN] + args + [
+        "--batch_size", "8", "--output_dir", str(two)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in (tmp_path / "launch_logs").glob("workerlog.*"))
+    assert proc.returncode == 0, logs[-3000:]
+    record = read_log(two)[-1]
+    assert record["ranks_in_sync"] is True  # bit-identical parameters on both ranks
+    one = tmp_path / "one"
+    proc = subprocess.run([sys.executable, MAIN] + args + ["--batch_size", "16", "--output_dir",
+                                                           str(one)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_states_close(model_state(two / "checkpoint-0.pd"), model_state(one / "checkpoint-0.pd"),
+                        atol=1e-5)
+
+
+def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path):
+    args = SMALL + ["--epochs", "2", "--max_train_step", "12", "--batch_size", "32",
+                    "--save_latest_freq", "2", "--auto_resume", "true"]
+    env = env_for_subprocess()
+    reference = tmp_path / "reference"
+    proc = subprocess.run([sys.executable, MAIN] + args + ["--output_dir", str(reference)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, MAIN] + args + ["--output_dir", str(killed)]
+    victim = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoint-latest.pd"
+    deadline = time.time() + 300
+    mid_epoch = None
+    while time.time() < deadline and victim.poll() is None:
+        if latest.exists():
+            try:
+                state = load_checkpoint(latest)
+            except ValueError:
+                state = None
+            if state and state["batches_done"] is not None and state["epoch"] == 1:
+                mid_epoch = state
+                break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert mid_epoch is not None, "the run never wrote a mid-epoch checkpoint before ending"
+    assert not (killed / "checkpoint-1.pd").exists()
+
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout
+    assert_states_close(model_state(killed / "checkpoint-1.pd"),
+                        model_state(reference / "checkpoint-1.pd"))
+
+
+def test_auto_resume_skips_a_truncated_checkpoint_for_the_previous_complete_one(tmp_path):
+    save_checkpoint({"model": {"w": np.ones(3)}, "epoch": 3, "batches_done": None},
+                    tmp_path / "run_checkpoint-3.pd")
+    good = load_checkpoint(tmp_path / "run_checkpoint-3.pd")
+    save_checkpoint({"model": {"w": np.zeros(3)}, "epoch": 4, "batches_done": None},
+                    tmp_path / "run_checkpoint-4.pd")
+    data = (tmp_path / "run_checkpoint-4.pd").read_bytes()
+    (tmp_path / "run_checkpoint-4.pd").write_bytes(data[: len(data) // 2])
+    # a checkpoint of another experiment in the same folder is not a candidate
+    save_checkpoint({"model": {}, "epoch": 9, "batches_done": None},
+                    tmp_path / "other_checkpoint-9.pd")
+    path, state = find_resume_checkpoint(tmp_path, exp_name="run")
+    assert Path(path).name == "run_checkpoint-3.pd"
+    np.testing.assert_array_equal(state["model"]["w"], good["model"]["w"])
+
+
+def test_a_mid_epoch_checkpoint_beats_the_end_of_the_previous_epoch(tmp_path):
+    save_checkpoint({"model": {}, "epoch": 0, "batches_done": None}, tmp_path / "checkpoint-0.pd")
+    save_checkpoint({"model": {}, "epoch": 1, "batches_done": 4}, tmp_path / "checkpoint-latest.pd")
+    path, _ = find_resume_checkpoint(tmp_path)
+    assert Path(path).name == "checkpoint-latest.pd"
+
+
+def test_a_corrupt_jpeg_is_replaced_and_counted(tmp_path):
+    data = tmp_path / "data" / "train"
+    for label in ("a", "b"):
+        (data / label).mkdir(parents=True)
+        for k in range(12):
+            src = sorted((Path(DEMO) / "train" / ("1" if label == "a" else "7")).glob("*.png"))[k]
+            (data / label / f"{k}.png").write_bytes(src.read_bytes())
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    out = tmp_path / "out"
+    run(SMALL + ["--data_path", str(tmp_path / "data"), "--batch_size", "25", "--epochs", "1",
+                 "--output_dir", str(out), "--auto_resume", "false"])
+    assert read_log(out)[-1]["train_replaced_images"] == 1
+
+
+def test_visualdl_logs_can_be_read_back(tmp_path):
+    from visualdl import LogReader
+
+    out = tmp_path / "out"
+    run(SMALL + ["--epochs", "1", "--max_train_step", "4", "--batch_size", "16", "--print_freq", "1",
+                 "--output_dir", str(out), "--auto_resume", "false"])
+    files = list((out / "vdl").glob("vdlrecords.*.log"))
+    assert files
+    reader = LogReader(file_path=str(files[0]))
+    tags = reader.get_tags()
+    assert "train/loss" in tags["scalar"] and "opt/lr" in tags["scalar"]
+    losses = reader.get_data("scalar", "train/loss")
+    assert len(losses) == 4 and all(np.isfinite(r.value) for r in losses)
+
+
+def test_unknown_config_key_fails_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: mae_vit_base_patch16\nmask_ration: 0.5\n")
+    proc = subprocess.run([sys.executable, MAIN, "--config", str(bad)], cwd=tmp_path,
+                          env=env_for_subprocess(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "mask_ration" in proc.stderr
+
+
+def seed_commands():
+    lines = (ROOT / "tests" / "data" / "seed_pretrain_commands.txt").read_text().splitlines()
+    return [line for line in lines if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", seed_commands(), ids=lambda c: c.split("--model ")[1].split()[0])
+def test_every_seed_pretraining_command_runs_on_the_demo_data(command, tmp_path, monkeypatch):
+    """The seeds' command lines as written (full-size models), pointed at the demo data with
+    one step of a tiny batch. The CAE ones get a small fixed-random DALL-E-shaped tokenizer
+    with the release vocabulary."""
+    from paddle_cae.models.dalle import DalleEncoder
+
+    monkeypatch.chdir(tmp_path)  # commands without --output_dir write to ./output_dir
+    tokenizer = tmp_path / "tokenizer" / "encoder.pd"
+    paddle.seed(0)
+    save_checkpoint({k: v.numpy() for k, v in DalleEncoder(n_hid=16, n_blk_per_group=1,
+                                                             vocab_size=8192).state_dict().items()},
+                    tokenizer)
+    values = {"DATA_PATH": DEMO, "IMAGENET_DIR": DEMO, "OUTPUT_DIR": str(tmp_path / "out"),
+              "TOKENIZER_PATH": str(tokenizer.parent), "MODEL": "bootmae_base", "my_name": "seed"}
+    for name, value in values.items():
+        command = command.replace("${%s}" % name, value).replace("$" + name, value)
+    argv = shlex.split(command) + ["--epochs", "1", "--batch_size", "2", "--max_train_step", "2",
+                                   "--num_workers", "0", "--print_freq", "1"]
+    runner = run(argv)
+    assert runner.global_step >= 1
+    out = tmp_path / "out" if "--output_dir" in command else tmp_path / "output_dir"
+    assert list(out.glob("*checkpoint-0.pd"))
