@@ -592,7 +592,7 @@ def _apply_rename(rename, key):
     raise TypeError(f"rename must be a callable or a dict, got {type(rename).__name__}")
 
 
-def convert_state_dict(official_sd, model, rename=None):
+def convert_state_dict(official_sd, model, rename=None, transpose_linear=True):
     """Map an official PyTorch state_dict onto ``model`` (a paddle Layer).
 
     ``rename`` (callable ``key -> new key or None`` or a dict) turns official names into the
@@ -604,7 +604,10 @@ def convert_state_dict(official_sd, model, rename=None):
     Returns ``(paddle_state, report)``: ``paddle_state`` maps model keys to numpy arrays ready for
     ``model.set_state_dict``; ``report`` has ``loaded``, ``missing`` (model keys with no source),
     ``unused`` (source keys not used), ``mismatched`` (``(key, source_shape, model_shape)``, not
-    put in ``paddle_state``) and ``dropped`` (source keys dropped on purpose)."""
+    put in ``paddle_state``) and ``dropped`` (source keys dropped on purpose).
+
+    ``transpose_linear=False`` is for sources already in Paddle's layout (``.pd`` files), which
+    only need the renaming and the checks."""
     if rename is None:
         rename = getattr(model, "official_key_map", None)
     model_state = model.state_dict()
@@ -633,7 +636,7 @@ def convert_state_dict(official_sd, model, rename=None):
         used_targets[key] = src_key
         array = np.asarray(value)
         source_shape = tuple(array.shape)
-        if key in linear and array.ndim == 2:
+        if transpose_linear and key in linear and array.ndim == 2:
             array = array.T
         if tuple(array.shape) != model_shapes[key]:
             report["mismatched"].append((key, source_shape, model_shapes[key]))
