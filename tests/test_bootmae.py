@@ -118,7 +118,8 @@ def test_teacher_starts_as_a_copy_and_is_not_part_of_the_model():
     teacher = model.teacher
     student = model.state_dict()
     assert set(model.teacher_state_dict()) == {
-        k for k in student if k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed")}
+        k for k in student
+        if k.startswith(("patch_embed.", "blocks.")) or k in ("cls_token", "pos_embed")}
     for k, v in model.teacher_state_dict().items():
         np.testing.assert_array_equal(v.numpy(), student[k].numpy())
     teacher_ids = {id(p) for p in teacher.parameters()}
@@ -253,7 +254,8 @@ def test_encoder_export_and_reconstruction_image():
 def test_official_model_ema_loads_into_the_teacher_and_drops_the_rest():
     source = tiny()
     linear = linear_weight_names(source)
-    official = {k: (v.numpy().T if k in linear else v.numpy()) for k, v in source.state_dict().items()}
+    official = {k: (v.numpy().T if k in linear else v.numpy())
+                for k, v in source.state_dict().items()}
     target = tiny()
     state, report = convert_state_dict(official, target.teacher)
     assert not report["missing"] and not report["mismatched"] and not report["unused"]

@@ -108,7 +108,8 @@ def test_patchify_orders_each_patch_row_col_channel_and_unpatchify_inverts():
     patches = model.patchify(imgs).numpy()
     assert patches.shape == (2, 16, 8 * 8 * 3)
     # patch (r=1, c=2) is token 1*4 + 2; its element (p=3, q=5, channel=1)
-    np.testing.assert_allclose(patches[1, 6, (3 * 8 + 5) * 3 + 1], imgs.numpy()[1, 1, 8 + 3, 16 + 5])
+    np.testing.assert_allclose(patches[1, 6, (3 * 8 + 5) * 3 + 1],
+                               imgs.numpy()[1, 1, 8 + 3, 16 + 5])
     np.testing.assert_array_equal(model.unpatchify(paddle.to_tensor(patches)).numpy(), imgs.numpy())
 
 
