@@ -4,10 +4,11 @@ in every checkpoint, so inference rebuilds exactly the same network.
 Config keys: ``model`` (classifier name), ``num_classes``, ``input_size``, ``model_args``
 (extra constructor arguments), ``global_pool``, ``rel_pos_bias``, ``sin_pos_emb``,
 ``layer_scale_init_value``, ``init_scale``, ``drop_path``, ``probe`` (None, 'standard' or
-'attentive') and ``depth`` (blocks kept for probing).
+'attentive') and ``depth`` (blocks kept for probing), and the evaluation preprocessing ``mean``, ``std``, ``crop_pct``.
 """
 import paddle
 
+from ..data.transforms import mean_std
 from ..models import create_model
 from ..models.probe import AttentiveProbe
 from ..runtime.finetune_args import classifier_family, classifier_name
@@ -29,6 +30,10 @@ def classifier_config(args, num_classes):
         "drop_path": float(getattr(args, "drop_path", 0.0) or 0.0),
         "probe": probe,
         "depth": getattr(args, "depth", None),
+        # the evaluation preprocessing, so that inference needs nothing but the checkpoint
+        "mean": list(mean_std(args.imagenet_default_mean_and_std)[0]),
+        "std": list(mean_std(args.imagenet_default_mean_and_std)[1]),
+        "crop_pct": getattr(args, "crop_pct", None),
     }
 
 

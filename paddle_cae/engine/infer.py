@@ -1,0 +1,198 @@
+"""Inference helpers behind ``main_infer.py`` and :mod:`paddle_cae.api`: reading images, top-k
+predictions, exporting a Paddle inference model and MAE/BootMAE reconstruction pictures."""
+import os
+
+import numpy as np
+import paddle
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from ..data.datasets import IMG_EXTENSIONS
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform
+
+MODEL_FILE_PREFIX = "inference"
+
+
+class ImageInputError(ValueError):
+    """An input path is missing, empty or not an image."""
+
+
+# ---------------------------------------------------------------------------------- images
+def image_paths(path):
+    """``path`` itself (a file) or the images of a folder (recursively, sorted)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                       if f.lower().endswith(IMG_EXTENSIONS))
+        if not found:
+            raise ImageInputError(f"{path}: folder holds no images ({', '.join(IMG_EXTENSIONS)})")
+        return found
+    if not os.path.isfile(path):
+        raise ImageInputError(f"{path}: no such image file or folder")
+    return [path]
+
+
+def read_image(path):
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{path}: not an image (PIL cannot identify its format)") from None
+    except (OSError, SyntaxError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ImageInputError(f"{path}: not a readable image ({detail})") from None
+
+
+def preprocessing(config):
+    """The evaluation transform a classifier config (or a pretraining model's args) asks for."""
+    size = int(config.get("input_size", 224))
+    mean = tuple(config.get("mean") or IMAGENET_DEFAULT_MEAN)
+    std = tuple(config.get("std") or IMAGENET_DEFAULT_STD)
+    return build_eval_transform(size, mean, std, crop_pct=config.get("crop_pct"))
+
+
+def to_batch(images, transform):
+    """PIL images / paths -> float32 tensor [B, 3, H, W]."""
+    arrays = [transform(read_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB"))
+              for im in images]
+    return paddle.to_tensor(np.stack(arrays).astype("float32"))
+
+
+# ----------------------------------------------------------------------------- predictions
+def topk_predictions(probs, class_names, k=5):
+    """probs [B, C] -> per image a list of (name, probability), highest first."""
+    probs = np.asarray(probs)
+    k = min(k, probs.shape[-1])
+    out = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append([(class_names[i] if class_names and i < len(class_names) else str(i), float(row[i]))
+                    for i in order])
+    return out
+
+
+def format_prediction(pairs):
+    """The lines ``main_infer.py`` prints for one image: ``['Persian cat']: 0.8868...``."""
+    return [f"{[n.strip() for n in name.split(',')]!r}: {prob}" for name, prob in pairs]
+
+
+# ---------------------------------------------------------------------------------- export
+def export_inference_model(model, out_dir, input_size, extra_files=None):
+    """``paddle.jit.save`` the model (eval mode) with input [None, 3, H, W]; returns the path
+    prefix (``<out_dir>/inference``; Paddle 3 writes ``.json`` + ``.pdiparams``)."""
+    os.makedirs(out_dir, exist_ok=True)
+    model.eval()
+    spec = [paddle.static.InputSpec([None, 3, input_size, input_size], "float32", name="images")]
+    static = paddle.jit.to_static(model, input_spec=spec, full_graph=True)
+    prefix = os.path.join(out_dir, MODEL_FILE_PREFIX)
+    paddle.jit.save(static, prefix)
+    for name, text in (extra_files or {}).items():
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write(text)
+    return prefix
+
+
+def inference_model_files(prefix):
+    for ext in (".json", ".pdmodel"):
+        if os.path.isfile(prefix + ext):
+            return prefix + ext, prefix + ".pdiparams"
+    raise FileNotFoundError(f"{prefix}: no exported program (.json or .pdmodel)")
+
+
+def run_inference_model(prefix, batch):
+    """Run an exported model through ``paddle.inference`` (the deployment runtime) on a numpy
+    batch [B, 3, H, W]; returns the logits as numpy."""
+    from paddle import inference
+
+    program, params = inference_model_files(prefix)
+    config = inference.Config(program, params)
+    config.disable_gpu()
+    config.switch_ir_optim(False)  # keep the numerics of the dynamic graph
+    predictor = inference.create_predictor(config)
+    handle = predictor.get_input_handle(predictor.get_input_names()[0])
+    handle.reshape(list(batch.shape))
+    handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
+    predictor.run()
+    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+
+
+# ------------------------------------------------------------------------ reconstructions
+def _denormalise_patches(pred, target, patchify, unpatchify):
+    """MAE norm-pix predictions -> pixels with each patch's TRUE mean and std (as MAE's demo
+    does; the picture therefore borrows statistics of the hidden patches)."""
+    t = patchify(target)
+    mean = t.mean(axis=-1, keepdim=True)
+    var = t.var(axis=-1, keepdim=True)
+    return unpatchify(pred * (var + 1e-6) ** 0.5 + mean)
+
+
+@paddle.no_grad()
+def reconstruct(model, images, seed=0):
+    """(masked input, reconstruction, mask) of a MAE or BootMAE pretraining model, each
+    [B, 3, H, W] in the model's normalised space; mask 1 = hidden."""
+    model.eval()
+    paddle.seed(seed)
+    if hasattr(model, "decoder_pred"):  # MAE
+        out = model(images)
+        pred = out["pred"]
+        if model.norm_pix_loss:
+            recon = _denormalise_patches(pred, images, model.patchify, model.unpatchify)
+        else:
+            recon = model.unpatchify(pred)
+        p = model.patch_size
+        mask = model.unpatchify(out["mask"].unsqueeze(-1).expand([-1, -1, p * p * 3]))
+        return images * (1 - mask), recon, mask
+    if hasattr(model, "forward_predictions"):  # BootMAE
+        from ..models.bootmae import masks_from_shuffle
+
+        b, n = images.shape[0], model.num_patches
+        rng = np.random.RandomState(seed)
+        idx_shuffle = paddle.to_tensor(np.stack([rng.permutation(n) for _ in range(b)]).astype("int64"))
+        pred_pixel, _ = model.forward_predictions(images, model.mask_num, idx_shuffle)
+        masks = masks_from_shuffle(idx_shuffle, model.mask_num, model.grid_size, model.patch, False)
+        mask = masks["loss_mask_pixel"].astype("float32").expand_as(images)
+        # BootMAE normalises each patch and channel: undo with the true statistics
+        c, hh, ww = images.shape[1:]
+        p = model.patch
+        x = images.reshape([b, c, hh // p, p, ww // p, p])
+        mean = x.mean(axis=[3, 5], keepdim=True)
+        std = paddle.sqrt(((x - mean) ** 2).mean(axis=[3, 5], keepdim=True) + 1e-5)
+        recon = (pred_pixel.reshape([b, c, hh // p, p, ww // p, p]) * std + mean).reshape([b, c, hh, ww])
+        return images * (1 - mask), recon, mask
+    raise ValueError(f"{type(model).__name__} cannot reconstruct pixels (only MAE and BootMAE "
+                     "pretraining models can)")
+
+
+def reconstruction_figure(images, masked, recon, mask, mean, std, scale=4):
+    """One row per image: original | masked | reconstruction | reconstruction + visible, as a
+    PIL image with labelled panels."""
+    mean = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, np.float32).reshape(1, 3, 1, 1)
+
+    def to_uint8(t):
+        x = np.asarray(t.numpy() if hasattr(t, "numpy") else t) * std + mean
+        return (np.clip(x, 0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+    m = np.asarray(mask.numpy())
+    blend = np.asarray(images.numpy()) * (1 - m) + np.asarray(recon.numpy()) * m
+    panels = [to_uint8(images), to_uint8(masked), to_uint8(recon), to_uint8(blend)]
+    titles = ["original", "masked", "reconstruction", "reconstruction + visible"]
+    b, h, w, _ = panels[0].shape
+    ph, pw = h * scale, w * scale
+    label = 14
+    canvas = Image.new("RGB", (4 * pw + 5 * 4, b * (ph + label) + 4), "white")
+    draw = ImageDraw.Draw(canvas)
+    for row in range(b):
+        for col, panel in enumerate(panels):
+            tile = Image.fromarray(panel[row]).resize((pw, ph), Image.NEAREST)
+            x, y = 4 + col * (pw + 4), row * (ph + label) + label
+            canvas.paste(tile, (x, y))
+            if row == 0:
+                draw.text((x, 1), titles[col], fill="black")
+    return canvas
+
+
+__all__ = ["ImageInputError", "export_inference_model", "format_prediction", "image_paths",
+           "preprocessing", "read_image", "reconstruct", "reconstruction_figure",
+           "run_inference_model", "to_batch", "topk_predictions"]
