@@ -79,6 +79,12 @@ class LearningRateSchedule:
         self.weight_decay = weight_decay
         self.weight_decay_end = weight_decay_end
         if kind == "beit":
+            total = epochs * updates_per_epoch
+            warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * updates_per_epoch
+            if warmup_iters > total:
+                logger.warning("warm-up (%d updates) is longer than the whole run (%d updates): "
+                               "the run warms up over all of it", warmup_iters, total)
+                warmup_epochs, warmup_steps = 0, total
             self.lr_values = cosine_scheduler(lr, min_lr, epochs, updates_per_epoch, warmup_epochs,
                                               warmup_steps=warmup_steps)
         if weight_decay_end is not None:
