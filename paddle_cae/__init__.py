@@ -2,3 +2,4 @@
 __version__ = "0.1.0"
 
 from .models.registry import create_model, list_models  # noqa: F401,E402
+from .api import load_checkpoint, predict  # noqa: F401,E402

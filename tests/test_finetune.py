@@ -1,0 +1,255 @@
+"""Fine-tuning: demo run end to end (train, evaluate, best checkpoint, evaluate-only, resume),
+pretrained weights of every kind (ours and the official fixtures), distributed evaluation
+counting each image once, and one-line errors."""
+import atexit
+import functools
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_cae.data.datasets import build_dataset
+from paddle_cae.data.transforms import build_eval_transform
+from paddle_cae.engine import classify_main, pretrain_main
+from paddle_cae.engine.classifier import build_classifier
+from paddle_cae.engine.evaluate import ShardSampler, build_eval_loader, evaluate
+from paddle_cae.engine.finetune import ModelEma
+from paddle_cae.engine.pretrained import load_pretrained, resample_rel_pos_table
+from paddle_cae.models import create_model
+from paddle_cae.runtime.checkpoint import load_checkpoint
+from paddle_cae.runtime.distributed import DistEnv
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+DEMO_CLASSIFIER = {"patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 4}
+FINETUNE_EPOCHS = 3
+
+
+@functools.lru_cache(maxsize=None)
+def demo_runs():
+    """One demo MAE pretraining (1 epoch) and one fine-tuning of it, shared by the test files:
+    {"pretrain": checkpoint, "finetune_dir": output folder, "best": best checkpoint}."""
+    root = tempfile.mkdtemp(prefix="paddle_cae_ft_")
+    atexit.register(shutil.rmtree, root, True)
+    pre_dir = os.path.join(root, "pretrain")
+    assert pretrain_main.main(["--output_dir", pre_dir, "--epochs", "1", "--num_workers", "0"]) == 0
+    ft_dir = os.path.join(root, "finetune")
+    assert classify_main.main(["--finetune", os.path.join(pre_dir, "checkpoint-0.pd"),
+                               "--output_dir", ft_dir, "--epochs", str(FINETUNE_EPOCHS),
+                               "--num_workers", "0", "--print_freq", "100"]) == 0
+    return {"root": root, "pretrain": os.path.join(pre_dir, "checkpoint-0.pd"), "finetune_dir": ft_dir,
+            "best": os.path.join(ft_dir, "checkpoint-best.pd")}
+
+
+class captured_log:
+    """Collects the package's log messages (its logger does not propagate to pytest's)."""
+
+    def __enter__(self):
+        self.lines = []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        logging.getLogger("paddle_cae").addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("paddle_cae").removeHandler(self.handler)
+        return False
+
+    @property
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def one_line_error(text):
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, text
+    assert "Traceback" not in text
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------ demo run
+def test_finetune_demo_trains_evaluates_and_keeps_the_best_checkpoint():
+    runs = demo_runs()
+    log = read_log(os.path.join(runs["finetune_dir"], "log.txt"))
+    assert [r["epoch"] for r in log] == list(range(FINETUNE_EPOCHS))
+    assert all(r["test_images"] == 359 for r in log)  # the whole validation set, once
+    best = load_checkpoint(runs["best"])
+    assert best["kind"] == "finetune"
+    assert best["class_names"] == [str(d) for d in range(10)]
+    assert best["best_acc1"] == pytest.approx(max(r["test_acc1"] for r in log))
+    best_epoch = max(log, key=lambda r: r["test_acc1"])["epoch"]
+    assert best["epoch"] == best_epoch
+    assert max(r["test_acc1"] for r in log) > 20.0  # well above chance (10%)
+    assert os.path.isfile(os.path.join(runs["finetune_dir"], f"checkpoint-{FINETUNE_EPOCHS - 1}.pd"))
+
+
+def test_eval_with_resume_only_evaluates_and_reproduces_the_logged_accuracy():
+    runs = demo_runs()
+    before = sorted(os.listdir(runs["finetune_dir"]))
+    stats = classify_main.run(["--eval", "--resume", runs["best"], "--output_dir", runs["finetune_dir"],
+                               "--num_workers", "0"])
+    assert sorted(os.listdir(runs["finetune_dir"])) == before  # nothing trained or written
+    assert stats["images"] == 359
+    assert stats["acc1"] == pytest.approx(load_checkpoint(runs["best"])["best_acc1"], abs=1e-6)
+
+
+def test_auto_resume_continues_after_the_last_completed_epoch(tmp_path):
+    runs = demo_runs()
+    out = tmp_path / "ft"
+    shutil.copytree(runs["finetune_dir"], out)
+    runner = classify_main.run(["--finetune", runs["pretrain"], "--output_dir", str(out),
+                                "--epochs", str(FINETUNE_EPOCHS + 1), "--auto_resume", "true",
+                                "--num_workers", "0", "--print_freq", "100"])
+    assert runner.start_epoch == FINETUNE_EPOCHS
+    log = read_log(out / "log.txt")
+    assert [r["epoch"] for r in log] == list(range(FINETUNE_EPOCHS + 1))
+
+
+# ----------------------------------------------------------------------- loading weights
+def fixture_classifier(folder, name):
+    cfg = json.loads((FIXTURES / folder / "config.json").read_text())["model_args"]
+    kwargs = {k: cfg[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                  "mlp_ratio") if k in cfg}
+    if name.startswith("cae"):
+        kwargs["init_values"] = cfg.get("init_values", 0.1)
+    return create_model(name, num_classes=7, **kwargs)
+
+
+FIXTURE_CASES = [
+    ("mae_pretrain", "vit_base_patch16", ""),
+    ("cae_pretrain", "cae_base_patch16_224", "encoder."),
+    ("bootmae_pretrain", "bootmae_base_patch16_224", ""),
+    ("mae_vit_finetune", "vit_base_patch16", ""),
+    ("cae_finetune", "cae_base_patch16_224", ""),
+    ("bootmae_finetune", "bootmae_base_patch16_224", ""),
+]
+
+
+@pytest.mark.parametrize("folder,name,prefix", FIXTURE_CASES)
+def test_official_fixture_checkpoint_loads_its_encoder_through_the_converter(folder, name, prefix):
+    model = fixture_classifier(folder, name)
+    report = load_pretrained(model, FIXTURES / folder / "checkpoint.pth")
+    reference = np.load(FIXTURES / folder / "weights.npz")
+    own = model.state_dict()
+    checked = 0
+    for key in own:
+        source = prefix + key
+        if key.startswith(("blocks.", "patch_embed.", "cls_token")) and source in reference \
+                and "relative_position" not in key:
+            expected = reference[source]
+            got = own[key].numpy()
+            if got.ndim == 2 and "weight" in key:  # Linear: paddle [in, out]
+                expected = expected.T
+            np.testing.assert_array_equal(got, expected)
+            checked += 1
+    assert checked > 10
+    assert set(report.initialised) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias",
+                                       "blocks.0.attn.relative_position_bias_table",
+                                       "blocks.1.attn.relative_position_bias_table"}
+    assert any(line.startswith("  loaded") for line in report.lines())
+
+
+def test_cae_loading_starts_fc_norm_from_the_encoder_norm():
+    model = fixture_classifier("cae_pretrain", "cae_base_patch16_224")
+    load_pretrained(model, FIXTURES / "cae_pretrain" / "checkpoint.pth")
+    reference = np.load(FIXTURES / "cae_pretrain" / "weights.npz")
+    np.testing.assert_array_equal(model.fc_norm.weight.numpy(), reference["encoder.norm.weight"])
+
+
+def test_finetune_command_line_accepts_an_official_checkpoint(tmp_path):
+    with captured_log() as log:
+        rc = classify_main.main(["--finetune", str(FIXTURES / "mae_pretrain" / "checkpoint.pth"),
+                                "--model_args", '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4}',
+                                "--output_dir", str(tmp_path), "--epochs", "1", "--max_train_step", "2",
+                                "--num_workers", "0"])
+    assert rc == 0
+    out = log.text
+    assert "ignored, pretraining-only" in out and "newly initialised" in out
+    assert os.path.isfile(tmp_path / "checkpoint-best.pd")
+
+
+def test_learned_position_table_is_resized_to_a_larger_input():
+    runs = demo_runs()
+    model = create_model("vit_base_patch16", num_classes=10, img_size=48, **DEMO_CLASSIFIER)
+    report = load_pretrained(model, runs["pretrain"])
+    assert tuple(model.pos_embed.shape) == (1, 1 + 12 * 12, 64)
+    assert any(key == "pos_embed" for key, _ in report.adapted)
+    source = load_checkpoint(runs["pretrain"])["model"]["pos_embed"]
+    np.testing.assert_allclose(model.pos_embed.numpy()[:, :1], source[:, :1])  # cls row kept
+
+
+def test_relative_position_table_resampling_keeps_a_smooth_table_and_the_cls_rows():
+    src_grid, dst_grid, heads = 7, 14, 3
+    rows = np.arange(2 * src_grid - 1, dtype=np.float32) - (src_grid - 1)
+    plane = (rows[:, None] * 0.5 + rows[None, :] * 0.25).reshape(-1)  # linear in the offsets
+    table = np.concatenate([np.stack([plane * (h + 1) for h in range(heads)], 1),
+                            np.full((3, heads), 9.0, np.float32)])
+    out = resample_rel_pos_table(table, (dst_grid, dst_grid))
+    assert out.shape == ((2 * dst_grid - 1) ** 2 + 3, heads)
+    np.testing.assert_array_equal(out[-3:], table[-3:])
+    grid = out[:-3, 0].reshape(2 * dst_grid - 1, 2 * dst_grid - 1)
+    centre = dst_grid - 1
+    assert grid[centre, centre] == pytest.approx(0.0, abs=1e-4)  # zero offset stays zero
+    assert np.all(np.diff(grid[:, centre]) > 0)  # still increasing along the row offsets
+    np.testing.assert_array_equal(resample_rel_pos_table(table, (src_grid, src_grid)), table)
+
+
+def test_wrong_model_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    runs = demo_runs()
+    rc = classify_main.main(["--finetune", runs["pretrain"], "--model", "cae_base_patch16_224",
+                             "--model_args", json.dumps(DEMO_CLASSIFIER), "--input_size", "32",
+                             "--output_dir", str(tmp_path), "--num_workers", "0"])
+    assert rc != 0
+    line = one_line_error(capsys.readouterr().err)
+    assert runs["pretrain"] in line and "encoder weights" in line
+
+
+def test_missing_finetune_file_is_a_one_line_error(tmp_path, capsys):
+    rc = classify_main.main(["--finetune", str(tmp_path / "nope.pd"), "--output_dir", str(tmp_path)])
+    assert rc != 0
+    assert "nope.pd" in one_line_error(capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------- distributed evaluation
+def test_shard_sampler_gives_every_index_to_exactly_one_rank():
+    for n, world in ((359, 2), (7, 4), (3, 5)):
+        seen = [i for rank in range(world) for batch in ShardSampler(n, 16, world, rank) for i in batch]
+        assert sorted(seen) == list(range(n))
+
+
+def test_two_rank_evaluation_adds_up_to_the_single_process_counts():
+    paddle.seed(0)
+    config = {"model": "vit_base_patch16", "num_classes": 10, "input_size": 32,
+              "model_args": DEMO_CLASSIFIER, "global_pool": True}
+    model = build_classifier(config, for_training=False)
+    val = build_dataset("val", None, build_eval_transform(32))
+    whole = evaluate(model, build_eval_loader(val, 64, DistEnv(0, 1), dist_eval=True))
+    parts = [evaluate(model, build_eval_loader(val, 64, DistEnv(rank, 2), dist_eval=True))
+             for rank in range(2)]
+    assert sum(p["images"] for p in parts) == whole["images"] == len(val)
+    correct = sum(p["acc1"] * p["images"] for p in parts) / 100.0
+    assert correct == pytest.approx(whole["acc1"] * whole["images"] / 100.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------- EMA
+def test_model_ema_moves_towards_the_weights_by_one_minus_decay():
+    layer = paddle.nn.Linear(3, 2)
+    ema = ModelEma(layer, decay=0.9)
+    start = layer.weight.numpy().copy()
+    layer.weight.set_value(start + 1.0)
+    ema.update(layer)
+    np.testing.assert_allclose(ema.state["weight"].numpy(), start + 0.1, rtol=1e-6)
+    with ema.swapped_into(layer):
+        np.testing.assert_allclose(layer.weight.numpy(), start + 0.1, rtol=1e-6)
+    np.testing.assert_allclose(layer.weight.numpy(), start + 1.0)
