@@ -147,7 +147,7 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops():
 
 
 @pytest.mark.parametrize("method, keys", [
-    ("mae", {"images"}),
+    ("mae", {"images", "noise"}),
     ("bootmae", {"images", "bool_masked_pos"}),
     ("cae", {"images", "tokenizer_images", "bool_masked_pos"}),
 ])
@@ -163,6 +163,8 @@ def test_pretrain_pipelines_output_shapes_and_ranges(method, keys):
         assert out["images"].min() >= -1 - 1e-6 and out["images"].max() <= 1 + 1e-6
     if "bool_masked_pos" in out:
         assert out["bool_masked_pos"].dtype == bool and out["bool_masked_pos"].shape == (64,) and out["bool_masked_pos"].sum() == 30
+    if "noise" in out:  # MAE's per-sample masking noise, one value per patch in [0, 1)
+        assert out["noise"].shape == (64,) and 0 <= out["noise"].min() and out["noise"].max() < 1
     if method == "cae":
         tok = out["tokenizer_images"]
         assert tok.shape == (3, 64, 64) and tok.min() >= 0.1 - 1e-6 and tok.max() <= 0.9 + 1e-6
