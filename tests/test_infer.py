@@ -1,0 +1,118 @@
+"""main_infer.py: top-5 with the stored class names, folders, export through paddle.inference,
+reconstruction pictures, and one-line errors for bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+from PIL import Image
+
+import main_infer
+from paddle_cae.api import load_checkpoint
+from paddle_cae.data.imagenet_classes import imagenet_class_names, imagenet_synsets
+from paddle_cae.engine.infer import (export_inference_model, image_paths, preprocessing, run_inference_model,
+                                     to_batch)
+from paddle_cae.runtime.checkpoint import save_checkpoint
+from paddle_cae.runtime.checkpoint import load_checkpoint as read_pd
+from tests.test_finetune import demo_runs, one_line_error
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL = ROOT / "demo" / "digits" / "val"
+
+
+def first_image(label):
+    return str(VAL / str(label) / sorted(os.listdir(VAL / str(label)))[0])
+
+
+def test_main_infer_prints_the_true_class_among_the_top5():
+    runs = demo_runs()
+    image = first_image(3)
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "main_infer.py", "--model", "vit_base_patch16", "--resume",
+                             runs["best"], "--img_path", image], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index("Inference results:")
+    top5 = lines[start + 1:start + 6]
+    assert len(top5) == 5
+    assert any(line.startswith("['3']: ") for line in top5), top5
+    probs = [float(line.split(": ")[1]) for line in top5]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_folder_input_is_predicted_in_batches_one_section_per_image(capsys):
+    runs = demo_runs()
+    assert main_infer.main(["--resume", runs["best"], "--img_path", str(VAL / "7"), "--batch_size", "8"]) == 0
+    out = capsys.readouterr().out
+    count = len(os.listdir(VAL / "7"))
+    assert sum(1 for line in out.splitlines() if line.endswith(".png:")) == count
+    assert sum(1 for line in out.splitlines() if line.startswith("['")) == 5 * count
+
+
+def test_exported_model_gives_the_same_logits_through_paddle_inference(tmp_path):
+    model = load_checkpoint(demo_runs()["best"])
+    prefix = export_inference_model(model, str(tmp_path), 32)
+    batch = to_batch(image_paths(VAL / "5")[:4], preprocessing(model.preprocess_config))
+    with paddle.no_grad():
+        expected = model(batch).numpy()
+    got = run_inference_model(prefix, batch.numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_visualize_saves_the_four_panels_of_a_pretraining_checkpoint(tmp_path, capsys):
+    out = tmp_path / "vis.png"
+    rc = main_infer.main(["--resume", demo_runs()["pretrain"], "--img_path", first_image(1),
+                          "--visualize", str(out)])
+    assert rc == 0
+    assert "true mean and std" in capsys.readouterr().out  # norm-pix de-normalisation is stated
+    with Image.open(out) as img:
+        assert img.width > 4 * 32 and img.height > 32
+
+
+def test_visualize_refuses_an_encoder_only_checkpoint_saying_why(tmp_path, capsys):
+    state = read_pd(demo_runs()["pretrain"])
+    encoder = {k: v for k, v in state["model"].items() if not k.startswith(("decoder", "mask_token"))}
+    path = tmp_path / "encoder.pd"
+    save_checkpoint({"kind": "encoder", "model_name": state["model_name"], "model": encoder}, path)
+    rc = main_infer.main(["--resume", str(path), "--img_path", first_image(1), "--visualize",
+                          str(tmp_path / "x.png")])
+    assert rc != 0
+    assert "decoder" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_image_is_a_one_line_error(capsys):
+    assert main_infer.main(["--resume", demo_runs()["best"], "--img_path", "no/such.png"]) != 0
+    assert "no/such.png" in one_line_error(capsys.readouterr().err)
+
+
+def test_a_file_that_is_not_an_image_is_a_one_line_error(tmp_path, capsys):
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("not pixels")
+    assert main_infer.main(["--resume", demo_runs()["best"], "--img_path", str(fake)]) != 0
+    assert "not an image" in one_line_error(capsys.readouterr().err)
+
+
+def test_checkpoint_of_another_model_is_a_one_line_error(capsys):
+    rc = main_infer.main(["--model", "cae_base_patch16_224", "--resume", demo_runs()["best"],
+                          "--img_path", first_image(2)])
+    assert rc != 0
+    assert "vit_base_patch16" in one_line_error(capsys.readouterr().err)
+
+
+def test_pretraining_checkpoint_cannot_classify(capsys):
+    rc = main_infer.main(["--resume", demo_runs()["pretrain"], "--img_path", first_image(2)])
+    assert rc != 0
+    assert "pretraining checkpoint" in one_line_error(capsys.readouterr().err)
+
+
+def test_imagenet_class_names_cover_the_1000_sorted_synsets():
+    synsets = imagenet_synsets()
+    wnids = [w for w, _ in synsets]
+    assert len(wnids) == 1000 == len(set(wnids)) and wnids == sorted(wnids)
+    assert all(w.startswith("n") and len(w) == 9 for w in wnids)
+    assert all(names for _, names in synsets)
+    assert len(imagenet_class_names()) == 1000
