@@ -187,7 +187,7 @@ def test_visualdl_logs_can_be_read_back(tmp_path):
 
     out = tmp_path / "out"
     run(SMALL + ["--epochs", "1", "--max_train_step", "4", "--batch_size", "16", "--print_freq", "1",
-                 "--output_dir", str(out), "--auto_resume", "false"])
+                 "--vis_freq", "2", "--output_dir", str(out), "--auto_resume", "false"])
     files = list((out / "vdl").glob("vdlrecords.*.log"))
     assert files
     reader = LogReader(file_path=str(files[0]))
@@ -195,6 +195,8 @@ def test_visualdl_logs_can_be_read_back(tmp_path):
     assert "train/loss" in tags["scalar"] and "opt/lr" in tags["scalar"]
     losses = reader.get_data("scalar", "train/loss")
     assert len(losses) == 4 and all(np.isfinite(r.value) for r in losses)
+    assert "reconstruction" in tags["image"]  # original / masked / reconstruction
+    assert len(reader.get_data("image", "reconstruction")) == 2
 
 
 def test_unknown_config_key_fails_naming_the_key(tmp_path):
@@ -242,3 +244,29 @@ def test_every_seed_pretraining_command_runs_on_the_demo_data(command, tmp_path,
     assert runner.global_step >= 1
     out = tmp_path / "out" if "--output_dir" in command else tmp_path / "output_dir"
     assert list(out.glob("*checkpoint-0.pd"))
+
+
+@pytest.mark.slow
+def test_two_node_launch_on_loopback_trains_in_sync(tmp_path):
+    """The multi-node form (--nnodes 2 --master host:port --rank r), both nodes on this host."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nnodes", "2",
+               "--master", f"127.0.0.1:{port}", "--rank", str(rank), "--nproc_per_node", "1",
+               "--log_dir", str(tmp_path / f"logs{rank}"), MAIN] + SMALL + [
+            "--epochs", "1", "--max_train_step", "2", "--batch_size", "8", "--auto_resume", "false",
+            "--output_dir", str(out)]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env_for_subprocess(),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = "".join(p.read_text() for p in tmp_path.glob("logs*/workerlog.*"))
+    assert codes == [0, 0], logs[-3000:]
+    record = read_log(out)[-1]
+    assert record["ranks_in_sync"] is True
+    assert "2 process(es)" in logs
