@@ -253,3 +253,34 @@ def test_model_ema_moves_towards_the_weights_by_one_minus_decay():
     with ema.swapped_into(layer):
         np.testing.assert_allclose(layer.weight.numpy(), start + 0.1, rtol=1e-6)
     np.testing.assert_allclose(layer.weight.numpy(), start + 1.0)
+
+
+# --------------------------------------------------------------------------- seed commands
+def seed_commands():
+    values = {"${MODEL}": "bootmae_base", "${LAYER}": "9"}
+    for line in (ROOT / "tests" / "data" / "seed_classify_commands.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            kind, *argv = line.split()
+            yield kind, [values.get(a, a) for a in argv]
+
+
+@pytest.mark.parametrize("kind,argv", list(seed_commands()))
+def test_seed_command_lines_parse_with_their_meaning(kind, argv):
+    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+
+    args = (parse_linprobe_args if kind == "L" else parse_finetune_args)(argv)
+    given = dict(zip(argv, argv[1:]))
+    if "--lr" in given:
+        assert args.lr == float(given["--lr"])
+    if "--blr" in given:
+        assert args.blr == float(given["--blr"])
+    if "--use_cls" in argv:
+        assert args.global_pool is False
+    if "--global_pool" in argv:
+        assert args.global_pool is True
+    if "--disable_rel_pos_bias" in argv:
+        assert args.rel_pos_bias is False
+    if "--update_freq" in given:
+        assert args.accum_iter == int(given["--update_freq"])
+    assert args.eval == ("--eval" in argv)
+    assert args.model in ("cae_base_patch16_224", "vit_base_patch16", "bootmae_base_patch16_224")

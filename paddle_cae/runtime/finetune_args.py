@@ -130,6 +130,8 @@ FINETUNE_ONLY_ARGS = (
         "too (BootMAE recipe)", group=G_MODEL),
     Arg("model_ema_decay", "float", 0.9999, "EMA decay per optimizer step", minimum=0.0, maximum=1.0,
         group=G_MODEL),
+    Arg("enable_deepspeed", "bool", False, "accepted for compatibility (BootMAE/CAE scripts); training "
+        "runs on Paddle's own optimizer and loss scaling", group=G_RUN),
     Arg("model_ema_force_cpu", "bool", False, "accepted for compatibility (the EMA lives with the model)",
         group=G_MODEL),
     Arg("smoothing", "float", 0.1, "label smoothing", minimum=0.0, maximum=1.0, group=G_AUG),
