@@ -20,7 +20,7 @@ from ..runtime.amp import Precision
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.config import ConfigError
 from ..runtime.finetune_args import classifier_family, parse_finetune_args, parse_linprobe_args
-from ..runtime.logging import setup_console_logging
+from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import default_config_dir
 from .classifier import build_classifier, classifier_config, encoder_of
 from .evaluate import build_eval_loader, evaluate
@@ -60,11 +60,7 @@ def prepare_args(args, env):
         args.abs_lr = args.lr
         args.lr_rule = "absolute --lr"
     args.eff_batch_size = eff
-    if args.output_dir:
-        if args.log_dir is None:
-            args.log_dir = os.path.join(args.output_dir, "vdl")
-        elif not os.path.isabs(args.log_dir):
-            args.log_dir = os.path.join(args.output_dir, args.log_dir)
+    args.log_dir = resolve_log_dir(args.output_dir, args.log_dir)
     return args
 
 

@@ -20,9 +20,7 @@ same numbers as an uninterrupted single-process run with the same global batch.
 """
 import json
 import logging
-import math
 import os
-import time
 
 import numpy as np
 import paddle
@@ -33,8 +31,8 @@ from ..optim import apply_lr, cosine_scheduler, mae_lr_at
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint, to_plain
 from ..runtime.logging import JsonLinesLog, MetricLogger, SmoothedValue, VisualDLWriter
-from ..runtime.resume import (checkpoint_path, find_resume_checkpoint, rng_state,
-                              save_training_checkpoint, set_rng_state)
+from ..runtime.resume import (find_resume_checkpoint, rng_state, save_training_checkpoint,
+                              set_rng_state)
 from .stepper import NonFiniteLossError, Stepper
 
 logger = logging.getLogger("paddle_cae")
@@ -260,7 +258,6 @@ class PretrainRun:
         metrics = MetricLogger()
         metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
         header = f"Epoch: [{epoch}]"
-        first_update = start_batch // self.accum_iter
         total = self.batches_per_epoch
         global_batch = args.batch_size * self.env.world_size
         iterator = metrics.log_every(self._limited(self.loader, total - start_batch),
@@ -306,7 +303,6 @@ class PretrainRun:
                            epoch, int(averages["replaced_images"]))
         logger.info("Epoch %d averaged stats: %s", epoch,
                     "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))
-        del first_update
         return averages
 
     # ----------------------------------------------------------------- helpers
@@ -390,4 +386,4 @@ def write_config_snapshot(args, output_dir):
 
 
 __all__ = ["PretrainRun", "LearningRateSchedule", "NonFiniteLossError", "build_pretrain_loader",
-           "describe_start", "write_config_snapshot", "checkpoint_path", "math", "time"]
+           "describe_start", "write_config_snapshot"]

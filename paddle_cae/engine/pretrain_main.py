@@ -1,5 +1,4 @@
 """Everything ``main_pretrain.py`` does, importable (notebooks call :func:`main` too)."""
-import inspect
 import logging
 import os
 import sys
@@ -14,7 +13,7 @@ from ..optim import build_optimizer, param_groups
 from ..optim.param_groups import recipe_group_options
 from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision
-from ..runtime.logging import setup_console_logging
+from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import (absolute_lr, default_config_dir, effective_batch_size,
                                      parse_pretrain_args)
 from .pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
@@ -113,11 +112,7 @@ def prepare_args(args, env):
         args.lr_rule = f"lr {args.lr:g} x {eff} / 256 (BootMAE scaling)"
     else:
         args.lr_rule = "absolute --lr"
-    if args.output_dir:
-        if args.log_dir is None:
-            args.log_dir = os.path.join(args.output_dir, "vdl")
-        elif not os.path.isabs(args.log_dir):
-            args.log_dir = os.path.join(args.output_dir, args.log_dir)
+    args.log_dir = resolve_log_dir(args.output_dir, args.log_dir)
     return args
 
 
@@ -186,4 +181,4 @@ def main(argv=None):
     return 0
 
 
-__all__ = ["main", "run", "build_model", "model_kwargs", "inspect"]
+__all__ = ["main", "run", "build_model", "model_kwargs"]

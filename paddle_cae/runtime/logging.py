@@ -15,6 +15,16 @@ import numpy as np
 logger = logging.getLogger("paddle_cae")
 
 
+def resolve_log_dir(output_dir, log_dir):
+    """VisualDL folder: ``<output_dir>/vdl`` by default; a relative --log_dir is taken under
+    output_dir (the Paddle CAE scripts pass ``--log_dir vdl``)."""
+    if not output_dir:
+        return log_dir
+    if log_dir is None:
+        return os.path.join(output_dir, "vdl")
+    return log_dir if os.path.isabs(log_dir) else os.path.join(output_dir, log_dir)
+
+
 def setup_console_logging(rank=0):
     """One format for the package's messages; ranks other than 0 only show warnings."""
     root = logging.getLogger("paddle_cae")
