@@ -24,7 +24,8 @@ from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import default_config_dir
 from .classifier import build_classifier, classifier_config, encoder_of
 from .evaluate import build_eval_loader, evaluate
-from .finetune import ClassificationLoss, ClassifierRun, strict_load
+from .finetune import ClassificationLoss, ClassifierRun
+from .run import strict_load
 from .pretrain import write_config_snapshot
 from .pretrained import PretrainedLoadError, load_pretrained
 from .stepper import NonFiniteLossError

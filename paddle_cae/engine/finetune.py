@@ -21,16 +21,14 @@ import paddle.nn.functional as F
 
 from ..data.loader import derive_seed
 from ..data.mixup import Mixup
-from ..optim import apply_lr
 from ..runtime import distributed as dist_rt
-from ..runtime.checkpoint import load_checkpoint, save_checkpoint, to_plain
-from ..runtime.logging import JsonLinesLog, MetricLogger, SmoothedValue, VisualDLWriter
-from ..runtime.resume import (checkpoint_path, checkpoint_prefix, find_resume_checkpoint,
-                              rng_state, save_training_checkpoint, set_rng_state)
+from ..runtime.checkpoint import save_checkpoint, to_plain
+from ..runtime.logging import MetricLogger, SmoothedValue
+from ..runtime.resume import checkpoint_path, checkpoint_prefix, save_training_checkpoint
 from .evaluate import evaluate
 from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
-from .pretrain import LearningRateSchedule, build_pretrain_loader, set_loader_epoch
-from .stepper import NonFiniteLossError, Stepper
+from .run import TrainingRun
+from .stepper import NonFiniteLossError
 
 logger = logging.getLogger("paddle_cae")
 
@@ -110,91 +108,38 @@ class _Swap:
         return False
 
 
-def strict_load(model, state, source):
-    """Load a checkpoint of this package into the exact same network; one-line error otherwise."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(np.shape(state[k]))} in the "
-                         f"file, {list(own[k].shape)} in the model)")
-        raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
-    model.set_state_dict({k: state[k] for k in own})
-
-
 # ------------------------------------------------------------------------------------ run
-class ClassifierRun:
+class ClassifierRun(TrainingRun):
     """Everything one fine-tune / probe run needs; ``fit()`` trains to the last epoch."""
 
     def __init__(self, args, model, config, train_set, val_loader, optimizer, precision, env,
                  loss_fn, kind="finetune", ema_decay=None, train_mode_fn=None):
-        self.args = args
-        self.env = env
+        super().__init__(args, model, train_set, optimizer, precision, env)
         self.kind = kind
         self.config = config
-        self.model_core = model
-        self.model = paddle.DataParallel(model) if env.distributed else model
-        self.train_set = train_set
         self.val_loader = val_loader
-        self.optimizer = optimizer
-        self.precision = precision
         self.loss_fn = loss_fn
         self.class_names = list(getattr(train_set, "class_names", []) or [])
-        self.output_dir = args.output_dir or None
-        self.exp_name = getattr(args, "exp_name", "") or None
         self.train_mode_fn = train_mode_fn or (lambda m: m.train())
-        self.loader = build_pretrain_loader(train_set, args, env)
-        self.accum_iter = int(args.accum_iter)
-        batches = self.loader.batch_sampler.batches_per_epoch()
-        if getattr(args, "max_train_step", None):
-            batches = min(batches, int(args.max_train_step))
-        self.batches_per_epoch = batches - batches % self.accum_iter
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"an epoch has {batches} batch(es), fewer than --accum_iter {self.accum_iter}")
-        self.updates_per_epoch = self.batches_per_epoch // self.accum_iter
-        self.schedule = LearningRateSchedule(
-            args.lr_schedule, args.abs_lr, args.min_lr, args.warmup_epochs, args.epochs,
-            self.updates_per_epoch, args.weight_decay, getattr(args, "weight_decay_end", None),
-            getattr(args, "warmup_steps", -1))
-        self.stepper = Stepper(self.model, optimizer, precision, self.accum_iter,
-                               getattr(args, "clip_grad", None))
         self.ema = ModelEma(model, ema_decay) if ema_decay else None
-        self.start_epoch, self.start_batch = int(getattr(args, "start_epoch", 0) or 0), 0
-        self.global_step = 0
         self.best_acc1 = None
         self.last_metrics = {}
-        self.writer = VisualDLWriter(args.log_dir, enabled=env.is_main and bool(self.output_dir))
-        self.json_log = JsonLinesLog(os.path.join(self.output_dir, "log.txt") if self.output_dir else None,
-                                     enabled=env.is_main)
 
     # ------------------------------------------------------------------ checkpoints
-    def training_state(self, epoch, batches_done):
-        state = {
-            "kind": self.kind,
+    def extra_state(self):
+        return to_plain({
             "model_name": self.config["model"],
             "classifier": dict(self.config),
-            "model": {k: v.numpy() for k, v in self.model_core.state_dict().items()},
             "model_ema": self.ema.numpy_state() if self.ema else None,
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": int(epoch),
-            "batches_done": batches_done,
-            "global_step": int(self.global_step),
-            "scaler": self.stepper.state_dict(),
-            "args": to_plain(vars(self.args)),
-            "rng": rng_state(),
             "class_names": self.class_names,
             "best_acc1": self.best_acc1,
             "metrics": dict(self.last_metrics),
-        }
-        return to_plain(state)
+        })
+
+    def restore_extra(self, state):
+        if self.ema is not None and state.get("model_ema"):
+            self.ema.load(state["model_ema"])
+        self.best_acc1 = state.get("best_acc1")
 
     def best_path(self):
         return os.path.join(self.output_dir, f"{checkpoint_prefix(self.exp_name)}checkpoint-best.pd")
@@ -209,34 +154,6 @@ class ClassifierRun:
         if best:
             save_checkpoint(state, self.best_path())
             logger.info("new best top-1 %.2f%%: saved %s", self.best_acc1, self.best_path())
-
-    def restore(self, state, path):
-        strict_load(self.model_core, state["model"], path)
-        self.optimizer.set_state_dict(state["optimizer"])
-        self.stepper.load_state_dict(state.get("scaler"))
-        if self.ema is not None and state.get("model_ema"):
-            self.ema.load(state["model_ema"])
-        set_rng_state(state.get("rng"))
-        self.global_step = int(state.get("global_step", 0))
-        self.best_acc1 = state.get("best_acc1")
-        done = state.get("batches_done")
-        self.start_epoch, self.start_batch = ((int(state["epoch"]) + 1, 0) if done is None
-                                              else (int(state["epoch"]), int(done)))
-        logger.info("resumed from %s: continuing at epoch %d", path, self.start_epoch)
-
-    def maybe_resume(self):
-        path, state = None, None
-        if getattr(self.args, "resume", ""):
-            path = self.args.resume
-            state = load_checkpoint(path)
-            if not isinstance(state, dict) or "optimizer" not in state or "model" not in state:
-                raise ValueError(f"--resume {path}: not a training checkpoint of this package "
-                                 "(use --finetune for pretrained or official weights)")
-        elif getattr(self.args, "auto_resume", False) and self.output_dir:
-            path, state = find_resume_checkpoint(self.output_dir, self.exp_name)
-        if state is not None:
-            self.restore(state, path)
-        return path
 
     # ------------------------------------------------------------------------ train
     def fit(self):
@@ -276,18 +193,15 @@ class ClassifierRun:
     def train_one_epoch(self, epoch, start_batch=0):
         args = self.args
         self.train_mode_fn(self.model)
-        set_loader_epoch(self.loader, epoch, start_batch)
+        batches = self.epoch_batches(epoch, start_batch)
         metrics = MetricLogger()
         metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
         total = self.batches_per_epoch
-        iterator = metrics.log_every(_limited(self.loader, total - start_batch), args.print_freq,
+        iterator = metrics.log_every(batches, args.print_freq,
                                      f"Epoch: [{epoch}]", total=total, start_index=start_batch,
                                      batch_size=args.batch_size * self.env.world_size)
         for i, batch in enumerate(iterator, start=start_batch):
-            if i % self.accum_iter == 0:
-                lr, wd = self.schedule.at(epoch, i // self.accum_iter)
-                apply_lr(self.optimizer, lr, wd)
-            paddle.seed(derive_seed(args.seed, epoch, i, self.env.rank))
+            self.begin_batch(epoch, i)
             rng = np.random.RandomState(derive_seed(args.seed, epoch, i, 7))
             images, targets = self.loss_fn.mix(batch["images"], batch["labels"], rng)
             with self.stepper.autocast():
@@ -312,11 +226,4 @@ class ClassifierRun:
         return averages
 
 
-def _limited(loader, count):
-    for k, batch in enumerate(loader):
-        if k >= count:
-            break
-        yield batch
-
-
-__all__ = ["ClassificationLoss", "ClassifierRun", "ModelEma", "checkpoint_path", "strict_load"]
+__all__ = ["ClassificationLoss", "ClassifierRun", "ModelEma", "checkpoint_path"]

@@ -25,15 +25,13 @@ import os
 import numpy as np
 import paddle
 
-from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
-from ..data.sampler import GlobalBatchSampler
-from ..optim import apply_lr, cosine_scheduler, mae_lr_at
+from ..data.loader import derive_seed
 from ..runtime import distributed as dist_rt
-from ..runtime.checkpoint import load_checkpoint, save_checkpoint, to_plain
-from ..runtime.logging import JsonLinesLog, MetricLogger, SmoothedValue, VisualDLWriter
-from ..runtime.resume import (find_resume_checkpoint, rng_state, save_training_checkpoint,
-                              set_rng_state)
-from .stepper import NonFiniteLossError, Stepper
+from ..runtime.checkpoint import save_checkpoint, to_plain
+from ..runtime.logging import MetricLogger, SmoothedValue
+from ..runtime.resume import save_training_checkpoint
+from .run import TrainingRun
+from .stepper import NonFiniteLossError
 
 logger = logging.getLogger("paddle_cae")
 
@@ -43,66 +41,6 @@ BATCH_KEYS = ("images", "bool_masked_pos", "tokenizer_images", "noise", "order",
 
 def unwrap(model):
     return model._layers if isinstance(model, paddle.DataParallel) else model
-
-
-def build_pretrain_loader(dataset, args, env):
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.world_size, env.rank,
-                                 shuffle=True, drop_last=True, seed=args.seed)
-    seeded = SeededSamples(dataset, seed=args.seed)
-    seeder = _WorkerSeeder(args.seed, env.rank)
-    workers = int(args.num_workers)
-    data_loader = paddle.io.DataLoader(
-        seeded, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
-        use_shared_memory=workers > 0, worker_init_fn=seeder if workers > 0 else None)
-    return Loader(dataset, sampler, seeded, seeder, data_loader)
-
-
-def set_loader_epoch(loader, epoch, start_batch=0):
-    loader.set_epoch(epoch)
-    loader.batch_sampler.set_epoch(epoch, start_batch)
-
-
-class LearningRateSchedule:
-    """Per-update learning rate and weight decay.
-
-    ``mae``: half-cycle cosine at a fractional epoch (MAE). ``beit``: the per-iteration
-    ``cosine_scheduler`` array of BEiT/CAE/BootMAE, with an optional cosine weight decay."""
-
-    def __init__(self, kind, lr, min_lr, warmup_epochs, epochs, updates_per_epoch,
-                 weight_decay, weight_decay_end=None, warmup_steps=-1):
-        self.kind = kind
-        self.lr, self.min_lr = lr, min_lr
-        self.warmup_epochs, self.epochs = warmup_epochs, epochs
-        self.updates_per_epoch = updates_per_epoch
-        self.weight_decay = weight_decay
-        self.weight_decay_end = weight_decay_end
-        if kind == "beit":
-            total = epochs * updates_per_epoch
-            warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * updates_per_epoch
-            if warmup_iters > total:
-                logger.warning("warm-up (%d updates) is longer than the whole run (%d updates): "
-                               "the run warms up over all of it", warmup_iters, total)
-                warmup_epochs, warmup_steps = 0, total
-            self.lr_values = cosine_scheduler(lr, min_lr, epochs, updates_per_epoch, warmup_epochs,
-                                              warmup_steps=warmup_steps)
-        if weight_decay_end is not None:
-            self.wd_values = cosine_scheduler(weight_decay, weight_decay_end, epochs,
-                                              updates_per_epoch)
-        else:
-            self.wd_values = None
-
-    def at(self, epoch, update_in_epoch):
-        """(lr, weight decay) for the ``update_in_epoch``-th optimizer update of ``epoch``."""
-        index = epoch * self.updates_per_epoch + update_in_epoch
-        if self.kind == "mae":
-            lr = mae_lr_at(epoch + update_in_epoch / self.updates_per_epoch, self.lr, self.min_lr,
-                           self.warmup_epochs, self.epochs)
-        else:
-            lr = float(self.lr_values[min(index, len(self.lr_values) - 1)])
-        wd = None
-        if self.wd_values is not None:
-            wd = float(self.wd_values[min(index, len(self.wd_values) - 1)])
-        return lr, wd
 
 
 def model_batch(batch, epoch, batch_seed):
@@ -123,64 +61,24 @@ def scalar_parts(outputs):
     return parts
 
 
-class PretrainRun:
+class PretrainRun(TrainingRun):
     """Holds everything one pretraining run needs; ``fit()`` trains to the last epoch."""
 
-    def __init__(self, args, model, dataset, optimizer, precision, env, output_dir=None,
-                 log_dir=None):
-        self.args = args
-        self.env = env
-        self.model_core = model
-        self.model = paddle.DataParallel(model) if env.distributed else model
+    kind = "pretrain"
+
+    def __init__(self, args, model, dataset, optimizer, precision, env):
+        super().__init__(args, model, dataset, optimizer, precision, env)
         self.dataset = dataset
-        self.optimizer = optimizer
-        self.precision = precision
-        self.output_dir = output_dir
-        self.exp_name = getattr(args, "exp_name", "") or None
-        self.loader = build_pretrain_loader(dataset, args, env)
-        self.accum_iter = int(args.accum_iter)
-        batches = self.loader.batch_sampler.batches_per_epoch()
-        if getattr(args, "max_train_step", None):
-            batches = min(batches, int(args.max_train_step))
-        self.batches_per_epoch = batches - batches % self.accum_iter
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {batches} batch(es), fewer than --accum_iter {self.accum_iter}")
-        self.updates_per_epoch = self.batches_per_epoch // self.accum_iter
-        self.schedule = LearningRateSchedule(
-            args.lr_schedule, args.abs_lr, args.min_lr, args.warmup_epochs, args.epochs,
-            self.updates_per_epoch, args.weight_decay, getattr(args, "weight_decay_end", None),
-            getattr(args, "warmup_steps", -1))
-        self.stepper = Stepper(self.model, optimizer, precision, self.accum_iter,
-                               getattr(args, "clip_grad", None))
-        self.start_epoch = int(getattr(args, "start_epoch", 0) or 0)
-        self.start_batch = 0
-        self.global_step = 0
-        self.last_good_checkpoint = None
-        self.writer = VisualDLWriter(log_dir, enabled=env.is_main)
-        self.json_log = JsonLinesLog(
-            os.path.join(output_dir, "log.txt") if output_dir else None, enabled=env.is_main)
         self.vis_freq = int(getattr(args, "vis_freq", 0) or 0)
         self.save_latest_freq = int(getattr(args, "save_latest_freq", 0) or 0)
 
-    # -------------------------------------------------------------- checkpoints
-    def training_state(self, epoch, batches_done):
+    def extra_state(self):
         core = self.model_core
-        state = {
-            "kind": "pretrain",
-            "model_name": self.args.model,
-            "model": {k: v.numpy() for k, v in core.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "epoch": int(epoch),
-            "batches_done": batches_done,
-            "global_step": int(self.global_step),
-            "scaler": self.stepper.state_dict(),
-            "args": to_plain(vars(self.args)),
-            "rng": rng_state(),
-        }
-        if hasattr(core, "extra_state"):
-            state["extra"] = core.extra_state()
-        return state
+        return {"extra": core.extra_state()} if hasattr(core, "extra_state") else {}
+
+    def restore_extra(self, state):
+        if "extra" in state and hasattr(self.model_core, "load_extra_state"):
+            self.model_core.load_extra_state(state["extra"])
 
     def save(self, epoch, batches_done, numbered):
         if not self.output_dir or not self.env.is_main:
@@ -192,39 +90,6 @@ class PretrainRun:
             path = save_training_checkpoint(state, self.output_dir, epoch, self.exp_name)
             self.last_good_checkpoint = path
         logger.info("saved %s", path)
-
-    def restore(self, state, path):
-        core = self.model_core
-        missing, unexpected = _load_model_state(core, state["model"])
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not fit model {self.args.model}: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.optimizer.set_state_dict(state["optimizer"])
-        self.stepper.load_state_dict(state.get("scaler"))
-        if "extra" in state and hasattr(core, "load_extra_state"):
-            core.load_extra_state(state["extra"])
-        set_rng_state(state.get("rng"))
-        self.global_step = int(state.get("global_step", 0))
-        done = state.get("batches_done")
-        if done is None:
-            self.start_epoch, self.start_batch = int(state["epoch"]) + 1, 0
-        else:
-            self.start_epoch, self.start_batch = int(state["epoch"]), int(done)
-        self.last_good_checkpoint = path
-        where = (f"epoch {self.start_epoch}" if not self.start_batch
-                 else f"epoch {self.start_epoch}, batch {self.start_batch}")
-        logger.info("resumed from %s: continuing at %s", path, where)
-
-    def maybe_resume(self):
-        args = self.args
-        path, state = None, None
-        if getattr(args, "resume", ""):
-            path = args.resume
-            state = load_checkpoint(path)
-        elif getattr(args, "auto_resume", False) and self.output_dir:
-            path, state = find_resume_checkpoint(self.output_dir, self.exp_name)
-        if state is not None:
-            self.restore(state, path)
 
     # -------------------------------------------------------------------- train
     def fit(self):
@@ -252,7 +117,7 @@ class PretrainRun:
         args = self.args
         model, core = self.model, self.model_core
         model.train()
-        set_loader_epoch(self.loader, epoch, start_batch)
+        batches = self.epoch_batches(epoch, start_batch)
         if hasattr(core, "on_epoch_start"):
             core.on_epoch_start(epoch)
         metrics = MetricLogger()
@@ -260,16 +125,11 @@ class PretrainRun:
         header = f"Epoch: [{epoch}]"
         total = self.batches_per_epoch
         global_batch = args.batch_size * self.env.world_size
-        iterator = metrics.log_every(self._limited(self.loader, total - start_batch),
-                                     args.print_freq, header, total=total,
+        iterator = metrics.log_every(batches, args.print_freq, header, total=total,
                                      start_index=start_batch, batch_size=global_batch)
         for i, batch in enumerate(iterator, start=start_batch):
-            if i % self.accum_iter == 0:
-                lr, wd = self.schedule.at(epoch, i // self.accum_iter)
-                apply_lr(self.optimizer, lr, wd)
-            batch_seed = derive_seed(args.seed, epoch, i)
-            paddle.seed(derive_seed(args.seed, epoch, i, self.env.rank))
-            inputs = model_batch(batch, epoch, batch_seed)
+            self.begin_batch(epoch, i)
+            inputs = model_batch(batch, epoch, derive_seed(args.seed, epoch, i))
             with self.stepper.autocast():
                 outputs = model(inputs)
             try:
@@ -306,12 +166,6 @@ class PretrainRun:
         return averages
 
     # ----------------------------------------------------------------- helpers
-    def _limited(self, loader, count):
-        for k, batch in enumerate(loader):
-            if k >= count:
-                break
-            yield batch
-
     def _x_step(self, epoch, i):
         """VisualDL x axis: images seen, in units of 1000 (as the official logs)."""
         return int((epoch * self.batches_per_epoch + i) * self.args.batch_size
@@ -349,14 +203,6 @@ class PretrainRun:
         return path
 
 
-def _load_model_state(model, state):
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    model.set_state_dict({k: v for k, v in state.items() if k in own})
-    return missing, unexpected
-
-
 def describe_start(args, env, model, dataset, run):
     n_train = sum(int(np.prod(p.shape)) for p in model.parameters() if not p.stop_gradient)
     eff = args.batch_size * args.accum_iter * env.world_size
@@ -385,5 +231,4 @@ def write_config_snapshot(args, output_dir):
             json.dump(to_plain(vars(args)), f, indent=1, default=str)
 
 
-__all__ = ["PretrainRun", "LearningRateSchedule", "NonFiniteLossError", "build_pretrain_loader",
-           "describe_start", "write_config_snapshot"]
+__all__ = ["PretrainRun", "NonFiniteLossError", "describe_start", "write_config_snapshot"]

@@ -157,8 +157,7 @@ def run(argv=None):
                                 betas=tuple(args.opt_betas), eps=args.opt_eps,
                                 weight_decay=args.weight_decay)
     precision = Precision("float16" if args.amp else None)
-    runner = PretrainRun(args, model, dataset, optimizer, precision, env,
-                         output_dir=args.output_dir or None, log_dir=args.log_dir)
+    runner = PretrainRun(args, model, dataset, optimizer, precision, env)
     if env.is_main:
         write_config_snapshot(args, args.output_dir)
     describe_start(args, env, model, dataset, runner)

@@ -3,7 +3,7 @@
 Weight decay is added to the gradient (L2, not decoupled). The momentum buffer starts as the
 first gradient; with Nesterov the step uses ``g + momentum * buf``.
 """
-import paddle
+
 
 from .base import GroupOptimizer
 

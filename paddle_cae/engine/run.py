@@ -1,0 +1,219 @@
+"""What every training run shares (pretraining, fine-tuning, probing): the rank-independent
+loader, the per-update schedule, the optimisation step, checkpoint state, resume and logs.
+
+A subclass adds its own training loop and what its checkpoints carry beyond the common
+state (``extra_state`` / ``restore_extra``).
+"""
+import logging
+import os
+
+import numpy as np
+import paddle
+
+from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
+from ..data.sampler import GlobalBatchSampler
+from ..optim import apply_lr, cosine_scheduler, mae_lr_at
+from ..runtime.checkpoint import load_checkpoint, to_plain
+from ..runtime.logging import JsonLinesLog, VisualDLWriter
+from ..runtime.resume import find_resume_checkpoint, rng_state, set_rng_state
+from .stepper import Stepper
+
+logger = logging.getLogger("paddle_cae")
+
+
+def build_train_loader(dataset, args, env):
+    """Global batches of ``batch_size x world_size`` split across ranks, per-sample seeded
+    augmentation: the same samples and inputs whatever the number of processes."""
+    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.world_size, env.rank,
+                                 shuffle=True, drop_last=True, seed=args.seed)
+    seeded = SeededSamples(dataset, seed=args.seed)
+    seeder = _WorkerSeeder(args.seed, env.rank)
+    workers = int(args.num_workers)
+    data_loader = paddle.io.DataLoader(
+        seeded, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
+        use_shared_memory=workers > 0, worker_init_fn=seeder if workers > 0 else None)
+    return Loader(dataset, sampler, seeded, seeder, data_loader)
+
+
+def set_loader_epoch(loader, epoch, start_batch=0):
+    loader.set_epoch(epoch)
+    loader.batch_sampler.set_epoch(epoch, start_batch)
+
+
+def limited(loader, count):
+    for k, batch in enumerate(loader):
+        if k >= count:
+            break
+        yield batch
+
+
+class LearningRateSchedule:
+    """Per-update learning rate and weight decay.
+
+    ``mae``: half-cycle cosine at a fractional epoch (MAE). ``beit``: the per-iteration
+    ``cosine_scheduler`` array of BEiT/CAE/BootMAE, with an optional cosine weight decay."""
+
+    def __init__(self, kind, lr, min_lr, warmup_epochs, epochs, updates_per_epoch,
+                 weight_decay, weight_decay_end=None, warmup_steps=-1):
+        self.kind = kind
+        self.lr, self.min_lr = lr, min_lr
+        self.warmup_epochs, self.epochs = warmup_epochs, epochs
+        self.updates_per_epoch = updates_per_epoch
+        self.weight_decay = weight_decay
+        self.weight_decay_end = weight_decay_end
+        if kind == "beit":
+            total = epochs * updates_per_epoch
+            warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * updates_per_epoch
+            if warmup_iters > total:
+                logger.warning("warm-up (%d updates) is longer than the whole run (%d updates): "
+                               "the run warms up over all of it", warmup_iters, total)
+                warmup_epochs, warmup_steps = 0, total
+            self.lr_values = cosine_scheduler(lr, min_lr, epochs, updates_per_epoch, warmup_epochs,
+                                              warmup_steps=warmup_steps)
+        if weight_decay_end is not None:
+            self.wd_values = cosine_scheduler(weight_decay, weight_decay_end, epochs,
+                                              updates_per_epoch)
+        else:
+            self.wd_values = None
+
+    def at(self, epoch, update_in_epoch):
+        """(lr, weight decay) for the ``update_in_epoch``-th optimizer update of ``epoch``."""
+        index = epoch * self.updates_per_epoch + update_in_epoch
+        if self.kind == "mae":
+            lr = mae_lr_at(epoch + update_in_epoch / self.updates_per_epoch, self.lr, self.min_lr,
+                           self.warmup_epochs, self.epochs)
+        else:
+            lr = float(self.lr_values[min(index, len(self.lr_values) - 1)])
+        wd = None
+        if self.wd_values is not None:
+            wd = float(self.wd_values[min(index, len(self.wd_values) - 1)])
+        return lr, wd
+
+
+def strict_load(model, state, source):
+    """Load a checkpoint of this package into the exact same network; one-line error otherwise."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(np.shape(state[k]))} in the "
+                         f"file, {list(own[k].shape)} in the model)")
+        raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
+    model.set_state_dict({k: state[k] for k in own})
+
+
+class TrainingRun:
+    kind = "pretrain"
+
+    def __init__(self, args, model, train_set, optimizer, precision, env):
+        self.args = args
+        self.env = env
+        self.model_core = model
+        self.model = paddle.DataParallel(model) if env.distributed else model
+        self.train_set = train_set
+        self.optimizer = optimizer
+        self.precision = precision
+        self.output_dir = args.output_dir or None
+        self.exp_name = getattr(args, "exp_name", "") or None
+        self.loader = build_train_loader(train_set, args, env)
+        self.accum_iter = int(args.accum_iter)
+        batches = self.loader.batch_sampler.batches_per_epoch()
+        if getattr(args, "max_train_step", None):
+            batches = min(batches, int(args.max_train_step))
+        self.batches_per_epoch = batches - batches % self.accum_iter
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {batches} batch(es), fewer than --accum_iter {self.accum_iter}")
+        self.updates_per_epoch = self.batches_per_epoch // self.accum_iter
+        self.schedule = LearningRateSchedule(
+            args.lr_schedule, args.abs_lr, args.min_lr, args.warmup_epochs, args.epochs,
+            self.updates_per_epoch, args.weight_decay, getattr(args, "weight_decay_end", None),
+            getattr(args, "warmup_steps", -1))
+        self.stepper = Stepper(self.model, optimizer, precision, self.accum_iter,
+                               getattr(args, "clip_grad", None))
+        self.start_epoch = int(getattr(args, "start_epoch", 0) or 0)
+        self.start_batch = 0
+        self.global_step = 0
+        self.last_good_checkpoint = None
+        self.writer = VisualDLWriter(getattr(args, "log_dir", None),
+                                     enabled=env.is_main and bool(self.output_dir))
+        self.json_log = JsonLinesLog(
+            os.path.join(self.output_dir, "log.txt") if self.output_dir else None,
+            enabled=env.is_main)
+
+    # ------------------------------------------------------------------ per batch
+    def begin_batch(self, epoch, i):
+        """Schedule at the start of an accumulation group; seed what the model draws itself
+        from (seed, epoch, batch, rank) so a resumed run draws the same numbers."""
+        if i % self.accum_iter == 0:
+            lr, wd = self.schedule.at(epoch, i // self.accum_iter)
+            apply_lr(self.optimizer, lr, wd)
+        paddle.seed(derive_seed(self.args.seed, epoch, i, self.env.rank))
+
+    def epoch_batches(self, epoch, start_batch):
+        set_loader_epoch(self.loader, epoch, start_batch)
+        return limited(self.loader, self.batches_per_epoch - start_batch)
+
+    # ---------------------------------------------------------------- checkpoints
+    def training_state(self, epoch, batches_done):
+        state = {
+            "kind": self.kind,
+            "model_name": self.args.model,
+            "model": {k: v.numpy() for k, v in self.model_core.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": int(epoch),
+            "batches_done": batches_done,
+            "global_step": int(self.global_step),
+            "scaler": self.stepper.state_dict(),
+            "args": to_plain(vars(self.args)),
+            "rng": rng_state(),
+        }
+        state.update(self.extra_state())
+        return state
+
+    def extra_state(self):
+        return {}
+
+    def restore_extra(self, state):
+        pass
+
+    def restore(self, state, path):
+        strict_load(self.model_core, state["model"], path)
+        self.optimizer.set_state_dict(state["optimizer"])
+        self.stepper.load_state_dict(state.get("scaler"))
+        self.restore_extra(state)
+        set_rng_state(state.get("rng"))
+        self.global_step = int(state.get("global_step", 0))
+        done = state.get("batches_done")
+        if done is None:
+            self.start_epoch, self.start_batch = int(state["epoch"]) + 1, 0
+        else:
+            self.start_epoch, self.start_batch = int(state["epoch"]), int(done)
+        self.last_good_checkpoint = path
+        where = (f"epoch {self.start_epoch}" if not self.start_batch
+                 else f"epoch {self.start_epoch}, batch {self.start_batch}")
+        logger.info("resumed from %s: continuing at %s", path, where)
+
+    def maybe_resume(self):
+        """--resume PATH, else (by default) the most advanced complete checkpoint in
+        --output_dir. Returns the path resumed from, or None."""
+        path, state = None, None
+        if getattr(self.args, "resume", ""):
+            path = self.args.resume
+            state = load_checkpoint(path)
+            if not isinstance(state, dict) or "optimizer" not in state or "model" not in state:
+                raise ValueError(f"--resume {path}: not a training checkpoint of this package "
+                                 "(use --finetune for pretrained or official weights)")
+        elif getattr(self.args, "auto_resume", False) and self.output_dir:
+            path, state = find_resume_checkpoint(self.output_dir, self.exp_name)
+        if state is not None:
+            self.restore(state, path)
+        return path
