@@ -3,8 +3,6 @@
 Weight decay is added to the gradient (L2, not decoupled). The momentum buffer starts as the
 first gradient; with Nesterov the step uses ``g + momentum * buf``.
 """
-
-
 from .base import GroupOptimizer
 
 
