@@ -1,0 +1,422 @@
+#!/usr/bin/env python
+"""Training / inference throughput, peak memory and model FLOP utilisation (MFU).
+
+    python benchmarks/throughput.py --model mae_vit_base_patch16 --batch_size 8
+    python benchmarks/throughput.py --model vit_base_patch16 --phase finetune --batch_size 8
+    python benchmarks/throughput.py --model vit_base_patch16 --phase infer --infer_mode bf16
+    python benchmarks/throughput.py --model vit_base_patch16 --phase finetune --nproc 2
+
+A training step is the package's own: forward (under the autocast of ``--amp``), backward,
+gradient-finiteness check and norm, optimizer step (AdamW with layer-decay groups for
+fine-tuning and pretraining, LARS for the linear probe), clearing the gradients, and the
+model's ``after_optimizer_step`` hook (BootMAE's teacher EMA). Data is random and already in
+memory. Images/s = batch / median step time after ``--warmup`` steps.
+
+MFU = model FLOP/s / peak FLOP/s. Model FLOPs are 2 x the multiply-adds of every matmul and
+convolution of the forward (attention included), traced from the shapes of one forward
+(paddle_cae/runtime/flops.py); a training step counts 3x for everything that is
+back-propagated and 1x for frozen parts (tokenizer, teacher, frozen encoder). The peak is the
+best of a few large square fp32 matmuls measured in the same run with the same threads.
+
+Peak memory: on CPU the process's high-water resident set (VmHWM, summed over processes with
+``--nproc``); on GPU ``paddle.device.cuda.max_memory_allocated``.
+
+``--nproc N`` (CPU) runs N data-parallel processes (paddle.distributed.launch, gloo), each with
+``--threads / N`` threads and ``batch_size / N`` images; the gradients are averaged across them
+exactly as in multi-process training.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PHASES = ("pretrain", "finetune", "linprobe", "infer")
+INFER_MODES = ("dynamic", "fp32", "bf16")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16")
+    p.add_argument("--batch_size", type=int, default=8, help="global batch (all processes)")
+    p.add_argument("--phase", choices=PHASES, default=None,
+                   help="default: pretrain for pretraining models, else finetune")
+    p.add_argument("--amp", default="off", help="fp16 | bf16 | off (CPU: always fp32)")
+    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--infer_mode", choices=INFER_MODES, default="dynamic",
+                   help="infer phase: dynamic graph, exported fp32 or exported bf16 "
+                        "(paddle.inference with oneDNN)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads in all (default: OMP_NUM_THREADS or all cores)")
+    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (CPU)")
+    p.add_argument("--to_static", action="store_true",
+                   help="compile the forward with paddle.jit.to_static")
+    p.add_argument("--fused_adamw", action="store_true",
+                   help="AdamW's fused kernel path (matches the plain one to ~1e-6)")
+    p.add_argument("--explicit_attention", action="store_true",
+                   help="use the explicit (reference) attention path")
+    p.add_argument("--model_kwargs", type=json.loads, default={},
+                   help='JSON dict of constructor overrides, e.g. \'{"depth": 2}\'')
+    p.add_argument("--peak_size", type=int, default=4096, help="side of the peak matmul")
+    p.add_argument("--peak_gflops", type=float, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--json", action="store_true", help="also print one JSON line")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _setup_threads(args):
+    """Must run before paddle is imported (it pins OMP_NUM_THREADS=1 when unset)."""
+    total = args.threads or int(os.environ.get("PADDLE_CAE_BENCH_TOTAL_THREADS", "0") or 0) \
+        or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
+    args.threads = total
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, total // max(1, args.nproc))))
+
+
+# --------------------------------------------------------------------------- measurements
+def peak_memory_mb(paddle):
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        return paddle.device.cuda.max_memory_allocated() / 2 ** 20
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sync(paddle):
+    if paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0:
+        paddle.device.cuda.synchronize()
+
+
+def matmul_peak_gflops(paddle, size=4096, repeats=4):
+    """Best fp32 GFLOP/s of a size x size x size matmul."""
+    a = paddle.randn([size, size], dtype="float32")
+    b = paddle.randn([size, size], dtype="float32")
+    c = paddle.matmul(a, b)  # warm-up
+    _sync(paddle)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        c = paddle.matmul(a, b)
+        _sync(paddle)
+        best = min(best, time.perf_counter() - t)
+    del a, b, c
+    return 2.0 * size ** 3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------ batches
+def pretrain_batch(paddle, model, name, batch_size, input_size, rng):
+    import numpy as np
+
+    images = paddle.to_tensor(rng.standard_normal((batch_size, 3, input_size, input_size))
+                              .astype("float32"))
+    grid = input_size // 16
+    batch = {"images": images, "epoch": 0, "batch_seed": 0}
+    kind = type(model).__name__
+    if "Masked" in kind and hasattr(model, "mask_num"):  # BootMAE
+        from paddle_cae.data.masking import bootmae_mask_generator
+
+        gen = bootmae_mask_generator(grid, num_masking_patches=min(120, grid * grid // 2),
+                                     rng=rng)
+        batch["bool_masked_pos"] = paddle.to_tensor(np.stack([gen() for _ in range(batch_size)]))
+    elif hasattr(model, "set_tokenizer"):  # CAE
+        from paddle_cae.data.masking import BlockMaskGenerator
+
+        gen = BlockMaskGenerator(grid, num_masking_patches=int(round(0.4 * grid * grid)),
+                                 rng=rng)
+        batch["bool_masked_pos"] = paddle.to_tensor(np.stack([gen() for _ in range(batch_size)]))
+        tok = input_size // 2
+        batch["tokenizer_images"] = paddle.to_tensor(
+            rng.uniform(0.1, 0.9, (batch_size, 3, tok, tok)).astype("float32"))
+    else:  # MAE
+        batch["noise"] = paddle.to_tensor(rng.uniform(size=(batch_size, grid * grid))
+                                          .astype("float32"))
+    return batch
+
+
+# ------------------------------------------------------------------------------- builders
+def build(args, paddle, env):
+    """(model, step_fn, flops_fn) for a training phase."""
+    import numpy as np
+    import paddle.nn.functional as F
+
+    from paddle_cae.engine.stepper import Stepper
+    from paddle_cae.models.registry import create_model, model_task
+    from paddle_cae.optim import build_optimizer
+    from paddle_cae.optim.param_groups import param_groups
+    from paddle_cae.runtime.amp import Precision, parse_amp_flag
+
+    rng = np.random.default_rng(args.seed + env["rank"])
+    local_batch = args.batch_size // env["world"]
+    kwargs = dict(args.model_kwargs)
+    if args.input_size != 224:
+        kwargs["img_size"] = args.input_size
+    with paddle.utils.unique_name.guard():
+        if args.phase == "pretrain":
+            model = create_model(args.model, **kwargs)
+        elif args.phase == "linprobe":
+            model = create_model(args.model, num_classes=1000, lin_probe=True,
+                                 global_pool=False, **kwargs)
+        else:
+            model = create_model(args.model, num_classes=1000, **kwargs)
+    if args.phase == "pretrain" and model_task(args.model) != "pretrain":
+        raise SystemExit(f"{args.model} is not a pretraining model")
+    tokenizer_note = None
+    if args.phase == "pretrain" and hasattr(model, "set_tokenizer"):
+        from paddle_cae.models.dalle import dalle_encoder
+
+        vocab = getattr(model, "vocab_size", None) or 8192
+        with paddle.utils.unique_name.guard("tokenizer_"):
+            tokenizer = dalle_encoder(vocab_size=vocab) if vocab != 8192 else dalle_encoder()
+        model.set_tokenizer(tokenizer)
+        tokenizer_note = "DALL-E release architecture, random weights"
+    model.train()
+
+    if args.phase == "pretrain":
+        batch = pretrain_batch(paddle, model, args.model, local_batch, args.input_size, rng)
+
+        def forward():
+            return model(batch)["loss"]
+    else:
+        images = paddle.to_tensor(rng.standard_normal(
+            (local_batch, 3, args.input_size, args.input_size)).astype("float32"))
+        labels = paddle.to_tensor(rng.integers(0, 1000, (local_batch,)))
+
+        def forward():
+            return F.cross_entropy(net(images), labels)
+
+    if args.phase == "linprobe":
+        for name, p in model.named_parameters():
+            p.stop_gradient = not name.startswith("head.")
+        trainable = [p for p in model.parameters() if not p.stop_gradient]
+        optimizer = build_optimizer("lars", [{"params": trainable, "weight_decay": 0.0}],
+                                    lr=0.1)
+    else:
+        groups = param_groups(model, 0.05, layer_decay=0.75 if args.phase == "finetune" else None)
+        optimizer = build_optimizer("adamw", groups, lr=1e-4, betas=(0.9, 0.95),
+                                    weight_decay=0.05, fused=args.fused_adamw)
+
+    net = model
+    if env["world"] > 1:
+        net = paddle.DataParallel(model)
+    if args.to_static:
+        net_static = paddle.jit.to_static(net, full_graph=False)
+        net = net_static
+    if args.phase == "pretrain":
+        call_model = net
+
+        def forward():  # noqa: F811 - the model may be wrapped now
+            return call_model(batch)["loss"]
+
+    precision = Precision(parse_amp_flag(args.amp))
+    stepper = Stepper(net, optimizer, precision, accum_iter=1, clip_grad=None)
+
+    def step():
+        with stepper.autocast():
+            loss = forward()
+        stepper.backward(loss, 0)
+        if hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step()
+
+    def flops():
+        from paddle_cae.runtime.flops import count_flops
+
+        with count_flops() as c:
+            with stepper.autocast():
+                loss = forward() if not args.to_static else _plain_forward()
+        del loss
+        return c
+
+    def _plain_forward():
+        if args.phase == "pretrain":
+            return model(batch)["loss"]
+        return F.cross_entropy(model(images), labels)
+
+    return model, step, flops, tokenizer_note
+
+
+def run_training(args, paddle, env):
+    model, step, flops_fn, note = build(args, paddle, env)
+    count = flops_fn()  # one counted forward (dygraph), before timing
+    per_step_flops = count.train_step() * env["world"]
+    for _ in range(args.warmup):
+        step()
+    _sync(paddle)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        _sync(paddle)
+        times.append(time.perf_counter() - t)
+    return times, per_step_flops, count, note
+
+
+def run_inference(args, paddle, env):
+    import numpy as np
+
+    from paddle_cae.models.registry import create_model
+    from paddle_cae.runtime.flops import count_flops
+
+    rng = np.random.default_rng(args.seed)
+    kwargs = dict(args.model_kwargs)
+    if args.input_size != 224:
+        kwargs["img_size"] = args.input_size
+    with paddle.utils.unique_name.guard():
+        model = create_model(args.model, num_classes=1000, **kwargs)
+    model.eval()
+    x_np = rng.standard_normal((args.batch_size, 3, args.input_size, args.input_size)) \
+        .astype("float32")
+    x = paddle.to_tensor(x_np)
+    with paddle.no_grad(), count_flops() as count:
+        model(x)
+    if args.infer_mode == "dynamic":
+        def run():
+            with paddle.no_grad():
+                return model(x)
+    else:
+        from paddle_cae.engine.infer import export_inference_model
+        from paddle_cae.runtime.inference import create_predictor, run_predictor
+
+        tmp = tempfile.mkdtemp(prefix="paddle_cae_bench_")
+        export_inference_model(model, tmp, args.input_size)
+        predictor = create_predictor(tmp, bf16=(args.infer_mode == "bf16"),
+                                     threads=int(os.environ["OMP_NUM_THREADS"]))
+        del model
+
+        def run():
+            return run_predictor(predictor, x_np)
+    for _ in range(args.warmup):
+        run()
+    _sync(paddle)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        run()
+        _sync(paddle)
+        times.append(time.perf_counter() - t)
+    return times, count.forward, count, None
+
+
+# ----------------------------------------------------------------------------------- main
+def _launched():
+    return "PADDLE_TRAINER_ID" in os.environ and int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1
+
+
+def _relaunch(args, argv, peak):
+    """Start ``--nproc`` data-parallel copies of this script under paddle.distributed.launch."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(max(1, args.threads // args.nproc))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    log_dir = tempfile.mkdtemp(prefix="paddle_cae_bench_log_")
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
+           str(args.nproc), "--log_dir", log_dir, os.path.abspath(__file__)] + list(argv) + \
+        ["--peak_gflops", f"{peak:.3f}", "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, env=env)
+    with open(os.path.join(log_dir, "workerlog.0"), encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith(("|", "{")) or line.startswith("model "):
+                print(line, end="")
+    return proc.returncode
+
+
+def format_row(r):
+    return (f"| {r['model']} | {r['phase']}{'/' + r['infer_mode'] if r['phase'] == 'infer' else ''} "
+            f"| {r['batch_size']} | {r['input_size']} | {r['nproc']}x{r['threads_per_proc']} "
+            f"| {r['images_per_s']:.2f} | {r['step_s_median']:.3f} | {r['peak_mem_mb']:.0f} "
+            f"| {r['model_tflops_per_step']:.3f} | {r['achieved_gflops']:.0f} "
+            f"| {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% |")
+
+
+HEADER = ("| model | phase | batch | px | procs x threads | img/s | step s (median) | peak MB "
+          "| TFLOP/step | GFLOP/s | peak GFLOP/s | MFU |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    _setup_threads(args)
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    if args.explicit_attention:
+        os.environ["PADDLE_CAE_ATTENTION"] = "explicit"
+    import paddle
+
+    from paddle_cae.models.registry import model_task
+
+    paddle.seed(args.seed)
+    if args.phase is None:
+        args.phase = "pretrain" if model_task(args.model) == "pretrain" else "finetune"
+    if args.phase == "infer" and args.nproc > 1:
+        raise SystemExit("--nproc applies to training phases")
+    if args.batch_size % args.nproc:
+        raise SystemExit("--batch_size must be divisible by --nproc")
+
+    env = {"rank": 0, "world": 1}
+    if args.nproc > 1 and not _launched():
+        peak = args.peak_gflops or matmul_peak_gflops(paddle, args.peak_size)
+        return _relaunch(args, argv, peak)
+    if _launched():
+        import paddle.distributed as dist
+
+        dist.init_parallel_env()
+        env = {"rank": dist.get_rank(), "world": dist.get_world_size()}
+    if args.peak_gflops is None:
+        args.peak_gflops = matmul_peak_gflops(paddle, args.peak_size)
+
+    if args.phase == "infer":
+        times, flops, count, note = run_inference(args, paddle, env)
+    else:
+        times, flops, count, note = run_training(args, paddle, env)
+    median = statistics.median(times)
+    mem = peak_memory_mb(paddle)
+    if env["world"] > 1:
+        import paddle.distributed as dist
+
+        t = paddle.to_tensor([mem, median], dtype="float64")
+        gathered = []
+        dist.all_gather(gathered, t)
+        mem = float(sum(g[0] for g in gathered))
+        median = float(max(g[1] for g in gathered))
+        if env["rank"] != 0:
+            return 0
+    achieved = flops / median / 1e9
+    result = {
+        "model": args.model, "phase": args.phase, "infer_mode": args.infer_mode,
+        "batch_size": args.batch_size, "input_size": args.input_size, "amp": args.amp,
+        "nproc": env["world"], "threads_per_proc": int(os.environ.get("OMP_NUM_THREADS", 1)),
+        "to_static": args.to_static, "fused_adamw": args.fused_adamw,
+        "attention": os.environ.get("PADDLE_CAE_ATTENTION", "default"),
+        "images_per_s": args.batch_size / median, "step_s_median": median,
+        "step_s_all": [round(t, 4) for t in times], "peak_mem_mb": mem,
+        "model_tflops_per_step": flops / 1e12,
+        "forward_gflops_trainable": count.trainable / 1e9 * (env["world"]),
+        "forward_gflops_frozen": count.frozen / 1e9 * (env["world"]),
+        "achieved_gflops": achieved, "peak_gflops": args.peak_gflops,
+        "mfu": achieved / args.peak_gflops, "device": paddle.device.get_device(),
+        "paddle": paddle.__version__, "note": note,
+    }
+    print(HEADER)
+    print(format_row(result))
+    if note:
+        print(f"note: {note}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The FLOP counter against a hand count, the throughput script on a tiny model, and the
+inference helper's CPU-feature logic. Nothing here is timed."""
+import json
+import os
+import subprocess
+import sys
+
+import paddle
+import pytest
+
+from paddle_cae.models.registry import create_model
+from paddle_cae.runtime import inference
+from paddle_cae.runtime.flops import count_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def vit_forward_flops(img, patch, dim, depth, mlp_ratio, classes, batch):
+    n = (img // patch) ** 2
+    tokens = n + 1
+    per_block = tokens * (3 * dim * dim + dim * dim + 2 * mlp_ratio * dim * dim) \
+        + 2 * tokens * tokens * dim  # q k^T and attn v
+    macs = depth * per_block + n * dim * 3 * patch * patch + dim * classes
+    return 2 * batch * macs
+
+
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
+def test_flop_count_matches_hand_count(monkeypatch, attention):
+    monkeypatch.setenv("PADDLE_CAE_ATTENTION", attention)
+    model = create_model("vit_base_patch16", img_size=32, embed_dim=24, depth=2, num_heads=3,
+                         num_classes=7)
+    with count_flops() as c:
+        model(paddle.randn([2, 3, 32, 32]))
+    assert c.trainable == vit_forward_flops(32, 16, 24, 2, 4, 7, 2)
+    assert c.frozen == 0
+    assert c.train_step() == 3 * c.trainable
+
+
+def test_flop_count_frozen_parts_count_once():
+    before = paddle.matmul
+    model = create_model("vit_base_patch16", img_size=32, embed_dim=24, depth=1, num_heads=3,
+                         num_classes=7)
+    x = paddle.randn([1, 3, 32, 32])
+    with paddle.no_grad(), count_flops() as c:
+        model(x)
+    assert c.trainable == 0 and c.frozen == vit_forward_flops(32, 16, 24, 1, 4, 7, 1)
+    assert c.train_step() == c.frozen
+    # the counter restores what it wrapped
+    assert paddle.matmul is before
+
+
+def run_script(*extra):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--steps", "2",
+           "--warmup", "1", "--peak_size", "256", "--json", "--batch_size", "2",
+           "--input_size", "32", "--threads", "1"] + list(extra)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
+    assert "| img/s |" in out.stdout
+    return json.loads(line)
+
+
+def test_throughput_script_tiny_finetune():
+    r = run_script("--model", "vit_base_patch16", "--phase", "finetune", "--model_kwargs",
+                   json.dumps({"embed_dim": 24, "depth": 1, "num_heads": 3}))
+    assert r["images_per_s"] > 0 and r["peak_mem_mb"] > 0 and 0 < r["mfu"] < 5
+    assert r["forward_gflops_frozen"] == 0
+    expected = 3 * vit_forward_flops(32, 16, 24, 1, 4, 1000, 2)
+    assert abs(r["model_tflops_per_step"] * 1e12 - expected) < 1e3
+
+
+def test_throughput_script_tiny_pretrain():
+    r = run_script("--model", "mae_vit_base_patch16", "--model_kwargs", json.dumps(
+        {"embed_dim": 24, "depth": 1, "num_heads": 3, "decoder_embed_dim": 16,
+         "decoder_depth": 1, "decoder_num_heads": 2}))
+    assert r["phase"] == "pretrain" and r["images_per_s"] > 0
+
+
+def test_cpu_bf16_detection(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
+    assert inference.cpu_flags(str(info)) == {"fpu", "sse", "avx2", "avx512f"}
+    assert not inference.cpu_has_bf16({"avx512f"})
+    assert inference.cpu_has_bf16({"avx512f", "avx512_bf16"})
+    assert inference.cpu_has_bf16({"amx_bf16"})
+    assert inference.resolve_bf16(None, flags={"avx2"}) is False
+    assert inference.resolve_bf16(False, flags={"amx_bf16"}) is False
+    with pytest.raises(RuntimeError):
+        inference.resolve_bf16(True, flags={"avx2"})
+
+
+def test_resolve_bf16_auto_and_env(monkeypatch):
+    monkeypatch.delenv("PADDLE_CAE_INFER_BF16", raising=False)
+    assert inference.resolve_bf16(None, flags={"amx_bf16"}) is True
+    monkeypatch.setenv("PADDLE_CAE_INFER_BF16", "0")
+    assert inference.resolve_bf16(None, flags={"amx_bf16"}) is False
+
+
+def test_create_predictor_fp32_matches_dynamic(tmp_path):
+    import numpy as np
+
+    from paddle_cae.engine.infer import export_inference_model
+
+    paddle.seed(0)
+    model = create_model("vit_base_patch16", img_size=32, embed_dim=24, depth=1, num_heads=3,
+                         num_classes=5)
+    model.eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype("float32")
+    with paddle.no_grad():
+        ref = model(paddle.to_tensor(x)).numpy()
+    export_inference_model(model, str(tmp_path), 32)
+    with pytest.raises(FileNotFoundError):
+        inference.model_files(str(tmp_path / "missing"))
+    predictor = inference.create_predictor(str(tmp_path), bf16=False, threads=1)
+    out = inference.run_predictor(predictor, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
