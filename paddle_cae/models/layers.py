@@ -10,6 +10,7 @@ Two attention flavours exist in the reference code and both are kept exactly:
   queries are scaled before the product; optional relative position bias.
 """
 import math
+import os
 
 import numpy as np
 import paddle
@@ -206,6 +207,49 @@ class Attention(nn.Layer):
         return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
 
     def forward(self, x, rel_pos_bias=None):
+        if self.use_fused_attention and (self.training is False or isinstance(
+                self.attn_drop, nn.Identity)) and (
+                rel_pos_bias is None or self.relative_position_bias_table is None):
+            return self.forward_fused(x, rel_pos_bias)
+        return self.forward_explicit(x, rel_pos_bias)
+
+    @property
+    def use_fused_attention(self):
+        """The fused path (default) unless ``fused_attention`` was set False on this layer or
+        the environment asks for ``PADDLE_CAE_ATTENTION=explicit``."""
+        flag = getattr(self, "fused_attention", None)
+        if flag is not None:
+            return bool(flag)
+        return os.environ.get("PADDLE_CAE_ATTENTION", "").lower() != "explicit"
+
+    def forward_fused(self, x, rel_pos_bias=None):
+        """The same arithmetic as :meth:`forward_explicit` with fewer memory passes: q, k, v
+        are taken from the projection by one unbind (no 5-D transpose of qkv) and
+        ``F.scaled_dot_product_attention`` forms softmax((q * scale) k^T + bias) v in
+        [B, N, h, d] layout. For the timm flavour ((q k^T) * scale) this is used only when
+        the scale is a power of two (head_dim 64, 256 ...), where both orders round the
+        same; otherwise the scale is applied after the product as in the reference."""
+        b, n, _ = x.shape
+        qkv = self.qkv_projection(x).reshape([b, n, 3, self.num_heads, self.head_dim])
+        q, k, v = qkv.unbind(2)  # each [B, N, h, d]
+        bias = None
+        if self.relative_position_bias_table is not None:
+            bias = self.relative_bias().unsqueeze(0)
+        if rel_pos_bias is not None:
+            bias = rel_pos_bias
+        if self.style == "beit" or _is_power_of_two(self.scale):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
+                                                 training=self.training)
+        else:
+            q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
+            attn = paddle.matmul(q, k, transpose_y=True) * self.scale
+            if bias is not None:
+                attn = attn + bias
+            out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 2, 1, 3])
+        return self.proj_drop(self.proj(out.reshape([b, n, self.inner_dim])))
+
+    def forward_explicit(self, x, rel_pos_bias=None):
+        """The reference formulation, step by step (kept for parity checks)."""
         b, n, _ = x.shape
         qkv = self.qkv_projection(x).reshape([b, n, 3, self.num_heads, self.head_dim])
         q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, h, N, d]
@@ -290,6 +334,11 @@ class TorchBatchNorm1D(nn.Layer):
         if self.weight is not None:
             y = y * self.weight + self.bias
         return y
+
+
+def _is_power_of_two(value):
+    mantissa, _ = math.frexp(float(value))
+    return value > 0 and mantissa == 0.5
 
 
 def _pair(v):
