@@ -17,6 +17,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..ops import fused as fused_ops
+
 LN_EPS = 1e-6
 
 
@@ -132,6 +134,10 @@ class Mlp(nn.Layer):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x):
+        if isinstance(self.drop, nn.Identity) and self.fc1.bias is not None \
+                and fused_ops.usable(x):
+            # gelu(x W1 + b1) in one fused pass (same arithmetic, see paddle_cae/ops)
+            return self.fc2(fused_ops.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -248,6 +254,29 @@ class Attention(nn.Layer):
             out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(out.reshape([b, n, self.inner_dim])))
 
+    def qkv_bias_vector(self):
+        """The bias added to the qkv projection ([3 * inner]; zeros when there is none)."""
+        if self.q_bias is not None:
+            zero_k = paddle.zeros_like(self.v_bias)
+            zero_k.stop_gradient = True
+            return paddle.concat([self.q_bias, zero_k, self.v_bias])
+        if self.qkv.bias is not None:
+            return self.qkv.bias
+        bias = paddle.zeros([3 * self.inner_dim], dtype=self.qkv.weight.dtype)
+        bias.stop_gradient = True
+        return bias
+
+    def attend_fused_kernels(self, x):
+        """Attention up to (not including) the output projection, with the fused CPU kernels
+        of paddle_cae/ops: [B, N, dim] -> [B, N, inner]. Same arithmetic as the explicit path:
+        timm scales the scores after q k^T, BEiT scales q before."""
+        q_scale, s_scale = (self.scale, 1.0) if self.style == "beit" else (1.0, self.scale)
+        q, k, v = fused_ops.split_heads(paddle.matmul(x, self.qkv.weight), self.qkv_bias_vector(),
+                                        self.num_heads, q_scale)
+        bias = self.relative_bias() if self.relative_position_bias_table is not None else None
+        attn = fused_ops.scaled_softmax(paddle.matmul(q, k, transpose_y=True), s_scale, bias)
+        return fused_ops.merge_heads(paddle.matmul(attn, v))
+
     def forward_explicit(self, x, rel_pos_bias=None):
         """The reference formulation, step by step (kept for parity checks)."""
         b, n, _ = x.shape
@@ -286,12 +315,42 @@ class Block(nn.Layer):
         else:
             self.gamma_1 = self.gamma_2 = None
 
+    def can_use_fused_kernels(self, x, rel_pos_bias=None):
+        attn, mlp = self.attn, self.mlp
+        if rel_pos_bias is not None or not attn.use_fused_attention:
+            return False
+        if self.training and not all(isinstance(m, nn.Identity) for m in (
+                attn.attn_drop, attn.proj_drop, mlp.drop)):
+            return False
+        return mlp.fc1.bias is not None and fused_ops.usable(x)
+
     def forward(self, x, rel_pos_bias=None):
+        if self.can_use_fused_kernels(x, rel_pos_bias):
+            return self.forward_fused_kernels(x)
         if self.gamma_1 is None:
             x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+    def forward_fused_kernels(self, x):
+        """The block with the fused CPU kernels of paddle_cae/ops: LayerNorm, bias + head
+        split, scaled softmax (+ relative position bias), head merge, bias + (layer scale) +
+        residual, bias + GELU. Same arithmetic as :meth:`forward` up to float32 rounding."""
+        attn, mlp = self.attn, self.mlp
+        h = fused_ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
+        y = paddle.matmul(attn.attend_fused_kernels(h), attn.proj.weight)
+        x = self._residual(x, y, attn.proj.bias, self.gamma_1)
+        h = fused_ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2._epsilon)
+        h = fused_ops.bias_gelu(paddle.matmul(h, mlp.fc1.weight), mlp.fc1.bias)
+        y = paddle.matmul(h, mlp.fc2.weight)
+        return self._residual(x, y, mlp.fc2.bias, self.gamma_2)
+
+    def _residual(self, x, y, bias, gamma):
+        if self.training and isinstance(self.drop_path, DropPath):
+            y = y + bias
+            return x + self.drop_path(y if gamma is None else gamma * y)
+        return fused_ops.residual_bias(x, y, bias, gamma)
 
 
 class TorchBatchNorm1D(nn.Layer):

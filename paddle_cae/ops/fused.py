@@ -1,0 +1,195 @@
+"""Fused CPU kernels for the transformer block, built as a Paddle custom-operator extension
+(``vit_kernels.cc``) on first use.
+
+Paddle's CPU elementwise kernels (bias adds and their gradient reductions, GELU, LayerNorm,
+softmax, the head transposes of attention) run on one thread and make several passes over
+memory; the matrix products are multi-threaded. These kernels do the same arithmetic in the
+same order as the Paddle operators they replace (every function here states its reference
+formulation, which is also its fallback), fused into one multi-threaded (OpenMP) pass each.
+Forward results agree with the reference to float32 rounding of the transcendental functions
+(exp/erf) and of sums (gradient reductions accumulate in double).
+
+They are used only where they apply: dynamic graph, float32 tensors on the CPU, and the
+extension built. Everywhere else (GPU, AMP, ``paddle.jit.to_static`` / export, no C++
+compiler, ``PADDLE_CAE_FUSED_OPS=0``) the same functions run the pure-Paddle reference.
+
+The extension is compiled with the system C++ compiler into ``$PADDLE_CAE_OPS_DIR`` (default
+``~/.cache/paddle_cae/ops/<paddle version>``) the first time it is needed (about 30 s) and
+loaded from there afterwards; concurrent first uses wait on a file lock.
+"""
+import hashlib
+import logging
+import os
+import threading
+
+import paddle
+import paddle.nn.functional as F
+
+logger = logging.getLogger("paddle_cae")
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_kernels.cc")
+_NAME = "paddle_cae_vit_kernels"
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def _enabled_by_env():
+    return os.environ.get("PADDLE_CAE_FUSED_OPS", "1").strip().lower() not in ("0", "false",
+                                                                                 "no", "off")
+
+
+def _build_dir():
+    base = os.environ.get("PADDLE_CAE_OPS_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "paddle_cae", "ops")
+    with open(_SOURCE, "rb") as f:
+        digest = hashlib.sha1(f.read()).hexdigest()[:10]
+    return os.path.join(base, f"paddle{paddle.__version__}-{digest}")
+
+
+def _load():
+    """The compiled extension module, or None when it cannot be built here."""
+    global _module, _failed
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is not None or _failed:
+            return _module
+        try:
+            import fcntl
+
+            build_dir = _build_dir()
+            os.makedirs(build_dir, exist_ok=True)
+            with open(os.path.join(build_dir, ".lock"), "w") as lock_file:
+                fcntl.flock(lock_file, fcntl.LOCK_EX)
+                try:
+                    _module = _quiet_load(build_dir)
+                finally:
+                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+        except Exception as err:  # no compiler, no headers, read-only home ...
+            _failed = True
+            logger.warning("fused CPU kernels unavailable (%s: %s); using the Paddle reference "
+                           "ops", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+    return _module
+
+
+def _quiet_load(build_dir):
+    """paddle's loader logs at INFO and warns about ccache on every call: keep the package's
+    output clean (a failed build still raises)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from paddle.utils.cpp_extension import extension_utils, load
+
+    paddle_logger = getattr(extension_utils, "logger", None)
+    level = paddle_logger.level if paddle_logger is not None else None
+    if paddle_logger is not None:
+        paddle_logger.setLevel(logging.WARNING)
+    try:
+        # built before (the folder is keyed by the source's hash and Paddle's version):
+        # import the library directly; paddle's load() would start a setup.py each time
+        lib_dir = os.path.join(build_dir, _NAME)
+        if os.path.isfile(os.path.join(lib_dir, _NAME + ".so")):
+            return extension_utils._import_module_from_library(_NAME, lib_dir, False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load(name=_NAME, sources=[_SOURCE],
+                        extra_cxx_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                        build_directory=build_dir, verbose=False)
+    finally:
+        if paddle_logger is not None:
+            paddle_logger.setLevel(level)
+
+
+def extension_available():
+    return _enabled_by_env() and _load() is not None
+
+
+@paddle.jit.not_to_static
+def _use(*tensors):
+    """The extension applies: dynamic graph, float32 CPU tensors, enabled and built."""
+    if not _enabled_by_env() or not paddle.in_dynamic_mode():
+        return None
+    for t in tensors:
+        if t is None or t.dtype != paddle.float32 or not t.place.is_cpu_place():
+            return None
+    return _load()
+
+
+@paddle.jit.not_to_static
+def usable(x):
+    """True when the fused kernels would run for tensors like ``x`` (the model layers pick
+    their fused formulation only then, and keep Paddle's own elsewhere)."""
+    return _use(x) is not None
+
+
+# --------------------------------------------------------------------------- the ops
+def split_heads(qkv, bias, num_heads, q_scale=1.0):
+    """qkv [B, N, 3*C] (the projection without its bias), bias [3*C] -> q, k, v [B, h, N, d].
+
+    Reference: ``t = qkv + bias``; split in three along the last axis; each [B, N, h, d]
+    transposed to [B, h, N, d]; ``q = q * q_scale`` (skipped when q_scale is 1)."""
+    ext = _use(qkv, bias)
+    if ext is not None:
+        q, k, v = ext.cae_split_heads(qkv, bias, int(num_heads), float(q_scale))
+        return q, k, v
+    b, n, c3 = qkv.shape
+    t = (qkv + bias).reshape([b, n, 3, num_heads, c3 // 3 // num_heads])
+    q, k, v = (x.transpose([0, 2, 1, 3]) for x in t.unbind(2))
+    if q_scale != 1.0:
+        q = q * q_scale
+    return q, k, v
+
+
+def merge_heads(x):
+    """[B, h, N, d] -> [B, N, h*d]. Reference: transpose then reshape."""
+    ext = _use(x)
+    if ext is not None:
+        return ext.cae_merge_heads(x)
+    b, h, n, d = x.shape
+    return x.transpose([0, 2, 1, 3]).reshape([b, n, h * d])
+
+
+def scaled_softmax(x, scale=1.0, bias=None):
+    """softmax(x * scale [+ bias]) over the last axis; x [B, h, R, L], bias [h, R, L] or None.
+    Reference: ``x * scale`` (skipped when scale is 1), ``+ bias``, ``F.softmax``."""
+    ext = _use(x, bias) if bias is not None else _use(x)
+    if ext is not None and x.ndim == 4:
+        if bias is None:
+            return ext.cae_scaled_softmax(x, float(scale))
+        if list(bias.shape) == list(x.shape[1:]):
+            return ext.cae_scaled_softmax_bias(x, bias, float(scale))
+    if scale != 1.0:
+        x = x * scale
+    if bias is not None:
+        x = x + bias
+    return F.softmax(x, axis=-1)
+
+
+def bias_gelu(h, bias):
+    """gelu(h + bias), exact erf form. Reference: ``F.gelu(h + bias)``."""
+    ext = _use(h, bias)
+    if ext is not None:
+        return ext.cae_bias_gelu(h, bias)
+    return F.gelu(h + bias)
+
+
+def residual_bias(res, h, bias, gamma=None):
+    """``res + (h + bias)``, or ``res + gamma * (h + bias)`` with a layer-scale gamma."""
+    ext = _use(res, h, bias) if gamma is None else _use(res, h, bias, gamma)
+    if ext is not None and list(res.shape) == list(h.shape):
+        if gamma is None:
+            return ext.cae_residual_bias(res, h, bias)
+        return ext.cae_residual_scale_bias(res, h, bias, gamma)
+    y = h + bias
+    return res + (y if gamma is None else gamma * y)
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last axis. Reference: ``F.layer_norm``."""
+    ext = _use(x, weight, bias)
+    if ext is not None:
+        y, _, _ = ext.cae_layer_norm(x, weight, bias, float(eps))
+        return y
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)

@@ -1,0 +1,560 @@
+// Fused, multi-threaded CPU kernels for the ViT training step (float32, dynamic graph).
+//
+// Each kernel performs the same arithmetic, in the same order, as the sequence of Paddle
+// operators it replaces (see paddle_cae/ops/fused.py for the reference formulation of every
+// op); what changes is the number of passes over memory and that the work is spread over
+// the OpenMP threads. Reductions (bias and norm-weight gradients) accumulate in double.
+#include <cmath>
+#include <vector>
+
+#include "paddle/extension.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+inline int num_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+inline int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+paddle::Tensor empty(const std::vector<int64_t>& shape, const paddle::Tensor& like) {
+  return paddle::empty(shape, paddle::DataType::FLOAT32, like.place());
+}
+
+void check_f32(const paddle::Tensor& t, const char* what) {
+  PD_CHECK(t.dtype() == paddle::DataType::FLOAT32, what, " must be float32");
+  PD_CHECK(t.is_cpu(), what, " must be on the CPU");
+}
+
+// Sum the rows of a [rows, cols] buffer into out[cols] (double accumulation, fixed order).
+void column_sums(const float* src, int64_t rows, int64_t cols, float* out) {
+  const int64_t block = 64;
+  const int64_t nblocks = (cols + block - 1) / block;
+#pragma omp parallel for schedule(static)
+  for (int64_t bi = 0; bi < nblocks; ++bi) {
+    const int64_t c0 = bi * block;
+    const int64_t c1 = std::min(cols, c0 + block);
+    double acc[64] = {0.0};
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = src + r * cols;
+      for (int64_t c = c0; c < c1; ++c) acc[c - c0] += row[c];
+    }
+    for (int64_t c = c0; c < c1; ++c) out[c] = static_cast<float>(acc[c - c0]);
+  }
+}
+
+inline float gelu(float z) {
+  return z * 0.5f * (1.0f + std::erf(z * static_cast<float>(M_SQRT1_2)));
+}
+
+inline float gelu_grad(float z) {
+  const float cdf = 0.5f * (1.0f + std::erf(z * static_cast<float>(M_SQRT1_2)));
+  const float pdf = static_cast<float>(0.5 * M_2_SQRTPI * M_SQRT1_2) * std::exp(-0.5f * z * z);
+  return cdf + z * pdf;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ split heads (+ bias)
+// h [B, N, 3 * H * D] -> q, k, v [B, H, N, D]; q = (h_q + b_q) * q_scale.
+std::vector<paddle::Tensor> SplitHeadsForward(const paddle::Tensor& h, const paddle::Tensor& bias,
+                                              int64_t num_heads, float q_scale) {
+  check_f32(h, "qkv");
+  const auto s = h.shape();
+  const int64_t B = s[0], N = s[1], C3 = s[2], C = C3 / 3, H = num_heads, D = C / H;
+  auto q = empty({B, H, N, D}, h), k = empty({B, H, N, D}, h), v = empty({B, H, N, D}, h);
+  const float* src = h.data<float>();
+  const float* b = bias.data<float>();
+  float* outs[3] = {q.data<float>(), k.data<float>(), v.data<float>()};
+#pragma omp parallel for schedule(static)
+  for (int64_t bn = 0; bn < B * N; ++bn) {
+    const int64_t bb = bn / N, n = bn % N;
+    for (int64_t t = 0; t < 3; ++t) {
+      const float sc = t == 0 ? q_scale : 1.0f;
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const float* in = src + bn * C3 + t * C + hh * D;
+        const float* bi = b + t * C + hh * D;
+        float* o = outs[t] + ((bb * H + hh) * N + n) * D;
+        if (sc == 1.0f) {
+          for (int64_t d = 0; d < D; ++d) o[d] = in[d] + bi[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = (in[d] + bi[d]) * sc;
+        }
+      }
+    }
+  }
+  return {q, k, v};
+}
+
+std::vector<paddle::Tensor> SplitHeadsBackward(const paddle::Tensor& h, const paddle::Tensor& bias,
+                                               const paddle::Tensor& dq, const paddle::Tensor& dk,
+                                               const paddle::Tensor& dv, int64_t num_heads,
+                                               float q_scale) {
+  const auto s = h.shape();
+  const int64_t B = s[0], N = s[1], C3 = s[2], C = C3 / 3, H = num_heads, D = C / H;
+  auto dh = empty({B, N, C3}, h);
+  auto db = empty({C3}, h);
+  float* out = dh.data<float>();
+  const float* ins[3] = {dq.data<float>(), dk.data<float>(), dv.data<float>()};
+#pragma omp parallel for schedule(static)
+  for (int64_t bn = 0; bn < B * N; ++bn) {
+    const int64_t bb = bn / N, n = bn % N;
+    for (int64_t t = 0; t < 3; ++t) {
+      const float sc = t == 0 ? q_scale : 1.0f;
+      for (int64_t hh = 0; hh < H; ++hh) {
+        const float* g = ins[t] + ((bb * H + hh) * N + n) * D;
+        float* o = out + bn * C3 + t * C + hh * D;
+        if (sc == 1.0f) {
+          for (int64_t d = 0; d < D; ++d) o[d] = g[d];
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] = g[d] * sc;
+        }
+      }
+    }
+  }
+  column_sums(out, B * N, C3, db.data<float>());
+  return {dh, db};
+}
+
+// ------------------------------------------------------------------------ merge heads
+// x [B, H, N, D] -> [B, N, H * D]
+std::vector<paddle::Tensor> MergeHeadsForward(const paddle::Tensor& x) {
+  check_f32(x, "x");
+  const auto s = x.shape();
+  const int64_t B = s[0], H = s[1], N = s[2], D = s[3];
+  auto out = empty({B, N, H * D}, x);
+  const float* src = x.data<float>();
+  float* dst = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t bn = 0; bn < B * N; ++bn) {
+    const int64_t bb = bn / N, n = bn % N;
+    for (int64_t hh = 0; hh < H; ++hh) {
+      const float* in = src + ((bb * H + hh) * N + n) * D;
+      float* o = dst + bn * H * D + hh * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = in[d];
+    }
+  }
+  return {out};
+}
+
+std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const paddle::Tensor& dout) {
+  const auto s = x.shape();
+  const int64_t B = s[0], H = s[1], N = s[2], D = s[3];
+  auto dx = empty({B, H, N, D}, x);
+  const float* src = dout.data<float>();
+  float* dst = dx.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t bn = 0; bn < B * N; ++bn) {
+    const int64_t bb = bn / N, n = bn % N;
+    for (int64_t hh = 0; hh < H; ++hh) {
+      const float* in = src + bn * H * D + hh * D;
+      float* o = dst + ((bb * H + hh) * N + n) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = in[d];
+    }
+  }
+  return {dx};
+}
+
+// -------------------------------------------------------------------- scaled softmax
+// y = softmax(x * scale [+ bias]) over the last axis; x [B, H, R, L], bias [H, R, L].
+namespace {
+inline void softmax_row(const float* x, const float* bias, float scale, int64_t L, float* y) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < L; ++i) {
+    float t = scale == 1.0f ? x[i] : x[i] * scale;
+    if (bias) t = t + bias[i];
+    y[i] = t;
+    m = std::max(m, t);
+  }
+  float sum = 0.0f;
+  for (int64_t i = 0; i < L; ++i) {
+    y[i] = std::exp(y[i] - m);
+    sum += y[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < L; ++i) y[i] = y[i] * inv;
+}
+
+inline void softmax_grad_row(const float* y, const float* dy, float scale, int64_t L, float* g,
+                             float* dx) {
+  float dot = 0.0f;
+  for (int64_t i = 0; i < L; ++i) dot += dy[i] * y[i];
+  for (int64_t i = 0; i < L; ++i) {
+    const float gi = y[i] * (dy[i] - dot);
+    if (g) g[i] = gi;
+    dx[i] = scale == 1.0f ? gi : gi * scale;
+  }
+}
+}  // namespace
+
+std::vector<paddle::Tensor> ScaledSoftmaxForward(const paddle::Tensor& x, float scale) {
+  check_f32(x, "x");
+  auto y = empty(x.shape(), x);
+  const int64_t L = x.shape().back(), rows = x.numel() / L;
+  const float* src = x.data<float>();
+  float* dst = y.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) softmax_row(src + r * L, nullptr, scale, L, dst + r * L);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ScaledSoftmaxBackward(const paddle::Tensor& y, const paddle::Tensor& dy,
+                                                  float scale) {
+  auto dx = empty(y.shape(), y);
+  const int64_t L = y.shape().back(), rows = y.numel() / L;
+  const float* yp = y.data<float>();
+  const float* dyp = dy.data<float>();
+  float* out = dx.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    softmax_grad_row(yp + r * L, dyp + r * L, scale, L, nullptr, out + r * L);
+  return {dx};
+}
+
+std::vector<paddle::Tensor> ScaledSoftmaxBiasForward(const paddle::Tensor& x,
+                                                     const paddle::Tensor& bias, float scale) {
+  check_f32(x, "x");
+  check_f32(bias, "bias");
+  auto y = empty(x.shape(), x);
+  const auto s = x.shape();
+  const int64_t L = s[3], R = s[2], HR = s[1] * R, B = s[0];
+  const float* src = x.data<float>();
+  const float* bp = bias.data<float>();
+  float* dst = y.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < B * HR; ++r)
+    softmax_row(src + r * L, bp + (r % HR) * L, scale, L, dst + r * L);
+  return {y};
+}
+
+std::vector<paddle::Tensor> ScaledSoftmaxBiasBackward(const paddle::Tensor& y,
+                                                      const paddle::Tensor& bias,
+                                                      const paddle::Tensor& dy, float scale) {
+  auto dx = empty(y.shape(), y);
+  auto dbias = empty(bias.shape(), bias);
+  const auto s = y.shape();
+  const int64_t L = s[3], R = s[2], HR = s[1] * R, B = s[0];
+  const float* yp = y.data<float>();
+  const float* dyp = dy.data<float>();
+  float* out = dx.data<float>();
+  float* db = dbias.data<float>();
+#pragma omp parallel
+  {
+    std::vector<float> g(L);
+    std::vector<double> acc(L);
+#pragma omp for schedule(static)
+    for (int64_t hr = 0; hr < HR; ++hr) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t r = b * HR + hr;
+        softmax_grad_row(yp + r * L, dyp + r * L, scale, L, g.data(), out + r * L);
+        for (int64_t i = 0; i < L; ++i) acc[i] += g[i];
+      }
+      for (int64_t i = 0; i < L; ++i) db[hr * L + i] = static_cast<float>(acc[i]);
+    }
+  }
+  return {dx, dbias};
+}
+
+// ------------------------------------------------------------------------- bias + GELU
+std::vector<paddle::Tensor> BiasGeluForward(const paddle::Tensor& h, const paddle::Tensor& bias) {
+  check_f32(h, "h");
+  auto out = empty(h.shape(), h);
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const float* src = h.data<float>();
+  const float* b = bias.data<float>();
+  float* dst = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) dst[r * C + c] = gelu(src[r * C + c] + b[c]);
+  return {out};
+}
+
+std::vector<paddle::Tensor> BiasGeluBackward(const paddle::Tensor& h, const paddle::Tensor& bias,
+                                             const paddle::Tensor& dout) {
+  auto dh = empty(h.shape(), h);
+  auto db = empty(bias.shape(), bias);
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const float* src = h.data<float>();
+  const float* b = bias.data<float>();
+  const float* g = dout.data<float>();
+  float* dst = dh.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t i = r * C + c;
+      dst[i] = g[i] * gelu_grad(src[i] + b[c]);
+    }
+  column_sums(dst, rows, C, db.data<float>());
+  return {dh, db};
+}
+
+// ------------------------------------------------------------- residual + (h + bias)
+std::vector<paddle::Tensor> ResidualBiasForward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                                const paddle::Tensor& bias) {
+  check_f32(h, "h");
+  auto out = empty(h.shape(), h);
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const float* x = res.data<float>();
+  const float* hp = h.data<float>();
+  const float* b = bias.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) o[r * C + c] = x[r * C + c] + (hp[r * C + c] + b[c]);
+  return {out};
+}
+
+std::vector<paddle::Tensor> ResidualBiasBackward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                                 const paddle::Tensor& bias,
+                                                 const paddle::Tensor& dout) {
+  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
+  auto db = empty(bias.shape(), bias);
+  const int64_t C = h.shape().back(), rows = h.numel() / C, n = h.numel();
+  const float* g = dout.data<float>();
+  float* a = dres.data<float>();
+  float* b = dh.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    a[i] = g[i];
+    b[i] = g[i];
+  }
+  column_sums(g, rows, C, db.data<float>());
+  return {dres, dh, db};
+}
+
+// residual + gamma * (h + bias)  (layer scale)
+std::vector<paddle::Tensor> ResidualScaleBiasForward(const paddle::Tensor& res,
+                                                     const paddle::Tensor& h,
+                                                     const paddle::Tensor& bias,
+                                                     const paddle::Tensor& gamma) {
+  check_f32(h, "h");
+  auto out = empty(h.shape(), h);
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const float* x = res.data<float>();
+  const float* hp = h.data<float>();
+  const float* b = bias.data<float>();
+  const float* gm = gamma.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c)
+      o[r * C + c] = x[r * C + c] + gm[c] * (hp[r * C + c] + b[c]);
+  return {out};
+}
+
+std::vector<paddle::Tensor> ResidualScaleBiasBackward(const paddle::Tensor& res,
+                                                      const paddle::Tensor& h,
+                                                      const paddle::Tensor& bias,
+                                                      const paddle::Tensor& gamma,
+                                                      const paddle::Tensor& dout) {
+  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
+  auto db = empty(bias.shape(), bias), dgamma = empty(gamma.shape(), gamma);
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const float* g = dout.data<float>();
+  const float* hp = h.data<float>();
+  const float* b = bias.data<float>();
+  const float* gm = gamma.data<float>();
+  float* a = dres.data<float>();
+  float* d = dh.data<float>();
+  const int T = num_threads();
+  std::vector<double> part_g(static_cast<size_t>(T) * C, 0.0);
+#pragma omp parallel
+  {
+    double* pg = part_g.data() + static_cast<size_t>(thread_id()) * C;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = r * C + c;
+        a[i] = g[i];
+        d[i] = g[i] * gm[c];
+        pg[c] += static_cast<double>(g[i]) * (hp[i] + b[c]);
+      }
+  }
+  column_sums(d, rows, C, db.data<float>());
+  float* dg = dgamma.data<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0;
+    for (int t = 0; t < T; ++t) s += part_g[static_cast<size_t>(t) * C + c];
+    dg[c] = static_cast<float>(s);
+  }
+  return {dres, dh, db, dgamma};
+}
+
+// ------------------------------------------------------------------------- layer norm
+std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                             const paddle::Tensor& b, float eps) {
+  check_f32(x, "x");
+  const int64_t C = x.shape().back(), rows = x.numel() / C;
+  auto y = empty(x.shape(), x);
+  auto mean = empty({rows}, x), rstd = empty({rows}, x);
+  const float* xp = x.data<float>();
+  const float* wp = w.data<float>();
+  const float* bp = b.data<float>();
+  float* yp = y.data<float>();
+  float* mp = mean.data<float>();
+  float* rp = rstd.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = xp + r * C;
+    double s = 0.0;
+    for (int64_t c = 0; c < C; ++c) s += row[c];
+    const float m = static_cast<float>(s / C);
+    double v = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const float d = row[c] - m;
+      v += static_cast<double>(d) * d;
+    }
+    const float var = static_cast<float>(v / C);
+    const float rs = 1.0f / std::sqrt(var + eps);
+    mp[r] = m;
+    rp[r] = rs;
+    float* out = yp + r * C;
+    for (int64_t c = 0; c < C; ++c) out[c] = (row[c] - m) * rs * wp[c] + bp[c];
+  }
+  return {y, mean, rstd};
+}
+
+std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const paddle::Tensor& w,
+                                              const paddle::Tensor& b, const paddle::Tensor& mean,
+                                              const paddle::Tensor& rstd, const paddle::Tensor& dy,
+                                              float eps) {
+  const int64_t C = x.shape().back(), rows = x.numel() / C;
+  auto dx = empty(x.shape(), x);
+  auto dw = empty(w.shape(), w), db = empty(b.shape(), b);
+  const float* xp = x.data<float>();
+  const float* wp = w.data<float>();
+  const float* mp = mean.data<float>();
+  const float* rp = rstd.data<float>();
+  const float* g = dy.data<float>();
+  float* out = dx.data<float>();
+  const int T = num_threads();
+  std::vector<double> part_w(static_cast<size_t>(T) * C, 0.0), part_b(static_cast<size_t>(T) * C, 0.0);
+#pragma omp parallel
+  {
+    const size_t off = static_cast<size_t>(thread_id()) * C;
+    double* pw = part_w.data() + off;
+    double* pb = part_b.data() + off;
+    std::vector<float> xhat(C);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = xp + r * C;
+      const float* gr = g + r * C;
+      const float m = mp[r], rs = rp[r];
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        const float xh = (row[c] - m) * rs;
+        xhat[c] = xh;
+        const float gw = gr[c] * wp[c];
+        s1 += gw;
+        s2 += static_cast<double>(gw) * xh;
+        pw[c] += static_cast<double>(gr[c]) * xh;
+        pb[c] += gr[c];
+      }
+      const float a = static_cast<float>(s1 / C), cc = static_cast<float>(s2 / C);
+      float* o = out + r * C;
+      for (int64_t c = 0; c < C; ++c) o[c] = rs * (gr[c] * wp[c] - a - xhat[c] * cc);
+    }
+  }
+  float* dwp = dw.data<float>();
+  float* dbp = db.data<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    double sw = 0.0, sb = 0.0;
+    for (int t = 0; t < T; ++t) {
+      sw += part_w[static_cast<size_t>(t) * C + c];
+      sb += part_b[static_cast<size_t>(t) * C + c];
+    }
+    dwp[c] = static_cast<float>(sw);
+    dbp[c] = static_cast<float>(sb);
+  }
+  return {dx, dw, db};
+}
+
+// ----------------------------------------------------------------------- registration
+PD_BUILD_OP(cae_split_heads)
+    .Inputs({"QKV", "Bias"})
+    .Outputs({"Q", "K", "V"})
+    .Attrs({"num_heads: int64_t", "q_scale: float"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsForward));
+PD_BUILD_GRAD_OP(cae_split_heads)
+    .Inputs({"QKV", "Bias", paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
+    .Outputs({paddle::Grad("QKV"), paddle::Grad("Bias")})
+    .Attrs({"num_heads: int64_t", "q_scale: float"})
+    .SetKernelFn(PD_KERNEL(SplitHeadsBackward));
+
+PD_BUILD_OP(cae_merge_heads).Inputs({"X"}).Outputs({"Out"}).SetKernelFn(PD_KERNEL(MergeHeadsForward));
+PD_BUILD_GRAD_OP(cae_merge_heads)
+    .Inputs({"X", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .SetKernelFn(PD_KERNEL(MergeHeadsBackward));
+
+PD_BUILD_OP(cae_scaled_softmax)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(ScaledSoftmaxForward));
+PD_BUILD_GRAD_OP(cae_scaled_softmax)
+    .Inputs({"Out", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X")})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(ScaledSoftmaxBackward));
+
+PD_BUILD_OP(cae_scaled_softmax_bias)
+    .Inputs({"X", "Bias"})
+    .Outputs({"Out"})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(ScaledSoftmaxBiasForward));
+PD_BUILD_GRAD_OP(cae_scaled_softmax_bias)
+    .Inputs({"Out", "Bias", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("Bias")})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(ScaledSoftmaxBiasBackward));
+
+PD_BUILD_OP(cae_bias_gelu).Inputs({"H", "Bias"}).Outputs({"Out"}).SetKernelFn(PD_KERNEL(BiasGeluForward));
+PD_BUILD_GRAD_OP(cae_bias_gelu)
+    .Inputs({"H", "Bias", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("H"), paddle::Grad("Bias")})
+    .SetKernelFn(PD_KERNEL(BiasGeluBackward));
+
+PD_BUILD_OP(cae_residual_bias)
+    .Inputs({"Res", "H", "Bias"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ResidualBiasForward));
+PD_BUILD_GRAD_OP(cae_residual_bias)
+    .Inputs({"Res", "H", "Bias", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Res"), paddle::Grad("H"), paddle::Grad("Bias")})
+    .SetKernelFn(PD_KERNEL(ResidualBiasBackward));
+
+PD_BUILD_OP(cae_residual_scale_bias)
+    .Inputs({"Res", "H", "Bias", "Gamma"})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(ResidualScaleBiasForward));
+PD_BUILD_GRAD_OP(cae_residual_scale_bias)
+    .Inputs({"Res", "H", "Bias", "Gamma", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Res"), paddle::Grad("H"), paddle::Grad("Bias"), paddle::Grad("Gamma")})
+    .SetKernelFn(PD_KERNEL(ResidualScaleBiasBackward));
+
+PD_BUILD_OP(cae_layer_norm)
+    .Inputs({"X", "W", "B"})
+    .Outputs({"Y", "Mean", "Rstd"})
+    .Attrs({"eps: float"})
+    .SetKernelFn(PD_KERNEL(LayerNormForward));
+PD_BUILD_GRAD_OP(cae_layer_norm)
+    .Inputs({"X", "W", "B", "Mean", "Rstd", paddle::Grad("Y")})
+    .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
+    .Attrs({"eps: float"})
+    .SetKernelFn(PD_KERNEL(LayerNormBackward));
