@@ -16,7 +16,8 @@ MFU = model FLOP/s / peak FLOP/s. Model FLOPs are 2 x the multiply-adds of every
 convolution of the forward (attention included), traced from the shapes of one forward
 (paddle_cae/runtime/flops.py); a training step counts 3x for everything that is
 back-propagated and 1x for frozen parts (tokenizer, teacher, frozen encoder). The peak is the
-best of a few large square fp32 matmuls measured in the same run with the same threads.
+best of a few large square fp32 matmuls, measured before and after the timed steps with the same
+threads (the better of the two counts: other load on the machine can only lower it).
 
 Peak memory: on CPU the process's high-water resident set (VmHWM, summed over processes with
 ``--nproc``); on GPU ``paddle.device.cuda.max_memory_allocated``.
@@ -324,12 +325,22 @@ def _relaunch(args, argv, peak):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
            str(args.nproc), "--log_dir", log_dir, os.path.abspath(__file__)] + list(argv) + \
         ["--peak_gflops", f"{peak:.3f}", "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-5000:], file=sys.stderr)
+        return proc.returncode
     with open(os.path.join(log_dir, "workerlog.0"), encoding="utf-8", errors="replace") as f:
         for line in f:
-            if line.startswith(("|", "{")) or line.startswith("model "):
+            if line.startswith(("|", "{", "note:")):
                 print(line, end="")
-    return proc.returncode
+    return 0
+
+
+def _fused_kernels_state():
+    from paddle_cae.ops import fused
+
+    return bool(fused.extension_available())
 
 
 def format_row(r):
@@ -374,6 +385,7 @@ def main(argv=None):
 
         dist.init_parallel_env()
         env = {"rank": dist.get_rank(), "world": dist.get_world_size()}
+    args.peak_given = args.peak_gflops is not None
     if args.peak_gflops is None:
         args.peak_gflops = matmul_peak_gflops(paddle, args.peak_size)
 
@@ -383,6 +395,10 @@ def main(argv=None):
         times, flops, count, note = run_training(args, paddle, env)
     median = statistics.median(times)
     mem = peak_memory_mb(paddle)
+    if not args.peak_given:
+        # measured again after the timed steps; the better of the two is the machine's peak
+        # (other processes on the machine can only lower a measurement)
+        args.peak_gflops = max(args.peak_gflops, matmul_peak_gflops(paddle, args.peak_size))
     if env["world"] > 1:
         import paddle.distributed as dist
 
@@ -408,6 +424,8 @@ def main(argv=None):
         "achieved_gflops": achieved, "peak_gflops": args.peak_gflops,
         "mfu": achieved / args.peak_gflops, "device": paddle.device.get_device(),
         "paddle": paddle.__version__, "note": note,
+        "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "fused_kernels": _fused_kernels_state(),
     }
     print(HEADER)
     print(format_row(result))

@@ -86,3 +86,36 @@ def test_reference_path_outside_dygraph_or_cpu_float32(monkeypatch):
     assert not fused.usable(paddle.ones([2, 3], dtype="float64"))
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
     assert not fused.usable(paddle.ones([2, 3]))
+
+
+def test_adamw_kernel_matches_plain_path(monkeypatch):
+    import math
+
+    rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(4096).astype("float32")
+    grads = [0.01 * rng.standard_normal(4096).astype("float32") for _ in range(3)]
+    lr, wd, b1, b2, eps = 1e-3, 0.05, 0.9, 0.999, 1e-8
+    results = []
+    for use_kernel in (True, False):
+        p = paddle.to_tensor(p0)
+        m, v = paddle.zeros_like(p), paddle.zeros_like(p)
+        for t, g in enumerate(grads, 1):
+            g = paddle.to_tensor(g)
+            bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+            if use_kernel:
+                assert fused.adamw_update_(p, g, m, v, lr, wd, b1, b2, eps, bc1, bc2)
+            else:
+                p.scale_(1.0 - lr * wd)
+                m.lerp_(g, 1.0 - b1)
+                v.scale_(b2).add_(paddle.square(g).scale_(1.0 - b2))
+                p.add_((m / (paddle.sqrt(v) / math.sqrt(bc2) + eps)).scale_(-lr / bc1))
+        results.append((p.numpy(), m.numpy(), v.numpy()))
+    (pk, mk, vk), (pr, mr, vr) = results
+    np.testing.assert_array_equal(mk, mr)
+    np.testing.assert_array_equal(vk, vr)
+    # parameters: at most a few ulp apart (Paddle's CPU sqrt is not correctly rounded)
+    np.testing.assert_allclose(pk, pr, rtol=1e-6, atol=1e-7)
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    assert not fused.adamw_update_(paddle.to_tensor(p0), paddle.to_tensor(grads[0]),
+                                   paddle.zeros([4096]), paddle.zeros([4096]), lr, wd, b1, b2,
+                                   eps, 0.1, 0.001)

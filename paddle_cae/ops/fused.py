@@ -19,6 +19,7 @@ loaded from there afterwards; concurrent first uses wait on a file lock.
 """
 import hashlib
 import logging
+import math
 import os
 import threading
 
@@ -193,3 +194,19 @@ def layer_norm(x, weight, bias, eps):
         y, _, _ = ext.cae_layer_norm(x, weight, bias, float(eps))
         return y
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
+                  bias_correction1, bias_correction2):
+    """One in-place AdamW update in a single multi-threaded pass, when the kernels apply;
+    returns False (and changes nothing) otherwise. Arithmetic of the plain path of
+    :class:`paddle_cae.optim.AdamW`, every scalar rounded to float32 as Paddle's scalar ops do:
+    ``p *= 1 - lr*wd; m += (1-b1)(g - m); v = v*b2 + g*g*(1-b2);
+    p += m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)``."""
+    ext = _use(param, grad, exp_avg, exp_avg_sq)
+    if ext is None:
+        return False
+    ext.cae_adamw_update(param, grad, exp_avg, exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
+                   beta2, 1.0 - beta2, math.sqrt(bias_correction2), eps,
+                   -lr / bias_correction1, weight_decay != 0.0)
+    return True

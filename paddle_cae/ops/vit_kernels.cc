@@ -558,3 +558,46 @@ PD_BUILD_GRAD_OP(cae_layer_norm)
     .Outputs({paddle::Grad("X"), paddle::Grad("W"), paddle::Grad("B")})
     .Attrs({"eps: float"})
     .SetKernelFn(PD_KERNEL(LayerNormBackward));
+
+// ----------------------------------------------------------------------------- AdamW
+// One in-place AdamW update with the plain path's arithmetic (paddle_cae/optim/adamw.py),
+// float32 throughout, every scalar rounded to float32 as Paddle's scalar ops do:
+//   p = p * decay;  m = m + w1 * (g - m);  v = v * b2 + (g * g) * w2;
+//   p = p + (m / (sqrt(v) / sqrt_bc2 + eps)) * step
+// Moments come out bit-identical; the parameters can differ in the last bit where Paddle's
+// CPU sqrt (up to 3 ulp off) differs from the correctly rounded one used here (and by PyTorch).
+// The parameter and moments are updated where they are (the op is only called under no_grad;
+// Paddle refuses an inplace map on leaf parameters even then); the output is a 1-element
+// placeholder.
+std::vector<paddle::Tensor> AdamWUpdate(const paddle::Tensor& p, const paddle::Tensor& g,
+                                        const paddle::Tensor& m, const paddle::Tensor& v,
+                 float decay, float w1, float b2, float w2, float sqrt_bc2, float eps,
+                 float step, bool apply_decay) {
+  check_f32(p, "param");
+  check_f32(g, "grad");
+  const int64_t n = p.numel();
+  PD_CHECK(g.numel() == n && m.numel() == n && v.numel() == n, "adamw: size mismatch");
+  float* pp = const_cast<float*>(p.data<float>());
+  float* mp = const_cast<float*>(m.data<float>());
+  float* vp = const_cast<float*>(v.data<float>());
+  const float* gp = g.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    float pi = apply_decay ? pp[i] * decay : pp[i];
+    const float gi = gp[i];
+    const float mi = mp[i] + w1 * (gi - mp[i]);
+    const float vi = vp[i] * b2 + (gi * gi) * w2;
+    const float denom = std::sqrt(vi) / sqrt_bc2 + eps;
+    pp[i] = pi + (mi / denom) * step;
+    mp[i] = mi;
+    vp[i] = vi;
+  }
+  return {paddle::empty({1}, paddle::DataType::FLOAT32, p.place())};
+}
+
+PD_BUILD_OP(cae_adamw_update)
+    .Inputs({"Param", "Grad", "Moment1", "Moment2"})
+    .Outputs({"Done"})
+    .Attrs({"decay: float", "w1: float", "b2: float", "w2: float", "sqrt_bc2: float",
+            "eps: float", "step: float", "apply_decay: bool"})
+    .SetKernelFn(PD_KERNEL(AdamWUpdate));

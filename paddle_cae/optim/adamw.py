@@ -10,6 +10,10 @@ step, as PyTorch does:
     v <- b2 * v + (1 - b2) * g * g
     p <- p - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
 
+On the CPU in float32 the plain path runs as one multi-threaded kernel
+(``paddle_cae.ops.fused.adamw_update_``) with the same float32 arithmetic; it differs only where
+Paddle's own CPU sqrt is not correctly rounded (last bit of the parameters).
+
 ``fused=True`` feeds Paddle's fused kernel instead (about 3x faster on CPU): zero beta powers
 so it applies no correction of its own, the corrections folded into its step size and epsilon,
 and its float32 ``1 - beta`` factors compensated. It matches the plain path to ~1e-6 over the
@@ -21,6 +25,7 @@ import math
 import numpy as np
 import paddle
 
+from ..ops import fused as fused_ops
 from .base import GroupOptimizer
 
 try:  # the fused kernel is an internal API; the plain path needs none of it
@@ -58,6 +63,9 @@ class AdamW(GroupOptimizer):
             self._fused_update(param, grad, exp_avg, exp_avg_sq, lr, wd, eps, beta1, beta2,
                                bias_correction1, bias_correction2)
             return
+        if fused_ops.adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps,
+                                   bias_correction1, bias_correction2):
+            return  # the same arithmetic in one multi-threaded pass (paddle_cae/ops)
         if wd != 0.0:
             param.scale_(1.0 - lr * wd)
         exp_avg.lerp_(grad, 1.0 - beta1)
