@@ -6,3 +6,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def pytest_sessionstart(session):
+    """Build the fused CPU kernels (paddle_cae/ops, ~30 s the first time on a machine) before
+    any test runs, so that no timed subprocess of a test pays for the compilation."""
+    from paddle_cae.ops import fused
+
+    fused.extension_available()
