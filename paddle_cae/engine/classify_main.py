@@ -68,6 +68,8 @@ def prepare_args(args, env):
 def train_transform(args):
     mean, std = mean_std(args.imagenet_default_mean_and_std)
     if args.phase == "linprobe":
+        if getattr(args, "probe_augment", "recipe") == "none":
+            return eval_transform(args)
         if args.linear_type == "attentive":  # timm's train transform without RandAugment/erasing
             return build_finetune_transform(args.input_size, mean, std, auto_augment=None, reprob=0,
                                             interpolation=args.train_interpolation)

@@ -161,6 +161,11 @@ LINPROBE_ONLY_ARGS = (
     Arg("linear_type", "str", "standard", "standard = BatchNorm (no affine) + Linear on the pooled "
         "feature; attentive = CAE's attentive probe (query token + cross-attention block)",
         choices=("standard", "attentive"), group=G_PROBE),
+    Arg("probe_augment", "str", "recipe", "training images of the probe: recipe = the recipe's "
+        "augmentation (standard: MAE's random resized crop + flip; attentive: timm's crop + flip); "
+        "none = the evaluation transform, i.e. a probe on fixed features (tiny images such as the "
+        "32-px demo digits, where any crop destroys the digit)", choices=("recipe", "none"),
+        group=G_PROBE),
     Arg("enable_linear_eval", "bool", False, "accepted for compatibility (Paddle CAE)", group=G_PROBE),
     Arg("opt", "str", None, "optimizer (default: lars for standard, sgd (Nesterov) for attentive)",
         choices=("lars", "sgd"), group=G_OPT),
