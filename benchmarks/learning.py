@@ -11,7 +11,7 @@ For each of CAE, MAE and BootMAE:
 4. print one table row: pretraining loss of the first and last epoch, probe and fine-tune top-1
    of the pretrained and of the random-init encoder.
 
-    python benchmarks/learning.py                        # the full run (~15-25 min on 2 cores)
+    python benchmarks/learning.py                        # the full run (see benchmarks/README.md for measured times)
     python benchmarks/learning.py --tokenizer dalle/     # CAE with the real DALL-E encoder.pkl
     python benchmarks/learning.py --quick                # smoke run: 1 epoch of a few batches
 
