@@ -1,6 +1,9 @@
+import logging
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,3 +17,11 @@ def pytest_sessionstart(session):
     from paddle_cae.ops import fused
 
     fused.extension_available()
+
+
+@pytest.fixture(autouse=True)
+def _package_logs_reach_caplog():
+    """Entrypoints run in-process give the package logger its own console handler and stop
+    propagation; let every test start with messages reaching pytest's log capture again."""
+    logging.getLogger("paddle_cae").propagate = True
+    yield
