@@ -34,6 +34,7 @@ from paddle_cae.runtime.checkpoint import (
     CheckpointError,
     describe_read_error,
     normalise_global,
+    read_checkpoint_bytes,
     save_checkpoint,
 )
 
@@ -456,12 +457,7 @@ def _read_legacy_checkpoint(data, source, allowed):
 
 
 def _read_any(path, allowed):
-    source = os.fspath(path)
-    try:
-        with open(source, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise CheckpointError(f"{source}: cannot read checkpoint ({err.strerror or err})") from None
+    source, data = read_checkpoint_bytes(path)
     if not data:
         raise CheckpointError(f"{source}: file is empty")
     if data[:4] in (b"PK\x03\x04", b"PK\x05\x06"):

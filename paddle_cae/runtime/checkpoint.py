@@ -208,17 +208,23 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
+def read_checkpoint_bytes(path):
+    """(path as str, the file's bytes); a missing or unreadable file is a one-line
+    :class:`CheckpointError`. Shared by this reader and the PyTorch reader in ``convert.py``."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            return source, f.read()
+    except OSError as err:
+        raise CheckpointError(f"{source}: cannot read checkpoint ({err.strerror or err})") from None
+
+
 def load_checkpoint(path):
     """Read a ``.pd`` file of this package or a ``.pdparams``/``.pd`` written by ``paddle.save``
     of a state_dict, without executing anything from the file. Returns the plain objects.
 
     Raises :class:`CheckpointError` for missing, truncated, corrupt or unsafe files."""
-    source = os.fspath(path)
-    try:
-        with open(source, "rb") as f:
-            data = f.read()
-    except OSError as err:
-        raise CheckpointError(f"{source}: cannot read checkpoint ({err.strerror or err})") from None
+    source, data = read_checkpoint_bytes(path)
     if data[:4] == b"PK\x03\x04":
         raise CheckpointError(
             f"{source}: this is a zip archive (a PyTorch .pth?), not a .pd pickle; "

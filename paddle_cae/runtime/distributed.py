@@ -126,24 +126,24 @@ def startup_barrier(rank, world_size, rank0_endpoint, timeout=300.0):
         time.sleep(0.2)
 
 
-def all_reduce_mean(values):
-    """Average a dict of python floats over ranks (identity in a single process)."""
+def _all_reduce_dict(values, average):
     if not _ENV.distributed or not values:
         return dict(values)
     keys = sorted(values)
     t = paddle.to_tensor([float(values[k]) for k in keys], dtype="float64")
     dist.all_reduce(t)
-    t = t / _ENV.world_size
+    if average:
+        t = t / _ENV.world_size
     return dict(zip(keys, t.numpy().tolist()))
+
+
+def all_reduce_mean(values):
+    """Average a dict of python floats over ranks (identity in a single process)."""
+    return _all_reduce_dict(values, average=True)
 
 
 def all_reduce_sum(values):
-    if not _ENV.distributed or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = paddle.to_tensor([float(values[k]) for k in keys], dtype="float64")
-    dist.all_reduce(t)
-    return dict(zip(keys, t.numpy().tolist()))
+    return _all_reduce_dict(values, average=False)
 
 
 def barrier():
