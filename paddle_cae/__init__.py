@@ -1,9 +1,14 @@
 """paddle-cae: CAE, MAE and BootMAE masked-image-modeling for Vision Transformers in PaddlePaddle.
 
 The notebook API is imported on first use, so ``python -m paddle_cae.<tool>`` starts without
-loading the rest of the package first.
+loading the rest of the package first. Importing the package selects MKL's fast matmul code path on
+AMD CPUs (``paddle_cae/_cpu_math.py``; set ``MKL_DEBUG_CPU_TYPE`` yourself to keep another choice).
 """
 __version__ = "0.1.0"
+
+from paddle_cae._cpu_math import select_mkl_code_path as _select_mkl_code_path
+
+_select_mkl_code_path()
 
 _API = {
     "create_model": "paddle_cae.models.registry",

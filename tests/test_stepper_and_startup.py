@@ -12,6 +12,7 @@ from paddle_cae.engine.stepper import NonFiniteLossError, Stepper
 from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.optim import AdamW
 from paddle_cae.runtime.amp import (DynamicLossScaler, Precision, clip_grad_norm_,
+                                    global_grad_norm,
                                     parse_amp_flag)
 from paddle_cae.runtime.distributed import StartupTimeout, startup_barrier
 
@@ -76,6 +77,20 @@ def test_clipping_follows_pytorch_semantics():
     norm = clip_grad_norm_([p], max_norm=1.0)
     assert norm == pytest.approx(5.0)
     np.testing.assert_allclose(p.grad.numpy(), np.array([3, 4, 0, 0]) / (5 + 1e-6), rtol=1e-6)
+
+
+def test_global_grad_norm_is_the_norm_of_all_gradients_together():
+    rng = np.random.default_rng(0)
+    params, grads = [], []
+    for shape in ([3, 5], [7], [2, 3, 4]):
+        p = paddle.create_parameter(shape, "float32")
+        g = rng.standard_normal(shape).astype("float32")
+        (p * paddle.to_tensor(g)).sum().backward()
+        params.append(p)
+        grads.append(g)
+    skipped = paddle.create_parameter([2], "float32")  # no gradient: not counted
+    expected = np.sqrt(sum((g.astype(np.float64) ** 2).sum() for g in grads))
+    assert global_grad_norm(params + [skipped]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_amp_flag_values():

@@ -1,0 +1,38 @@
+"""Pick the fast matrix-multiply code path of Paddle's MKL on AMD CPUs.
+
+Paddle's CPU wheel does its matmuls with Intel MKL (``libmklml_intel``). On AMD processors that
+MKL falls back to a generic code path: on the 2-core AMD EPYC (Zen 4) development machine a
+4096 x 4096 fp32 matmul runs at ~50-70 GFLOP/s, and at ~170 GFLOP/s with ``MKL_DEBUG_CPU_TYPE=5``,
+which makes this MKL use its AVX2 kernels (which every AMD CPU since Zen has). The result of a
+matmul is a float32 sum in another order, exactly as from any other BLAS; the parity tests pass
+either way. MKL reads the variable at its first call, so setting it when the package is imported
+(before any matmul) is enough.
+
+Nothing is changed when the user has set ``MKL_DEBUG_CPU_TYPE`` (any value, also empty) or the
+processor is not an AMD one.
+"""
+import os
+
+_VARIABLE = "MKL_DEBUG_CPU_TYPE"
+_AVX2 = "5"
+
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """The ``vendor_id`` of the first processor in ``cpuinfo`` ('' when unreadable)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def select_mkl_code_path(environ=None, cpuinfo="/proc/cpuinfo"):
+    """Set ``MKL_DEBUG_CPU_TYPE=5`` on AMD CPUs unless the user chose a value; returns the value
+    now in effect (None when unset)."""
+    environ = os.environ if environ is None else environ
+    if _VARIABLE not in environ and cpu_vendor(cpuinfo) == "AuthenticAMD":
+        environ[_VARIABLE] = _AVX2
+    return environ.get(_VARIABLE)
