@@ -12,8 +12,7 @@ from paddle_cae.engine.stepper import NonFiniteLossError, Stepper
 from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.optim import AdamW
 from paddle_cae.runtime.amp import (DynamicLossScaler, Precision, clip_grad_norm_,
-                                    global_grad_norm,
-                                    parse_amp_flag)
+                                    global_grad_norm, parse_amp_flag)
 from paddle_cae.runtime.distributed import StartupTimeout, startup_barrier
 
 
