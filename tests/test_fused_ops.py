@@ -119,3 +119,46 @@ def test_adamw_kernel_matches_plain_path(monkeypatch):
     assert not fused.adamw_update_(paddle.to_tensor(p0), paddle.to_tensor(grads[0]),
                                    paddle.zeros([4096]), paddle.zeros([4096]), lr, wd, b1, b2,
                                    eps, 0.1, 0.001)
+
+
+def _ulp(x):
+    return np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
+
+
+def test_gelu_and_its_gradient_against_double_precision(monkeypatch):
+    """The kernels' own vectorized normal CDF / exp: GELU within 1.5e-7 * |z| (+ 1 ulp) of the
+    exact value over the whole float range that matters, its derivative within 3e-7."""
+    from math import erf, exp, pi, sqrt
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    z = np.concatenate([np.linspace(-12, 12, 200001), np.linspace(-1e-3, 1e-3, 2001),
+                        [-90.0, -40.0, 0.0, 40.0, 90.0]]).astype(np.float32)
+    x = paddle.to_tensor(z.reshape(1, -1), stop_gradient=False)
+    y = fused.bias_gelu(x, paddle.zeros([z.size]))
+    y.sum().backward()
+    zd = z.astype(np.float64)
+    cdf = np.array([0.5 * (1.0 + erf(v / sqrt(2.0))) for v in zd])
+    pdf = np.array([exp(-0.5 * v * v) / sqrt(2.0 * pi) for v in zd])
+    exact, dexact = zd * cdf, cdf + zd * pdf
+    err = np.abs(y.numpy().ravel() - exact)
+    assert np.all(err <= 1.5e-7 * np.abs(zd) + _ulp(exact)), zd[np.argmax(err - 1.5e-7 * np.abs(zd))]
+    derr = np.abs(x.grad.numpy().ravel() - dexact)
+    assert np.all(derr <= 3e-7 + _ulp(dexact)), zd[np.argmax(derr)]
+
+
+def test_softmax_exp_against_double_precision(monkeypatch):
+    """Entries of the fused softmax within 6 ulp of the exact softmax of the same float32
+    inputs; those below the normal float range (e^-87.3) come out as 0 or within 2e-38."""
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-100, 5, (64, 197)), rng.uniform(-3, 3, (64, 197))])
+    x = x.astype(np.float32).reshape(1, 2, 64, 197)
+    y = fused.scaled_softmax(paddle.to_tensor(x), 1.0).numpy().astype(np.float64)
+    # the float32 differences x - max are the exp arguments in every implementation
+    shifted = (x - x.max(-1, keepdims=True)).astype(np.float64)
+    e = np.exp(shifted)
+    exact = e / e.sum(-1, keepdims=True)
+    normal = exact > 1.2e-38
+    # (Paddle's own softmax: up to ~5 ulp on the same rows)
+    assert np.all(np.abs(y - exact)[normal] <= 6 * _ulp(exact[normal]))
+    assert np.all(np.abs(y - exact)[~normal] <= 2e-38)

@@ -40,12 +40,49 @@ def _enabled_by_env():
                                                                                  "no", "off")
 
 
+# instruction sets the kernels are compiled for, best first: (name, /proc/cpuinfo flags, gcc flags)
+_ISAS = (
+    ("avx512", ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma"),
+     ["-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx2", "-mfma"]),
+    ("avx2", ("avx2", "fma"), ["-mavx2", "-mfma"]),
+)
+
+
+def _cpu_flags(cpuinfo="/proc/cpuinfo"):
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_target(cpuinfo="/proc/cpuinfo"):
+    """(name, compiler flags) of the best vector instruction set this CPU has ('generic', []
+    when none is known, or off x86). The build folder is keyed by the name, so a cache shared
+    by different machines never runs code built for instructions a machine lacks."""
+    flags = _cpu_flags(cpuinfo)
+    for name, needed, cflags in _ISAS:
+        if all(f in flags for f in needed):
+            return name, list(cflags)
+    return "generic", []
+
+
+def _cxx_flags():
+    # -ffp-contract=off: no fused multiply-adds, a * b + c rounds twice as in the Paddle ops;
+    # -fno-trapping-math: both sides of a select may be computed, so the math vectorizes
+    return ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] + isa_target()[1]
+
+
 def _build_dir():
+    """Keyed by Paddle's version, the source and the compiler flags (incl. the ISA)."""
     base = os.environ.get("PADDLE_CAE_OPS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "paddle_cae", "ops")
     with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read()).hexdigest()[:10]
-    return os.path.join(base, f"paddle{paddle.__version__}-{digest}")
+        digest = hashlib.sha1(f.read() + " ".join(_cxx_flags()).encode()).hexdigest()[:10]
+    return os.path.join(base, f"paddle{paddle.__version__}-{digest}-{isa_target()[0]}")
 
 
 def _load():
@@ -96,7 +133,8 @@ def _quiet_load(build_dir):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return load(name=_NAME, sources=[_SOURCE],
-                        extra_cxx_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                        extra_cxx_cflags=_cxx_flags(),
+                        extra_ldflags=["-fopenmp"],
                         build_directory=build_dir, verbose=False)
     finally:
         if paddle_logger is not None:
