@@ -162,3 +162,25 @@ def test_softmax_exp_against_double_precision(monkeypatch):
     # (Paddle's own softmax: up to ~5 ulp on the same rows)
     assert np.all(np.abs(y - exact)[normal] <= 6 * _ulp(exact[normal]))
     assert np.all(np.abs(y - exact)[~normal] <= 2e-38)
+
+
+def test_cdf_coefficients_in_the_kernel_source_are_the_generated_ones():
+    """vit_kernels.cc holds, to float32, the coefficients paddle_cae/ops/cdf_coefficients.py
+    derives (Taylor series of erf; Chebyshev fit of erfc(a) exp(a^2))."""
+    import os
+    import re
+
+    from paddle_cae.ops import cdf_coefficients
+
+    with open(os.path.join(os.path.dirname(fused.__file__), "vit_kernels.cc")) as f:
+        source = f.read()
+    body = source[source.index("inline float normal_cdf("):source.index("constexpr float kInv")]
+
+    def horner(var, x):  # "float q = c;" then "q = q * a2 +/- c;" lines, highest power first
+        pattern = rf"(?:float {var} = |{var} = {var} \* {x} )([+-]? ?[0-9.]+e[+-][0-9]+)f;"
+        return [float(v.replace(" ", "")) for v in re.findall(pattern, body)][::-1]
+
+    taylor, erfc_scaled = horner("q", "a2"), horner("R", "u")
+    assert len(taylor) == 11 and len(erfc_scaled) == 11
+    np.testing.assert_allclose(taylor, cdf_coefficients.taylor(), rtol=1e-7)
+    np.testing.assert_allclose(erfc_scaled, cdf_coefficients.erfc_scaled(), rtol=1e-7, atol=1e-12)
