@@ -143,6 +143,15 @@ inline float normal_cdf(float z, float e) {
 
 constexpr float kInvSqrt2Pi = 0.398942280401432678f;
 
+// out[c] = sum over threads t of part[t * C + c] (per-thread double partial sums).
+void reduce_partials(const double* part, int T, int64_t C, float* out) {
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0;
+    for (int t = 0; t < T; ++t) s += part[static_cast<size_t>(t) * C + c];
+    out[c] = static_cast<float>(s);
+  }
+}
+
 inline float gelu(float z) { return z * normal_cdf(z, gauss(z)); }
 
 inline float gelu_grad(float z) {
@@ -432,16 +441,27 @@ std::vector<paddle::Tensor> ResidualBiasBackward(const paddle::Tensor& res, cons
                                                  const paddle::Tensor& dout) {
   auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
   auto db = empty(bias.shape(), bias);
-  const int64_t C = h.shape().back(), rows = h.numel() / C, n = h.numel();
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
   const float* g = dout.data<float>();
   float* a = dres.data<float>();
   float* b = dh.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    a[i] = g[i];
-    b[i] = g[i];
+  const int T = num_threads();
+  std::vector<double> part(static_cast<size_t>(T) * C, 0.0);
+#pragma omp parallel
+  {
+    double* pb = part.data() + static_cast<size_t>(thread_id()) * C;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* gr = g + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        a[r * C + c] = gr[c];
+        b[r * C + c] = gr[c];
+        pb[c] += gr[c];
+      }
+    }
   }
-  column_sums(g, rows, C, db.data<float>());
+  reduce_partials(part.data(), T, C, db.data<float>());
   return {dres, dh, db};
 }
 
@@ -480,26 +500,27 @@ std::vector<paddle::Tensor> ResidualScaleBiasBackward(const paddle::Tensor& res,
   float* a = dres.data<float>();
   float* d = dh.data<float>();
   const int T = num_threads();
-  std::vector<double> part_g(static_cast<size_t>(T) * C, 0.0);
+  std::vector<double> part_g(static_cast<size_t>(T) * C, 0.0), part_b(part_g.size(), 0.0);
 #pragma omp parallel
   {
-    double* pg = part_g.data() + static_cast<size_t>(thread_id()) * C;
+    const size_t off = static_cast<size_t>(thread_id()) * C;
+    double* pg = part_g.data() + off;
+    double* pb = part_b.data() + off;
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
+    for (int64_t r = 0; r < rows; ++r) {
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const int64_t i = r * C + c;
+        const float di = g[i] * gm[c];
         a[i] = g[i];
-        d[i] = g[i] * gm[c];
+        d[i] = di;
+        pb[c] += di;
         pg[c] += static_cast<double>(g[i]) * (hp[i] + b[c]);
       }
+    }
   }
-  column_sums(d, rows, C, db.data<float>());
-  float* dg = dgamma.data<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0;
-    for (int t = 0; t < T; ++t) s += part_g[static_cast<size_t>(t) * C + c];
-    dg[c] = static_cast<float>(s);
-  }
+  reduce_partials(part_b.data(), T, C, db.data<float>());
+  reduce_partials(part_g.data(), T, C, dgamma.data<float>());
   return {dres, dh, db, dgamma};
 }
 
@@ -520,9 +541,11 @@ std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const padd
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = xp + r * C;
     double s = 0.0;
+#pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < C; ++c) s += row[c];
     const float m = static_cast<float>(s / C);
     double v = 0.0;
+#pragma omp simd reduction(+ : v)
     for (int64_t c = 0; c < C; ++c) {
       const float d = row[c] - m;
       v += static_cast<double>(d) * d;
@@ -532,6 +555,7 @@ std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const padd
     mp[r] = m;
     rp[r] = rs;
     float* out = yp + r * C;
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) out[c] = (row[c] - m) * rs * wp[c] + bp[c];
   }
   return {y, mean, rstd};
@@ -564,6 +588,7 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
       const float* gr = g + r * C;
       const float m = mp[r], rs = rp[r];
       double s1 = 0.0, s2 = 0.0;
+#pragma omp simd reduction(+ : s1, s2)
       for (int64_t c = 0; c < C; ++c) {
         const float xh = (row[c] - m) * rs;
         xhat[c] = xh;
@@ -575,20 +600,12 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
       }
       const float a = static_cast<float>(s1 / C), cc = static_cast<float>(s2 / C);
       float* o = out + r * C;
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) o[c] = rs * (gr[c] * wp[c] - a - xhat[c] * cc);
     }
   }
-  float* dwp = dw.data<float>();
-  float* dbp = db.data<float>();
-  for (int64_t c = 0; c < C; ++c) {
-    double sw = 0.0, sb = 0.0;
-    for (int t = 0; t < T; ++t) {
-      sw += part_w[static_cast<size_t>(t) * C + c];
-      sb += part_b[static_cast<size_t>(t) * C + c];
-    }
-    dwp[c] = static_cast<float>(sw);
-    dbp[c] = static_cast<float>(sb);
-  }
+  reduce_partials(part_w.data(), T, C, dw.data<float>());
+  reduce_partials(part_b.data(), T, C, db.data<float>());
   return {dx, dw, db};
 }
 
