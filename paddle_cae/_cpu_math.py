@@ -1,4 +1,5 @@
-"""Pick the fast matrix-multiply code path of Paddle's MKL on AMD CPUs.
+"""What the CPU is (/proc/cpuinfo), and the fast matrix-multiply code path of Paddle's MKL on
+AMD CPUs.
 
 Paddle's CPU wheel does its matmuls with Intel MKL (``libmklml_intel``). On AMD processors that
 MKL falls back to a generic code path: on the 2-core AMD EPYC (Zen 4) development machine a
@@ -17,16 +18,28 @@ _VARIABLE = "MKL_DEBUG_CPU_TYPE"
 _AVX2 = "5"
 
 
-def cpu_vendor(cpuinfo="/proc/cpuinfo"):
-    """The ``vendor_id`` of the first processor in ``cpuinfo`` ('' when unreadable)."""
+def cpuinfo_field(name, cpuinfo="/proc/cpuinfo"):
+    """The value of field ``name`` of the first processor in ``cpuinfo`` ('' when unreadable,
+    e.g. not Linux)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor(cpuinfo="/proc/cpuinfo"):
+    """``vendor_id`` of the CPU: 'AuthenticAMD', 'GenuineIntel', ... ('' when unknown)."""
+    return cpuinfo_field("vendor_id", cpuinfo)
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The set of CPU feature flags (empty when unknown)."""
+    return set(cpuinfo_field("flags", cpuinfo).split())
 
 
 def select_mkl_code_path(environ=None, cpuinfo="/proc/cpuinfo"):

@@ -28,3 +28,17 @@ def test_a_value_chosen_by_the_user_is_kept(tmp_path):
         env = {"MKL_DEBUG_CPU_TYPE": value}
         assert select_mkl_code_path(env, _cpuinfo(tmp_path, "AuthenticAMD")) == value
         assert env == {"MKL_DEBUG_CPU_TYPE": value}
+
+
+def test_isa_target_of_the_fused_kernels(tmp_path):
+    from paddle_cae.ops.fused import isa_target
+
+    def target(flags):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"vendor_id\t: X\nflags\t\t: {flags}\n")
+        return isa_target(str(path))
+
+    assert target("sse2 avx2 fma avx512f avx512dq avx512bw avx512vl")[0] == "avx512"
+    assert target("sse2 avx2 fma avx512f") == ("avx2", ["-mavx2", "-mfma"])
+    assert target("sse2 avx") == ("generic", [])
+    assert isa_target(str(tmp_path / "missing")) == ("generic", [])

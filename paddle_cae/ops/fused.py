@@ -26,6 +26,8 @@ import threading
 import paddle
 import paddle.nn.functional as F
 
+from .._cpu_math import cpu_flags
+
 logger = logging.getLogger("paddle_cae")
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_kernels.cc")
@@ -48,22 +50,11 @@ _ISAS = (
 )
 
 
-def _cpu_flags(cpuinfo="/proc/cpuinfo"):
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def isa_target(cpuinfo="/proc/cpuinfo"):
     """(name, compiler flags) of the best vector instruction set this CPU has ('generic', []
     when none is known, or off x86). The build folder is keyed by the name, so a cache shared
     by different machines never runs code built for instructions a machine lacks."""
-    flags = _cpu_flags(cpuinfo)
+    flags = cpu_flags(cpuinfo)
     for name, needed, cflags in _ISAS:
         if all(f in flags for f in needed):
             return name, list(cflags)

@@ -16,19 +16,9 @@ import os
 
 import numpy as np
 
+from .._cpu_math import cpu_flags
+
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def cpu_flags(path="/proc/cpuinfo"):
-    """The set of CPU feature flags (empty when /proc/cpuinfo is unreadable, e.g. not Linux)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def cpu_has_bf16(flags=None):
