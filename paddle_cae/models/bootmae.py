@@ -25,8 +25,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
-from .layers import (Attention, Block, DropPath, Mlp, PatchEmbed, layer_norm, normal_, ones_,
-                     trunc_normal_, xavier_uniform_, zeros_, zero_parameter)
+from .layers import (Attention, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed, layer_norm,
+                     normal_, ones_, trunc_normal_, xavier_uniform_, zeros_)
 from .mae import fixed_table, images_from_batch, norm_eps_from, zero_filled_parameters
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
@@ -117,33 +117,20 @@ def _as_index(value, name):
 
 
 # ----------------------------------------------------------------------------- layers
-class CrossAttention(nn.Layer):
-    """Queries from the decoder tokens, keys/values from encoder features (BEiT flavour:
-    ``q`` and ``kv`` without bias, plus ``q_bias`` and ``v_bias``; no k bias; queries scaled
-    before the product). Inner width = heads * (dim // heads), may be below ``dim``."""
+class CrossAttention(CrossAttentionBase):
+    """Cross-attention of BootMAE's decoders: queries from the decoder tokens (``q``), keys
+    and values from encoder features of width ``c_dim`` (one ``kv`` Linear)."""
 
     def __init__(self, dim, c_dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
                  proj_drop=0.0, attn_head_dim=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = attn_head_dim or dim // num_heads
-        inner = self.head_dim * num_heads
-        self.inner_dim = inner
-        self.scale = qk_scale or self.head_dim ** -0.5
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop,
+                         attn_head_dim, c_dim=c_dim)
+
+    def _projections(self, dim, inner, c_dim):
         self.q = nn.Linear(dim, inner, bias_attr=False)
         self.kv = nn.Linear(c_dim, inner * 2, bias_attr=False)
-        if qkv_bias:
-            self.q_bias = zero_parameter(self, [inner])
-            self.v_bias = zero_parameter(self, [inner])
-        else:
-            self.q_bias = self.v_bias = None
-        self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
-        self.proj = nn.Linear(inner, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
     def forward(self, x, fea):
-        b, n, _ = x.shape
-        m = fea.shape[1]
         if self.q_bias is None:
             q = F.linear(x, self.q.weight)
             kv = F.linear(fea, self.kv.weight)
@@ -152,13 +139,8 @@ class CrossAttention(nn.Layer):
             zero_k.stop_gradient = True
             q = F.linear(x, self.q.weight, self.q_bias)
             kv = F.linear(fea, self.kv.weight, paddle.concat([zero_k, self.v_bias]))
-        q = q.reshape([b, n, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])  # [B, h, N, d]
-        kv = kv.reshape([b, m, 2, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
-        k, v = kv[0], kv[1]  # each [B, h, M, d]
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, N, M]
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([b, n, self.inner_dim])
-        return self.proj_drop(self.proj(x))
+        k, v = kv.split(2, axis=-1)  # [B, M, h*d] each
+        return self.attend(q, k, v)
 
 
 class DecodeBlock(nn.Layer):

@@ -24,8 +24,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import (LN_EPS, Block, DropPath, Mlp, PatchEmbed, layer_norm, ones_, trunc_normal_,
-                     xavier_uniform_, zero_parameter, zeros_)
+from .layers import (LN_EPS, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed, layer_norm,
+                     ones_, trunc_normal_, xavier_uniform_, zeros_)
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -83,45 +83,20 @@ def _arg(args, name, default):
 
 
 # ------------------------------------------------------------------------------ layers
-class CrossAttention(nn.Layer):
-    """Attention whose queries, keys and values come from different inputs. Separate
-    bias-less ``q``/``k``/``v`` Linears plus ``q_bias``/``v_bias`` (no key bias); queries
-    are scaled before the product (BEiT flavour)."""
+class CrossAttention(CrossAttentionBase):
+    """Cross-attention of CAE's regressor and attentive probe: separate bias-less ``q``,
+    ``k``, ``v`` Linears (plus ``q_bias``/``v_bias``), each with its own input."""
 
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
-                 proj_drop=0.0, attn_head_dim=None):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = attn_head_dim or dim // num_heads
-        inner = self.head_dim * num_heads
-        self.inner_dim = inner
-        self.scale = qk_scale or self.head_dim ** -0.5
+    def _projections(self, dim, inner):
         self.q = nn.Linear(dim, inner, bias_attr=False)
         self.k = nn.Linear(dim, inner, bias_attr=False)
         self.v = nn.Linear(dim, inner, bias_attr=False)
-        if qkv_bias:
-            self.q_bias = zero_parameter(self, [inner])
-            self.v_bias = zero_parameter(self, [inner])
-        else:
-            self.q_bias = self.v_bias = None
-        self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
-        self.proj = nn.Linear(inner, dim)
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-
-    def _heads(self, x):
-        b, n, _ = x.shape
-        return x.reshape([b, n, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
 
     def forward(self, x_q, x_k, x_v):
-        b, n_q, _ = x_q.shape
         q = F.linear(x_q, self.q.weight, self.q_bias)  # [B, Nq, h*d]
         k = F.linear(x_k, self.k.weight)  # [B, Nk, h*d]
         v = F.linear(x_v, self.v.weight, self.v_bias)  # [B, Nk, h*d]
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # [B, h, N*, d]
-        attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, Nq, Nk]
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([b, n_q, self.inner_dim])
-        return self.proj_drop(self.proj(x))  # [B, Nq, D]
+        return self.attend(q, k, v)  # [B, Nq, D]
 
 
 class RegressorBlock(nn.Layer):

@@ -353,6 +353,47 @@ class Block(nn.Layer):
         return fused_ops.residual_bias(x, y, bias, gamma)
 
 
+class CrossAttentionBase(nn.Layer):
+    """Attention whose queries and keys/values come from different inputs, BEiT flavour:
+    bias-less input projections (made by the subclass in ``_projections``, so that parameters
+    are created in the reference order) plus ``q_bias``/``v_bias`` (no key bias); queries are
+    scaled before the product. Inner width = heads * head_dim, may differ from ``dim``."""
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None, attn_drop=0.0,
+                 proj_drop=0.0, attn_head_dim=None, **projection_args):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = attn_head_dim or dim // num_heads
+        inner = self.head_dim * num_heads
+        self.inner_dim = inner
+        self.scale = qk_scale or self.head_dim ** -0.5
+        self._projections(dim, inner, **projection_args)
+        if qkv_bias:
+            self.q_bias = zero_parameter(self, [inner])
+            self.v_bias = zero_parameter(self, [inner])
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def _projections(self, dim, inner, **kwargs):
+        raise NotImplementedError
+
+    def _heads(self, x):  # [B, N, h*d] -> [B, h, N, d]
+        b, n, _ = x.shape
+        return x.reshape([b, n, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
+
+    def attend(self, q, k, v):
+        """Projected q [B, Nq, h*d], k and v [B, Nk, h*d] -> output [B, Nq, dim]."""
+        b, n_q, _ = q.shape
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, Nq, Nk]
+        attn = self.attn_drop(F.softmax(attn, axis=-1))
+        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([b, n_q, self.inner_dim])
+        return self.proj_drop(self.proj(x))
+
+
 class TorchBatchNorm1D(nn.Layer):
     """BatchNorm over features [B, C] with PyTorch's semantics, which linear probing
     relies on: batch statistics use the biased variance for normalising, while the
