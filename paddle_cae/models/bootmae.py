@@ -25,8 +25,9 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
-from .layers import (Attention, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed, layer_norm,
-                     normal_, ones_, trunc_normal_, xavier_uniform_, zeros_)
+from .layers import (Attention, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
+                     init_linears_and_norms, layer_norm, normal_, trunc_normal_, xavier_uniform_,
+                     zeros_)
 from .mae import fixed_table, images_from_batch, norm_eps_from, zero_filled_parameters
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
@@ -352,18 +353,14 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
         std = self.init_std
         trunc_normal_(self.mask_token, std=std, a=-std, b=std)
         trunc_normal_(self.mask_token_1, std=std, a=-std, b=std)
-        for name, layer in self.named_sublayers():
-            if isinstance(layer, nn.Linear):
-                if "qkv" in name:
-                    fan_in, out = layer.weight.shape  # paddle [in, out]
-                    xavier_uniform_(layer.weight, fan_in=fan_in, fan_out=out // 3)
-                else:
-                    xavier_uniform_(layer.weight)
-                if layer.bias is not None:
-                    zeros_(layer.bias)
-            elif isinstance(layer, nn.LayerNorm):
-                ones_(layer.weight)
-                zeros_(layer.bias)
+        def linear_weight(name, weight):
+            if "qkv" in name:  # as three matrices: fan-out of one of q, k, v
+                fan_in, out = weight.shape  # paddle [in, out]
+                xavier_uniform_(weight, fan_in=fan_in, fan_out=out // 3)
+            else:
+                xavier_uniform_(weight)
+
+        init_linears_and_norms(self, linear_weight)
         normal_(self.cls_token, std=1e-6)
         w = self.patch_embed.proj.weight  # [D, C, p, p]
         fan = w.shape[1] * w.shape[2] * w.shape[3]

@@ -24,8 +24,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import (LN_EPS, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed, layer_norm,
-                     ones_, trunc_normal_, xavier_uniform_, zeros_)
+from .layers import (LN_EPS, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
+                     init_linears_and_norms, layer_norm, trunc_normal_, xavier_uniform_, zeros_)
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -326,17 +326,13 @@ class ContextAutoencoderViT(nn.Layer):
         l divided by sqrt(2 l). LayerNorms 1/0; conv, cls and mask tokens trunc-normal
         (+-1 std), conv bias 0."""
         std = self.init_std
-        for layer in self.sublayers():
-            if isinstance(layer, nn.Linear):
-                if fix_init_weight:
-                    trunc_normal_(layer.weight, std=std, a=-std, b=std)
-                else:
-                    xavier_uniform_(layer.weight)
-                if layer.bias is not None:
-                    zeros_(layer.bias)
-            elif isinstance(layer, nn.LayerNorm):
-                ones_(layer.weight)
-                zeros_(layer.bias)
+        def linear_weight(_, weight):
+            if fix_init_weight:
+                trunc_normal_(weight, std=std, a=-std, b=std)
+            else:
+                xavier_uniform_(weight)
+
+        init_linears_and_norms(self, linear_weight)
         conv = self.encoder.patch_embed.proj
         trunc_normal_(conv.weight, std=std, a=-std, b=std)
         zeros_(conv.bias)

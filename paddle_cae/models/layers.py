@@ -74,6 +74,19 @@ def xavier_uniform_(param, fan_in=None, fan_out=None):
     param.set_value(paddle.uniform(shape, dtype="float32", min=-limit, max=limit))
 
 
+def init_linears_and_norms(root, init_linear_weight):
+    """The reference ``_init_weights`` walk over ``root``'s sublayers, in their order: every
+    Linear weight by ``init_linear_weight(name, weight)`` and its bias 0; LayerNorm 1 / 0."""
+    for name, layer in root.named_sublayers():
+        if isinstance(layer, nn.Linear):
+            init_linear_weight(name, layer.weight)
+            if layer.bias is not None:
+                zeros_(layer.bias)
+        elif isinstance(layer, nn.LayerNorm):
+            ones_(layer.weight)
+            zeros_(layer.bias)
+
+
 def zero_parameter(layer, shape, trainable=True):
     p = layer.create_parameter(shape, default_initializer=nn.initializer.Constant(0.0))
     p.stop_gradient = not trainable

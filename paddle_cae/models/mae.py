@@ -16,7 +16,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .layers import LN_EPS, Block, PatchEmbed, layer_norm, normal_, ones_, xavier_uniform_, zeros_
+from .layers import (LN_EPS, Block, PatchEmbed, init_linears_and_norms, layer_norm, normal_,
+                     xavier_uniform_)
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -143,14 +144,7 @@ class MaskedAutoencoderViT(nn.Layer):
         """The official scheme: xavier-uniform Linear weights (the fused qkv as one matrix),
         zero biases, LayerNorm 1/0, patch-embed weight xavier on its [D, C*p*p] view with the
         bias at PyTorch's default conv init, cls/mask tokens N(0, 0.02)."""
-        for layer in self.sublayers():
-            if isinstance(layer, nn.Linear):
-                xavier_uniform_(layer.weight)
-                if layer.bias is not None:
-                    zeros_(layer.bias)
-            elif isinstance(layer, nn.LayerNorm):
-                ones_(layer.weight)
-                zeros_(layer.bias)
+        init_linears_and_norms(self, lambda _, weight: xavier_uniform_(weight))
         w = self.patch_embed.proj.weight  # [D, C, p, p]
         fan_in = w.shape[1] * w.shape[2] * w.shape[3]
         xavier_uniform_(w, fan_in=fan_in, fan_out=w.shape[0])

@@ -16,8 +16,9 @@ import re
 import paddle
 import paddle.nn as nn
 
-from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, layer_norm, lazy_init_active,
-                     normal_, ones_, trunc_normal_, xavier_uniform_, zeros_)
+from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, init_linears_and_norms,
+                     layer_norm, lazy_init_active, normal_, trunc_normal_, xavier_uniform_,
+                     zeros_)
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -82,17 +83,13 @@ class VisionTransformer(nn.Layer):
     def _init_weights(self, style, head_init_std, init_scale, lin_probe):
         if lazy_init_active():  # under paddle.LazyGuard nothing is materialised yet
             return
-        for name, layer in self.named_sublayers():
-            if isinstance(layer, nn.Linear):
-                if style == "mae":
-                    xavier_uniform_(layer.weight)
-                else:  # BEiT: truncated at +-1 std
-                    trunc_normal_(layer.weight, std=0.02, a=-0.02, b=0.02)
-                if layer.bias is not None:
-                    zeros_(layer.bias)
-            elif isinstance(layer, nn.LayerNorm):
-                ones_(layer.weight)
-                zeros_(layer.bias)
+        def linear_weight(_, weight):
+            if style == "mae":
+                xavier_uniform_(weight)
+            else:  # BEiT: truncated at +-1 std
+                trunc_normal_(weight, std=0.02, a=-0.02, b=0.02)
+
+        init_linears_and_norms(self, linear_weight)
         w = self.patch_embed.proj.weight
         if style == "mae":
             xavier_uniform_(w, fan_in=w.shape[1] * w.shape[2] * w.shape[3], fan_out=w.shape[0])
