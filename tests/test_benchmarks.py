@@ -49,6 +49,31 @@ def test_flop_count_frozen_parts_count_once():
     assert paddle.matmul is before
 
 
+def test_flop_count_of_functional_convolutions():
+    """The DALL-E tokenizer calls F.conv2d (which runs its kernel directly in dygraph): every
+    convolution counts once, frozen, as output size x (in channels x kernel area)."""
+    import paddle.nn.functional as F
+
+    from paddle_cae.models.dalle import DalleEncoder
+
+    before = F.conv2d
+    enc = DalleEncoder(group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16)
+    img = 16
+    with count_flops() as c:
+        enc.get_codebook_indices(paddle.rand([2, 3, img, img]))
+
+    def conv(hw, c_in, c_out, k):
+        return hw * hw * c_out * c_in * k * k
+
+    macs = conv(16, 3, 8, 7)  # input conv, 8 channels
+    macs += conv(16, 8, 2, 3) + 2 * conv(16, 2, 2, 3) + conv(16, 2, 8, 1)  # group 1, width 8
+    macs += conv(8, 8, 16, 1)  # group 2 id path 8 -> 16 (after the 2x2 pool)
+    macs += conv(8, 8, 4, 3) + 2 * conv(8, 4, 4, 3) + conv(8, 4, 16, 1)  # its res path
+    macs += conv(8, 16, 16, 1)  # head: 1x1 to the vocabulary
+    assert c.trainable == 0 and c.frozen == 2 * 2 * macs
+    assert F.conv2d is before  # restored
+
+
 def run_script(*extra):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--steps", "2",
            "--warmup", "1", "--peak_size", "256", "--json", "--batch_size", "2",

@@ -118,6 +118,12 @@ def count_flops():
 
     patch(F, "linear", linear_macs, "linear")
     patch(conv_mod, "_conv_nd", conv_macs, "conv")
+    # F.conv2d calls the kernel directly in dygraph (not through _conv_nd): count it at the
+    # public function too (the depth guard keeps a call from being counted twice)
+    for name in ("conv1d", "conv2d", "conv3d"):
+        patch(conv_mod, name, conv_macs, "conv")
+        if getattr(F, name, None) is not None:
+            patch(F, name, conv_macs, "conv")
     patch(paddle, "matmul", matmul_macs, "matmul")
     patch(paddle, "bmm", bmm_macs, "matmul")
     patch(F, "scaled_dot_product_attention", sdpa_macs, "attention")
