@@ -19,6 +19,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..ops import fused as fused_ops
 from .registry import register_model
 
 __all__ = [
@@ -59,7 +60,9 @@ class Conv2d(nn.Layer):
                                        default_initializer=nn.initializer.Constant(0.0))
 
     def forward(self, x):
-        return F.conv2d(x, self.w, self.b, padding=self.padding)
+        # the bias is added apart from the convolution (as F.conv2d does internally), so that
+        # the frozen tokenizer can use a multi-threaded kernel for it
+        return fused_ops.channel_bias(F.conv2d(x, self.w, padding=self.padding), self.b)
 
 
 class EncoderBlock(nn.Layer):
@@ -79,7 +82,7 @@ class EncoderBlock(nn.Layer):
         )
 
     def forward(self, x):
-        return self.id_path(x) + self.post_gain * self.res_path(x)
+        return fused_ops.add_scaled(self.id_path(x), self.res_path(x), self.post_gain)
 
 
 class DalleEncoder(nn.Layer):

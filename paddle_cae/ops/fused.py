@@ -225,6 +225,31 @@ def layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+def _no_grad_use(*tensors):
+    """The extension, for ops without a backward: only when no input needs a gradient."""
+    if any(not t.stop_gradient for t in tensors) and paddle.is_grad_enabled():
+        return None
+    return _use(*tensors)
+
+
+def channel_bias(x, bias):
+    """NCHW ``x + bias[c]`` (a convolution's bias). Reference: ``x + bias.reshape([1, C, 1, 1])``,
+    the add ``F.conv2d`` does itself. Fused only where nothing needs a gradient (the frozen
+    tokenizer)."""
+    ext = _no_grad_use(x, bias)
+    if ext is not None and x.ndim == 4:
+        return ext.cae_channel_bias(x, bias)
+    return x + bias.reshape([1, -1] + [1] * (x.ndim - 2))
+
+
+def add_scaled(a, b, gain):
+    """``a + gain * b``. Reference: exactly that. Fused only where nothing needs a gradient."""
+    ext = _no_grad_use(a, b)
+    if ext is not None and list(a.shape) == list(b.shape):
+        return ext.cae_add_scaled(a, b, float(gain))
+    return a + gain * b
+
+
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
                   bias_correction1, bias_correction2):
     """One in-place AdamW update in a single multi-threaded pass, when the kernels apply;

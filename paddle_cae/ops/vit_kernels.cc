@@ -726,3 +726,48 @@ PD_BUILD_OP(cae_adamw_update)
     .Attrs({"decay: float", "w1: float", "b2: float", "w2: float", "sqrt_bc2: float",
             "eps: float", "step: float", "apply_decay: bool"})
     .SetKernelFn(PD_KERNEL(AdamWUpdate));
+
+// ------------------------------------------------- frozen convolutional tokenizer (no grad)
+// out[n, c, ...] = x[n, c, ...] + bias[c]  (NCHW; the bias add of a convolution)
+std::vector<paddle::Tensor> ChannelBias(const paddle::Tensor& x, const paddle::Tensor& bias) {
+  check_f32(x, "x");
+  check_f32(bias, "bias");
+  PD_CHECK(x.shape().size() >= 2 && x.shape()[1] == bias.numel(), "channel_bias: shape mismatch");
+  auto out = empty(x.shape(), x);
+  const int64_t C = x.shape()[1], planes = x.shape()[0] * C, HW = x.numel() / planes;
+  const float* xp = x.data<float>();
+  const float* b = bias.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t p = 0; p < planes; ++p) {
+    const float bc = b[p % C];
+    const float* in = xp + p * HW;
+    float* dst = o + p * HW;
+#pragma omp simd
+    for (int64_t i = 0; i < HW; ++i) dst[i] = in[i] + bc;
+  }
+  return {out};
+}
+
+// out = a + gain * b  (a residual block's output)
+std::vector<paddle::Tensor> AddScaled(const paddle::Tensor& a, const paddle::Tensor& b, float gain) {
+  check_f32(a, "a");
+  check_f32(b, "b");
+  PD_CHECK(a.numel() == b.numel(), "add_scaled: size mismatch");
+  auto out = empty(a.shape(), a);
+  const int64_t n = a.numel();
+  const float* ap = a.data<float>();
+  const float* bp = b.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) o[i] = ap[i] + gain * bp[i];
+  return {out};
+}
+
+PD_BUILD_OP(cae_channel_bias).Inputs({"X", "Bias"}).Outputs({"Out"}).SetKernelFn(PD_KERNEL(ChannelBias));
+
+PD_BUILD_OP(cae_add_scaled)
+    .Inputs({"A", "B"})
+    .Outputs({"Out"})
+    .Attrs({"gain: float"})
+    .SetKernelFn(PD_KERNEL(AddScaled));
