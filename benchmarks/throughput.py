@@ -448,6 +448,7 @@ def main(argv=None):
         "paddle": paddle.__version__, "note": note,
         "loadavg_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "fused_kernels": _fused_kernels_state(),
+        "mkl_debug_cpu_type": os.environ.get("MKL_DEBUG_CPU_TYPE"),
         **cpu_fields,
     }
     print(HEADER)

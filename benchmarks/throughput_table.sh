@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every row of the throughput table in benchmarks/README.md, one run after the other (run it on
+# an otherwise idle machine: each run measures its own matmul peak, but other processes distort
+# the step times). Prints the markdown rows; the JSON lines go to $OUT (default
+# ./throughput_table.jsonl). About 20 minutes on the 2-core development CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-throughput_table.jsonl}
+: > "$OUT"
+run() {
+  local label=$1; shift
+  echo "== $label" >&2
+  env "$@" --json 2>/dev/null | tee -a /dev/stderr | grep '^{' | sed "s/^{/{\"label\": \"$label\", /" >> "$OUT"
+}
+# EXTRA: more flags for every run (a smoke test: EXTRA="--input_size 32 --steps 1 --warmup 0 --peak_size 256")
+EXTRA=${EXTRA:-}
+T="python benchmarks/throughput.py --batch_size 8 --steps 5 --warmup 2 $EXTRA"
+run "MAE-B pretrain"      $T --model mae_vit_base_patch16
+run "CAE-B pretrain"      $T --model cae_base_patch16_224_8k_vocab
+run "BootMAE-B pretrain"  $T --model bootmae_base
+run "ViT-B finetune"      $T --model vit_base_patch16 --phase finetune
+run "ViT-B finetune, reference ops" PADDLE_CAE_FUSED_OPS=0 $T --model vit_base_patch16 --phase finetune --explicit_attention
+run "ViT-B finetune, MKL default code path" MKL_DEBUG_CPU_TYPE= $T --model vit_base_patch16 --phase finetune
+run "ViT-B finetune, 2 processes" $T --model vit_base_patch16 --phase finetune --nproc 2
+run "ViT-B linprobe"      $T --model vit_base_patch16 --phase linprobe
+for mode in dynamic fp32 bf16; do
+  run "ViT-B infer $mode" python benchmarks/throughput.py --model vit_base_patch16 --phase infer \
+      --infer_mode $mode --batch_size 8 --steps 5 --warmup 2 $EXTRA
+done
+python - "$OUT" <<'PY'
+import json, sys
+print("| run | img/s | step s (median) | peak RSS MB | model TFLOP / step | peak GFLOP/s | MFU | load |")
+print("|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"| {r['label']} | {r['images_per_s']:.2f} | {r['step_s_median']:.2f} | {r['peak_mem_mb']:.0f} "
+          f"| {r['model_tflops_per_step']:.3f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
+          f"| {r['loadavg_1min']} |")
+PY
