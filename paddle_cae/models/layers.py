@@ -399,12 +399,12 @@ class CrossAttentionBase(nn.Layer):
 
     def attend(self, q, k, v):
         """Projected q [B, Nq, h*d], k and v [B, Nk, h*d] -> output [B, Nq, dim]."""
-        b, n_q, _ = q.shape
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, Nq, Nk]
-        attn = self.attn_drop(F.softmax(attn, axis=-1))
-        x = paddle.matmul(attn, v).transpose([0, 2, 1, 3]).reshape([b, n_q, self.inner_dim])
-        return self.proj_drop(self.proj(x))
+        # softmax and head merge: the fused kernels where they apply, else F.softmax and
+        # transpose + reshape
+        attn = self.attn_drop(fused_ops.scaled_softmax(attn, 1.0))
+        return self.proj_drop(self.proj(fused_ops.merge_heads(paddle.matmul(attn, v))))
 
 
 class TorchBatchNorm1D(nn.Layer):
