@@ -214,3 +214,18 @@ def test_tokenizer_ops_are_bit_identical_and_only_used_without_gradients(monkeyp
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
         logits_ref = enc(img).numpy()
     np.testing.assert_array_equal(logits_fused, logits_ref)
+
+
+def test_ema_kernel_is_bit_identical_to_the_paddle_expression(monkeypatch):
+    rng = np.random.default_rng(0)
+    ema0 = rng.standard_normal(5000).astype("float32")
+    online = paddle.to_tensor(rng.standard_normal(5000).astype("float32"))
+    keep = 0.9993
+    ema = paddle.to_tensor(ema0)
+    assert fused.ema_update_(ema, online, keep, 1.0 - keep)
+    reference = paddle.to_tensor(ema0) * keep + online * (1.0 - keep)
+    np.testing.assert_array_equal(ema.numpy(), reference.numpy())
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    untouched = paddle.to_tensor(ema0)
+    assert not fused.ema_update_(untouched, online, keep, 1.0 - keep)
+    np.testing.assert_array_equal(untouched.numpy(), ema0)

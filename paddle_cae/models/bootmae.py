@@ -24,6 +24,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..ops import fused as fused_ops
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .layers import (Attention, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
                      init_linears_and_norms, layer_norm, normal_, trunc_normal_, xavier_uniform_,
@@ -57,7 +58,8 @@ def ema_update_(ema_model, online_model, decay):
             raise ValueError(f"EMA update: '{key}' has shape {list(value.shape)} online but "
                              f"{list(ema_value.shape)} in the EMA copy")
         if ema_value.dtype in (paddle.float32, paddle.float64, paddle.float16, paddle.bfloat16):
-            paddle.assign(ema_value * keep + value.astype(ema_value.dtype) * take, ema_value)
+            if not fused_ops.ema_update_(ema_value, value, keep, take):
+                paddle.assign(ema_value * keep + value.astype(ema_value.dtype) * take, ema_value)
         else:
             paddle.assign(value.astype(ema_value.dtype), ema_value)
 

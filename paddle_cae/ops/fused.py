@@ -264,3 +264,15 @@ def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
                    beta2, 1.0 - beta2, math.sqrt(bias_correction2), eps,
                    -lr / bias_correction1, weight_decay != 0.0)
     return True
+
+
+def ema_update_(ema, online, keep, take):
+    """In place ``ema = ema * keep + online * take`` (float32 products, as Paddle computes
+    that expression) in one multi-threaded pass, when the kernels apply; returns False (and
+    changes nothing) otherwise."""
+    ext = _use(ema, online)
+    if ext is None or ema.numel() != online.numel() or not ema.is_contiguous() \
+            or not online.is_contiguous():
+        return False
+    ext.cae_ema_update(ema, online, float(keep), float(take))
+    return True

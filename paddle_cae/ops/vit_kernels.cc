@@ -771,3 +771,25 @@ PD_BUILD_OP(cae_add_scaled)
     .Outputs({"Out"})
     .Attrs({"gain: float"})
     .SetKernelFn(PD_KERNEL(AddScaled));
+
+// ------------------------------------------------------------- EMA teacher (in place)
+// ema = ema * keep + online * take, each product rounded to float32 (no fused multiply-add),
+// as Paddle's `ema * keep + online * take`.
+std::vector<paddle::Tensor> EmaUpdate(const paddle::Tensor& ema, const paddle::Tensor& online,
+                                      float keep, float take) {
+  check_f32(ema, "ema");
+  check_f32(online, "online");
+  const int64_t n = ema.numel();
+  PD_CHECK(online.numel() == n, "ema_update: size mismatch");
+  float* e = const_cast<float*>(ema.data<float>());
+  const float* o = online.data<float>();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) e[i] = e[i] * keep + o[i] * take;
+  return {paddle::empty({1}, paddle::DataType::FLOAT32, ema.place())};
+}
+
+PD_BUILD_OP(cae_ema_update)
+    .Inputs({"Ema", "Online"})
+    .Outputs({"Done"})
+    .Attrs({"keep: float", "take: float"})
+    .SetKernelFn(PD_KERNEL(EmaUpdate));
