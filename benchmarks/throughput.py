@@ -326,24 +326,39 @@ def _launched():
     return "PADDLE_TRAINER_ID" in os.environ and int(os.environ.get("PADDLE_TRAINERS_NUM", "1")) > 1
 
 
-def _relaunch(args, argv, peak):
-    """Start ``--nproc`` data-parallel copies of this script under paddle.distributed.launch."""
+def _relaunch(args, argv, peak, paddle):
+    """Start ``--nproc`` data-parallel copies of this script under paddle.distributed.launch.
+    The peak is measured here before and after the run (the better of the two counts, as in a
+    single-process run) and the workers' MFU is restated against it."""
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(max(1, args.threads // args.nproc))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     log_dir = tempfile.mkdtemp(prefix="paddle_cae_bench_log_")
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node",
-           str(args.nproc), "--log_dir", log_dir, os.path.abspath(__file__)] + list(argv) + \
-        ["--peak_gflops", f"{peak:.3f}", "--threads", str(args.threads)]
+           str(args.nproc), "--log_dir", log_dir, os.path.abspath(__file__)] + \
+        [a for a in argv if a != "--json"] + \
+        ["--json", "--peak_gflops", f"{peak:.3f}", "--threads", str(args.threads)]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
     if proc.returncode != 0:
         print(proc.stdout[-5000:], file=sys.stderr)
         return proc.returncode
+    if not args.peak_given:
+        peak = max(peak, matmul_peak_gflops(paddle, args.peak_size))
     with open(os.path.join(log_dir, "workerlog.0"), encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.startswith(("|", "{", "note:")):
-                print(line, end="")
+        lines = f.readlines()
+    results = [json.loads(line) for line in lines if line.startswith("{")]
+    for r in results:
+        r["peak_gflops"] = peak
+        r["mfu"] = r["achieved_gflops"] / peak
+        print(HEADER)
+        print(format_row(r))
+    for line in lines:
+        if line.startswith("note:"):
+            print(line, end="")
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
     return 0
 
 
@@ -388,8 +403,9 @@ def main(argv=None):
 
     env = {"rank": 0, "world": 1}
     if args.nproc > 1 and not _launched():
+        args.peak_given = args.peak_gflops is not None
         peak = args.peak_gflops or matmul_peak_gflops(paddle, args.peak_size)
-        return _relaunch(args, argv, peak)
+        return _relaunch(args, argv, peak, paddle)
     if _launched():
         import paddle.distributed as dist
 

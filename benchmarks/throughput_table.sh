@@ -16,6 +16,7 @@ run() {
 EXTRA=${EXTRA:-}
 T="python benchmarks/throughput.py --batch_size 8 --steps 5 --warmup 2 $EXTRA"
 run "MAE-B pretrain"      $T --model mae_vit_base_patch16
+run "MAE-B pretrain, 2 processes" $T --model mae_vit_base_patch16 --nproc 2
 run "CAE-B pretrain"      $T --model cae_base_patch16_224_8k_vocab
 run "BootMAE-B pretrain"  $T --model bootmae_base
 run "ViT-B finetune"      $T --model vit_base_patch16 --phase finetune

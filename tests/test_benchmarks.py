@@ -102,6 +102,18 @@ def test_throughput_script_tiny_pretrain():
     assert r["phase"] == "pretrain" and r["images_per_s"] > 0
 
 
+def test_throughput_script_two_processes():
+    """--nproc 2: two data-parallel workers (gloo); the whole batch's FLOPs per step and the
+    MFU restated against the peak the parent measured before and after the run."""
+    kwargs = json.dumps({"embed_dim": 24, "depth": 1, "num_heads": 3})
+    r = run_script("--model", "vit_base_patch16", "--phase", "finetune", "--nproc", "2",
+                   "--threads", "2", "--model_kwargs", kwargs)
+    assert r["nproc"] == 2 and r["threads_per_proc"] == 1
+    assert r["mfu"] == pytest.approx(r["achieved_gflops"] / r["peak_gflops"])
+    expected = 3 * vit_forward_flops(32, 16, 24, 1, 4, 1000, 2)
+    assert abs(r["model_tflops_per_step"] * 1e12 - expected) < 1e3
+
+
 def test_cpu_bf16_detection(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor : 0\nflags : fpu sse avx2 avx512f\n")
