@@ -6,9 +6,11 @@ softmax, the head transposes of attention) run on one thread and make several pa
 memory; the matrix products are multi-threaded. These kernels compute what the Paddle operators
 they replace compute (every function here states its reference formulation, which is also its
 fallback), fused into one multi-threaded (OpenMP), vectorized pass each. The bias, residual,
-head-layout, EMA and AdamW kernels give the reference's float32 results; softmax and GELU use the
-kernels' own vectorizable exp and normal CDF (softmax within 6 ulp, the CDF within 1.5e-7 of
-double precision; tests/test_fused_ops.py), and gradient reductions accumulate in double.
+head-layout and EMA kernels give the reference's float32 values (their gradient reductions
+accumulate in double, as do LayerNorm's statistics); AdamW's parameters are within the last bit
+(its sqrt is correctly rounded, Paddle's is not); softmax and GELU use the kernels' own
+vectorizable exp and normal CDF (softmax within 6 ulp, the CDF within 1.5e-7 of double
+precision; tests/test_fused_ops.py).
 
 They are used only where they apply: dynamic graph, float32 tensors on the CPU, and the
 extension built (the no-backward ops also only where no input needs a gradient). Everywhere
