@@ -213,10 +213,7 @@ class Attention(nn.Layer):
     def qkv_projection(self, x):
         if self.q_bias is None:
             return self.qkv(x)
-        zero_k = paddle.zeros_like(self.v_bias)
-        zero_k.stop_gradient = True
-        bias = paddle.concat([self.q_bias, zero_k, self.v_bias])
-        return F.linear(x, self.qkv.weight, bias)
+        return F.linear(x, self.qkv.weight, self.qkv_bias_vector())
 
     def relative_bias(self):
         """[heads, N+1, N+1] bias taken from the table by the fixed index."""
