@@ -143,14 +143,26 @@ inline float normal_cdf(float z, float e) {
 
 constexpr float kInvSqrt2Pi = 0.398942280401432678f;
 
-// out[c] = sum over threads t of part[t * C + c] (per-thread double partial sums).
-void reduce_partials(const double* part, int T, int64_t C, float* out) {
-  for (int64_t c = 0; c < C; ++c) {
-    double s = 0.0;
-    for (int t = 0; t < T; ++t) s += part[static_cast<size_t>(t) * C + c];
-    out[c] = static_cast<float>(s);
+// Per-thread double partial sums of C columns: each OpenMP thread adds into mine(), then
+// reduce() writes the sums over the threads, in thread order, as float.
+class ColumnPartials {
+ public:
+  explicit ColumnPartials(int64_t C)
+      : C_(C), T_(num_threads()), part_(static_cast<size_t>(T_) * C, 0.0) {}
+  double* mine() { return part_.data() + static_cast<size_t>(thread_id()) * C_; }
+  void reduce(float* out) const {
+    for (int64_t c = 0; c < C_; ++c) {
+      double s = 0.0;
+      for (int t = 0; t < T_; ++t) s += part_[static_cast<size_t>(t) * C_ + c];
+      out[c] = static_cast<float>(s);
+    }
   }
-}
+
+ private:
+  int64_t C_;
+  int T_;
+  std::vector<double> part_;
+};
 
 inline float gelu(float z) { return z * normal_cdf(z, gauss(z)); }
 
@@ -312,15 +324,26 @@ inline void softmax_grad_row(const float* y, const float* dy, float scale, int64
 }
 }  // namespace
 
-std::vector<paddle::Tensor> ScaledSoftmaxForward(const paddle::Tensor& x, float scale) {
+namespace {
+// Row r of x (rows of length L) gets bias row r % (rows of bias), when there is a bias.
+paddle::Tensor softmax_rows(const paddle::Tensor& x, const paddle::Tensor* bias, float scale) {
   check_f32(x, "x");
+  if (bias) check_f32(*bias, "bias");
   auto y = empty(x.shape(), x);
   const int64_t L = x.shape().back(), rows = x.numel() / L;
+  const int64_t bias_rows = bias ? bias->numel() / L : 1;
   const float* src = x.data<float>();
+  const float* bp = bias ? bias->data<float>() : nullptr;
   float* dst = y.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) softmax_row(src + r * L, nullptr, scale, L, dst + r * L);
-  return {y};
+  for (int64_t r = 0; r < rows; ++r)
+    softmax_row(src + r * L, bp ? bp + (r % bias_rows) * L : nullptr, scale, L, dst + r * L);
+  return y;
+}
+}  // namespace
+
+std::vector<paddle::Tensor> ScaledSoftmaxForward(const paddle::Tensor& x, float scale) {
+  return {softmax_rows(x, nullptr, scale)};
 }
 
 std::vector<paddle::Tensor> ScaledSoftmaxBackward(const paddle::Tensor& y, const paddle::Tensor& dy,
@@ -336,20 +359,10 @@ std::vector<paddle::Tensor> ScaledSoftmaxBackward(const paddle::Tensor& y, const
   return {dx};
 }
 
+// bias [H, R, L] for x [B, H, R, L]
 std::vector<paddle::Tensor> ScaledSoftmaxBiasForward(const paddle::Tensor& x,
                                                      const paddle::Tensor& bias, float scale) {
-  check_f32(x, "x");
-  check_f32(bias, "bias");
-  auto y = empty(x.shape(), x);
-  const auto s = x.shape();
-  const int64_t L = s[3], R = s[2], HR = s[1] * R, B = s[0];
-  const float* src = x.data<float>();
-  const float* bp = bias.data<float>();
-  float* dst = y.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < B * HR; ++r)
-    softmax_row(src + r * L, bp + (r % HR) * L, scale, L, dst + r * L);
-  return {y};
+  return {softmax_rows(x, &bias, scale)};
 }
 
 std::vector<paddle::Tensor> ScaledSoftmaxBiasBackward(const paddle::Tensor& y,
@@ -421,68 +434,99 @@ std::vector<paddle::Tensor> BiasGeluBackward(const paddle::Tensor& h, const padd
 }
 
 // ------------------------------------------------------------- residual + (h + bias)
-std::vector<paddle::Tensor> ResidualBiasForward(const paddle::Tensor& res, const paddle::Tensor& h,
-                                                const paddle::Tensor& bias) {
+namespace {
+// out = res + (h + bias), or res + gamma * (h + bias) with a layer-scale gamma
+paddle::Tensor residual_forward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                const paddle::Tensor& bias, const paddle::Tensor* gamma) {
   check_f32(h, "h");
   auto out = empty(h.shape(), h);
   const int64_t C = h.shape().back(), rows = h.numel() / C;
   const float* x = res.data<float>();
   const float* hp = h.data<float>();
   const float* b = bias.data<float>();
+  const float* gm = gamma ? gamma->data<float>() : nullptr;
   float* o = out.data<float>();
 #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) o[r * C + c] = x[r * C + c] + (hp[r * C + c] + b[c]);
-  return {out};
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i0 = r * C;
+    if (gm) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[i0 + c] = x[i0 + c] + gm[c] * (hp[i0 + c] + b[c]);
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[i0 + c] = x[i0 + c] + (hp[i0 + c] + b[c]);
+    }
+  }
+  return out;
+}
+
+// dres = dout; dh = dout [* gamma]; dbias = column sums of dh; dgamma = column sums of
+// dout * (h + bias) (only with gamma), in one pass with per-thread double partials.
+std::vector<paddle::Tensor> residual_backward(const paddle::Tensor& h, const paddle::Tensor& bias,
+                                              const paddle::Tensor* gamma,
+                                              const paddle::Tensor& dout) {
+  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
+  auto db = empty(bias.shape(), bias);
+  const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const float* g = dout.data<float>();
+  const float* hp = h.data<float>();
+  const float* b = bias.data<float>();
+  const float* gm = gamma ? gamma->data<float>() : nullptr;
+  float* a = dres.data<float>();
+  float* d = dh.data<float>();
+  ColumnPartials sum_b(C), sum_g(gm ? C : 0);
+#pragma omp parallel
+  {
+    double* pb = sum_b.mine();
+    double* pg = sum_g.mine();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i0 = r * C;
+      if (gm) {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = i0 + c;
+          const float di = g[i] * gm[c];
+          a[i] = g[i];
+          d[i] = di;
+          pb[c] += di;
+          pg[c] += static_cast<double>(g[i]) * (hp[i] + b[c]);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const int64_t i = i0 + c;
+          a[i] = g[i];
+          d[i] = g[i];
+          pb[c] += g[i];
+        }
+      }
+    }
+  }
+  sum_b.reduce(db.data<float>());
+  if (!gm) return {dres, dh, db};
+  auto dgamma = empty(gamma->shape(), *gamma);
+  sum_g.reduce(dgamma.data<float>());
+  return {dres, dh, db, dgamma};
+}
+}  // namespace
+
+std::vector<paddle::Tensor> ResidualBiasForward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                                const paddle::Tensor& bias) {
+  return {residual_forward(res, h, bias, nullptr)};
 }
 
 std::vector<paddle::Tensor> ResidualBiasBackward(const paddle::Tensor& res, const paddle::Tensor& h,
                                                  const paddle::Tensor& bias,
                                                  const paddle::Tensor& dout) {
-  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
-  auto db = empty(bias.shape(), bias);
-  const int64_t C = h.shape().back(), rows = h.numel() / C;
-  const float* g = dout.data<float>();
-  float* a = dres.data<float>();
-  float* b = dh.data<float>();
-  const int T = num_threads();
-  std::vector<double> part(static_cast<size_t>(T) * C, 0.0);
-#pragma omp parallel
-  {
-    double* pb = part.data() + static_cast<size_t>(thread_id()) * C;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* gr = g + r * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        a[r * C + c] = gr[c];
-        b[r * C + c] = gr[c];
-        pb[c] += gr[c];
-      }
-    }
-  }
-  reduce_partials(part.data(), T, C, db.data<float>());
-  return {dres, dh, db};
+  return residual_backward(h, bias, nullptr, dout);
 }
 
-// residual + gamma * (h + bias)  (layer scale)
 std::vector<paddle::Tensor> ResidualScaleBiasForward(const paddle::Tensor& res,
                                                      const paddle::Tensor& h,
                                                      const paddle::Tensor& bias,
                                                      const paddle::Tensor& gamma) {
-  check_f32(h, "h");
-  auto out = empty(h.shape(), h);
-  const int64_t C = h.shape().back(), rows = h.numel() / C;
-  const float* x = res.data<float>();
-  const float* hp = h.data<float>();
-  const float* b = bias.data<float>();
-  const float* gm = gamma.data<float>();
-  float* o = out.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c)
-      o[r * C + c] = x[r * C + c] + gm[c] * (hp[r * C + c] + b[c]);
-  return {out};
+  return {residual_forward(res, h, bias, &gamma)};
 }
 
 std::vector<paddle::Tensor> ResidualScaleBiasBackward(const paddle::Tensor& res,
@@ -490,38 +534,7 @@ std::vector<paddle::Tensor> ResidualScaleBiasBackward(const paddle::Tensor& res,
                                                       const paddle::Tensor& bias,
                                                       const paddle::Tensor& gamma,
                                                       const paddle::Tensor& dout) {
-  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
-  auto db = empty(bias.shape(), bias), dgamma = empty(gamma.shape(), gamma);
-  const int64_t C = h.shape().back(), rows = h.numel() / C;
-  const float* g = dout.data<float>();
-  const float* hp = h.data<float>();
-  const float* b = bias.data<float>();
-  const float* gm = gamma.data<float>();
-  float* a = dres.data<float>();
-  float* d = dh.data<float>();
-  const int T = num_threads();
-  std::vector<double> part_g(static_cast<size_t>(T) * C, 0.0), part_b(part_g.size(), 0.0);
-#pragma omp parallel
-  {
-    const size_t off = static_cast<size_t>(thread_id()) * C;
-    double* pg = part_g.data() + off;
-    double* pb = part_b.data() + off;
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = r * C + c;
-        const float di = g[i] * gm[c];
-        a[i] = g[i];
-        d[i] = di;
-        pb[c] += di;
-        pg[c] += static_cast<double>(g[i]) * (hp[i] + b[c]);
-      }
-    }
-  }
-  reduce_partials(part_b.data(), T, C, db.data<float>());
-  reduce_partials(part_g.data(), T, C, dgamma.data<float>());
-  return {dres, dh, db, dgamma};
+  return residual_backward(h, bias, &gamma, dout);
 }
 
 // ------------------------------------------------------------------------- layer norm
@@ -574,13 +587,11 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
   const float* rp = rstd.data<float>();
   const float* g = dy.data<float>();
   float* out = dx.data<float>();
-  const int T = num_threads();
-  std::vector<double> part_w(static_cast<size_t>(T) * C, 0.0), part_b(static_cast<size_t>(T) * C, 0.0);
+  ColumnPartials sum_w(C), sum_b(C);
 #pragma omp parallel
   {
-    const size_t off = static_cast<size_t>(thread_id()) * C;
-    double* pw = part_w.data() + off;
-    double* pb = part_b.data() + off;
+    double* pw = sum_w.mine();
+    double* pb = sum_b.mine();
     std::vector<float> xhat(C);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -604,8 +615,8 @@ std::vector<paddle::Tensor> LayerNormBackward(const paddle::Tensor& x, const pad
       for (int64_t c = 0; c < C; ++c) o[c] = rs * (gr[c] * wp[c] - a - xhat[c] * cc);
     }
   }
-  reduce_partials(part_w.data(), T, C, dw.data<float>());
-  reduce_partials(part_b.data(), T, C, db.data<float>());
+  sum_w.reduce(dw.data<float>());
+  sum_b.reduce(db.data<float>());
   return {dx, dw, db};
 }
 
