@@ -14,6 +14,7 @@ from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples,
 from ..data.sampler import GlobalBatchSampler
 from ..optim import apply_lr, cosine_scheduler, mae_lr_at
 from ..runtime.checkpoint import load_checkpoint, to_plain
+from ..runtime.distributed import data_parallel
 from ..runtime.logging import JsonLinesLog, VisualDLWriter
 from ..runtime.resume import find_resume_checkpoint, rng_state, set_rng_state
 from .stepper import Stepper
@@ -117,7 +118,7 @@ class TrainingRun:
         self.args = args
         self.env = env
         self.model_core = model
-        self.model = paddle.DataParallel(model) if env.distributed else model
+        self.model = data_parallel(model, env)
         self.train_set = train_set
         self.optimizer = optimizer
         self.precision = precision

@@ -151,6 +151,13 @@ def barrier():
         dist.barrier()
 
 
+def data_parallel(model, env=None):
+    """``model`` wrapped for data-parallel training (unchanged in a single process)."""
+    if not (env or _ENV).distributed:
+        return model
+    return paddle.DataParallel(model)
+
+
 def broadcast_parameters(model):
     """Start every rank from rank 0's weights (paddle.DataParallel also syncs at wrap time)."""
     if not _ENV.distributed:
