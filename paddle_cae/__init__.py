@@ -3,8 +3,13 @@
 The notebook API is imported on first use, so ``python -m paddle_cae.<tool>`` starts without
 loading the rest of the package first. Importing the package selects MKL's fast matmul code path on
 AMD CPUs (``paddle_cae/_cpu_math.py``; set ``MKL_DEBUG_CPU_TYPE`` yourself to keep another choice).
+
+Pillow's C module is loaded here, before anything imports paddle: Paddle 2.6 brings its own zlib
+and, imported first, leaves Pillow unable to decode PNG files ("codec configuration error").
 """
 __version__ = "0.1.0"
+
+import PIL.Image  # noqa: F401,E402  (before paddle: see above)
 
 from paddle_cae._cpu_math import select_mkl_code_path as _select_mkl_code_path
 

@@ -75,7 +75,7 @@ def masks_from_shuffle(idx_shuffle, mask_len, grid_size, patch_size, weight_mask
     (each patch constant, i.e. nearest upsampling)."""
     b, n = idx_shuffle.shape
     h, w = grid_size
-    idx_unshuffle = paddle.argsort(idx_shuffle, axis=1, stable=True)
+    idx_unshuffle = paddle.argsort(idx_shuffle, axis=1)  # inverse permutation (distinct keys)
     keep = n - mask_len
     order_mask = paddle.concat([paddle.zeros([b, keep]), paddle.ones([b, mask_len])], axis=1)
     loss_mask = paddle.take_along_axis(order_mask, idx_unshuffle, axis=1)  # [B, N], raster
@@ -472,7 +472,7 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
         mask_pe = _gather_tokens(pos_table.expand([b, -1, -1]), dropped)  # [B, M, C]
         masked = mask_token.expand([b, mask_len, c]) + mask_pe
         x = paddle.concat([tokens, masked], axis=1)  # [B, 1 + N, C], shuffled order
-        ids_unshuffle = paddle.argsort(ids, axis=1, stable=True)
+        ids_unshuffle = paddle.argsort(ids, axis=1)  # inverse permutation (distinct keys)
         return _gather_tokens(x, ids_unshuffle)  # [B, 1 + N, C], raster order
 
     def forward_pixel_decoder(self, x, fea, ids, mask_len):

@@ -47,8 +47,11 @@ def split_visible_masked(bool_masked_pos):
             "num_masking_patches")
     num_masked = int(counts[0]) if counts.size else 0
     num_visible = mask.shape[1] - num_masked
-    # a stable sort of 0 (visible) / 1 (masked) keeps both groups in raster order
-    order = paddle.argsort(mask, axis=1, stable=True)  # [B, N]
+    # 0 (visible) / 1 (masked) with the position as tie-break: the keys are distinct, so any
+    # sort keeps both groups in raster order (Paddle 2.6's argsort has no ``stable``)
+    n = mask.shape[1]
+    key = mask.astype("int64") * n + paddle.arange(n, dtype="int64")
+    order = paddle.argsort(key, axis=1)  # [B, N]
     return order[:, :num_visible], order[:, num_visible:]
 
 

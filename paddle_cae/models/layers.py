@@ -9,6 +9,7 @@ Two attention flavours exist in the reference code and both are kept exactly:
 * ``"beit"`` (CAE, BootMAE): ``qkv`` without bias plus ``q_bias``/``v_bias`` (no k bias);
   queries are scaled before the product; optional relative position bias.
 """
+import inspect
 import math
 import os
 
@@ -240,11 +241,10 @@ class Attention(nn.Layer):
 
     def forward_fused(self, x, rel_pos_bias=None):
         """The same arithmetic as :meth:`forward_explicit` with fewer memory passes: q, k, v
-        are taken from the projection by one unbind (no 5-D transpose of qkv) and
-        ``F.scaled_dot_product_attention`` forms softmax((q * scale) k^T + bias) v in
-        [B, N, h, d] layout. For the timm flavour ((q k^T) * scale) this is used only when
-        the scale is a power of two (head_dim 64, 256 ...), where both orders round the
-        same; otherwise the scale is applied after the product as in the reference."""
+        are taken from the projection by one unbind (no 5-D transpose of qkv) and, where
+        :func:`sdpa_arguments` allows it, ``F.scaled_dot_product_attention`` forms
+        softmax((q * scale) k^T + bias) v in [B, N, h, d] layout (flash / memory-efficient
+        attention on GPUs). Otherwise the products are formed here, in the reference order."""
         b, n, _ = x.shape
         qkv = self.qkv_projection(x).reshape([b, n, 3, self.num_heads, self.head_dim])
         q, k, v = qkv.unbind(2)  # each [B, N, h, d]
@@ -253,12 +253,18 @@ class Attention(nn.Layer):
             bias = self.relative_bias().unsqueeze(0)
         if rel_pos_bias is not None:
             bias = rel_pos_bias
-        if self.style == "beit" or _is_power_of_two(self.scale):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale,
-                                                 training=self.training)
+        # BEiT scales q before the product, as sdpa does; timm scales the scores after it,
+        # which rounds the same only for a power-of-two scale (head_dim 64, 256, ...)
+        same_rounding = self.style == "beit" or _is_power_of_two(self.scale)
+        kwargs = sdpa_arguments(q, bias, self.scale, self.head_dim, same_rounding, self.training)
+        if kwargs is not None:
+            out = F.scaled_dot_product_attention(q, k, v, **kwargs)  # [B, N, h, d]
         else:
-            q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))
-            attn = paddle.matmul(q, k, transpose_y=True) * self.scale
+            q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))  # [B, h, N, d]
+            if self.style == "timm":
+                attn = paddle.matmul(q, k, transpose_y=True) * self.scale
+            else:
+                attn = paddle.matmul(q * self.scale, k, transpose_y=True)
             if bias is not None:
                 attn = attn + bias
             out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 2, 1, 3])
@@ -444,6 +450,35 @@ class TorchBatchNorm1D(nn.Layer):
         if self.weight is not None:
             y = y * self.weight + self.bias
         return y
+
+
+# From Paddle 3.3 ``F.scaled_dot_product_attention`` takes ``scale`` and runs for every dtype,
+# device and bias: flash attention where it applies (half precision, no ``scale`` argument,
+# no bias), memory-efficient attention, else a plain math kernel. Before 3.3 (2.6, 3.0-3.2)
+# it is flash attention only: half precision on a GPU, no bias, the default scale.
+SDPA_ANY_INPUT = "scale" in inspect.signature(F.scaled_dot_product_attention).parameters
+
+
+def sdpa_arguments(q, bias, scale, head_dim, same_rounding, training):
+    """Keyword arguments for ``F.scaled_dot_product_attention(q, k, v, **kwargs)``, or None
+    where attention must be formed step by step instead.
+
+    q [B, N, h, d]; bias None or broadcastable to [B, h, N, N]. ``scale`` is passed only when
+    it is not the default head_dim ** -0.5 (passing it rules flash attention out). In float32
+    the call is made only where it rounds like the reference (``same_rounding``); in half
+    precision (AMP on a GPU) the order of the scaling is below fp16's resolution anyway."""
+    half = q.dtype in (paddle.float16, paddle.bfloat16)
+    if not (same_rounding or half):
+        return None
+    default_scale = scale == head_dim ** -0.5
+    if SDPA_ANY_INPUT:
+        kwargs = {"attn_mask": bias, "training": training}
+        if not default_scale:
+            kwargs["scale"] = scale
+        return kwargs
+    if half and bias is None and default_scale and q.place.is_gpu_place():
+        return {"training": training}
+    return None
 
 
 def _is_power_of_two(value):

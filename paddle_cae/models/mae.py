@@ -213,8 +213,8 @@ class MaskedAutoencoderViT(nn.Layer):
                 noise, paddle.Tensor) else noise
             if tuple(noise.shape) != (b, n):
                 raise ValueError(f"noise must have shape [{b}, {n}], got {list(noise.shape)}")
-        ids_shuffle = paddle.argsort(noise, axis=1, stable=True)  # ascending: small is kept
-        ids_restore = paddle.argsort(ids_shuffle, axis=1, stable=True)
+        ids_shuffle = paddle.argsort(noise, axis=1)  # ascending: small is kept
+        ids_restore = paddle.argsort(ids_shuffle, axis=1)  # a permutation: distinct keys
         x_masked = _gather_tokens(x, ids_shuffle[:, :len_keep])  # [B, K, D]
         mask = paddle.concat([paddle.zeros([b, len_keep]), paddle.ones([b, n - len_keep])], axis=1)
         mask = paddle.take_along_axis(mask, ids_restore, axis=1)  # [B, N], raster order
