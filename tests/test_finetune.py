@@ -205,6 +205,47 @@ def test_relative_position_table_resampling_keeps_a_smooth_table_and_the_cls_row
     np.testing.assert_array_equal(resample_rel_pos_table(table, (src_grid, src_grid)), table)
 
 
+RELPOS_FIXTURE = ROOT / "tests" / "data" / "relpos_resample.npz"  # tools/make_relpos_fixture.py
+
+
+def test_relative_position_table_resampling_matches_scipy_bicubic_interpolation(monkeypatch):
+    """The official code's scipy interp2d(kind='cubic') results (computed once with SciPy into
+    the fixture); scipy must not be needed here."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.interpolate", None)
+    data = np.load(RELPOS_FIXTURE)
+    cases = sorted(int(k.split("_")[1]) for k in data.files if k.startswith("table_"))
+    assert len(cases) >= 4
+    for n in cases:
+        table, (src_grid, dst_grid) = data[f"table_{n}"], data[f"grids_{n}"]
+        out = resample_rel_pos_table(table, (int(dst_grid), int(dst_grid)))
+        expected = data[f"expected_{n}"]
+        assert out.shape == ((2 * dst_grid - 1) ** 2 + 3, table.shape[1])
+        np.testing.assert_allclose(out[:-3], expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_array_equal(out[-3:], table[-3:])
+
+
+def test_cae_finetuning_at_another_resolution_resamples_the_relative_position_tables(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.interpolate", None)
+    cfg = json.loads((FIXTURES / "cae_finetune" / "config.json").read_text())["model_args"]
+    model = create_model("cae_base_patch16_224", num_classes=7, img_size=48, patch_size=8,
+                         embed_dim=64, depth=2, num_heads=4, init_values=cfg["init_values"])
+    report = load_pretrained(model, FIXTURES / "cae_finetune" / "checkpoint.pth")
+    reference = np.load(FIXTURES / "cae_finetune" / "weights.npz")
+    key = "blocks.1.attn.relative_position_bias_table"
+    assert reference[key].shape == (7 * 7 + 3, 4)
+    got = model.state_dict()[key].numpy()
+    assert got.shape == (11 * 11 + 3, 4)
+    np.testing.assert_allclose(got, resample_rel_pos_table(reference[key], (6, 6)), atol=1e-7)
+    assert any(k == key and "resampled" in what for k, what in report.adapted)
+    assert key not in report.initialised
+
+
 def test_wrong_model_checkpoint_is_a_one_line_error(tmp_path, capsys):
     runs = demo_runs()
     rc = classify_main.main(["--finetune", runs["pretrain"], "--model", "cae_base_patch16_224",
