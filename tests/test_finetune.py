@@ -116,6 +116,34 @@ def test_auto_resume_continues_after_the_last_completed_epoch(tmp_path):
     assert [r["epoch"] for r in log] == list(range(FINETUNE_EPOCHS + 1))
 
 
+@pytest.mark.parametrize("auto_resume", ["true", "false"])
+def test_finetune_into_a_pretraining_folder_stops_before_overwriting_it(tmp_path, capsys, auto_resume):
+    runs = demo_runs()
+    shared = tmp_path / "output_dir"
+    shared.mkdir()
+    shutil.copy(runs["pretrain"], shared / "checkpoint-0.pd")
+    before = (shared / "checkpoint-0.pd").read_bytes()
+    rc = classify_main.main(["--finetune", str(shared / "checkpoint-0.pd"), "--output_dir", str(shared),
+                             "--epochs", "1", "--max_train_step", "2", "--num_workers", "0",
+                             "--auto_resume", auto_resume])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(shared / "checkpoint-0.pd") in line
+    assert "pretrain checkpoint of mae_vit_base_patch16" in line and "--output_dir" in line
+    assert (shared / "checkpoint-0.pd").read_bytes() == before
+    assert sorted(os.listdir(shared)) == ["checkpoint-0.pd"]
+
+
+def test_resume_of_another_kind_of_checkpoint_names_both_kinds(tmp_path, capsys):
+    runs = demo_runs()
+    rc = classify_main.main(["--finetune", runs["pretrain"], "--resume", runs["pretrain"],
+                             "--output_dir", str(tmp_path), "--epochs", "1", "--num_workers", "0"])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert runs["pretrain"] in line and "pretrain checkpoint of mae_vit_base_patch16" in line
+    assert "finetune run of vit_base_patch16" in line
+
+
 # ----------------------------------------------------------------------- loading weights
 def fixture_classifier(folder, name):
     cfg = json.loads((FIXTURES / folder / "config.json").read_text())["model_args"]

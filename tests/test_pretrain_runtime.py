@@ -270,3 +270,63 @@ def test_two_node_launch_on_loopback_trains_in_sync(tmp_path):
     record = read_log(out)[-1]
     assert record["ranks_in_sync"] is True
     assert "2 process(es)" in logs
+
+
+RESUME_PROBE = '''
+import json, os, sys
+sys.path.insert(0, {root!r})
+from paddle_cae.engine import run as run_mod
+from paddle_cae.engine.pretrain_main import run
+from paddle_cae.runtime import distributed as dist_rt
+
+rank = int(os.environ.get("PADDLE_TRAINER_ID", 0))
+base = sys.argv[1]
+original = run_mod.TrainingRun.maybe_resume
+
+
+def recording(self):
+    path = original(self)
+    seen = dict(rank=rank, path=path, start_epoch=self.start_epoch, start_batch=self.start_batch,
+                global_step=self.global_step, digest=dist_rt.state_digest(self.model_core))
+    with open(os.path.join(base, "resume_rank%d.json" % rank), "w") as f:
+        json.dump(seen, f)
+    return path
+
+
+run_mod.TrainingRun.maybe_resume = recording
+run(sys.argv[2:] + ["--output_dir", os.path.join(base, "rank%d" % rank)])
+'''
+
+
+@pytest.mark.slow
+def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_checkpoint(tmp_path):
+    """Node-local output folders: only rank 0's folder holds the checkpoint. Both ranks must
+    continue from it (same weights, same epoch), not rank 1 from scratch."""
+    args = SMALL + ["--max_train_step", "2", "--batch_size", "8", "--warmup_epochs", "0"]
+    env = env_for_subprocess()
+    proc = subprocess.run([sys.executable, MAIN] + args + [
+        "--epochs", "1", "--auto_resume", "false", "--batch_size", "16",
+        "--output_dir", str(tmp_path / "rank0")], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tmp_path / "rank1").mkdir()
+    script = tmp_path / "probe.py"
+    script.write_text(RESUME_PROBE.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(tmp_path / "launch_logs"), str(script), str(tmp_path)] + args + [
+        "--epochs", "2", "--auto_resume", "true"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        code = launcher.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        code = None
+    logs = "".join(p.read_text() for p in (tmp_path / "launch_logs").glob("workerlog.*"))
+    seen = [json.loads((tmp_path / f"resume_rank{r}.json").read_text()) for r in (0, 1)]
+    assert Path(seen[0]["path"]).parent == tmp_path / "rank0"
+    for key in ("path", "start_epoch", "start_batch", "global_step", "digest"):
+        assert seen[1][key] == seen[0][key], (key, seen)
+    assert seen[0]["start_epoch"] == 1
+    assert code == 0, logs[-3000:]
+    assert read_log(tmp_path / "rank0")[-1]["ranks_in_sync"] is True
