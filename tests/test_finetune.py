@@ -144,6 +144,29 @@ def test_resume_of_another_kind_of_checkpoint_names_both_kinds(tmp_path, capsys)
     assert "finetune run of vit_base_patch16" in line
 
 
+def test_eval_with_a_checkpoint_whose_head_does_not_fit_fails_in_one_line(tmp_path, capsys):
+    runs = demo_runs()
+    rc = classify_main.main(["--eval", "--resume", runs["pretrain"], "--num_workers", "0",
+                             "--output_dir", str(tmp_path)])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert runs["pretrain"] in line and "no classifier head" in line and "10 classes" in line
+    # a plain state dict of the fine-tuned weights (10 classes) against a 12-class model
+    plain = tmp_path / "plain.pd"
+    from paddle_cae.runtime.checkpoint import save_checkpoint
+
+    save_checkpoint(load_checkpoint(runs["best"])["model"], plain)
+    rc = classify_main.main(["--eval", "--resume", str(plain), "--nb_classes", "12",
+                             "--num_workers", "0", "--output_dir", str(tmp_path)])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(plain) in line and "[64, 10]" in line and "12 classes" in line
+    # the same file evaluates when the class count fits
+    stats = classify_main.run(["--eval", "--resume", str(plain), "--num_workers", "0",
+                               "--output_dir", str(tmp_path)])
+    assert stats["acc1"] == pytest.approx(load_checkpoint(runs["best"])["best_acc1"], abs=1e-6)
+
+
 # ----------------------------------------------------------------------- loading weights
 def fixture_classifier(folder, name):
     cfg = json.loads((FIXTURES / folder / "config.json").read_text())["model_args"]

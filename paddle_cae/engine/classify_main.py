@@ -155,12 +155,36 @@ def evaluate_only(args, env, model, precision, val_set):
     if isinstance(state, dict) and isinstance(state.get("classifier"), dict):
         strict_load(model, state["model"], args.resume)
     else:
-        load_pretrained(encoder_of(model), source, args.model_key).log()
+        report = load_pretrained(encoder_of(model), source, args.model_key)
+        report.log()
+        check_head_loaded(report, model, source)
     loader = build_eval_loader(val_set, args.batch_size, env, args.dist_eval, args.num_workers)
     stats = evaluate(model, loader, precision, args.print_freq)
     logger.info("Accuracy of the network on the %d test images: top-1 %.2f%% top-5 %.2f%% loss %.4f",
                 stats["images"], stats["acc1"], stats["acc5"], stats["loss"])
     return stats
+
+
+def check_head_loaded(report, model, source):
+    """Evaluating needs the file's own classifier head: a head left freshly initialised
+    (a pretraining checkpoint, another class count, a probe) fails with one line."""
+    if encoder_of(model) is not model:
+        raise ValueError(f"{source} ({report.kind}) holds no probe head for --eval: evaluate a "
+                         "linear-probe checkpoint of this package (--resume)")
+    fresh = [k for k in report.initialised if k.startswith("head.")]
+    if not fresh:
+        return
+    own = list(model.state_dict()["head.weight"].shape)
+    other = [(k, why) for k, why in report.ignored if k.startswith("head.") and "another shape" in why]
+    other += [(k, f"{list(s)} in the file") for k, s, _ in report.shape_skipped if k.startswith("head.")]
+    if other:
+        key, why = other[0]
+        detail = f"its {key} ({why.replace('head of another shape ', '').replace(' (re-initialised)', '')}) " \
+                 f"does not fit the model's head {own} ({own[-1]} classes)"
+    else:
+        detail = f"it has no classifier head for the model's head {own} ({own[-1]} classes)"
+    raise ValueError(f"--eval: {source} ({report.kind}): {detail}; evaluating would score a "
+                     "randomly initialised head. Check --nb_classes/--model, or fine-tune first")
 
 
 def config_from_resume(args):
