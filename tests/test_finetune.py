@@ -167,6 +167,68 @@ def test_eval_with_a_checkpoint_whose_head_does_not_fit_fails_in_one_line(tmp_pa
     assert stats["acc1"] == pytest.approx(load_checkpoint(runs["best"])["best_acc1"], abs=1e-6)
 
 
+DEMO_CONFIGS = ROOT / "configs" / "demo"
+
+
+def demo_header_commands(path):
+    import shlex
+
+    return [shlex.split(line[1:].strip()) for line in path.read_text().splitlines()
+            if line.startswith("# python main_")]
+
+
+def parse_demo_command(argv):
+    """(entrypoint, the config the command runs with, parsed args)."""
+    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    script, rest = argv[1], argv[2:]
+    if script == "main_pretrain.py":
+        rest, config = pretrain_main.demo_argv(rest)
+        args = parse_pretrain_args(rest)
+    else:
+        phase = "finetune" if script == "main_finetune.py" else "linprobe"
+        rest, config = classify_main.demo_argv(rest, phase)
+        args = (parse_finetune_args if phase == "finetune" else parse_linprobe_args)(rest)
+    if "--config" in rest:
+        config = rest[rest.index("--config") + 1]
+    return script, config, args
+
+
+def test_demo_configs_resume_by_default_write_their_own_folders_and_their_commands_chain():
+    """Each classifier demo config's header commands: the pretraining command writes the
+    checkpoint the next command reads, and the next command runs with this very config."""
+    import yaml
+
+    outputs = {}
+    for path in sorted(DEMO_CONFIGS.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        if not path.name.startswith("learning_"):
+            assert config["auto_resume"] is True, path.name
+        out = os.path.normpath(config["output_dir"])
+        assert out not in outputs, f"{path.name} and {outputs.get(out)} share {out}"
+        outputs[out] = path.name
+    checked = 0
+    for path in sorted(DEMO_CONFIGS.glob("*.yaml")):
+        if not path.name.startswith(("finetune_", "linprobe_")):
+            continue
+        commands = demo_header_commands(path)
+        assert [c[1] for c in commands] == ["main_pretrain.py", path.name.split("_")[0].replace(
+            "finetune", "main_finetune.py").replace("linprobe", "main_linprobe.py")], path.name
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            _, _, pre = parse_demo_command(commands[0])
+            _, config, args = parse_demo_command(commands[1])
+        finally:
+            os.chdir(cwd)
+        assert os.path.samefile(ROOT / config, path), (path.name, config)
+        expected = os.path.join(pre.output_dir, f"checkpoint-{pre.epochs - 1}.pd")
+        assert os.path.normpath(args.finetune) == os.path.normpath(expected), path.name
+        checked += 1
+    assert checked == 6
+
+
 # ----------------------------------------------------------------------- loading weights
 def fixture_classifier(folder, name):
     cfg = json.loads((FIXTURES / folder / "config.json").read_text())["model_args"]
