@@ -15,7 +15,9 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", str(max(os.cpu_count() or 1, 1)))
+from paddle_cae.startup import prepare_process  # noqa: E402  (before paddle is imported)
+
+prepare_process()  # OMP_NUM_THREADS: yours, else 1 (README "Threads"); no ccache warning
 
 import numpy as np  # noqa: E402
 

@@ -330,3 +330,21 @@ def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_chec
     assert seen[0]["start_epoch"] == 1
     assert code == 0, logs[-3000:]
     assert read_log(tmp_path / "rank0")[-1]["ranks_in_sync"] is True
+
+
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_infer.py"])
+def test_entrypoints_default_to_one_thread_respect_the_users_setting_and_start_quietly(script):
+    probe = ("import os, runpy; runpy.run_path(%r, run_name='imported'); "
+             "import paddle; print('threads', os.environ['OMP_NUM_THREADS'])" % str(ROOT / script))
+    env = env_for_subprocess()
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 1" in proc.stdout
+    assert "ccache" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    env["OMP_NUM_THREADS"] = "3"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 3" in proc.stdout and "ccache" not in proc.stderr
