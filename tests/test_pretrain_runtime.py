@@ -348,3 +348,22 @@ def test_entrypoints_default_to_one_thread_respect_the_users_setting_and_start_q
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "threads 3" in proc.stdout and "ccache" not in proc.stderr
+
+
+def test_cae_takes_its_vocabulary_from_the_tokenizer_unless_the_user_sets_it(tmp_path, capsys):
+    from paddle_cae.engine.pretrain_main import main
+
+    text = (ROOT / "configs" / "demo" / "cae.yaml").read_text()
+    assert "decoder_num_classes: 512" in text
+    config = tmp_path / "cae_no_vocab.yaml"
+    config.write_text(text.replace("decoder_num_classes: 512\n", "").replace(
+        "demo/tokenizer/", str(ROOT / "demo" / "tokenizer") + "/"))
+    common = ["--config", str(config), "--epochs", "1", "--max_train_step", "1", "--batch_size", "4",
+              "--num_workers", "0", "--print_freq", "1"]
+    runner = run(common + ["--output_dir", str(tmp_path / "a")])  # default 8192, tokenizer 512
+    assert runner.args.decoder_num_classes == 512
+    assert runner.model_core.decoder.head.weight.shape[-1] == 512
+    # a vocabulary the user chose is kept, and a mismatch is still a one-line error
+    assert main(common + ["--output_dir", str(tmp_path / "b"), "--decoder_num_classes", "8192"]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary of 512" in err and "--decoder_num_classes" in err

@@ -77,9 +77,10 @@ def find_tokenizer_file(path):
     raise FileNotFoundError(f"--discrete_vae_weight_path {path} does not exist")
 
 
-def attach_tokenizer(model, args):
-    if not hasattr(model, "set_tokenizer"):
-        return None
+def load_tokenizer(args):
+    """The DALL-E tokenizer of a CAE run (None for other methods): (tokenizer, path)."""
+    if getattr(args, "method", None) != "cae":
+        return None, None
     from ..models.dalle import infer_dalle_arch, load_dalle_encoder, _read_state
 
     if not args.discrete_vae_weight_path:
@@ -89,7 +90,40 @@ def attach_tokenizer(model, args):
     arch = dict(getattr(args, "tokenizer_args", None) or {})
     if not arch and not path.endswith(".pkl"):
         arch = infer_dalle_arch(_read_state(Path(path))) or {}
-    tokenizer = load_dalle_encoder(path, **arch)
+    return load_dalle_encoder(path, **arch), path
+
+
+def decoder_classes_given(argv, args):
+    """Whether the user chose --decoder_num_classes (flag, config file, or model_args)."""
+    flags = {a.split("=")[0] for a in (argv or []) if a.startswith("--")}
+    if "--decoder_num_classes" in flags or "vocab_size" in (getattr(args, "model_args", None) or {}):
+        return True
+    if getattr(args, "config", None):
+        from ..runtime.config import load_config
+        from ..runtime.pretrain_args import PRETRAIN_TABLE
+
+        try:
+            return "decoder_num_classes" in load_config(args.config, PRETRAIN_TABLE)
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def vocabulary_from_tokenizer(args, tokenizer, path, given):
+    """Unless the user set it, --decoder_num_classes becomes the tokenizer's vocabulary."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if tokenizer is None or vocab is None or given or args.decoder_num_classes == vocab:
+        return args.decoder_num_classes
+    logger.info("--decoder_num_classes %d: the vocabulary of the tokenizer %s (default %d)", vocab,
+                path, args.decoder_num_classes)
+    args.decoder_num_classes = int(vocab)
+    return args.decoder_num_classes
+
+
+def attach_tokenizer(model, args, loaded=None):
+    if not hasattr(model, "set_tokenizer"):
+        return None
+    tokenizer, path = loaded if loaded is not None else load_tokenizer(args)
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
     head = getattr(getattr(model, "decoder", None), "head", None)
     if vocab is not None and head is not None and head.weight.shape[-1] != vocab:
@@ -145,8 +179,12 @@ def run(argv=None):
     if getattr(args, "device", None):
         paddle.set_device(args.device)
     paddle.seed(args.seed)
+    loaded = load_tokenizer(args)
+    if loaded[0] is not None:
+        vocabulary_from_tokenizer(args, *loaded, given=decoder_classes_given(argv, args))
+        paddle.seed(args.seed)  # the model starts from the same draws as without a tokenizer
     model = build_model(args)
-    attach_tokenizer(model, args)
+    attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
     transform = build_pretrain_transform(args.method, args)
     if hasattr(model, "data_transform"):
         transform = model.data_transform(transform)
