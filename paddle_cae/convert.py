@@ -674,6 +674,9 @@ def _build_parser():
     parser.add_argument("dst", help="output .pd file (written atomically; not created on error)")
     parser.add_argument("--model", required=True,
                         help="registered paddle-cae model name the weights are for (e.g. vit_base_patch16)")
+    parser.add_argument("--model_args", default=None, metavar="JSON",
+                        help="constructor arguments of --model as JSON, for small variants and the "
+                             "test fixtures, e.g. '{\"embed_dim\": 64, \"depth\": 2, \"num_heads\": 4}'")
     parser.add_argument("--key", default=None,
                         help="entry of the checkpoint holding the weights: model, model_ema, module, "
                              "state_dict, teacher ... (default: the first of model/module/state_dict/model_ema)")
@@ -729,10 +732,22 @@ def run(args, out=None):
     src = os.fspath(args.src)
     obj = read_torch_checkpoint(src, allow_modules=True)
     state = select_state_dict(obj, args.key, source=src)
+    model_args = getattr(args, "model_args", None) or {}
+    if isinstance(model_args, str):
+        import json
+
+        try:
+            model_args = json.loads(model_args)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model_args is not valid JSON ({err.msg}): {model_args}") from None
+        if not isinstance(model_args, dict):
+            raise ValueError(f"--model_args must be a JSON object of constructor arguments, got {args.model_args}")
     try:
-        model = create_model(args.model)
+        model = create_model(args.model, **model_args)
     except KeyError as err:
         raise CheckpointError(f"--model {args.model}: {err.args[0]}") from None
+    except TypeError as err:
+        raise ValueError(f"--model_args for {args.model}: {str(err).splitlines()[0]}") from None
     base_rename = getattr(model, "official_key_map", None)
     rename = _encoder_only_rename(state, base_rename) if args.encoder_only else base_rename
     paddle_state, report = convert_state_dict(state, model, rename=rename)
@@ -754,6 +769,7 @@ def run(args, out=None):
         "source": os.path.basename(src),
         "sha256": _sha256(src),
         "model": args.model,
+        "model_args": dict(model_args),
         "key": args.key,
         "encoder_only": bool(args.encoder_only),
         "unused": list(report["unused"]),
