@@ -367,3 +367,29 @@ def test_cae_takes_its_vocabulary_from_the_tokenizer_unless_the_user_sets_it(tmp
     assert main(common + ["--output_dir", str(tmp_path / "b"), "--decoder_num_classes", "8192"]) == 2
     err = capsys.readouterr().err
     assert "vocabulary of 512" in err and "--decoder_num_classes" in err
+
+
+def test_bootmae_peak_lr_below_min_lr_warns(caplog):
+    from paddle_cae.engine.pretrain_main import prepare_args
+    from paddle_cae.runtime.distributed import DistEnv
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    base = ["--model", "bootmae_base", "--data_path", DEMO, "--lr", "1.5e-4", "--min_lr", "1e-4"]
+    with caplog.at_level("WARNING", logger="paddle_cae"):
+        args = prepare_args(parse_pretrain_args(base + ["--batch_size", "8"]), DistEnv())
+    assert args.abs_lr == pytest.approx(1.5e-4 * 8 / 256)
+    assert any("below --min_lr" in r.getMessage() and "BootMAE scaling" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="paddle_cae"):
+        prepare_args(parse_pretrain_args(base + ["--batch_size", "256"]), DistEnv())
+    assert not any("below --min_lr" in r.getMessage() for r in caplog.records)
+
+
+def test_demo_start_up_names_the_small_variant(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="paddle_cae"):
+        run(["--epochs", "1", "--max_train_step", "1", "--batch_size", "8", "--num_workers", "0",
+             "--output_dir", str(tmp_path)])
+    line = next(r.getMessage() for r in caplog.records if "trainable parameters" in r.getMessage())
+    assert line.startswith("model mae_vit_base_patch16, the demo's small variant (")
+    assert "embed_dim=64" in line and "depth=2" in line

@@ -27,6 +27,7 @@ from .evaluate import build_eval_loader, evaluate
 from .finetune import ClassificationLoss, ClassifierRun
 from .run import strict_load
 from .pretrain import write_config_snapshot
+from .pretrain_main import model_label
 from .pretrained import PretrainedLoadError, load_pretrained
 from .stepper import NonFiniteLossError
 
@@ -252,7 +253,8 @@ def run(argv=None, phase="finetune"):
 def describe(args, env, model, train_set, val_set, runner):
     n_train = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
     lines = [
-        f"{args.phase} {args.model} ({args.family}): {n_train / 1e6:.3f}M trainable parameters, "
+        f"{args.phase} {model_label(args.model, args.model_args)} ({args.family}): "
+        f"{n_train / 1e6:.3f}M trainable parameters, "
         f"{runner.config['num_classes']} classes",
         f"data: {len(train_set)} training / {len(val_set)} validation images from {args.data_path}",
         f"effective batch size {args.eff_batch_size} = {args.batch_size} per process x "

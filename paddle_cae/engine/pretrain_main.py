@@ -1,4 +1,5 @@
 """Everything ``main_pretrain.py`` does, importable (notebooks call :func:`main` too)."""
+import argparse
 import logging
 import os
 import sys
@@ -147,7 +148,19 @@ def prepare_args(args, env):
     else:
         args.lr_rule = "absolute --lr"
     args.log_dir = resolve_log_dir(args.output_dir, args.log_dir)
+    warn_peak_below_min_lr(args)
     return args
+
+
+def warn_peak_below_min_lr(args):
+    """BootMAE multiplies --lr by effective batch / 256: a small batch can put the peak below
+    --min_lr, and the cosine schedule then rises towards min_lr instead of decaying."""
+    if args.abs_lr < args.min_lr:
+        logger.warning("peak learning rate %.3e (%s) is below --min_lr %g: the schedule would rise "
+                       "from the peak to min_lr instead of decaying; lower --min_lr or raise --lr",
+                       args.abs_lr, args.lr_rule, args.min_lr)
+        return True
+    return False
 
 
 def demo_argv(argv):
@@ -165,6 +178,31 @@ def demo_argv(argv):
             method = method_of_model(argv[i + 1])
     config = os.path.join(default_config_dir(), "demo", f"{method}.yaml")
     return ["--config", config] + argv, config
+
+
+def model_label(name, model_args):
+    """``name``, or ``name`` marked as a variant when ``model_args`` change its constructor
+    (the demo's 2-block width-64 network is not the model the name describes)."""
+    if not model_args:
+        return name
+    shown = ", ".join(f"{k}={v}" for k, v in model_args.items())
+    return f"{name}, small variant ({shown})"
+
+
+def describe_run(args, env, model, dataset, runner):
+    """The start-up summary (:func:`describe_start`), the model named as the variant it is
+    when --model_args change it."""
+    label = model_label(args.model, args.model_args)
+    if args.model_args and demo_config_used(args):
+        label = label.replace("small variant", "the demo's small variant", 1)
+    shown = argparse.Namespace(**{**vars(args), "model": label})
+    describe_start(shown, env, model, dataset, runner)
+
+
+def demo_config_used(args):
+    config = getattr(args, "config", None)
+    return bool(config) and os.path.abspath(os.path.dirname(config)) == \
+        os.path.abspath(os.path.join(default_config_dir(), "demo"))
 
 
 def run(argv=None):
@@ -198,7 +236,7 @@ def run(argv=None):
     runner = PretrainRun(args, model, dataset, optimizer, precision, env)
     if env.is_main:
         write_config_snapshot(args, args.output_dir)
-    describe_start(args, env, model, dataset, runner)
+    describe_run(args, env, model, dataset, runner)
     runner.fit()
     return runner
 
