@@ -44,6 +44,7 @@ __all__ = [
     "read_torch_module_state",
     "module_state_dict",
     "select_state_dict",
+    "unwrap_paddle_tensors",
     "linear_weight_names",
     "convert_state_dict",
     "TorchModuleStub",
@@ -522,8 +523,29 @@ def read_torch_module_state(path):
 _STATE_KEYS = ("model", "module", "state_dict", "model_ema")
 
 
+_PADDLE_NAME_TABLE = "StructuredToParameterName@@"
+
+
+def _is_saved_tensor(value):
+    """``paddle.save`` stores a tensor inside a nested container as ``(name, ndarray)``."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+        and isinstance(value[1], np.ndarray)
+
+
+def unwrap_paddle_tensors(state):
+    """A state dict written by ``paddle.save`` inside another dict (``{"model": sd}``): every
+    ``(name, ndarray)`` entry becomes its array, Paddle's name table is dropped. Other dicts
+    are returned unchanged."""
+    if not isinstance(state, dict) or not any(_is_saved_tensor(v) for v in state.values()):
+        return state
+    return collections.OrderedDict((k, v[1] if _is_saved_tensor(v) else v) for k, v in state.items()
+                                   if k != _PADDLE_NAME_TABLE)
+
+
 def _is_array_dict(obj):
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+    obj = unwrap_paddle_tensors(obj)
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(v, np.ndarray) for k, v in obj.items() if k != _PADDLE_NAME_TABLE)
 
 
 def select_state_dict(obj, key=None, source="checkpoint"):
@@ -551,6 +573,9 @@ def select_state_dict(obj, key=None, source="checkpoint"):
             )
     if isinstance(state, TorchModuleStub):
         state = module_state_dict(state)
+    state = unwrap_paddle_tensors(state)
+    if isinstance(state, dict) and _PADDLE_NAME_TABLE in state:
+        state = collections.OrderedDict((k, v) for k, v in state.items() if k != _PADDLE_NAME_TABLE)
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: entry {key!r} is a {type(state).__name__}, not a state_dict")
     if state and all(str(k).startswith("module.") for k in state):

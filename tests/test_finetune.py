@@ -318,6 +318,71 @@ def test_relative_position_table_resampling_keeps_a_smooth_table_and_the_cls_row
     np.testing.assert_array_equal(resample_rel_pos_table(table, (src_grid, src_grid)), table)
 
 
+# ------------------------------------------------------- Paddle-native files (PASSL / PLSC)
+SMALL_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def paddle_saved(obj, path):
+    """Write ``obj`` the way Paddle trainers do (paddle.save of parameters, not numpy)."""
+    paddle.save(obj, str(path))
+    return path
+
+
+def test_paddle_save_of_a_nested_model_dict_loads_through_the_safe_reader(tmp_path):
+    """PASSL/PLSC-style CAE pretraining checkpoint: {"model": state_dict} written by paddle.save
+    (tensors stored as (name, array) inside the nested dict), with PASSL's key names."""
+    paddle.seed(1)
+    source = create_model("cae_base_patch16_224", num_classes=5, init_values=0.1, **SMALL_VIT)
+    encoder = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    state = {"encoder." + k: v for k, v in encoder.items()}
+    state.update({"teacher_network." + k: v for k, v in encoder.items()})
+    state["regressor_and_decoder.regressor_blocks.0.norm1_q_cross.weight"] = paddle.ones([32])
+    state["encoder_to_decoder.weight"] = paddle.ones([32, 32])
+    state["mask_token"] = paddle.zeros([1, 1, 32])
+    path = paddle_saved({"model": state, "epoch": 799}, tmp_path / "passl_cae_pretrain.pd")
+    model = create_model("cae_base_patch16_224", num_classes=5, init_values=0.1, **SMALL_VIT)
+    report = load_pretrained(model, path)
+    np.testing.assert_array_equal(model.blocks[1].attn.qkv.weight.numpy(),
+                                  source.blocks[1].attn.qkv.weight.numpy())
+    np.testing.assert_array_equal(model.blocks[0].attn.q_bias.numpy(), source.blocks[0].attn.q_bias.numpy())
+    ignored = {k for k, _ in report.ignored}
+    assert "teacher_network.blocks.0.attn.qkv.weight" in ignored and "mask_token" in ignored
+    assert "regressor_and_decoder.regressor_blocks.0.norm1_q_cross.weight" in ignored
+    assert set(report.initialised) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert any(line.startswith("  loaded") for line in report.lines())
+
+
+def test_passl_mae_pdparams_layouts_load_with_the_usual_report(tmp_path):
+    """A flat .pdparams of PASSL's MAE pretraining model (official key names, Paddle layout)
+    and the same weights nested under "model"."""
+    paddle.seed(2)
+    pre = create_model("mae_vit_base_patch16", decoder_embed_dim=16, decoder_depth=1,
+                       decoder_num_heads=2, **SMALL_VIT)
+    flat = paddle_saved(pre.state_dict(), tmp_path / "mae_pretrain.pdparams")
+    nested = paddle_saved({"model": pre.state_dict(), "optimizer": {}}, tmp_path / "mae_nested.pd")
+    for path in (flat, nested):
+        model = create_model("vit_base_patch16", num_classes=5, global_pool=True, **SMALL_VIT)
+        report = load_pretrained(model, path)
+        np.testing.assert_array_equal(model.blocks[0].mlp.fc1.weight.numpy(),
+                                      pre.blocks[0].mlp.fc1.weight.numpy())
+        ignored = {k for k, _ in report.ignored}
+        assert {"decoder_embed.weight", "mask_token", "decoder_pred.weight"} <= ignored
+        assert "StructuredToParameterName@@" not in ignored
+        assert set(report.initialised) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+def test_passl_style_finetuned_classifier_predicts_through_the_api(tmp_path):
+    from paddle_cae.api import load_checkpoint as load_for_inference
+
+    paddle.seed(3)
+    trained = create_model("vit_base_patch16", num_classes=40, **SMALL_VIT)  # 40 classes > width 32
+    path = paddle_saved({"model": trained.state_dict()}, tmp_path / "finetuned.pd")
+    model = load_for_inference(str(path), model_name="vit_base_patch16", model_args=SMALL_VIT)
+    x = paddle.to_tensor(np.random.RandomState(0).standard_normal((2, 3, 32, 32)).astype("float32"))
+    trained.eval()
+    np.testing.assert_allclose(model(x).numpy(), trained(x).numpy(), atol=1e-5)
+
+
 RELPOS_FIXTURE = ROOT / "tests" / "data" / "relpos_resample.npz"  # tools/make_relpos_fixture.py
 
 
