@@ -294,22 +294,30 @@ def recording(self):
 
 
 run_mod.TrainingRun.maybe_resume = recording
-run(sys.argv[2:] + ["--output_dir", os.path.join(base, "rank%d" % rank)])
+# node-local folders: every rank runs in its own working directory with --output_dir out
+os.chdir(os.path.join(base, "node%d" % rank))
+run(sys.argv[2:] + ["--output_dir", "out"])
 '''
 
 
 @pytest.mark.slow
-def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_checkpoint(tmp_path):
-    """Node-local output folders: only rank 0's folder holds the checkpoint. Both ranks must
-    continue from it (same weights, same epoch), not rank 1 from scratch."""
+@pytest.mark.parametrize("rank1_folder", ["empty", "other_run"])
+def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_checkpoint(tmp_path, rank1_folder):
+    """Node-local output folders (each rank in its own working directory, --output_dir out):
+    rank 0's folder holds the checkpoint; rank 1's is empty, or holds a checkpoint of the same
+    name from another run (other weights). Both ranks must continue from rank 0's (same
+    weights, same epoch), not rank 1 from its own view."""
     args = SMALL + ["--max_train_step", "2", "--batch_size", "8", "--warmup_epochs", "0"]
     env = env_for_subprocess()
-    proc = subprocess.run([sys.executable, MAIN] + args + [
-        "--epochs", "1", "--auto_resume", "false", "--batch_size", "16",
-        "--output_dir", str(tmp_path / "rank0")], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    (tmp_path / "rank1").mkdir()
+    for rank, seed in ((0, "0"), (1, "1")):
+        (tmp_path / f"node{rank}").mkdir()
+        if rank == 1 and rank1_folder == "empty":
+            continue
+        proc = subprocess.run([sys.executable, MAIN] + args + [
+            "--epochs", "1", "--auto_resume", "false", "--batch_size", "16", "--seed", seed,
+            "--output_dir", "out"], cwd=tmp_path / f"node{rank}", env=env,
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
     script = tmp_path / "probe.py"
     script.write_text(RESUME_PROBE.format(root=str(ROOT)))
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
@@ -324,12 +332,13 @@ def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_chec
         code = None
     logs = "".join(p.read_text() for p in (tmp_path / "launch_logs").glob("workerlog.*"))
     seen = [json.loads((tmp_path / f"resume_rank{r}.json").read_text()) for r in (0, 1)]
-    assert Path(seen[0]["path"]).parent == tmp_path / "rank0"
+    assert Path(seen[0]["path"]).parent == Path("out")
     for key in ("path", "start_epoch", "start_batch", "global_step", "digest"):
         assert seen[1][key] == seen[0][key], (key, seen)
     assert seen[0]["start_epoch"] == 1
     assert code == 0, logs[-3000:]
-    assert read_log(tmp_path / "rank0")[-1]["ranks_in_sync"] is True
+    assert "sent to every rank" in logs  # rank 0's state reached rank 1
+    assert read_log(tmp_path / "node0" / "out")[-1]["ranks_in_sync"] is True
 
 
 @pytest.mark.parametrize("script", ["main_pretrain.py", "main_infer.py"])
