@@ -9,10 +9,11 @@ LARS on the cls token or the mean of the patch tokens of block --depth; or CAE's
 
 Run with --help for every flag.
 """
-import os
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", str(max(os.cpu_count() or 1, 1)))
+from paddle_cae.startup import prepare_process  # noqa: E402  (before paddle is imported)
+
+prepare_process()  # OMP_NUM_THREADS: yours, else 1 (README "Threads"); no ccache warning
 
 from paddle_cae.engine.classify_main import main  # noqa: E402
 

@@ -52,14 +52,20 @@ def _pretraining_model(weights, model_name):
     return model
 
 
-def _head_classes(state):
-    for key in ("head.weight", "head.1.weight"):
-        if key in state:
-            return int(min(np.shape(state[key])))
+def _head_classes(state, layout="paddle"):
+    """Number of classes of a classifier head: the length of its bias, else the output side of
+    its weight (Paddle Linear weights are [in, out], PyTorch ones [out, in])."""
+    for prefix in ("head.", "head.1.", "head.linear.", "module.head.", "module.head.1."):
+        bias, weight = state.get(prefix + "bias"), state.get(prefix + "weight")
+        if bias is not None and len(np.shape(bias)) == 1:
+            return int(np.shape(bias)[0])
+        if weight is not None and len(np.shape(weight)) == 2:
+            shape = np.shape(weight)
+            return int(shape[0] if layout == "torch" else shape[1])
     return None
 
 
-def load_checkpoint(path, model_name=None, model=None):
+def load_checkpoint(path, model_name=None, model=None, model_args=None):
     """A ready-to-use model (eval mode) from a checkpoint file.
 
     * this package's fine-tune / probe checkpoints: the stored network, weights loaded strictly,
@@ -69,7 +75,8 @@ def load_checkpoint(path, model_name=None, model=None):
     * any other file (official ``.pth``, converted ``.pd``): ``model_name`` (a classifier) is
       required; the number of classes comes from the head; ImageNet names for 1000 classes.
 
-    ``model`` (optional) is a network to load into instead of building one.
+    ``model`` (optional) is a network to load into instead of building one; ``model_args``
+    (optional dict) are constructor arguments for ``model_name`` (e.g. a small variant).
     ``model_name`` given for one of our checkpoints must match the one it was trained as.
     Raises ``CheckpointError`` / ``ValueError`` with one line naming the file."""
     weights = read_weights_file(path)
@@ -97,15 +104,17 @@ def load_checkpoint(path, model_name=None, model=None):
             if model_task(model_name) != "classify":
                 raise ValueError(f"--model {model_name} is not a classifier; name one of the "
                                  "fine-tuning models (e.g. vit_base_patch16)")
-            classes = _head_classes(weights.state)
+            classes = _head_classes(weights.state, weights.layout)
             if classes is None:
                 raise ValueError(f"{weights.path} has no classifier head (head.weight): it holds "
                                  "pretrained weights; fine-tune them first")
             with paddle.utils.unique_name.guard():
-                model = create_model(model_name, num_classes=classes)
+                model = create_model(model_name, num_classes=classes, **dict(model_args or {}))
         report = load_pretrained(getattr(model, "backbone", model), weights.path)
         if "head.weight" in report.initialised:
-            raise ValueError(f"{weights.path}: its classifier head does not fit {model_name}")
+            found = _head_classes(weights.state, weights.layout)
+            raise ValueError(f"{weights.path}: its classifier head ({found} classes) does not fit "
+                             f"{model_name or type(model).__name__}")
         classes = _head_classes({k: v for k, v in model.state_dict().items()})
         model.class_names = imagenet_class_names() if classes == IMAGENET_CLASSES else []
         size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 224

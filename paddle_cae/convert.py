@@ -44,6 +44,7 @@ __all__ = [
     "read_torch_module_state",
     "module_state_dict",
     "select_state_dict",
+    "unwrap_paddle_tensors",
     "linear_weight_names",
     "convert_state_dict",
     "TorchModuleStub",
@@ -522,8 +523,29 @@ def read_torch_module_state(path):
 _STATE_KEYS = ("model", "module", "state_dict", "model_ema")
 
 
+_PADDLE_NAME_TABLE = "StructuredToParameterName@@"
+
+
+def _is_saved_tensor(value):
+    """``paddle.save`` stores a tensor inside a nested container as ``(name, ndarray)``."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) \
+        and isinstance(value[1], np.ndarray)
+
+
+def unwrap_paddle_tensors(state):
+    """A state dict written by ``paddle.save`` inside another dict (``{"model": sd}``): every
+    ``(name, ndarray)`` entry becomes its array, Paddle's name table is dropped. Other dicts
+    are returned unchanged."""
+    if not isinstance(state, dict) or not any(_is_saved_tensor(v) for v in state.values()):
+        return state
+    return collections.OrderedDict((k, v[1] if _is_saved_tensor(v) else v) for k, v in state.items()
+                                   if k != _PADDLE_NAME_TABLE)
+
+
 def _is_array_dict(obj):
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
+    obj = unwrap_paddle_tensors(obj)
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(v, np.ndarray) for k, v in obj.items() if k != _PADDLE_NAME_TABLE)
 
 
 def select_state_dict(obj, key=None, source="checkpoint"):
@@ -551,6 +573,9 @@ def select_state_dict(obj, key=None, source="checkpoint"):
             )
     if isinstance(state, TorchModuleStub):
         state = module_state_dict(state)
+    state = unwrap_paddle_tensors(state)
+    if isinstance(state, dict) and _PADDLE_NAME_TABLE in state:
+        state = collections.OrderedDict((k, v) for k, v in state.items() if k != _PADDLE_NAME_TABLE)
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: entry {key!r} is a {type(state).__name__}, not a state_dict")
     if state and all(str(k).startswith("module.") for k in state):
@@ -674,6 +699,9 @@ def _build_parser():
     parser.add_argument("dst", help="output .pd file (written atomically; not created on error)")
     parser.add_argument("--model", required=True,
                         help="registered paddle-cae model name the weights are for (e.g. vit_base_patch16)")
+    parser.add_argument("--model_args", default=None, metavar="JSON",
+                        help="constructor arguments of --model as JSON, for small variants and the "
+                             "test fixtures, e.g. '{\"embed_dim\": 64, \"depth\": 2, \"num_heads\": 4}'")
     parser.add_argument("--key", default=None,
                         help="entry of the checkpoint holding the weights: model, model_ema, module, "
                              "state_dict, teacher ... (default: the first of model/module/state_dict/model_ema)")
@@ -729,10 +757,22 @@ def run(args, out=None):
     src = os.fspath(args.src)
     obj = read_torch_checkpoint(src, allow_modules=True)
     state = select_state_dict(obj, args.key, source=src)
+    model_args = getattr(args, "model_args", None) or {}
+    if isinstance(model_args, str):
+        import json
+
+        try:
+            model_args = json.loads(model_args)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--model_args is not valid JSON ({err.msg}): {model_args}") from None
+        if not isinstance(model_args, dict):
+            raise ValueError(f"--model_args must be a JSON object of constructor arguments, got {args.model_args}")
     try:
-        model = create_model(args.model)
+        model = create_model(args.model, **model_args)
     except KeyError as err:
         raise CheckpointError(f"--model {args.model}: {err.args[0]}") from None
+    except TypeError as err:
+        raise ValueError(f"--model_args for {args.model}: {str(err).splitlines()[0]}") from None
     base_rename = getattr(model, "official_key_map", None)
     rename = _encoder_only_rename(state, base_rename) if args.encoder_only else base_rename
     paddle_state, report = convert_state_dict(state, model, rename=rename)
@@ -754,6 +794,7 @@ def run(args, out=None):
         "source": os.path.basename(src),
         "sha256": _sha256(src),
         "model": args.model,
+        "model_args": dict(model_args),
         "key": args.key,
         "encoder_only": bool(args.encoder_only),
         "unused": list(report["unused"]),

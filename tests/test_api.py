@@ -3,7 +3,11 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import paddle
+
 import paddle_cae
+from paddle_cae.runtime.checkpoint import save_checkpoint
 from paddle_cae import create_model, load_checkpoint, predict
 from tests.test_finetune import demo_runs
 
@@ -39,3 +43,30 @@ def test_quickstart_notebook_code_runs_top_to_bottom(tmp_path, monkeypatch):
     assert (tmp_path / "finetune" / "checkpoint-best.pd").is_file()
     assert len(namespace["top5"]) == 5
     assert namespace["figure"].width > 0
+
+
+def test_head_class_count_follows_the_weight_layout_not_the_smaller_side():
+    from paddle_cae.api import _head_classes
+
+    # a ViT-B ImageNet head: 768 features -> 1000 classes
+    assert _head_classes({"head.weight": np.zeros((768, 1000))}, "paddle") == 1000
+    assert _head_classes({"head.weight": np.zeros((1000, 768))}, "torch") == 1000
+    assert _head_classes({"head.weight": np.zeros((1000, 768)), "head.bias": np.zeros(1000)},
+                         "paddle") == 1000
+    assert _head_classes({"head.1.weight": np.zeros((10, 64))}, "torch") == 10
+
+
+def test_plain_state_dict_with_more_classes_than_features_loads_for_inference(tmp_path):
+    """A converted fine-tuned checkpoint whose head has more outputs than the embedding width
+    (as ViT-B: 768 -> 1000) rebuilds with the right class count and its own head."""
+    small = {"patch_size": 8, "embed_dim": 16, "depth": 1, "num_heads": 2, "img_size": 32}
+    source = create_model("vit_base_patch16", num_classes=40, **small)
+    state = {k: v.numpy() for k, v in source.state_dict().items()}
+    path = tmp_path / "converted.pd"
+    save_checkpoint(state, path)
+    model = load_checkpoint(str(path), model_name="vit_base_patch16", model_args=small)
+    assert tuple(model.head.weight.shape) == (16, 40)
+    np.testing.assert_array_equal(model.head.weight.numpy(), state["head.weight"])
+    x = paddle.to_tensor(np.random.RandomState(0).standard_normal((2, 3, 32, 32)).astype("float32"))
+    source.eval()
+    np.testing.assert_allclose(model(x).numpy(), source(x).numpy(), atol=1e-5)

@@ -152,3 +152,80 @@ def test_files_that_are_not_checkpoints_raise_checkpoint_error(tmp_path, content
 def test_missing_file_raises_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="nope.pd"):
         load_checkpoint(tmp_path / "nope.pd")
+
+
+# ------------------------------------------------------------- disk use and run identity
+def training_state(epoch, value, kind="pretrain", model="mae_vit_base_patch16", keep_last=None):
+    return {"kind": kind, "model_name": model, "model": {"w": np.full((64, 64), value, np.float32)},
+            "optimizer": {}, "epoch": epoch, "batches_done": None, "global_step": epoch,
+            "args": {"keep_last": keep_last}}
+
+
+def test_one_save_writes_the_state_once_and_later_saves_keep_older_files_intact(tmp_path):
+    from paddle_cae.runtime.resume import save_training_checkpoint
+
+    first = training_state(0, 1.0)
+    latest = save_training_checkpoint(first, tmp_path, "latest")
+    numbered = save_training_checkpoint(first, tmp_path, 0)
+    best = save_checkpoint(first, tmp_path / "checkpoint-best.pd")  # as a fine-tune epoch does
+    assert os.stat(latest).st_ino == os.stat(numbered).st_ino == os.stat(best).st_ino  # one copy
+    second = training_state(1, 2.0)
+    save_training_checkpoint(second, tmp_path, "latest")
+    assert os.stat(latest).st_ino != os.stat(numbered).st_ino
+    assert load_checkpoint(numbered)["model"]["w"][0, 0] == 1.0
+    assert load_checkpoint(latest)["model"]["w"][0, 0] == 2.0
+    # a plain dict (not a training state) is always written in full
+    plain = {"w": np.ones(3, np.float32)}
+    save_checkpoint(plain, tmp_path / "a.pd")
+    save_checkpoint(plain, tmp_path / "b.pd")
+    assert os.stat(tmp_path / "a.pd").st_ino != os.stat(tmp_path / "b.pd").st_ino
+
+
+def test_keep_last_removes_older_numbered_checkpoints_only(tmp_path):
+    from paddle_cae.runtime.resume import save_training_checkpoint
+
+    for epoch in range(4):
+        state = training_state(epoch, float(epoch), keep_last=2)
+        save_training_checkpoint(state, tmp_path, "latest")
+        save_training_checkpoint(state, tmp_path, epoch)
+    save_checkpoint(training_state(1, 9.0), tmp_path / "checkpoint-best.pd")
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2.pd", "checkpoint-3.pd", "checkpoint-best.pd",
+                                            "checkpoint-latest.pd"]
+    assert load_checkpoint(tmp_path / "checkpoint-latest.pd")["epoch"] == 3
+
+
+def test_temporaries_of_a_killed_save_are_removed_at_start(tmp_path):
+    from paddle_cae.runtime.resume import remove_stale_temporaries
+
+    stale = tmp_path / ".checkpoint-latest.pd.abc123.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    other = tmp_path / ".notes.tmp"
+    other.write_text("x")
+    assert remove_stale_temporaries(tmp_path) == [str(stale)]
+    assert not stale.exists() and other.exists()
+
+
+def test_checkpoint_identity_is_read_from_the_first_bytes(tmp_path):
+    from paddle_cae.runtime.resume import peek_identity
+
+    path = save_checkpoint(training_state(0, 1.0, "finetune", "vit_base_patch16"), tmp_path / "c.pd")
+    assert peek_identity(path) == ("finetune", "vit_base_patch16")
+    save_checkpoint({"model": {"w": np.ones(2)}, "epoch": 0}, tmp_path / "old.pd")
+    assert peek_identity(tmp_path / "old.pd") is None
+
+
+def test_runs_resume_only_their_own_kind_and_refuse_to_overwrite_another(tmp_path):
+    from paddle_cae.runtime.resume import (ForeignCheckpointError, check_no_foreign_checkpoints,
+                                           find_resume_checkpoint, scan_output_dir)
+
+    save_checkpoint(training_state(3, 1.0), tmp_path / "checkpoint-3.pd")
+    path, state = find_resume_checkpoint(tmp_path, kind="pretrain", model_name="mae_vit_base_patch16")
+    assert path.endswith("checkpoint-3.pd") and state["epoch"] == 3
+    assert find_resume_checkpoint(tmp_path, kind="finetune", model_name="vit_base_patch16") == (None, None)
+    assert find_resume_checkpoint(tmp_path, kind="pretrain", model_name="cae_base_patch16_224") == (None, None)
+    _, _, foreign = scan_output_dir(tmp_path, None, "finetune", "vit_base_patch16", load=False)
+    with pytest.raises(ForeignCheckpointError) as err:
+        check_no_foreign_checkpoints(foreign, "finetune", "vit_base_patch16")
+    message = str(err.value)
+    assert "checkpoint-3.pd" in message and "pretrain checkpoint of mae_vit_base_patch16" in message
+    assert "--output_dir" in message and "\n" not in message

@@ -511,3 +511,27 @@ def test_cli_fails_with_one_line_and_writes_nothing(tmp_path, problem):
     assert "Traceback" not in result.stderr
     assert list(out_dir.iterdir()) == []
     assert not marker.exists()
+
+
+def test_command_line_converts_a_small_variant_given_by_model_args(tmp_path, capsys):
+    """The MAE fine-tune fixture is a 2-block width-64 ViT: --model_args builds that network."""
+    import json
+
+    src = FIXTURES / "mae_vit_finetune" / "checkpoint.pth"
+    cfg = json.loads((FIXTURES / "mae_vit_finetune" / "config.json").read_text())["model_args"]
+    small = {k: cfg[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                 "num_classes") if k in cfg}
+    dst = tmp_path / "small.pd"
+    rc = main([str(src), str(dst), "--model", "vit_base_patch16", "--model_args", json.dumps(small),
+               "--strict"])
+    assert rc == 0, capsys.readouterr().err
+    out = load_checkpoint(dst)
+    assert out["converted_from"]["model_args"] == small
+    reference = np.load(FIXTURES / "mae_vit_finetune" / "weights.npz")
+    np.testing.assert_array_equal(out["model"]["blocks.1.attn.qkv.weight"],
+                                  reference["blocks.1.attn.qkv.weight"].T)
+    rc = main([str(src), str(tmp_path / "x.pd"), "--model", "vit_base_patch16", "--model_args", "{oops"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "--model_args" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pd").exists()

@@ -116,6 +116,119 @@ def test_auto_resume_continues_after_the_last_completed_epoch(tmp_path):
     assert [r["epoch"] for r in log] == list(range(FINETUNE_EPOCHS + 1))
 
 
+@pytest.mark.parametrize("auto_resume", ["true", "false"])
+def test_finetune_into_a_pretraining_folder_stops_before_overwriting_it(tmp_path, capsys, auto_resume):
+    runs = demo_runs()
+    shared = tmp_path / "output_dir"
+    shared.mkdir()
+    shutil.copy(runs["pretrain"], shared / "checkpoint-0.pd")
+    before = (shared / "checkpoint-0.pd").read_bytes()
+    rc = classify_main.main(["--finetune", str(shared / "checkpoint-0.pd"), "--output_dir", str(shared),
+                             "--epochs", "1", "--max_train_step", "2", "--num_workers", "0",
+                             "--auto_resume", auto_resume])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(shared / "checkpoint-0.pd") in line
+    assert "pretrain checkpoint of mae_vit_base_patch16" in line and "--output_dir" in line
+    assert (shared / "checkpoint-0.pd").read_bytes() == before
+    assert sorted(os.listdir(shared)) == ["checkpoint-0.pd"]
+
+
+def test_resume_of_another_kind_of_checkpoint_names_both_kinds(tmp_path, capsys):
+    runs = demo_runs()
+    rc = classify_main.main(["--finetune", runs["pretrain"], "--resume", runs["pretrain"],
+                             "--output_dir", str(tmp_path), "--epochs", "1", "--num_workers", "0"])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert runs["pretrain"] in line and "pretrain checkpoint of mae_vit_base_patch16" in line
+    assert "finetune run of vit_base_patch16" in line
+
+
+def test_eval_with_a_checkpoint_whose_head_does_not_fit_fails_in_one_line(tmp_path, capsys):
+    runs = demo_runs()
+    rc = classify_main.main(["--eval", "--resume", runs["pretrain"], "--num_workers", "0",
+                             "--output_dir", str(tmp_path)])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert runs["pretrain"] in line and "no classifier head" in line and "10 classes" in line
+    # a plain state dict of the fine-tuned weights (10 classes) against a 12-class model
+    plain = tmp_path / "plain.pd"
+    from paddle_cae.runtime.checkpoint import save_checkpoint
+
+    save_checkpoint(load_checkpoint(runs["best"])["model"], plain)
+    rc = classify_main.main(["--eval", "--resume", str(plain), "--nb_classes", "12",
+                             "--num_workers", "0", "--output_dir", str(tmp_path)])
+    assert rc == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert str(plain) in line and "[64, 10]" in line and "12 classes" in line
+    # the same file evaluates when the class count fits
+    stats = classify_main.run(["--eval", "--resume", str(plain), "--num_workers", "0",
+                               "--output_dir", str(tmp_path)])
+    assert stats["acc1"] == pytest.approx(load_checkpoint(runs["best"])["best_acc1"], abs=1e-6)
+
+
+DEMO_CONFIGS = ROOT / "configs" / "demo"
+
+
+def demo_header_commands(path):
+    import shlex
+
+    return [shlex.split(line[1:].strip()) for line in path.read_text().splitlines()
+            if line.startswith("# python main_")]
+
+
+def parse_demo_command(argv):
+    """(entrypoint, the config the command runs with, parsed args)."""
+    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    script, rest = argv[1], argv[2:]
+    if script == "main_pretrain.py":
+        rest, config = pretrain_main.demo_argv(rest)
+        args = parse_pretrain_args(rest)
+    else:
+        phase = "finetune" if script == "main_finetune.py" else "linprobe"
+        rest, config = classify_main.demo_argv(rest, phase)
+        args = (parse_finetune_args if phase == "finetune" else parse_linprobe_args)(rest)
+    if "--config" in rest:
+        config = rest[rest.index("--config") + 1]
+    return script, config, args
+
+
+def test_demo_configs_resume_by_default_write_their_own_folders_and_their_commands_chain():
+    """Each classifier demo config's header commands: the pretraining command writes the
+    checkpoint the next command reads, and the next command runs with this very config."""
+    import yaml
+
+    outputs = {}
+    for path in sorted(DEMO_CONFIGS.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        if not path.name.startswith("learning_"):
+            assert config["auto_resume"] is True, path.name
+        out = os.path.normpath(config["output_dir"])
+        assert out not in outputs, f"{path.name} and {outputs.get(out)} share {out}"
+        outputs[out] = path.name
+    checked = 0
+    for path in sorted(DEMO_CONFIGS.glob("*.yaml")):
+        if not path.name.startswith(("finetune_", "linprobe_")):
+            continue
+        commands = demo_header_commands(path)
+        assert [c[1] for c in commands] == ["main_pretrain.py", path.name.split("_")[0].replace(
+            "finetune", "main_finetune.py").replace("linprobe", "main_linprobe.py")], path.name
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            _, _, pre = parse_demo_command(commands[0])
+            _, config, args = parse_demo_command(commands[1])
+        finally:
+            os.chdir(cwd)
+        assert os.path.samefile(ROOT / config, path), (path.name, config)
+        expected = os.path.join(pre.output_dir, f"checkpoint-{pre.epochs - 1}.pd")
+        assert os.path.normpath(args.finetune) == os.path.normpath(expected), path.name
+        checked += 1
+    assert checked == 6
+
+
 # ----------------------------------------------------------------------- loading weights
 def fixture_classifier(folder, name):
     cfg = json.loads((FIXTURES / folder / "config.json").read_text())["model_args"]
@@ -203,6 +316,112 @@ def test_relative_position_table_resampling_keeps_a_smooth_table_and_the_cls_row
     assert grid[centre, centre] == pytest.approx(0.0, abs=1e-4)  # zero offset stays zero
     assert np.all(np.diff(grid[:, centre]) > 0)  # still increasing along the row offsets
     np.testing.assert_array_equal(resample_rel_pos_table(table, (src_grid, src_grid)), table)
+
+
+# ------------------------------------------------------- Paddle-native files (PASSL / PLSC)
+SMALL_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def paddle_saved(obj, path):
+    """Write ``obj`` the way Paddle trainers do (paddle.save of parameters, not numpy)."""
+    paddle.save(obj, str(path))
+    return path
+
+
+def test_paddle_save_of_a_nested_model_dict_loads_through_the_safe_reader(tmp_path):
+    """PASSL/PLSC-style CAE pretraining checkpoint: {"model": state_dict} written by paddle.save
+    (tensors stored as (name, array) inside the nested dict), with PASSL's key names."""
+    paddle.seed(1)
+    source = create_model("cae_base_patch16_224", num_classes=5, init_values=0.1, **SMALL_VIT)
+    encoder = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+    state = {"encoder." + k: v for k, v in encoder.items()}
+    state.update({"teacher_network." + k: v for k, v in encoder.items()})
+    state["regressor_and_decoder.regressor_blocks.0.norm1_q_cross.weight"] = paddle.ones([32])
+    state["encoder_to_decoder.weight"] = paddle.ones([32, 32])
+    state["mask_token"] = paddle.zeros([1, 1, 32])
+    path = paddle_saved({"model": state, "epoch": 799}, tmp_path / "passl_cae_pretrain.pd")
+    model = create_model("cae_base_patch16_224", num_classes=5, init_values=0.1, **SMALL_VIT)
+    report = load_pretrained(model, path)
+    np.testing.assert_array_equal(model.blocks[1].attn.qkv.weight.numpy(),
+                                  source.blocks[1].attn.qkv.weight.numpy())
+    np.testing.assert_array_equal(model.blocks[0].attn.q_bias.numpy(), source.blocks[0].attn.q_bias.numpy())
+    ignored = {k for k, _ in report.ignored}
+    assert "teacher_network.blocks.0.attn.qkv.weight" in ignored and "mask_token" in ignored
+    assert "regressor_and_decoder.regressor_blocks.0.norm1_q_cross.weight" in ignored
+    assert set(report.initialised) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert any(line.startswith("  loaded") for line in report.lines())
+
+
+def test_passl_mae_pdparams_layouts_load_with_the_usual_report(tmp_path):
+    """A flat .pdparams of PASSL's MAE pretraining model (official key names, Paddle layout)
+    and the same weights nested under "model"."""
+    paddle.seed(2)
+    pre = create_model("mae_vit_base_patch16", decoder_embed_dim=16, decoder_depth=1,
+                       decoder_num_heads=2, **SMALL_VIT)
+    flat = paddle_saved(pre.state_dict(), tmp_path / "mae_pretrain.pdparams")
+    nested = paddle_saved({"model": pre.state_dict(), "optimizer": {}}, tmp_path / "mae_nested.pd")
+    for path in (flat, nested):
+        model = create_model("vit_base_patch16", num_classes=5, global_pool=True, **SMALL_VIT)
+        report = load_pretrained(model, path)
+        np.testing.assert_array_equal(model.blocks[0].mlp.fc1.weight.numpy(),
+                                      pre.blocks[0].mlp.fc1.weight.numpy())
+        ignored = {k for k, _ in report.ignored}
+        assert {"decoder_embed.weight", "mask_token", "decoder_pred.weight"} <= ignored
+        assert "StructuredToParameterName@@" not in ignored
+        assert set(report.initialised) <= {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+
+
+def test_passl_style_finetuned_classifier_predicts_through_the_api(tmp_path):
+    from paddle_cae.api import load_checkpoint as load_for_inference
+
+    paddle.seed(3)
+    trained = create_model("vit_base_patch16", num_classes=40, **SMALL_VIT)  # 40 classes > width 32
+    path = paddle_saved({"model": trained.state_dict()}, tmp_path / "finetuned.pd")
+    model = load_for_inference(str(path), model_name="vit_base_patch16", model_args=SMALL_VIT)
+    x = paddle.to_tensor(np.random.RandomState(0).standard_normal((2, 3, 32, 32)).astype("float32"))
+    trained.eval()
+    np.testing.assert_allclose(model(x).numpy(), trained(x).numpy(), atol=1e-5)
+
+
+RELPOS_FIXTURE = ROOT / "tests" / "data" / "relpos_resample.npz"  # tools/make_relpos_fixture.py
+
+
+def test_relative_position_table_resampling_matches_scipy_bicubic_interpolation(monkeypatch):
+    """The official code's scipy interp2d(kind='cubic') results (computed once with SciPy into
+    the fixture); scipy must not be needed here."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.interpolate", None)
+    data = np.load(RELPOS_FIXTURE)
+    cases = sorted(int(k.split("_")[1]) for k in data.files if k.startswith("table_"))
+    assert len(cases) >= 4
+    for n in cases:
+        table, (src_grid, dst_grid) = data[f"table_{n}"], data[f"grids_{n}"]
+        out = resample_rel_pos_table(table, (int(dst_grid), int(dst_grid)))
+        expected = data[f"expected_{n}"]
+        assert out.shape == ((2 * dst_grid - 1) ** 2 + 3, table.shape[1])
+        np.testing.assert_allclose(out[:-3], expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        np.testing.assert_array_equal(out[-3:], table[-3:])
+
+
+def test_cae_finetuning_at_another_resolution_resamples_the_relative_position_tables(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.interpolate", None)
+    cfg = json.loads((FIXTURES / "cae_finetune" / "config.json").read_text())["model_args"]
+    model = create_model("cae_base_patch16_224", num_classes=7, img_size=48, patch_size=8,
+                         embed_dim=64, depth=2, num_heads=4, init_values=cfg["init_values"])
+    report = load_pretrained(model, FIXTURES / "cae_finetune" / "checkpoint.pth")
+    reference = np.load(FIXTURES / "cae_finetune" / "weights.npz")
+    key = "blocks.1.attn.relative_position_bias_table"
+    assert reference[key].shape == (7 * 7 + 3, 4)
+    got = model.state_dict()[key].numpy()
+    assert got.shape == (11 * 11 + 3, 4)
+    np.testing.assert_allclose(got, resample_rel_pos_table(reference[key], (6, 6)), atol=1e-7)
+    assert any(k == key and "resampled" in what for k, what in report.adapted)
+    assert key not in report.initialised
 
 
 def test_wrong_model_checkpoint_is_a_one_line_error(tmp_path, capsys):

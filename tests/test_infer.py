@@ -116,3 +116,57 @@ def test_imagenet_class_names_cover_the_1000_sorted_synsets():
     assert all(w.startswith("n") and len(w) == 9 for w in wnids)
     assert all(names for _, names in synsets)
     assert len(imagenet_class_names()) == 1000
+
+
+def printed_top5(text):
+    lines = text.splitlines()
+    start = lines.index("Inference results:")
+    pairs = [line.rsplit(": ", 1) for line in lines[start + 1:start + 6]]
+    return [name for name, _ in pairs], [float(p) for _, p in pairs]
+
+
+def test_export_stores_preprocessing_and_the_example_predictor_prints_main_infers_top5(tmp_path, capsys):
+    import importlib.util
+    import json
+
+    runs = demo_runs()
+    out = tmp_path / "exported"
+    image = first_image(6)
+    assert main_infer.main(["--resume", runs["best"], "--export", str(out), "--img_path", image]) == 0
+    expected_names, expected_probs = printed_top5(capsys.readouterr().out)
+    spec = json.loads((out / "preprocess.json").read_text())
+    model = load_checkpoint(runs["best"])
+    assert spec["class_names"] == model.class_names and spec["crop_size"] == 32
+    assert spec["mean"] == [0.485, 0.456, 0.406] and spec["resize_short"] == 36
+    # the stored preprocessing alone reproduces the training evaluation transform
+    spec_module = importlib.util.spec_from_file_location("predict_exported",
+                                                         ROOT / "examples" / "predict_exported.py")
+    example = importlib.util.module_from_spec(spec_module)
+    spec_module.loader.exec_module(example)
+    np.testing.assert_array_equal(example.preprocess(image, spec)[0],
+                                  preprocessing(model.preprocess_config)(Image.open(image).convert("RGB")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "predict_exported.py"), str(out), image],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    names, probs = printed_top5(result.stdout)
+    assert names == expected_names
+    np.testing.assert_allclose(probs, expected_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_folder_inference_skips_and_reports_unreadable_files(tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = [first_image(1), first_image(2)]
+    for i, path in enumerate(good):
+        (folder / f"{i}.png").write_bytes(Path(path).read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    assert main_infer.main(["--resume", demo_runs()["best"], "--img_path", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert sum(1 for line in captured.out.splitlines() if line.endswith(".png:")) == 2
+    assert "broken.png" in captured.err and "broken.png:" not in captured.out
+    assert "1 of 3 files skipped" in captured.err
+    # nothing readable at all stays an error
+    (folder / "0.png").write_bytes(b"x")
+    (folder / "1.png").write_bytes(b"y")
+    assert main_infer.main(["--resume", demo_runs()["best"], "--img_path", str(folder)]) != 0

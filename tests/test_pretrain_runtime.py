@@ -270,3 +270,135 @@ def test_two_node_launch_on_loopback_trains_in_sync(tmp_path):
     record = read_log(out)[-1]
     assert record["ranks_in_sync"] is True
     assert "2 process(es)" in logs
+
+
+RESUME_PROBE = '''
+import json, os, sys
+sys.path.insert(0, {root!r})
+from paddle_cae.engine import run as run_mod
+from paddle_cae.engine.pretrain_main import run
+from paddle_cae.runtime import distributed as dist_rt
+
+rank = int(os.environ.get("PADDLE_TRAINER_ID", 0))
+base = sys.argv[1]
+original = run_mod.TrainingRun.maybe_resume
+
+
+def recording(self):
+    path = original(self)
+    seen = dict(rank=rank, path=path, start_epoch=self.start_epoch, start_batch=self.start_batch,
+                global_step=self.global_step, digest=dist_rt.state_digest(self.model_core))
+    with open(os.path.join(base, "resume_rank%d.json" % rank), "w") as f:
+        json.dump(seen, f)
+    return path
+
+
+run_mod.TrainingRun.maybe_resume = recording
+# node-local folders: every rank runs in its own working directory with --output_dir out
+os.chdir(os.path.join(base, "node%d" % rank))
+run(sys.argv[2:] + ["--output_dir", "out"])
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank1_folder", ["empty", "other_run"])
+def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_checkpoint(tmp_path, rank1_folder):
+    """Node-local output folders (each rank in its own working directory, --output_dir out):
+    rank 0's folder holds the checkpoint; rank 1's is empty, or holds a checkpoint of the same
+    name from another run (other weights). Both ranks must continue from rank 0's (same
+    weights, same epoch), not rank 1 from its own view."""
+    args = SMALL + ["--max_train_step", "2", "--batch_size", "8", "--warmup_epochs", "0"]
+    env = env_for_subprocess()
+    for rank, seed in ((0, "0"), (1, "1")):
+        (tmp_path / f"node{rank}").mkdir()
+        if rank == 1 and rank1_folder == "empty":
+            continue
+        proc = subprocess.run([sys.executable, MAIN] + args + [
+            "--epochs", "1", "--auto_resume", "false", "--batch_size", "16", "--seed", seed,
+            "--output_dir", "out"], cwd=tmp_path / f"node{rank}", env=env,
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    script = tmp_path / "probe.py"
+    script.write_text(RESUME_PROBE.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
+           "--log_dir", str(tmp_path / "launch_logs"), str(script), str(tmp_path)] + args + [
+        "--epochs", "2", "--auto_resume", "true"]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        code = launcher.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        code = None
+    logs = "".join(p.read_text() for p in (tmp_path / "launch_logs").glob("workerlog.*"))
+    seen = [json.loads((tmp_path / f"resume_rank{r}.json").read_text()) for r in (0, 1)]
+    assert Path(seen[0]["path"]).parent == Path("out")
+    for key in ("path", "start_epoch", "start_batch", "global_step", "digest"):
+        assert seen[1][key] == seen[0][key], (key, seen)
+    assert seen[0]["start_epoch"] == 1
+    assert code == 0, logs[-3000:]
+    assert "sent to every rank" in logs  # rank 0's state reached rank 1
+    assert read_log(tmp_path / "node0" / "out")[-1]["ranks_in_sync"] is True
+
+
+@pytest.mark.parametrize("script", ["main_pretrain.py", "main_infer.py"])
+def test_entrypoints_default_to_one_thread_respect_the_users_setting_and_start_quietly(script):
+    probe = ("import os, runpy; runpy.run_path(%r, run_name='imported'); "
+             "import paddle; print('threads', os.environ['OMP_NUM_THREADS'])" % str(ROOT / script))
+    env = env_for_subprocess()
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 1" in proc.stdout
+    assert "ccache" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    env["OMP_NUM_THREADS"] = "3"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "threads 3" in proc.stdout and "ccache" not in proc.stderr
+
+
+def test_cae_takes_its_vocabulary_from_the_tokenizer_unless_the_user_sets_it(tmp_path, capsys):
+    from paddle_cae.engine.pretrain_main import main
+
+    text = (ROOT / "configs" / "demo" / "cae.yaml").read_text()
+    assert "decoder_num_classes: 512" in text
+    config = tmp_path / "cae_no_vocab.yaml"
+    config.write_text(text.replace("decoder_num_classes: 512\n", "").replace(
+        "demo/tokenizer/", str(ROOT / "demo" / "tokenizer") + "/"))
+    common = ["--config", str(config), "--epochs", "1", "--max_train_step", "1", "--batch_size", "4",
+              "--num_workers", "0", "--print_freq", "1"]
+    runner = run(common + ["--output_dir", str(tmp_path / "a")])  # default 8192, tokenizer 512
+    assert runner.args.decoder_num_classes == 512
+    assert runner.model_core.decoder.head.weight.shape[-1] == 512
+    # a vocabulary the user chose is kept, and a mismatch is still a one-line error
+    assert main(common + ["--output_dir", str(tmp_path / "b"), "--decoder_num_classes", "8192"]) == 2
+    err = capsys.readouterr().err
+    assert "vocabulary of 512" in err and "--decoder_num_classes" in err
+
+
+def test_bootmae_peak_lr_below_min_lr_warns(caplog):
+    from paddle_cae.engine.pretrain_main import prepare_args
+    from paddle_cae.runtime.distributed import DistEnv
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    base = ["--model", "bootmae_base", "--data_path", DEMO, "--lr", "1.5e-4", "--min_lr", "1e-4"]
+    with caplog.at_level("WARNING", logger="paddle_cae"):
+        args = prepare_args(parse_pretrain_args(base + ["--batch_size", "8"]), DistEnv())
+    assert args.abs_lr == pytest.approx(1.5e-4 * 8 / 256)
+    assert any("below --min_lr" in r.getMessage() and "BootMAE scaling" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="paddle_cae"):
+        prepare_args(parse_pretrain_args(base + ["--batch_size", "256"]), DistEnv())
+    assert not any("below --min_lr" in r.getMessage() for r in caplog.records)
+
+
+def test_demo_start_up_names_the_small_variant(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="paddle_cae"):
+        run(["--epochs", "1", "--max_train_step", "1", "--batch_size", "8", "--num_workers", "0",
+             "--output_dir", str(tmp_path)])
+    line = next(r.getMessage() for r in caplog.records if "trainable parameters" in r.getMessage())
+    assert line.startswith("model mae_vit_base_patch16, the demo's small variant (")
+    assert "embed_dim=64" in line and "depth=2" in line

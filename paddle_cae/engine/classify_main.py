@@ -27,6 +27,7 @@ from .evaluate import build_eval_loader, evaluate
 from .finetune import ClassificationLoss, ClassifierRun
 from .run import strict_load
 from .pretrain import write_config_snapshot
+from .pretrain_main import model_label
 from .pretrained import PretrainedLoadError, load_pretrained
 from .stepper import NonFiniteLossError
 
@@ -155,12 +156,36 @@ def evaluate_only(args, env, model, precision, val_set):
     if isinstance(state, dict) and isinstance(state.get("classifier"), dict):
         strict_load(model, state["model"], args.resume)
     else:
-        load_pretrained(encoder_of(model), source, args.model_key).log()
+        report = load_pretrained(encoder_of(model), source, args.model_key)
+        report.log()
+        check_head_loaded(report, model, source)
     loader = build_eval_loader(val_set, args.batch_size, env, args.dist_eval, args.num_workers)
     stats = evaluate(model, loader, precision, args.print_freq)
     logger.info("Accuracy of the network on the %d test images: top-1 %.2f%% top-5 %.2f%% loss %.4f",
                 stats["images"], stats["acc1"], stats["acc5"], stats["loss"])
     return stats
+
+
+def check_head_loaded(report, model, source):
+    """Evaluating needs the file's own classifier head: a head left freshly initialised
+    (a pretraining checkpoint, another class count, a probe) fails with one line."""
+    if encoder_of(model) is not model:
+        raise ValueError(f"{source} ({report.kind}) holds no probe head for --eval: evaluate a "
+                         "linear-probe checkpoint of this package (--resume)")
+    fresh = [k for k in report.initialised if k.startswith("head.")]
+    if not fresh:
+        return
+    own = list(model.state_dict()["head.weight"].shape)
+    other = [(k, why) for k, why in report.ignored if k.startswith("head.") and "another shape" in why]
+    other += [(k, f"{list(s)} in the file") for k, s, _ in report.shape_skipped if k.startswith("head.")]
+    if other:
+        key, why = other[0]
+        detail = f"its {key} ({why.replace('head of another shape ', '').replace(' (re-initialised)', '')}) " \
+                 f"does not fit the model's head {own} ({own[-1]} classes)"
+    else:
+        detail = f"it has no classifier head for the model's head {own} ({own[-1]} classes)"
+    raise ValueError(f"--eval: {source} ({report.kind}): {detail}; evaluating would score a "
+                     "randomly initialised head. Check --nb_classes/--model, or fine-tune first")
 
 
 def config_from_resume(args):
@@ -228,7 +253,8 @@ def run(argv=None, phase="finetune"):
 def describe(args, env, model, train_set, val_set, runner):
     n_train = sum(int(p.size) for p in model.parameters() if not p.stop_gradient)
     lines = [
-        f"{args.phase} {args.model} ({args.family}): {n_train / 1e6:.3f}M trainable parameters, "
+        f"{args.phase} {model_label(args.model, args.model_args)} ({args.family}): "
+        f"{n_train / 1e6:.3f}M trainable parameters, "
         f"{runner.config['num_classes']} classes",
         f"data: {len(train_set)} training / {len(val_set)} validation images from {args.data_path}",
         f"effective batch size {args.eff_batch_size} = {args.batch_size} per process x "

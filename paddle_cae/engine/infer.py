@@ -31,6 +31,19 @@ def image_paths(path):
     return [path]
 
 
+def readable_images(paths):
+    """(paths that open as images, [(path, reason)] for those that do not)."""
+    good, bad = [], []
+    for path in paths:
+        try:
+            read_image(path)
+        except ImageInputError as err:
+            bad.append((path, str(err)))
+            continue
+        good.append(path)
+    return good, bad
+
+
 def read_image(path):
     try:
         with open(path, "rb") as f:
@@ -44,12 +57,27 @@ def read_image(path):
         raise ImageInputError(f"{path}: not a readable image ({detail})") from None
 
 
+def preprocessing_spec(config):
+    """The evaluation preprocessing of a classifier config (or a pretraining model's args) as
+    plain values, what an exported model's ``preprocess.json`` holds: resize the shorter side
+    to ``resize_short`` (bicubic, the longer side scaled and truncated to an int), centre-crop
+    ``crop_size`` (black padding if the image is smaller), RGB in [0, 1], ``(x - mean) / std``,
+    layout [N, 3, H, W] float32."""
+    size = int(config.get("input_size", 224))
+    crop_pct = config.get("crop_pct")
+    if crop_pct is None:
+        crop_pct = 224 / 256 if size <= 224 else 1.0
+    return {"resize_short": int(size / crop_pct), "crop_size": size, "interpolation": "bicubic",
+            "mean": [float(m) for m in (config.get("mean") or IMAGENET_DEFAULT_MEAN)],
+            "std": [float(v) for v in (config.get("std") or IMAGENET_DEFAULT_STD)],
+            "crop_pct": float(crop_pct), "layout": "NCHW", "channels": "RGB", "scale": 1 / 255.0}
+
+
 def preprocessing(config):
     """The evaluation transform a classifier config (or a pretraining model's args) asks for."""
-    size = int(config.get("input_size", 224))
-    mean = tuple(config.get("mean") or IMAGENET_DEFAULT_MEAN)
-    std = tuple(config.get("std") or IMAGENET_DEFAULT_STD)
-    return build_eval_transform(size, mean, std, crop_pct=config.get("crop_pct"))
+    spec = preprocessing_spec(config)
+    return build_eval_transform(spec["crop_size"], tuple(spec["mean"]), tuple(spec["std"]),
+                                crop_pct=spec["crop_pct"])
 
 
 def to_batch(images, transform):
@@ -194,5 +222,5 @@ def reconstruction_figure(images, masked, recon, mask, mean, std, scale=4):
 
 
 __all__ = ["ImageInputError", "export_inference_model", "format_prediction", "image_paths",
-           "preprocessing", "read_image", "reconstruct", "reconstruction_figure",
+           "preprocessing", "preprocessing_spec", "readable_images", "read_image", "reconstruct", "reconstruction_figure",
            "run_inference_model", "to_batch", "topk_predictions"]

@@ -1,4 +1,5 @@
 """Everything ``main_pretrain.py`` does, importable (notebooks call :func:`main` too)."""
+import argparse
 import logging
 import os
 import sys
@@ -77,9 +78,10 @@ def find_tokenizer_file(path):
     raise FileNotFoundError(f"--discrete_vae_weight_path {path} does not exist")
 
 
-def attach_tokenizer(model, args):
-    if not hasattr(model, "set_tokenizer"):
-        return None
+def load_tokenizer(args):
+    """The DALL-E tokenizer of a CAE run (None for other methods): (tokenizer, path)."""
+    if getattr(args, "method", None) != "cae":
+        return None, None
     from ..models.dalle import infer_dalle_arch, load_dalle_encoder, _read_state
 
     if not args.discrete_vae_weight_path:
@@ -89,7 +91,40 @@ def attach_tokenizer(model, args):
     arch = dict(getattr(args, "tokenizer_args", None) or {})
     if not arch and not path.endswith(".pkl"):
         arch = infer_dalle_arch(_read_state(Path(path))) or {}
-    tokenizer = load_dalle_encoder(path, **arch)
+    return load_dalle_encoder(path, **arch), path
+
+
+def decoder_classes_given(argv, args):
+    """Whether the user chose --decoder_num_classes (flag, config file, or model_args)."""
+    flags = {a.split("=")[0] for a in (argv or []) if a.startswith("--")}
+    if "--decoder_num_classes" in flags or "vocab_size" in (getattr(args, "model_args", None) or {}):
+        return True
+    if getattr(args, "config", None):
+        from ..runtime.config import load_config
+        from ..runtime.pretrain_args import PRETRAIN_TABLE
+
+        try:
+            return "decoder_num_classes" in load_config(args.config, PRETRAIN_TABLE)
+        except (OSError, ValueError):
+            return False
+    return False
+
+
+def vocabulary_from_tokenizer(args, tokenizer, path, given):
+    """Unless the user set it, --decoder_num_classes becomes the tokenizer's vocabulary."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if tokenizer is None or vocab is None or given or args.decoder_num_classes == vocab:
+        return args.decoder_num_classes
+    logger.info("--decoder_num_classes %d: the vocabulary of the tokenizer %s (default %d)", vocab,
+                path, args.decoder_num_classes)
+    args.decoder_num_classes = int(vocab)
+    return args.decoder_num_classes
+
+
+def attach_tokenizer(model, args, loaded=None):
+    if not hasattr(model, "set_tokenizer"):
+        return None
+    tokenizer, path = loaded if loaded is not None else load_tokenizer(args)
     vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
     head = getattr(getattr(model, "decoder", None), "head", None)
     if vocab is not None and head is not None and head.weight.shape[-1] != vocab:
@@ -113,7 +148,19 @@ def prepare_args(args, env):
     else:
         args.lr_rule = "absolute --lr"
     args.log_dir = resolve_log_dir(args.output_dir, args.log_dir)
+    warn_peak_below_min_lr(args)
     return args
+
+
+def warn_peak_below_min_lr(args):
+    """BootMAE multiplies --lr by effective batch / 256: a small batch can put the peak below
+    --min_lr, and the cosine schedule then rises towards min_lr instead of decaying."""
+    if args.abs_lr < args.min_lr:
+        logger.warning("peak learning rate %.3e (%s) is below --min_lr %g: the schedule would rise "
+                       "from the peak to min_lr instead of decaying; lower --min_lr or raise --lr",
+                       args.abs_lr, args.lr_rule, args.min_lr)
+        return True
+    return False
 
 
 def demo_argv(argv):
@@ -133,6 +180,31 @@ def demo_argv(argv):
     return ["--config", config] + argv, config
 
 
+def model_label(name, model_args):
+    """``name``, or ``name`` marked as a variant when ``model_args`` change its constructor
+    (the demo's 2-block width-64 network is not the model the name describes)."""
+    if not model_args:
+        return name
+    shown = ", ".join(f"{k}={v}" for k, v in model_args.items())
+    return f"{name}, small variant ({shown})"
+
+
+def describe_run(args, env, model, dataset, runner):
+    """The start-up summary (:func:`describe_start`), the model named as the variant it is
+    when --model_args change it."""
+    label = model_label(args.model, args.model_args)
+    if args.model_args and demo_config_used(args):
+        label = label.replace("small variant", "the demo's small variant", 1)
+    shown = argparse.Namespace(**{**vars(args), "model": label})
+    describe_start(shown, env, model, dataset, runner)
+
+
+def demo_config_used(args):
+    config = getattr(args, "config", None)
+    return bool(config) and os.path.abspath(os.path.dirname(config)) == \
+        os.path.abspath(os.path.join(default_config_dir(), "demo"))
+
+
 def run(argv=None):
     env = dist_rt.init_distributed()
     setup_console_logging(env.rank)
@@ -145,8 +217,12 @@ def run(argv=None):
     if getattr(args, "device", None):
         paddle.set_device(args.device)
     paddle.seed(args.seed)
+    loaded = load_tokenizer(args)
+    if loaded[0] is not None:
+        vocabulary_from_tokenizer(args, *loaded, given=decoder_classes_given(argv, args))
+        paddle.seed(args.seed)  # the model starts from the same draws as without a tokenizer
     model = build_model(args)
-    attach_tokenizer(model, args)
+    attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
     transform = build_pretrain_transform(args.method, args)
     if hasattr(model, "data_transform"):
         transform = model.data_transform(transform)
@@ -160,7 +236,7 @@ def run(argv=None):
     runner = PretrainRun(args, model, dataset, optimizer, precision, env)
     if env.is_main:
         write_config_snapshot(args, args.output_dir)
-    describe_start(args, env, model, dataset, runner)
+    describe_run(args, env, model, dataset, runner)
     runner.fit()
     return runner
 

@@ -164,23 +164,47 @@ def read_weights_file(path, model_key="model|module"):
 
 
 # ---------------------------------------------------------------------------- adaptation
-def resample_rel_pos_table(table, dst_grid):
-    """BEiT's resampling of a relative-position bias table [(2H-1)(2W-1)+3, heads] to another
-    grid: the source offsets are spread on a geometric progression chosen so the outermost
-    reaches the new extent, then every head is interpolated with a cubic spline onto the integer
-    offsets of the new grid. The 3 cls entries are kept."""
-    from scipy.interpolate import RectBivariateSpline
+def cubic_spline_matrix(nodes, targets):
+    """Linear map [len(targets), len(nodes)] that evaluates, at ``targets``, the interpolating
+    cubic spline through values given at ``nodes`` (increasing), with not-a-knot ends.
 
-    table = np.asarray(table, dtype=np.float32)
-    extra = 3
-    src = int(round(np.sqrt(table.shape[0] - extra)))
-    dst_h, dst_w = dst_grid
-    dst = 2 * dst_h - 1
-    if src * src != table.shape[0] - extra or dst_h != dst_w:
-        raise ValueError(f"relative position table of {table.shape[0]} rows does not belong to a square grid")
-    if src == dst:
-        return table
-    half_src, half_dst = src // 2, dst // 2
+    This is the spline FITPACK builds for an interpolation (``s=0``, degree 3: knots at the data
+    points except the second and the second-last), i.e. what SciPy's ``interp2d(kind='cubic')``
+    and ``RectBivariateSpline`` compute along each axis of a rectangular grid. Like FITPACK's
+    evaluator, targets outside the nodes take the value at the nearest end."""
+    x = np.asarray(nodes, dtype=np.float64)
+    t = np.clip(np.asarray(targets, dtype=np.float64), x[0], x[-1])
+    n = len(x)
+    if n < 4:
+        raise ValueError(f"a cubic spline needs at least 4 nodes, got {n}")
+    h = np.diff(x)
+    # second derivatives m solve a @ m = b @ y
+    a = np.zeros((n, n))
+    b = np.zeros((n, n))
+    for i in range(1, n - 1):  # first derivative continuous at the interior nodes
+        a[i, i - 1], a[i, i], a[i, i + 1] = h[i - 1], 2.0 * (h[i - 1] + h[i]), h[i]
+        b[i, i - 1], b[i, i], b[i, i + 1] = 6.0 / h[i - 1], -6.0 / h[i - 1] - 6.0 / h[i], 6.0 / h[i]
+    # not-a-knot: the third derivative is continuous at the second and the second-last node
+    a[0, :3] = h[1], -(h[0] + h[1]), h[0]
+    a[-1, -3:] = h[-1], -(h[-2] + h[-1]), h[-2]
+    moments = np.linalg.solve(a, b)  # [n, n]: second derivatives as a function of the values
+    index = np.clip(np.searchsorted(x, t, side="right") - 1, 0, n - 2)
+    left, right = x[index], x[index + 1]
+    width = right - left
+    to_right, from_left = right - t, t - left
+    out = np.zeros((len(t), n))
+    rows = np.arange(len(t))
+    out[rows, index] += to_right / width
+    out[rows, index + 1] += from_left / width
+    out += ((to_right ** 3 / (6 * width) - width * to_right / 6.0)[:, None] * moments[index]
+            + (from_left ** 3 / (6 * width) - width * from_left / 6.0)[:, None] * moments[index + 1])
+    return out
+
+
+def geometric_offsets(src_offsets, dst_offsets):
+    """BEiT's source offsets for resampling: 0 and +-(1, 1+q, 1+q+q^2, ...), the ratio q found
+    by bisection so that the outermost offset reaches the target's extent."""
+    half_src, half_dst = src_offsets // 2, dst_offsets // 2
     lo, hi = 1.01, 1.5
     while hi - lo > 1e-6:  # ratio q with 1 + q + ... + q^(half_src-1) == half_dst
         q = (lo + hi) / 2.0
@@ -190,14 +214,33 @@ def resample_rel_pos_table(table, dst_grid):
         else:
             lo = q
     steps = np.cumsum([q ** i for i in range(half_src)])  # 1, 1+q, 1+q+q^2 ...
-    coords = np.concatenate([-steps[::-1], [0.0], steps])
-    targets = np.arange(-half_dst, half_dst + 0.1, 1.0)
-    heads = []
-    for h in range(table.shape[1]):
-        grid = table[:-extra, h].reshape(src, src).astype(np.float64)
-        spline = RectBivariateSpline(coords, coords, grid, kx=3, ky=3, s=0)
-        heads.append(spline(targets, targets).reshape(-1))
-    resampled = np.stack(heads, axis=1).astype(np.float32)
+    return np.concatenate([-steps[::-1], [0.0], steps])
+
+
+def resample_rel_pos_table(table, dst_grid):
+    """BEiT's resampling of a relative-position bias table [(2H-1)(2W-1)+3, heads] to another
+    grid: the source offsets are spread on a geometric progression chosen so the outermost
+    reaches the new extent, then every head is interpolated with a bicubic spline (SciPy's
+    ``interp2d(kind='cubic')`` of the official code, computed here with numpy) onto the integer
+    offsets of the new grid. The 3 cls entries are kept."""
+    table = np.asarray(table, dtype=np.float32)
+    extra = 3
+    src = int(round(np.sqrt(max(table.shape[0] - extra, 0))))
+    dst_h, dst_w = dst_grid
+    dst = 2 * dst_h - 1
+    if src * src != table.shape[0] - extra or dst_h != dst_w:
+        raise ValueError(f"relative position table of {table.shape[0]} rows does not belong to a square grid")
+    if src == dst:
+        return table
+    if src < 4:
+        raise ValueError(f"relative position table of a {(src + 1) // 2}x{(src + 1) // 2} grid is too "
+                         "small to resample with a cubic spline")
+    coords = geometric_offsets(src, dst)
+    targets = np.arange(-(dst // 2), dst // 2 + 0.1, 1.0)
+    weights = cubic_spline_matrix(coords, targets)  # [dst, src]
+    grids = table[:-extra].astype(np.float64).T.reshape(-1, src, src)  # [heads, src, src]
+    resampled = np.einsum("ij,hjk,lk->hil", weights, grids, weights)
+    resampled = resampled.reshape(table.shape[1], -1).T.astype(np.float32)
     return np.concatenate([resampled, table[-extra:]], axis=0)
 
 
@@ -312,4 +355,5 @@ def load_pretrained(model, path, model_key="model|module", allow_missing_encoder
 
 
 __all__ = ["LoadReport", "PretrainedLoadError", "WeightsFile", "adapt_shapes", "is_encoder_key",
-           "load_pretrained", "map_to_classifier", "read_weights_file", "resample_rel_pos_table"]
+           "load_pretrained", "map_to_classifier", "read_weights_file", "resample_rel_pos_table",
+           "cubic_spline_matrix", "geometric_offsets"]

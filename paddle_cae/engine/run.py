@@ -13,10 +13,13 @@ import paddle
 from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
 from ..data.sampler import GlobalBatchSampler
 from ..optim import apply_lr, cosine_scheduler, mae_lr_at
-from ..runtime.checkpoint import load_checkpoint, to_plain
+from ..runtime import distributed as dist_rt
+from ..runtime.checkpoint import CheckpointError, load_checkpoint, to_plain
+from ..runtime.collectives import broadcast_object
 from ..runtime.distributed import data_parallel
 from ..runtime.logging import JsonLinesLog, VisualDLWriter
-from ..runtime.resume import find_resume_checkpoint, rng_state, set_rng_state
+from ..runtime.resume import (check_no_foreign_checkpoints, describe_identity, identity_matches,
+                              remove_stale_temporaries, rng_state, scan_output_dir, set_rng_state)
 from .stepper import Stepper
 
 logger = logging.getLogger("paddle_cae")
@@ -144,6 +147,10 @@ class TrainingRun:
         self.start_batch = 0
         self.global_step = 0
         self.last_good_checkpoint = None
+        # what this run is (fine-tune / probe runs say it in args.phase before their own
+        # constructor sets it)
+        self.kind = getattr(args, "phase", None) or type(self).kind
+        self.check_output_dir()
         self.writer = VisualDLWriter(getattr(args, "log_dir", None),
                                      enabled=env.is_main and bool(self.output_dir))
         self.json_log = JsonLinesLog(
@@ -203,18 +210,103 @@ class TrainingRun:
                  else f"epoch {self.start_epoch}, batch {self.start_batch}")
         logger.info("resumed from %s: continuing at %s", path, where)
 
-    def maybe_resume(self):
-        """--resume PATH, else (by default) the most advanced complete checkpoint in
-        --output_dir. Returns the path resumed from, or None."""
+    def check_output_dir(self):
+        """Before anything is written: stop (one line, on every rank) when --output_dir holds
+        checkpoints of another kind of run or another model under the names this run writes."""
+        if not self.output_dir:
+            return
+        error = None
+        if self.env.is_main:
+            try:
+                _, _, foreign = scan_output_dir(self.output_dir, self.exp_name, self.kind,
+                                                getattr(self.args, "model", None), load=False)
+                check_no_foreign_checkpoints(foreign, self.kind, getattr(self.args, "model", None))
+            except ValueError as err:
+                error = str(err)
+        if self.env.distributed:
+            error = broadcast_object(error)
+        if error:
+            raise ValueError(error)
+
+    def resume_decision(self):
+        """What this run resumes from, decided from this process's view of the files:
+        ``(path, state)`` or ``(None, None)``. Raises ValueError (one line) for a --resume file
+        of another kind or model, and for an --output_dir holding checkpoints of another kind
+        or model under the names this run writes (they would be overwritten)."""
+        args = self.args
+        model_name = getattr(args, "model", None)
         path, state = None, None
-        if getattr(self.args, "resume", ""):
-            path = self.args.resume
+        if self.output_dir:
+            remove_stale_temporaries(self.output_dir)
+        auto = bool(getattr(args, "auto_resume", False)) and not getattr(args, "resume", "")
+        if self.output_dir:
+            found_path, found_state, foreign = scan_output_dir(self.output_dir, self.exp_name, self.kind,
+                                                               model_name, load=auto)
+            check_no_foreign_checkpoints(foreign, self.kind, model_name)
+            if auto:
+                path, state = found_path, found_state
+        if getattr(args, "resume", ""):
+            path = args.resume
             state = load_checkpoint(path)
             if not isinstance(state, dict) or "optimizer" not in state or "model" not in state:
                 raise ValueError(f"--resume {path}: not a training checkpoint of this package "
                                  "(use --finetune for pretrained or official weights)")
-        elif getattr(self.args, "auto_resume", False) and self.output_dir:
-            path, state = find_resume_checkpoint(self.output_dir, self.exp_name)
-        if state is not None:
+            found = (state.get("kind"), state.get("model_name"))
+            if not identity_matches(found, self.kind, model_name):
+                raise ValueError(f"--resume {path} is {describe_identity(*found)}, not of this "
+                                 f"{self.kind} run of {model_name} (use --finetune to start from "
+                                 "its weights)")
+        return path, state
+
+    def maybe_resume(self):
+        """--resume PATH, else (by default) the most advanced complete checkpoint of this run in
+        --output_dir. Returns the path resumed from, or None.
+
+        Decided once: rank 0 chooses from its view of the files and every rank follows. A rank
+        that cannot read the chosen file, or reads other weights under that name (node-local
+        folders), receives rank 0's state; all ranks start from the same weights, optimizer state
+        and position in the schedule."""
+        env = self.env
+        if not env.distributed:
+            path, state = self.resume_decision()
+            if state is not None:
+                self.restore(state, path)
+            return path
+        decision, state = {"path": None, "error": None, "size": None}, None
+        if env.is_main:
+            try:
+                path, state = self.resume_decision()
+                decision["path"] = path
+                if path is not None:
+                    decision["size"] = os.path.getsize(path)
+            except (CheckpointError, OSError, ValueError) as err:
+                decision["error"] = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        decision = broadcast_object(decision)
+        if decision["error"]:
+            raise ValueError(decision["error"])
+        path = decision["path"]
+        if path is None:
+            return None
+        if not env.is_main:
+            try:
+                readable = os.path.getsize(path) == decision["size"]
+                state = load_checkpoint(path) if readable else None
+            except (CheckpointError, OSError, ValueError):
+                state = None
+        have = 1 if isinstance(state, dict) and "model" in state else 0
+        if have:
             self.restore(state, path)
+        ok = min(dist_rt.all_gather_ints(have))
+        same = ok and len(set(dist_rt.all_gather_ints(self._resume_digest()))) == 1
+        if not same:  # rank 0's state for everyone
+            state = broadcast_object(state if env.is_main else None)
+            if not env.is_main:
+                self.restore(state, path)
+            logger.info("resume: rank 0's checkpoint %s sent to every rank", path)
         return path
+
+    def _resume_digest(self):
+        """Weights and position in training, as one integer to compare between ranks."""
+        digest = dist_rt.state_digest(self.model_core)
+        return (digest ^ (self.start_epoch * 1000003 + self.start_batch * 7919
+                          + self.global_step)) & ((1 << 62) - 1)

@@ -27,8 +27,13 @@ import logging
 import math
 import os
 import threading
+import warnings
 
-import paddle
+# paddle.utils.cpp_extension warns "No ccache found" when it is first imported (Paddle's own
+# import already does): nothing a user of this package can act on
+warnings.filterwarnings("ignore", message=r"No ccache found")
+
+import paddle  # noqa: E402
 import paddle.nn.functional as F
 
 from .._cpu_math import cpu_flags

@@ -18,7 +18,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "to_plain"]
+__all__ = ["CheckpointError", "link_checkpoint", "save_checkpoint", "load_checkpoint", "to_plain"]
 
 PICKLE_PROTOCOL = 4
 
@@ -164,14 +164,69 @@ def to_plain(obj, where="checkpoint"):
     raise TypeError(f"{where}: cannot save an object of type {type(obj).__module__}.{type(obj).__name__}")
 
 
+# the last training state written per directory: (fingerprint, path, (inode, size, mtime))
+_LAST_SAVED = {}
+
+
+def _training_state_fingerprint(obj):
+    """Identity of a training state dict (``kind`` + ``epoch``) for as long as its caller holds
+    it; None for anything else (those are always written in full)."""
+    if not (isinstance(obj, dict) and "kind" in obj and "epoch" in obj and "model" in obj):
+        return None
+    return (id(obj), id(obj["model"]), obj.get("kind"), obj.get("epoch"), obj.get("batches_done"),
+            obj.get("global_step"))
+
+
+def _file_signature(path):
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def link_checkpoint(source, path):
+    """Make ``path`` a hard link of the checkpoint ``source`` (same directory), atomically
+    replacing an older ``path``. False where the file system has no hard links."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.link.tmp")
+    try:
+        if os.path.lexists(tmp_path):
+            os.unlink(tmp_path)
+        os.link(source, tmp_path)
+        os.replace(tmp_path, path)
+    except OSError:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        return False
+    _fsync_directory(directory)
+    return True
+
+
 def save_checkpoint(obj, path):
     """Write ``obj`` (nested dicts/lists of arrays, tensors, numbers, strings, None) to ``path``
     atomically: pickle into a temporary file in the same directory, flush and fsync it, then
     rename it over ``path``. If anything fails the old ``path`` is left untouched and the
-    temporary file is removed."""
+    temporary file is removed.
+
+    A training state (a dict with ``kind``, ``epoch`` and ``model``) saved again, unchanged, under
+    another name in the same directory (``checkpoint-latest.pd``, then ``checkpoint-<epoch>.pd``,
+    then ``checkpoint-best.pd`` of the same epoch) becomes a hard link of the file just written
+    instead of a second full copy; the next save of ``checkpoint-latest.pd`` replaces that name
+    only, so the numbered file keeps its content."""
     path = os.fspath(path)
-    plain = to_plain(obj)
     directory = os.path.dirname(os.path.abspath(path))
+    fingerprint = _training_state_fingerprint(obj)
+    previous = _LAST_SAVED.get(directory)
+    if fingerprint is not None and previous is not None and previous[0] == fingerprint:
+        source = previous[1]
+        try:
+            unchanged = os.path.abspath(source) != os.path.abspath(path) and \
+                _file_signature(source) == previous[2]
+        except OSError:
+            unchanged = False
+        if unchanged and link_checkpoint(source, path):
+            return path
+    plain = to_plain(obj)
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
@@ -191,6 +246,10 @@ def save_checkpoint(obj, path):
             pass
         raise
     _fsync_directory(directory)
+    if fingerprint is not None:
+        _LAST_SAVED[directory] = (fingerprint, path, _file_signature(path))
+    else:
+        _LAST_SAVED.pop(directory, None)
     return path
 
 

@@ -1,0 +1,45 @@
+"""Console commands of an installed package (``pip install .``): the same programs as the
+repository's ``main_*.py`` scripts.
+
+    paddle-cae-pretrain   = python main_pretrain.py
+    paddle-cae-finetune   = python main_finetune.py
+    paddle-cae-linprobe   = python main_linprobe.py
+    paddle-cae-infer      = python main_infer.py
+
+Thread default and quiet start as in the scripts (:mod:`paddle_cae.startup`), applied before
+Paddle is imported.
+"""
+import sys
+
+from .startup import prepare_process
+
+
+def pretrain():
+    prepare_process()
+    from .engine.pretrain_main import main
+
+    return main(sys.argv[1:])
+
+
+def finetune():
+    prepare_process()
+    from .engine.classify_main import main
+
+    return main(sys.argv[1:], phase="finetune")
+
+
+def linprobe():
+    prepare_process()
+    from .engine.classify_main import main
+
+    return main(sys.argv[1:], phase="linprobe")
+
+
+def infer():
+    prepare_process()
+    from .engine.infer_main import main
+
+    return main(sys.argv[1:])
+
+
+__all__ = ["finetune", "infer", "linprobe", "pretrain"]
