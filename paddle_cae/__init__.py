@@ -11,6 +11,10 @@ __version__ = "0.1.0"
 
 import PIL.Image  # noqa: F401,E402  (before paddle: see above)
 
+from paddle_cae.startup import quiet_paddle_import_warnings as _quiet_paddle_import_warnings
+
+_quiet_paddle_import_warnings()  # Paddle's "No ccache found" on import, for notebook users too
+
 from paddle_cae._cpu_math import select_mkl_code_path as _select_mkl_code_path
 
 _select_mkl_code_path()

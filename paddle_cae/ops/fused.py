@@ -29,9 +29,11 @@ import os
 import threading
 import warnings
 
+from ..startup import quiet_paddle_import_warnings
+
 # paddle.utils.cpp_extension warns "No ccache found" when it is first imported (Paddle's own
 # import already does): nothing a user of this package can act on
-warnings.filterwarnings("ignore", message=r"No ccache found")
+quiet_paddle_import_warnings()
 
 import paddle  # noqa: E402
 import paddle.nn.functional as F
