@@ -254,6 +254,58 @@ def test_every_randaugment_op_keeps_size_and_mode():
             assert out.size == img.size and out.mode == "RGB", name
 
 
+@pytest.mark.parametrize("level", [0.0, 10.0])
+def test_every_randaugment_op_runs_at_the_extreme_levels_on_the_installed_pillow(level):
+    from paddle_cae.data.transforms import RandAugment
+
+    img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (24, 20, 3), dtype=np.uint8))
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    for seed in range(2):  # both signs of the signed ops
+        with sample_rng(seed):
+            for name, (apply, level_to_args) in ra.ops:
+                out = apply(img, *level_to_args(level), fill=ra.fill, resample=ra.resample)
+                assert out.size == img.size and out.mode == "RGB", (name, level)
+
+
+def test_posterize_keeps_the_old_pillow_lut_down_to_zero_bits():
+    from paddle_cae.data.transforms import RandAugment
+
+    rgb = np.random.RandomState(2).randint(0, 256, (16, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    apply, level_to_args = dict(RandAugment().ops)["PosterizeIncreasing"]
+    assert level_to_args(10.0) == (0,) and level_to_args(0.0) == (4,)
+    for bits in range(0, 9):
+        mask = ~(2 ** (8 - bits) - 1)  # the LUT of Pillow's posterize before it refused bits=0
+        expected = rgb & np.uint8(mask & 0xFF)
+        out = apply(img, bits)
+        assert out.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(out), expected, err_msg=f"bits={bits}")
+    assert not np.asarray(apply(img, 0)).any()  # magnitude 10: black
+
+
+def test_randaugment_at_full_magnitude_runs_every_op():
+    from paddle_cae.data.transforms import RandAugment
+
+    img = _position_image(32)
+    ra = RandAugment(num_ops=2, magnitude=10.0, magnitude_std=0.0, op_prob=1.0)
+    for seed in range(40):  # 80 draws from 15 ops: every op comes up
+        with sample_rng(seed):
+            out = ra(img)
+        assert out.size == img.size and out.mode == "RGB"
+
+
+def test_a_failing_transform_names_the_image_instead_of_skipping_it(tmp_path):
+    _write_images(str(tmp_path / "a"), 2)
+
+    def broken(img):
+        raise ValueError("bits must be between or equal to 1 and 8")
+
+    ds = ImageFolder(str(tmp_path), transform=broken)
+    with pytest.raises(RuntimeError, match=r"img0\.png.*ValueError: bits must be"):
+        ds[0]
+    assert not ds.known_bad  # the file itself is fine: not remembered as unreadable
+
+
 def test_randaugment_is_reproducible_and_changes_images():
     from paddle_cae.data.transforms import RandAugment
 

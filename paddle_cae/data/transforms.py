@@ -540,6 +540,21 @@ def _enhance(kind):
     return lambda img, factor, **_: enhancer(img).enhance(factor)
 
 
+def _posterize(img, bits, **_):
+    """Keep the ``bits`` high bits of every channel. ``bits >= 8`` is the identity (as in timm).
+    ``bits == 0`` gives the all-black image that older Pillow returned (its LUT masked every value
+    with ``~(2 ** 8 - 1)`` = 0); current Pillow (13) rejects 0, so that case is written out here.
+    RandAugment's ``PosterizeIncreasing`` reaches 0 bits at magnitude 10."""
+    from PIL import ImageOps
+
+    bits = int(bits)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point([0] * (256 * len(img.getbands())))
+    return ImageOps.posterize(img, bits)
+
+
 def _solarize_add(img, add, threshold=128, **_):
     lut = [min(255, i + add) if i < threshold else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -557,7 +572,7 @@ def _ops():
         "Invert": (lambda img, **_: ImageOps.invert(img), lambda level: ()),
         "Rotate": (lambda img, degrees, fill, resample: img.rotate(degrees, resample=resample, fillcolor=fill),
                    lambda level: (_signed(level / _MAX_LEVEL * 30.0),)),
-        "PosterizeIncreasing": (lambda img, bits, **_: img if bits >= 8 else ImageOps.posterize(img, bits),
+        "PosterizeIncreasing": (_posterize,
                                 lambda level: (4 - int(level / _MAX_LEVEL * 4),)),
         "SolarizeIncreasing": (lambda img, threshold, **_: ImageOps.solarize(img, threshold),
                                lambda level: (256 - int(level / _MAX_LEVEL * 256),)),
