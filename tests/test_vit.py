@@ -216,3 +216,87 @@ def test_classifier_from_its_own_init_learns_under_the_recipe_optimizer(method):
         losses.append(float(loss))
     assert abs(np.mean(losses[:3]) - np.log(10)) < 0.05  # head starts at ~0: chance
     assert np.mean(losses[-5:]) < 0.5 * np.log(10), losses  # ~0.6-0.8 here; the old init 1.65-1.9
+
+
+# ------------------------------------------------- --model_args against the named flags
+TINY_ARGS = {"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}
+
+
+def _classifier_from_flags(model, model_args, *flags, num_classes=10):
+    import json
+
+    from paddle_cae.engine.classifier import build_classifier, classifier_config
+    from paddle_cae.runtime.finetune_args import parse_finetune_args
+
+    args = parse_finetune_args(["--model", model, "--input_size", "16",
+                                "--model_args", json.dumps(dict(TINY_ARGS, **model_args)), *flags])
+    return build_classifier(classifier_config(args, num_classes))
+
+
+@pytest.mark.parametrize("model", ["vit_base_patch16", "cae_base_patch16_224", "bootmae_base_patch16_224"])
+def test_model_args_that_agree_with_the_named_flags_are_accepted(model):
+    m = _classifier_from_flags(model, {"num_classes": 10, "global_pool": True, "img_size": 16})
+    assert m.head.weight.shape == [16, 10] and m.global_pool
+    m = _classifier_from_flags(model, {"global_pool": False}, "--cls_token")
+    assert not m.global_pool and m.fc_norm is None
+
+
+@pytest.mark.parametrize("model_args,flags,names", [
+    ({"num_classes": 5}, (), ("'num_classes': 5", "--nb_classes", "10")),
+    ({"global_pool": False}, (), ("'global_pool': False", "--global_pool")),
+    ({"global_pool": True}, ("--cls_token",), ("'global_pool': True", "--global_pool")),
+    ({"img_size": 32}, (), ("'img_size': 32", "--input_size", "16")),
+    ({"drop_path_rate": 0.3}, ("--drop_path", "0.1"), ("'drop_path_rate': 0.3", "--drop_path")),
+    ({"init_scale": 1.0}, (), ("'init_scale': 1.0", "--init_scale", "0.001")),
+])
+def test_model_args_that_contradict_a_named_flag_name_both(model_args, flags, names):
+    from paddle_cae.engine.classifier import ModelArgsConflict
+
+    with pytest.raises(ModelArgsConflict) as err:
+        _classifier_from_flags("bootmae_base_patch16_224", model_args, *flags)
+    assert isinstance(err.value, ValueError)  # the entry points print it as one line
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_cae_layer_scale_in_model_args_must_match_the_flag():
+    from paddle_cae.engine.classifier import ModelArgsConflict
+
+    m = _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.1}, "--layer_scale_init_value", "0.1")
+    np.testing.assert_allclose(m.blocks[0].gamma_1.numpy(), 0.1)
+    m = _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.2})  # flag not set: model_args
+    np.testing.assert_allclose(m.blocks[0].gamma_1.numpy(), 0.2)
+    with pytest.raises(ModelArgsConflict, match="--layer_scale_init_value"):
+        _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.2}, "--layer_scale_init_value", "0.1")
+
+
+def test_finetune_entry_point_reports_a_model_args_conflict_in_one_line(capsys):
+    from paddle_cae.engine.classify_main import main
+
+    rc = main(["--model", "bootmae_base_patch16_224", "--input_size", "32", "--num_workers", "0",
+               "--model_args", '{"num_classes": 3, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}',
+               "--output_dir", "/nonexistent/never_written", "--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'num_classes': 3" in err[0] and "--nb_classes" in err[0]
+
+
+def test_mae_head_init_std_depends_on_finetune():
+    from paddle_cae.engine.classifier import classifier_config
+    from paddle_cae.runtime.finetune_args import parse_finetune_args
+
+    scratch = classifier_config(parse_finetune_args(["--model", "vit_base_patch16"]), 10)
+    tuned = classifier_config(parse_finetune_args(["--model", "vit_base_patch16", "--finetune", "x.pd"]), 10)
+    assert (scratch["head_init_std"], tuned["head_init_std"]) == (0.02, 2e-5)
+    paddle.seed(0)
+    m = _classifier_from_flags("vit_base_patch16", {"embed_dim": 256})
+    np.testing.assert_allclose(m.head.weight.numpy().std(), 0.02, rtol=0.1)
+
+
+def test_probe_depth_truncates_the_encoder_model_args_describe():
+    from paddle_cae.engine.classifier import ModelArgsConflict, build_classifier
+
+    config = {"model": "bootmae_base_patch16_224", "num_classes": 10, "input_size": 16, "global_pool": True,
+              "model_args": dict(TINY_ARGS, depth=3), "probe": "standard", "depth": 2}
+    assert len(build_classifier(config).blocks) == 2
+    with pytest.raises(ModelArgsConflict, match="--depth 4 keeps more blocks"):
+        build_classifier(dict(config, depth=4))
