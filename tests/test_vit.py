@@ -300,3 +300,15 @@ def test_probe_depth_truncates_the_encoder_model_args_describe():
     assert len(build_classifier(config).blocks) == 2
     with pytest.raises(ModelArgsConflict, match="--depth 4 keeps more blocks"):
         build_classifier(dict(config, depth=4))
+
+
+def test_classifier_config_names_whose_transform_rules_the_run_follows():
+    from paddle_cae.engine.classifier import classifier_config
+    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+
+    for model, family in (("vit_base_patch16", "mae"), ("cae_base_patch16_224", "cae"),
+                          ("bootmae_base_patch16_224", "bootmae")):
+        assert classifier_config(parse_finetune_args(["--model", model]), 10)["transform_method"] == family
+        assert classifier_config(parse_linprobe_args(["--model", model]), 10)["transform_method"] is None
+    attentive = parse_linprobe_args(["--model", "cae_base_patch16_224", "--linear_type", "attentive"])
+    assert classifier_config(attentive, 10)["transform_method"] == "cae"

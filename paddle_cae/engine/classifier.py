@@ -5,7 +5,8 @@ Config keys: ``model`` (classifier name), ``num_classes``, ``input_size``, ``mod
 (extra constructor arguments), ``global_pool``, ``rel_pos_bias``, ``sin_pos_emb``,
 ``layer_scale_init_value``, ``init_scale``, ``drop_path``, ``probe`` (None, 'standard' or
 'attentive') and ``depth`` (blocks kept for probing), ``head_init_std`` (MAE: 2e-5 with
-``--finetune``, 0.02 from scratch), and the evaluation preprocessing ``mean``, ``std``, ``crop_pct``.
+``--finetune``, 0.02 from scratch), and the evaluation preprocessing ``mean``, ``std``, ``crop_pct``,
+``transform_method`` (see :func:`transform_method`).
 
 ``model_args`` and the named flags: a ``model_args`` key that a named flag also sets
 (``num_classes``, ``global_pool``, ``img_size``, ``drop_path_rate``, CAE's ``use_rel_pos_bias``,
@@ -19,6 +20,15 @@ from ..data.transforms import mean_std
 from ..models import create_model
 from ..models.probe import AttentiveProbe
 from ..runtime.finetune_args import classifier_family, classifier_name
+
+
+def transform_method(args):
+    """The method whose official ``build_transform`` a run's images follow: the fine-tune family
+    (and CAE's attentive probe, trained on that code path); None for the linear probe (MAE's)."""
+    family = classifier_family(classifier_name(args.model))
+    if getattr(args, "phase", "finetune") == "linprobe" and getattr(args, "linear_type", None) != "attentive":
+        return None
+    return family
 
 
 def classifier_config(args, num_classes):
@@ -41,6 +51,9 @@ def classifier_config(args, num_classes):
         "mean": list(mean_std(args.imagenet_default_mean_and_std)[0]),
         "std": list(mean_std(args.imagenet_default_mean_and_std)[1]),
         "crop_pct": getattr(args, "crop_pct", None),
+        # whose build_transform rules the evaluation preprocessing follows (data.transforms: the
+        # small-image branch and the default crop_pct of CAE/BootMAE); None: MAE's rules
+        "transform_method": transform_method(args),
         # MAE's main_finetune re-draws the head at std 2e-5 only after loading --finetune weights;
         # from scratch its head keeps timm's std 0.02 (CAE/BootMAE scale theirs by --init_scale)
         "head_init_std": (2e-5 if getattr(args, "finetune", "") else 0.02)
@@ -127,4 +140,4 @@ def encoder_of(model):
 
 
 __all__ = ["ModelArgsConflict", "build_classifier", "classifier_config", "constructor_kwargs",
-           "encoder_of"]
+           "encoder_of", "transform_method"]
