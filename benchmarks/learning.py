@@ -27,7 +27,7 @@ For each of CAE, MAE and BootMAE:
     python benchmarks/learning.py                        # the full run (see benchmarks/README.md for measured times)
     python benchmarks/learning.py --tokenizer dalle/     # CAE with the real DALL-E encoder.pkl
     python benchmarks/learning.py --quick                # smoke run: 1 epoch of a few batches
-    python benchmarks/learning.py --own_init_only        # only step 4 (no pretraining; ~3 min)
+    python benchmarks/learning.py --own_init_only        # only step 4 (no pretraining; ~4 min)
 
 Every run goes through the package's own entry points, in this process:
 ``paddle_cae.engine.pretrain_main.run`` (= ``main_pretrain.py``) and
