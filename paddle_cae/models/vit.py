@@ -129,8 +129,8 @@ class VisionTransformer(nn.Layer):
             trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
         if self.pos_embed_type == "learned":
             trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
-        if lin_probe:
-            trunc_normal_(self.head.linear.weight, std=0.01)
+        if lin_probe:  # MAE/CAE/BootMAE linear probes: timm trunc_normal_(std=0.01), +-2 absolute
+            trunc_normal_(self.head.linear.weight, std=0.01, a=-2.0, b=2.0)
             zeros_(self.head.linear.bias)
         elif isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=head_init_std, a=-2.0, b=2.0)
