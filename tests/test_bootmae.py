@@ -288,3 +288,40 @@ def test_bootmae_base_forward_backward_at_224_is_finite():
     assert all(p.grad is None for p in model.teacher.parameters())
     grad = model.decode_blocks_1[1].c_attn.kv.weight.grad
     assert grad is not None and np.isfinite(grad.numpy()).all()
+
+
+# ------------------------------------------------------------------- logged grad norm
+@pytest.mark.parametrize("accum,clip", [(1, None), (2, None), (2, 0.05)])
+def test_logged_grad_norm_is_the_one_the_official_loop_logs(accum, clip):
+    """The official loop (run_pretraining.train_one_epoch + utils.NativeScalerWithGradNormCount)
+    logs, on the step that updates, the L2 norm over ``model.parameters()`` that have a gradient
+    (the student only; the EMA teacher is a separate module), of the gradients accumulated from
+    ``loss / update_freq``, after unscaling, before clipping (``clip_grad_norm_`` returns the norm
+    it found). The stepper's ``grad_norm`` must be that number."""
+    from paddle_cae.engine.stepper import Stepper
+    from paddle_cae.runtime.amp import Precision
+
+    paddle.seed(0)
+    model, reference = tiny(), tiny()
+    reference.set_state_dict(model.state_dict())
+    reference.set_teacher_state_dict(model.teacher_state_dict())
+    images = paddle.randn([4, 3, 32, 32])
+    order = random_order(4, 16, seed=3)
+    per = 4 // accum
+
+    for k in range(accum):  # the official loop, written out
+        out = reference(images[k * per:(k + 1) * per], idx_shuffle=order[k * per:(k + 1) * per], epoch=400)
+        (out["loss"] / accum).backward()
+    grads = [p.grad.numpy() for p in reference.parameters() if p.grad is not None]
+    assert all(p.grad is None for p in reference.teacher.parameters())
+    official = float(np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads)))
+
+    optimizer = paddle.optimizer.SGD(learning_rate=0.0, parameters=model.parameters())
+    stepper = Stepper(model, optimizer, Precision(None), accum_iter=accum, clip_grad=clip)
+    for k in range(accum):
+        out = model(images[k * per:(k + 1) * per], idx_shuffle=order[k * per:(k + 1) * per], epoch=400)
+        info = stepper.backward(out["loss"], k)
+    assert info["stepped"]
+    np.testing.assert_allclose(info["grad_norm"], official, rtol=1e-5)
+    if clip:
+        assert official > clip  # the logged value is the norm before clipping

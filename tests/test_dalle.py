@@ -203,6 +203,39 @@ def test_state_dict_pth_and_pd_files_load_the_same_weights(tmp_path, reference):
     assert not (FIXTURE / "checkpoint.pd").exists()  # only .pkl conversions are cached
 
 
+def test_numpy_archive_of_the_state_dict_loads_the_same_weights(tmp_path, reference, encoder_pkl):
+    weights, case = reference
+    path = tmp_path / "dalle_encoder.npz"
+    np.savez(path, **{k: np.asarray(v) for k, v in weights.items()})
+    model = load_dalle_encoder(path, **TINY)
+    np.testing.assert_allclose(_logits(model, case), case["out_logits"], atol=5e-6, rtol=1e-5)
+    np.testing.assert_array_equal(_logits(model, case), _logits(load_dalle_encoder(encoder_pkl, **TINY), case))
+    assert not path.with_suffix(".pd").exists()  # only .pkl conversions are cached
+    half = tmp_path / "half.npz"  # the release stores its convs in float16: accepted, read as float32
+    np.savez_compressed(half, **{k: np.asarray(v).astype(np.float16) for k, v in weights.items()})
+    assert load_dalle_encoder(half, **TINY).blocks.input.w.dtype == paddle.float32
+    assert create_model("dalle_encoder_tiny", pretrained=str(path)) is not None
+
+
+def test_numpy_archive_that_is_not_an_encoder_or_not_numpy_is_refused(tmp_path, reference):
+    weights, _ = reference
+    missing = tmp_path / "missing.npz"
+    np.savez(missing, **{k: np.asarray(v) for k, v in weights.items() if k != "blocks.input.b"})
+    with pytest.raises(DalleWeightsError) as err:
+        load_dalle_encoder(missing, **TINY)
+    assert "blocks.input.b" in _assert_one_line_naming(err, missing)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(DalleWeightsError) as err:
+        load_dalle_encoder(garbage, **TINY)
+    _assert_one_line_naming(err, garbage)
+    pickled = tmp_path / "pickled.npz"  # object arrays would need pickle: refused, never unpickled
+    np.savez(pickled, **{"blocks.input.w": np.array([{"a": 1}], dtype=object)})
+    with pytest.raises(DalleWeightsError) as err:
+        load_dalle_encoder(pickled, **TINY)
+    _assert_one_line_naming(err, pickled)
+
+
 def test_missing_weights_file_raises_one_line_naming_it(tmp_path):
     path = tmp_path / "nowhere" / "encoder.pkl"
     with pytest.raises(FileNotFoundError) as err:

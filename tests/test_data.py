@@ -254,6 +254,58 @@ def test_every_randaugment_op_keeps_size_and_mode():
             assert out.size == img.size and out.mode == "RGB", name
 
 
+@pytest.mark.parametrize("level", [0.0, 10.0])
+def test_every_randaugment_op_runs_at_the_extreme_levels_on_the_installed_pillow(level):
+    from paddle_cae.data.transforms import RandAugment
+
+    img = Image.fromarray(np.random.RandomState(1).randint(0, 256, (24, 20, 3), dtype=np.uint8))
+    ra = RandAugment.from_string("rand-m9-mstd0.5-inc1")
+    for seed in range(2):  # both signs of the signed ops
+        with sample_rng(seed):
+            for name, (apply, level_to_args) in ra.ops:
+                out = apply(img, *level_to_args(level), fill=ra.fill, resample=ra.resample)
+                assert out.size == img.size and out.mode == "RGB", (name, level)
+
+
+def test_posterize_keeps_the_old_pillow_lut_down_to_zero_bits():
+    from paddle_cae.data.transforms import RandAugment
+
+    rgb = np.random.RandomState(2).randint(0, 256, (16, 16, 3), dtype=np.uint8)
+    img = Image.fromarray(rgb)
+    apply, level_to_args = dict(RandAugment().ops)["PosterizeIncreasing"]
+    assert level_to_args(10.0) == (0,) and level_to_args(0.0) == (4,)
+    for bits in range(0, 9):
+        mask = ~(2 ** (8 - bits) - 1)  # the LUT of Pillow's posterize before it refused bits=0
+        expected = rgb & np.uint8(mask & 0xFF)
+        out = apply(img, bits)
+        assert out.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(out), expected, err_msg=f"bits={bits}")
+    assert not np.asarray(apply(img, 0)).any()  # magnitude 10: black
+
+
+def test_randaugment_at_full_magnitude_runs_every_op():
+    from paddle_cae.data.transforms import RandAugment
+
+    img = _position_image(32)
+    ra = RandAugment(num_ops=2, magnitude=10.0, magnitude_std=0.0, op_prob=1.0)
+    for seed in range(40):  # 80 draws from 15 ops: every op comes up
+        with sample_rng(seed):
+            out = ra(img)
+        assert out.size == img.size and out.mode == "RGB"
+
+
+def test_a_failing_transform_names_the_image_instead_of_skipping_it(tmp_path):
+    _write_images(str(tmp_path / "a"), 2)
+
+    def broken(img):
+        raise ValueError("bits must be between or equal to 1 and 8")
+
+    ds = ImageFolder(str(tmp_path), transform=broken)
+    with pytest.raises(RuntimeError, match=r"img0\.png.*ValueError: bits must be"):
+        ds[0]
+    assert not ds.known_bad  # the file itself is fine: not remembered as unreadable
+
+
 def test_randaugment_is_reproducible_and_changes_images():
     from paddle_cae.data.transforms import RandAugment
 
@@ -322,3 +374,69 @@ def test_mixup_disabled_gives_plain_smoothed_targets():
     images, targets = Mixup(prob=0.0, num_classes=3, label_smoothing=0.0)(x, paddle.to_tensor([1, 2]))
     np.testing.assert_array_equal(images.numpy(), x.numpy())
     np.testing.assert_array_equal(targets.numpy(), [[0, 1, 0], [0, 0, 1]])
+
+
+# --------------------------------------------------------- small-image path (input <= 32)
+def test_random_crop_pads_with_black_and_keeps_a_window_of_the_padded_image():
+    from paddle_cae.data.transforms import RandomCrop
+
+    img = _position_image(32)
+    src = np.asarray(img).astype(np.int32)
+    padded = np.zeros((40, 40, 3), np.int32)
+    padded[4:36, 4:36] = src
+    offsets = set()
+    for seed in range(60):
+        with sample_rng(seed):
+            out = np.asarray(RandomCrop(32, padding=4)(img)).astype(np.int32)
+        assert out.shape == (32, 32, 3)
+        match = [(t, l) for t in range(9) for l in range(9) if np.array_equal(padded[t:t + 32, l:l + 32], out)]
+        assert len(match) == 1
+        offsets.add(match[0])
+    assert len(offsets) > 30 and min(offsets) >= (0, 0) and max(offsets) <= (8, 8)
+    assert any(t in (0, 8) or l in (0, 8) for t, l in offsets)  # the full offset range is used
+
+
+@pytest.mark.parametrize("method,size,small", [("cae", 32, True), ("bootmae", 32, True), ("bootmae", 16, True),
+                                               ("mae", 32, False), (None, 32, False), ("cae", 33, False),
+                                               ("bootmae", 224, False)])
+def test_finetune_and_eval_transforms_take_the_official_small_image_branch(method, size, small):
+    from paddle_cae.data.transforms import (RandAugment, RandomCrop, RandomErasing, RandomHorizontalFlip,
+                                            build_finetune_transform, small_image_path)
+
+    assert small_image_path(method, size) == small
+    train = build_finetune_transform(size, method=method)
+    kinds = [type(t) for t in train.transforms]
+    assert kinds[1:] == [RandomHorizontalFlip, RandAugment, ToTensor, Normalize, RandomErasing]  # rest unchanged
+    assert (kinds[0] is RandomCrop) == small and (kinds[0] is RandomResizedCrop) == (not small)
+    if small:
+        assert train.transforms[0].padding == 4 and train.transforms[0].size == (size, size)
+    evaluation = build_eval_transform(size, method=method)
+    assert [type(t) for t in evaluation.transforms] == ([ToTensor, Normalize] if small
+                                                        else [Resize, CenterCrop, ToTensor, Normalize])
+
+
+def test_small_image_eval_keeps_the_pixels_and_training_crops_at_full_scale():
+    from paddle_cae.data.transforms import build_finetune_transform
+
+    img = _position_image(32)
+    out = build_eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), method="bootmae")(img)
+    np.testing.assert_allclose(out, np.asarray(img).transpose(2, 0, 1) / 255.0, atol=1e-6)
+    resized = build_eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), method="mae")(img)
+    assert not np.allclose(resized, out, atol=1e-3)  # MAE resizes to 36 and centre-crops
+    train = build_finetune_transform(32, mean=(0, 0, 0), std=(1, 1, 1), auto_augment=None, reprob=0,
+                                     method="cae")
+    with sample_rng(3):
+        chw = train(img)
+    # a shifted window of the original pixels (no rescaling): every value is one of the image's or 0
+    values = set(np.unique(np.round(chw[0] * 255)).astype(int))
+    assert values <= set(np.unique(np.asarray(img)[..., 0]).astype(int)) | {0}
+
+
+@pytest.mark.parametrize("method,size,pct", [("mae", 224, 0.875), ("mae", 256, 1.0), ("cae", 256, 0.875),
+                                             ("bootmae", 383, 0.875), ("bootmae", 384, 1.0), (None, 256, 1.0)])
+def test_default_eval_crop_fraction_follows_each_official_build_transform(method, size, pct):
+    from paddle_cae.data.transforms import default_crop_pct
+
+    assert default_crop_pct(size, method) == pytest.approx(pct)
+    resize = build_eval_transform(size, method=method).transforms[0]
+    assert resize.size == int(size / pct)

@@ -63,3 +63,21 @@ def test_probe_depth_keeps_only_the_first_blocks():
     report = load_pretrained(model, demo_runs()["pretrain"])
     assert any(k.startswith("blocks.1.") for k, _ in report.ignored)
     assert not any(k.startswith("blocks.0.") for k in report.initialised)
+
+
+def test_probe_heads_are_drawn_untruncated_as_the_official_scripts_do():
+    """MAE/CAE/BootMAE linear probes: timm trunc_normal_(std=0.01), bounds +-2 absolute; CAE's
+    attentive probe: head N(0, 0.01), attentive-block Linears timm trunc_normal_(std=0.02). A
+    draw truncated at +-2 std would have std 0.88x and no value beyond 2 std."""
+    paddle.seed(0)
+    base = {"model": "cae_base_patch16_224", "num_classes": 1000, "input_size": 32, "global_pool": False,
+            "model_args": {"patch_size": 8, "embed_dim": 256, "depth": 1, "num_heads": 4}}
+    heads = {"standard": build_classifier(dict(base, probe="standard")).head.linear.weight.numpy(),
+             "attentive": build_classifier(dict(base, probe="attentive")).head.linear.weight.numpy()}
+    for kind, w in heads.items():
+        np.testing.assert_allclose(w.std(), 0.01, rtol=0.02, err_msg=kind)
+        assert np.abs(w).max() > 3 * 0.01, kind
+    block = build_classifier(dict(base, probe="attentive")).attentive_block
+    linears = np.concatenate([l.weight.numpy().ravel() for l in block.sublayers()
+                              if isinstance(l, paddle.nn.Linear)])
+    np.testing.assert_allclose(linears.std(), 0.02, rtol=0.02)

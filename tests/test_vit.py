@@ -145,3 +145,170 @@ def test_cae_fixed_position_table_is_not_trained():
     model(paddle.randn([2, 3, 32, 32])).sum().backward()
     assert model.pos_embed.stop_gradient and model.pos_embed.grad is None
     assert model.blocks[0].attn.relative_position_bias_table.grad is not None
+
+
+# ------------------------------------------------------------ classifier initialisation
+def _tiny(name, **kw):
+    cfg = dict(num_classes=10, img_size=16, patch_size=4, embed_dim=48, depth=4, num_heads=4)
+    cfg.update(kw)
+    return create_model(name, **cfg)
+
+
+@pytest.mark.parametrize("name,fix_init", [("vit_base_patch16", False), ("cae_base_patch16_224", True),
+                                           ("bootmae_base_patch16_224", True)])
+def test_classifier_init_follows_the_official_class(name, fix_init):
+    """Linears N(0, 0.02) (timm trunc_normal_ with +-2 absolute bounds), the patch conv at
+    PyTorch's default U(+-1/sqrt(fan_in)), proj/fc2 of block l divided by sqrt(2l) (CAE, BootMAE)."""
+    paddle.seed(0)
+    model = create_model(name, num_classes=10, img_size=64, patch_size=8, embed_dim=256, depth=3,
+                         num_heads=4)
+    fc1 = np.concatenate([b.mlp.fc1.weight.numpy().ravel() for b in model.blocks])
+    np.testing.assert_allclose(fc1.std(), 0.02, rtol=0.02)
+    assert np.abs(fc1).max() > 3 * 0.02  # not truncated at 1 or 2 std
+    for layer_id, blk in enumerate(model.blocks, start=1):
+        scale = np.sqrt(2.0 * layer_id) if fix_init else 1.0
+        for w in (blk.attn.proj.weight.numpy(), blk.mlp.fc2.weight.numpy()):
+            np.testing.assert_allclose(w.std() * scale, 0.02, rtol=0.05)
+    conv = model.patch_embed.proj
+    bound = 1 / np.sqrt(3 * 8 * 8)
+    for p in (conv.weight.numpy(), conv.bias.numpy()):
+        assert np.abs(p).max() <= bound and np.abs(p).max() > 0.8 * bound
+    np.testing.assert_allclose(conv.weight.numpy().std(), bound / np.sqrt(3), rtol=0.03)
+    cls_std = model.cls_token.numpy().std()
+    assert (cls_std < 1e-5) if name.startswith("bootmae") else (0.01 < cls_std < 0.03)
+
+
+def _separable_batch(step, n=32, size=16):
+    templates = np.random.RandomState(123).randn(10, 3, size, size).astype("float32")
+    rs = np.random.RandomState(step)
+    y = rs.randint(0, 10, n)
+    x = templates[y] + 0.5 * rs.randn(n, 3, size, size).astype("float32")
+    return paddle.to_tensor(x), paddle.to_tensor(y)
+
+
+@pytest.mark.parametrize("method", ["bootmae", "cae"])
+def test_classifier_from_its_own_init_learns_under_the_recipe_optimizer(method):
+    """The fine-tune recipe's optimizer (AdamW, layer decay, weight decay, betas, at the peak lr
+    2e-3) on the classifier's own initialisation (no --finetune) lowers the training loss on an
+    easy problem. With the previous init (+-1 std truncation everywhere, also on the 4x4 patch
+    conv) the loss stayed at ln 10 for BootMAE and CAE."""
+    import paddle.nn.functional as F
+
+    from paddle_cae.engine.classifier import build_classifier, classifier_config
+    from paddle_cae.engine.classify_main import build_run_optimizer
+    from paddle_cae.runtime.finetune_args import parse_finetune_args
+
+    recipe = f"configs/finetune/{method}_base_patch16_224.yaml"
+    args = parse_finetune_args(["--config", recipe, "--lr", "2e-3", "--input_size", "16", "--drop_path", "0",
+                                "--model_args", '{"patch_size": 4, "embed_dim": 48, "depth": 4, "num_heads": 4}'])
+    args.abs_lr = args.lr
+    paddle.seed(0)
+    model = build_classifier(classifier_config(args, 10))
+    optimizer = build_run_optimizer(args, model)
+    assert min(g["lr_scale"] for g in optimizer.param_groups) < 0.2  # layer decay is on
+    losses = []
+    for step in range(40):
+        x, y = _separable_batch(step)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        losses.append(float(loss))
+    assert abs(np.mean(losses[:3]) - np.log(10)) < 0.05  # head starts at ~0: chance
+    assert np.mean(losses[-5:]) < 0.5 * np.log(10), losses  # ~0.6-0.8 here; the old init 1.65-1.9
+
+
+# ------------------------------------------------- --model_args against the named flags
+TINY_ARGS = {"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}
+
+
+def _classifier_from_flags(model, model_args, *flags, num_classes=10):
+    import json
+
+    from paddle_cae.engine.classifier import build_classifier, classifier_config
+    from paddle_cae.runtime.finetune_args import parse_finetune_args
+
+    args = parse_finetune_args(["--model", model, "--input_size", "16",
+                                "--model_args", json.dumps(dict(TINY_ARGS, **model_args)), *flags])
+    return build_classifier(classifier_config(args, num_classes))
+
+
+@pytest.mark.parametrize("model", ["vit_base_patch16", "cae_base_patch16_224", "bootmae_base_patch16_224"])
+def test_model_args_that_agree_with_the_named_flags_are_accepted(model):
+    m = _classifier_from_flags(model, {"num_classes": 10, "global_pool": True, "img_size": 16})
+    assert m.head.weight.shape == [16, 10] and m.global_pool
+    m = _classifier_from_flags(model, {"global_pool": False}, "--cls_token")
+    assert not m.global_pool and m.fc_norm is None
+
+
+@pytest.mark.parametrize("model_args,flags,names", [
+    ({"num_classes": 5}, (), ("'num_classes': 5", "--nb_classes", "10")),
+    ({"global_pool": False}, (), ("'global_pool': False", "--global_pool")),
+    ({"global_pool": True}, ("--cls_token",), ("'global_pool': True", "--global_pool")),
+    ({"img_size": 32}, (), ("'img_size': 32", "--input_size", "16")),
+    ({"drop_path_rate": 0.3}, ("--drop_path", "0.1"), ("'drop_path_rate': 0.3", "--drop_path")),
+    ({"init_scale": 1.0}, (), ("'init_scale': 1.0", "--init_scale", "0.001")),
+])
+def test_model_args_that_contradict_a_named_flag_name_both(model_args, flags, names):
+    from paddle_cae.engine.classifier import ModelArgsConflict
+
+    with pytest.raises(ModelArgsConflict) as err:
+        _classifier_from_flags("bootmae_base_patch16_224", model_args, *flags)
+    assert isinstance(err.value, ValueError)  # the entry points print it as one line
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_cae_layer_scale_in_model_args_must_match_the_flag():
+    from paddle_cae.engine.classifier import ModelArgsConflict
+
+    m = _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.1}, "--layer_scale_init_value", "0.1")
+    np.testing.assert_allclose(m.blocks[0].gamma_1.numpy(), 0.1)
+    m = _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.2})  # flag not set: model_args
+    np.testing.assert_allclose(m.blocks[0].gamma_1.numpy(), 0.2)
+    with pytest.raises(ModelArgsConflict, match="--layer_scale_init_value"):
+        _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.2}, "--layer_scale_init_value", "0.1")
+
+
+def test_finetune_entry_point_reports_a_model_args_conflict_in_one_line(capsys):
+    from paddle_cae.engine.classify_main import main
+
+    rc = main(["--model", "bootmae_base_patch16_224", "--input_size", "32", "--num_workers", "0",
+               "--model_args", '{"num_classes": 3, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}',
+               "--output_dir", "/nonexistent/never_written", "--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "'num_classes': 3" in err[0] and "--nb_classes" in err[0]
+
+
+def test_mae_head_init_std_depends_on_finetune():
+    from paddle_cae.engine.classifier import classifier_config
+    from paddle_cae.runtime.finetune_args import parse_finetune_args
+
+    scratch = classifier_config(parse_finetune_args(["--model", "vit_base_patch16"]), 10)
+    tuned = classifier_config(parse_finetune_args(["--model", "vit_base_patch16", "--finetune", "x.pd"]), 10)
+    assert (scratch["head_init_std"], tuned["head_init_std"]) == (0.02, 2e-5)
+    paddle.seed(0)
+    m = _classifier_from_flags("vit_base_patch16", {"embed_dim": 256})
+    np.testing.assert_allclose(m.head.weight.numpy().std(), 0.02, rtol=0.1)
+
+
+def test_probe_depth_truncates_the_encoder_model_args_describe():
+    from paddle_cae.engine.classifier import ModelArgsConflict, build_classifier
+
+    config = {"model": "bootmae_base_patch16_224", "num_classes": 10, "input_size": 16, "global_pool": True,
+              "model_args": dict(TINY_ARGS, depth=3), "probe": "standard", "depth": 2}
+    assert len(build_classifier(config).blocks) == 2
+    with pytest.raises(ModelArgsConflict, match="--depth 4 keeps more blocks"):
+        build_classifier(dict(config, depth=4))
+
+
+def test_classifier_config_names_whose_transform_rules_the_run_follows():
+    from paddle_cae.engine.classifier import classifier_config
+    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+
+    for model, family in (("vit_base_patch16", "mae"), ("cae_base_patch16_224", "cae"),
+                          ("bootmae_base_patch16_224", "bootmae")):
+        assert classifier_config(parse_finetune_args(["--model", model]), 10)["transform_method"] == family
+        assert classifier_config(parse_linprobe_args(["--model", model]), 10)["transform_method"] is None
+    attentive = parse_linprobe_args(["--model", "cae_base_patch16_224", "--linear_type", "attentive"])
+    assert classifier_config(attentive, 10)["transform_method"] == "cae"

@@ -138,7 +138,17 @@ class ImageFolder:
 
     def __getitem__(self, index):
         img, used, replaced = self._load(int(index))
-        out = self.transform(img) if self.transform is not None else np.asarray(img)
+        if self.transform is None:
+            out = np.asarray(img)
+        else:
+            try:
+                out = self.transform(img)
+            except Exception as err:
+                # Not a decoding problem (the file was read): a bug or an unsupported setting in the
+                # pipeline. Name the image and the pipeline, and stop rather than skip the sample.
+                raise RuntimeError(
+                    f"the transform failed on image '{self.samples[used][0]}' ({img.mode} {img.size[0]}x"
+                    f"{img.size[1]}): {type(err).__name__}: {err}; transform: {self.transform!r}") from err
         sample = dict(out) if isinstance(out, dict) else {"images": out}
         sample["labels"] = np.int64(self.samples[used][1])
         sample["replaced"] = np.int64(replaced)

@@ -267,6 +267,34 @@ class CenterCrop:
         return f"CenterCrop(size={self.size})"
 
 
+class RandomCrop:
+    """torchvision ``RandomCrop(size, padding)`` with its defaults: pad every side by ``padding``
+    black pixels, then crop ``size`` at a uniformly drawn offset (top in 0..H-h, left in 0..W-w)."""
+
+    def __init__(self, size, padding=4):
+        self.size = _pair(size)
+        self.padding = int(padding)
+
+    def __call__(self, img):
+        if self.padding:
+            width, height = img.size
+            p = self.padding
+            canvas = Image.new(img.mode, (width + 2 * p, height + 2 * p))  # zeros: black
+            canvas.paste(img, (p, p))
+            img = canvas
+        width, height = img.size
+        th, tw = self.size
+        if th > height or tw > width:
+            raise ValueError(f"RandomCrop: crop size {th}x{tw} is larger than the padded image "
+                             f"{height}x{width}")
+        rng = python_rng()
+        top, left = rng.randint(0, height - th), rng.randint(0, width - tw)
+        return img.crop((left, top, left + tw, top + th))
+
+    def __repr__(self):
+        return f"RandomCrop(size={self.size}, padding={self.padding})"
+
+
 class ToTensor:
     """PIL RGB image -> float32 ``[3, H, W]`` in [0, 1]."""
 
@@ -497,12 +525,35 @@ def build_pretrain_transform(method, args, mask_generator=None):
 
 
 # ----------------------------------------------------------------------- eval / probing
+SMALL_IMAGE_METHODS = ("cae", "bootmae")
+
+
+def small_image_path(method, input_size):
+    """True where the official fine-tune ``build_transform`` takes its small-image branch: CAE and
+    BootMAE (BEiT's code) for ``input_size <= 32`` (CIFAR-style data). Training then starts with
+    ``RandomCrop(input_size, padding=4)`` instead of the random resized crop, and evaluation
+    skips the resize and centre crop. MAE's ``build_transform`` has no such branch."""
+    return method in SMALL_IMAGE_METHODS and int(input_size) <= 32
+
+
+def default_crop_pct(input_size, method=None):
+    """The evaluation crop fraction when ``--crop_pct`` is unset: 224/256 below the method's
+    threshold, else 1. MAE: up to 224 px; CAE and BootMAE (BEiT's code): below 384 px."""
+    if method in SMALL_IMAGE_METHODS:
+        return 224 / 256 if input_size < 384 else 1.0
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
 def build_eval_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                         crop_pct=None, interpolation="bicubic"):
-    """Resize the shorter side to input_size / crop_pct (crop_pct 0.875 up to 224 px, else 1)
-    and centre-crop input_size."""
+                         crop_pct=None, interpolation="bicubic", method=None):
+    """Resize the shorter side to input_size / crop_pct (default :func:`default_crop_pct`) and
+    centre-crop input_size. ``method`` ('mae', 'cae', 'bootmae'; None = MAE's rules) selects the
+    official per-method rules: CAE/BootMAE at ``input_size <= 32`` only convert and normalise
+    (see :func:`small_image_path`)."""
+    if small_image_path(method, input_size):
+        return Compose([ToTensor(), Normalize(mean, std)])
     if crop_pct is None:
-        crop_pct = 224 / 256 if input_size <= 224 else 1.0
+        crop_pct = default_crop_pct(input_size, method)
     return Compose([
         Resize(int(input_size / crop_pct), interpolation),
         CenterCrop(input_size),
@@ -540,6 +591,21 @@ def _enhance(kind):
     return lambda img, factor, **_: enhancer(img).enhance(factor)
 
 
+def _posterize(img, bits, **_):
+    """Keep the ``bits`` high bits of every channel. ``bits >= 8`` is the identity (as in timm).
+    ``bits == 0`` gives the all-black image that older Pillow returned (its LUT masked every value
+    with ``~(2 ** 8 - 1)`` = 0); current Pillow (13) rejects 0, so that case is written out here.
+    RandAugment's ``PosterizeIncreasing`` reaches 0 bits at magnitude 10."""
+    from PIL import ImageOps
+
+    bits = int(bits)
+    if bits >= 8:
+        return img
+    if bits <= 0:
+        return img.point([0] * (256 * len(img.getbands())))
+    return ImageOps.posterize(img, bits)
+
+
 def _solarize_add(img, add, threshold=128, **_):
     lut = [min(255, i + add) if i < threshold else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -557,7 +623,7 @@ def _ops():
         "Invert": (lambda img, **_: ImageOps.invert(img), lambda level: ()),
         "Rotate": (lambda img, degrees, fill, resample: img.rotate(degrees, resample=resample, fillcolor=fill),
                    lambda level: (_signed(level / _MAX_LEVEL * 30.0),)),
-        "PosterizeIncreasing": (lambda img, bits, **_: img if bits >= 8 else ImageOps.posterize(img, bits),
+        "PosterizeIncreasing": (_posterize,
                                 lambda level: (4 - int(level / _MAX_LEVEL * 4),)),
         "SolarizeIncreasing": (lambda img, threshold, **_: ImageOps.solarize(img, threshold),
                                lambda level: (256 - int(level / _MAX_LEVEL * 256),)),
@@ -687,10 +753,16 @@ class RandomErasing:
 
 def build_finetune_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                              auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, scale=(0.08, 1.0),
-                             interpolation="bicubic"):
+                             interpolation="bicubic", method=None):
     """Fine-tune training: crop (bicubic) -> flip -> RandAugment -> ToTensor -> Normalize ->
-    RandomErasing. ``auto_augment``/``reprob`` None or 0 turn those steps off."""
-    steps = [RandomResizedCrop(input_size, scale=scale, interpolation=interpolation), RandomHorizontalFlip()]
+    RandomErasing. ``auto_augment``/``reprob`` None or 0 turn those steps off. ``method``
+    ('mae', 'cae', 'bootmae'; None = MAE's rules): for CAE/BootMAE at ``input_size <= 32`` the
+    first step is ``RandomCrop(input_size, padding=4)`` (:func:`small_image_path`)."""
+    if small_image_path(method, input_size):
+        first = RandomCrop(input_size, padding=4)
+    else:
+        first = RandomResizedCrop(input_size, scale=scale, interpolation=interpolation)
+    steps = [first, RandomHorizontalFlip()]
     if auto_augment:
         fill = tuple(min(255, round(255 * m)) for m in mean)
         steps.append(RandAugment.from_string(auto_augment, fill=fill))

@@ -4,7 +4,15 @@ in every checkpoint, so inference rebuilds exactly the same network.
 Config keys: ``model`` (classifier name), ``num_classes``, ``input_size``, ``model_args``
 (extra constructor arguments), ``global_pool``, ``rel_pos_bias``, ``sin_pos_emb``,
 ``layer_scale_init_value``, ``init_scale``, ``drop_path``, ``probe`` (None, 'standard' or
-'attentive') and ``depth`` (blocks kept for probing), and the evaluation preprocessing ``mean``, ``std``, ``crop_pct``.
+'attentive') and ``depth`` (blocks kept for probing), ``head_init_std`` (MAE: 2e-5 with
+``--finetune``, 0.02 from scratch), and the evaluation preprocessing ``mean``, ``std``, ``crop_pct``,
+``transform_method`` (see :func:`transform_method`).
+
+``model_args`` and the named flags: a ``model_args`` key that a named flag also sets
+(``num_classes``, ``global_pool``, ``img_size``, ``drop_path_rate``, CAE's ``use_rel_pos_bias``,
+``pos_embed_type`` and ``init_values``, ``init_scale``, ``lin_probe``) must agree with the flag's
+value; a disagreement is an error naming the key and the flag. ``depth`` is the exception: a
+probe's ``--depth`` keeps the first blocks of the encoder ``model_args`` describes (never more).
 """
 import paddle
 
@@ -12,6 +20,15 @@ from ..data.transforms import mean_std
 from ..models import create_model
 from ..models.probe import AttentiveProbe
 from ..runtime.finetune_args import classifier_family, classifier_name
+
+
+def transform_method(args):
+    """The method whose official ``build_transform`` a run's images follow: the fine-tune family
+    (and CAE's attentive probe, trained on that code path); None for the linear probe (MAE's)."""
+    family = classifier_family(classifier_name(args.model))
+    if getattr(args, "phase", "finetune") == "linprobe" and getattr(args, "linear_type", None) != "attentive":
+        return None
+    return family
 
 
 def classifier_config(args, num_classes):
@@ -34,23 +51,74 @@ def classifier_config(args, num_classes):
         "mean": list(mean_std(args.imagenet_default_mean_and_std)[0]),
         "std": list(mean_std(args.imagenet_default_mean_and_std)[1]),
         "crop_pct": getattr(args, "crop_pct", None),
+        # whose build_transform rules the evaluation preprocessing follows (data.transforms: the
+        # small-image branch and the default crop_pct of CAE/BootMAE); None: MAE's rules
+        "transform_method": transform_method(args),
+        # MAE's main_finetune re-draws the head at std 2e-5 only after loading --finetune weights;
+        # from scratch its head keeps timm's std 0.02 (CAE/BootMAE scale theirs by --init_scale)
+        "head_init_std": (2e-5 if getattr(args, "finetune", "") else 0.02)
+        if classifier_family(classifier_name(args.model)) == "mae" and probe is None else None,
     }
 
 
+class ModelArgsConflict(ValueError):
+    """A ``--model_args`` key disagrees with the named flag that sets the same constructor argument."""
+
+
+def _same(a, b):
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        def pair(v):
+            return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+        return pair(a) == pair(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return bool(a) == bool(b)
+    return a == b
+
+
+def _merge_flag(kwargs, key, value, flag):
+    """Set constructor argument ``key`` from a named flag. Rule: a ``--model_args`` key that a named
+    flag also sets must agree with it (the flag's value after its method default); otherwise it is
+    an error naming both. The flag's value is then used."""
+    if key in kwargs and not _same(kwargs[key], value):
+        raise ModelArgsConflict(
+            f"--model_args sets '{key}': {kwargs[key]!r} but {flag} gives {value!r}; the named flag sets "
+            f"this argument: remove '{key}' from --model_args or change {flag} so they agree")
+    kwargs[key] = value
+
+
 def constructor_kwargs(config, for_training=True):
+    """Constructor arguments of the classifier: ``model_args`` merged with the named flags (see
+    :func:`_merge_flag` for the rule) plus ``num_classes``, ``global_pool`` and ``lin_probe``."""
     family = classifier_family(config["model"])
     kwargs = dict(config.get("model_args") or {})
-    kwargs["img_size"] = config["input_size"]
-    kwargs["drop_path_rate"] = config.get("drop_path", 0.0) if for_training else 0.0
+    _merge_flag(kwargs, "num_classes", int(config["num_classes"]),
+                "--nb_classes (default: the number of class folders)")
+    _merge_flag(kwargs, "global_pool", bool(config["global_pool"]),
+                "--global_pool / --cls_token (its method default when not given)")
+    _merge_flag(kwargs, "img_size", config["input_size"], "--input_size")
+    if for_training:
+        _merge_flag(kwargs, "drop_path_rate", config.get("drop_path", 0.0), "--drop_path")
+    else:
+        kwargs["drop_path_rate"] = 0.0  # evaluation and inference: no stochastic depth
     if family == "cae":
-        kwargs["use_rel_pos_bias"] = config.get("rel_pos_bias", True)
-        kwargs["pos_embed_type"] = "sincos" if config.get("sin_pos_emb", True) else "none"
+        _merge_flag(kwargs, "use_rel_pos_bias", bool(config.get("rel_pos_bias", True)),
+                    "--rel_pos_bias / --disable_rel_pos_bias (its method default when not given)")
+        _merge_flag(kwargs, "pos_embed_type", "sincos" if config.get("sin_pos_emb", True) else "none",
+                    "--sin_pos_emb")
         if config.get("layer_scale_init_value") is not None:
-            kwargs["init_values"] = config["layer_scale_init_value"] or None
+            _merge_flag(kwargs, "init_values", config["layer_scale_init_value"] or None,
+                        "--layer_scale_init_value")
     if family in ("cae", "bootmae"):
-        kwargs["init_scale"] = config.get("init_scale", 0.001)
-    if config.get("depth"):
-        kwargs["depth"] = int(config["depth"])
+        _merge_flag(kwargs, "init_scale", config.get("init_scale", 0.001), "--init_scale")
+    if config.get("head_init_std") is not None and family == "mae":
+        kwargs.setdefault("head_init_std", config["head_init_std"])
+    if config.get("depth"):  # probing keeps the first --depth blocks of the encoder model_args describe
+        keep = int(config["depth"])
+        if "depth" in kwargs and keep > int(kwargs["depth"]):
+            raise ModelArgsConflict(f"--depth {keep} keeps more blocks than the encoder has "
+                                    f"(--model_args 'depth': {kwargs['depth']})")
+        kwargs["depth"] = keep
+    _merge_flag(kwargs, "lin_probe", config.get("probe") == "standard", "--linear_type standard")
     return kwargs
 
 
@@ -60,11 +128,10 @@ def build_classifier(config, for_training=True):
     kwargs = constructor_kwargs(config, for_training)
     with paddle.utils.unique_name.guard():
         if config.get("probe") == "attentive":
-            backbone = create_model(config["model"], num_classes=0, global_pool=False, **kwargs)
+            kwargs.update(num_classes=0, global_pool=False, lin_probe=False)  # the backbone of the probe
+            backbone = create_model(config["model"], **kwargs)
             return AttentiveProbe(backbone, config["num_classes"])
-        return create_model(config["model"], num_classes=config["num_classes"],
-                            global_pool=config["global_pool"],
-                            lin_probe=config.get("probe") == "standard", **kwargs)
+        return create_model(config["model"], **kwargs)
 
 
 def encoder_of(model):
@@ -72,4 +139,5 @@ def encoder_of(model):
     return getattr(model, "backbone", model)
 
 
-__all__ = ["build_classifier", "classifier_config", "constructor_kwargs", "encoder_of"]
+__all__ = ["ModelArgsConflict", "build_classifier", "classifier_config", "constructor_kwargs",
+           "encoder_of", "transform_method"]

@@ -267,10 +267,13 @@ def _read_state(path):
         elif suffix in (".pd", ".pdparams"):
             from ..runtime.checkpoint import load_checkpoint
             obj = load_checkpoint(path)
+        elif suffix == ".npz":  # np.savez(path, **state_dict): how weights travel without torch
+            with np.load(path, allow_pickle=False) as archive:
+                obj = {key: archive[key] for key in archive.files}
         else:
             raise DalleWeightsError(
                 f"{path}: unknown DALL-E weight file type '{suffix}' (expected encoder.pkl, a .pth "
-                "state dict or a converted .pd)")
+                "state dict, a numpy .npz of that state dict or a converted .pd)")
     except DalleWeightsError:
         raise
     except ImportError as err:
@@ -296,7 +299,8 @@ def _cache_path(path, cache_dir):
 def load_dalle_encoder(path, cache_dir=None, **arch):
     """Build a :class:`DalleEncoder` (``arch`` overrides the release architecture) and load
     the weights in ``path``: the official ``encoder.pkl`` (pickled module), a ``.pth``
-    state dict, or a converted ``.pd``. Keys and shapes are checked strictly, so a missing,
+    state dict, a numpy ``.npz`` archive of the same state dict (one array per key, e.g.
+    ``np.savez(path, **state_dict)``; read without pickle), or a converted ``.pd``. Keys and shapes are checked strictly, so a missing,
     truncated or wrong file raises :class:`DalleWeightsError` (one line naming the file)
     instead of leaving the tokenizer random.
 
@@ -308,7 +312,7 @@ def load_dalle_encoder(path, cache_dir=None, **arch):
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: DALL-E encoder weights not found (download encoder.pkl from {RELEASE_URL}, "
-            "or give a .pth state dict / converted .pd)")
+            "or give a .pth state dict / .npz / converted .pd)")
 
     state = None
     cache = _cache_path(path, cache_dir) if path.suffix.lower() == ".pkl" else None
@@ -340,7 +344,7 @@ def _write_cache(cache, state, source):
 @register_model("tokenizer")
 def dalle_encoder(pretrained=None, **kwargs):
     """The released DALL-E encoder (n_hid 256, 2 blocks per group, vocab 8192); with
-    ``pretrained`` (encoder.pkl / .pth / .pd) its weights are loaded and checked."""
+    ``pretrained`` (encoder.pkl / .pth / .npz / .pd) its weights are loaded and checked."""
     if pretrained:
         return load_dalle_encoder(pretrained, **kwargs)
     return DalleEncoder(**dict(RELEASE_ARCH, **kwargs))

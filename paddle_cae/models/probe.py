@@ -10,7 +10,7 @@ statistics in eval mode.
 import paddle.nn as nn
 
 from .cae import CrossAttention
-from .layers import LN_EPS, layer_norm, trunc_normal_, zeros_
+from .layers import LN_EPS, layer_norm, normal_, trunc_normal_, zeros_
 from .vit import LinearProbeHead
 
 
@@ -44,12 +44,14 @@ class AttentiveProbe(nn.Layer):
         heads = backbone.blocks[0].attn.num_heads
         self.attentive_block = AttentiveBlock(dim, heads)
         self.head = LinearProbeHead(dim, num_classes, eps=bn_eps)
+        # CAE: the attentive block's Linears take the model's timm trunc_normal_(std=0.02), whose
+        # +-2 bounds are absolute (untruncated in effect); run_attentive draws the head N(0, 0.01)
         for layer in self.attentive_block.sublayers():
             if isinstance(layer, nn.Linear):
-                trunc_normal_(layer.weight, std=0.02)
+                trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
                 if layer.bias is not None:
                     zeros_(layer.bias)
-        trunc_normal_(self.head.linear.weight, std=0.01)
+        normal_(self.head.linear.weight, std=0.01)
         zeros_(self.head.linear.bias)
 
     @property

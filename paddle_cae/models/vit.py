@@ -11,16 +11,27 @@ the registered constructors below (the official model names):
 | init_values       | none                  | 0.1 (layer scale)       | none                 |
 | pooling           | mean + fc_norm / cls  | mean + fc_norm / cls    | mean + fc_norm / cls |
 """
+import math
 import re
 
 import paddle
 import paddle.nn as nn
 
 from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, init_linears_and_norms,
-                     layer_norm, lazy_init_active, normal_, trunc_normal_, xavier_uniform_,
-                     zeros_)
+                     layer_norm, lazy_init_active, normal_, trunc_normal_, zeros_)
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
+
+
+def torch_default_conv_init_(conv):
+    """PyTorch's default Conv2d init: kaiming-uniform with a = sqrt(5), i.e. weight and bias
+    U(+-1/sqrt(fan_in)), fan_in = in_channels * kh * kw (Paddle weight [out, in, kh, kw])."""
+    w = conv.weight
+    bound = 1.0 / math.sqrt(w.shape[1] * w.shape[2] * w.shape[3])
+    w.set_value(paddle.uniform(w.shape, dtype="float32", min=-bound, max=bound).astype(w.dtype))
+    if conv.bias is not None:
+        conv.bias.set_value(paddle.uniform(conv.bias.shape, dtype="float32", min=-bound,
+                                           max=bound).astype(conv.bias.dtype))
 
 
 class VisionTransformer(nn.Layer):
@@ -81,34 +92,48 @@ class VisionTransformer(nn.Layer):
 
     # ------------------------------------------------------------------ init
     def _init_weights(self, style, head_init_std, init_scale, lin_probe):
+        """The initialisation of the official classifier class (what a run without ``--finetune``
+        trains from; with ``--finetune`` only the parts the checkpoint does not fill matter).
+
+        * every Linear weight: timm ``trunc_normal_(std=0.02)``, whose bounds are +-2 ABSOLUTE,
+          i.e. an untruncated N(0, 0.02) in effect (the three official classes import timm's
+          function directly; only the pretraining models use BEiT's +-1 std wrapper); bias 0;
+          LayerNorm 1 / 0;
+        * the patch-embedding conv keeps PyTorch's default Conv2d init (none of the official
+          ``_init_weights`` touches a conv): weight and bias U(+-1/sqrt(C p^2));
+        * CAE and BootMAE (``fix_init_weight``): ``attn.proj`` and ``mlp.fc2`` weights of block
+          ``l`` (1-based) divided by sqrt(2 l);
+        * cls token: MAE and CAE timm trunc-normal 0.02 (untruncated in effect), BootMAE N(0, 1e-6);
+          MAE's learned position table trunc-normal 0.02;
+        * head: N(0, ``head_init_std``), bias 0, both multiplied by ``init_scale`` (CAE, BootMAE).
+
+        Earlier versions truncated at +-1 std and gave the conv that init too (std ~0.011 instead
+        of 1/sqrt(3 C p^2)): with small patches the patch content was then a few percent of the
+        fixed sin-cos table, and under layer decay a BootMAE/CAE classifier trained from its own
+        init did not learn at all."""
         if lazy_init_active():  # under paddle.LazyGuard nothing is materialised yet
             return
+
         def linear_weight(_, weight):
-            if style == "mae":
-                xavier_uniform_(weight)
-            else:  # BEiT: truncated at +-1 std
-                trunc_normal_(weight, std=0.02, a=-0.02, b=0.02)
+            trunc_normal_(weight, std=0.02, a=-2.0, b=2.0)
 
         init_linears_and_norms(self, linear_weight)
-        w = self.patch_embed.proj.weight
-        if style == "mae":
-            xavier_uniform_(w, fan_in=w.shape[1] * w.shape[2] * w.shape[3], fan_out=w.shape[0])
-        else:
-            trunc_normal_(w, std=0.02, a=-0.02, b=0.02)
-            zeros_(self.patch_embed.proj.bias)
+        torch_default_conv_init_(self.patch_embed.proj)
+        if style in ("beit", "bootmae"):  # fix_init_weight
+            for layer_id, blk in enumerate(self.blocks, start=1):
+                for weight in (blk.attn.proj.weight, blk.mlp.fc2.weight):
+                    weight.set_value(weight / math.sqrt(2.0 * layer_id))
         if style == "bootmae":
             normal_(self.cls_token, std=1e-6)
-        elif style == "mae":
-            normal_(self.cls_token, std=0.02)
         else:
-            trunc_normal_(self.cls_token, std=0.02, a=-0.02, b=0.02)
+            trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
         if self.pos_embed_type == "learned":
-            trunc_normal_(self.pos_embed, std=0.02)
-        if lin_probe:
-            trunc_normal_(self.head.linear.weight, std=0.01)
+            trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
+        if lin_probe:  # MAE/CAE/BootMAE linear probes: timm trunc_normal_(std=0.01), +-2 absolute
+            trunc_normal_(self.head.linear.weight, std=0.01, a=-2.0, b=2.0)
             zeros_(self.head.linear.bias)
         elif isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=head_init_std)
+            trunc_normal_(self.head.weight, std=head_init_std, a=-2.0, b=2.0)
             zeros_(self.head.bias)
             if init_scale != 1.0:
                 self.head.weight.set_value(self.head.weight * init_scale)
