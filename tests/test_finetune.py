@@ -503,3 +503,22 @@ def test_seed_command_lines_parse_with_their_meaning(kind, argv):
         assert args.accum_iter == int(given["--update_freq"])
     assert args.eval == ("--eval" in argv)
     assert args.model in ("cae_base_patch16_224", "vit_base_patch16", "bootmae_base_patch16_224")
+
+
+@pytest.mark.parametrize("method,small", [("mae", False), ("cae", True), ("bootmae", True)])
+def test_demo_fine_tuning_at_32_px_takes_each_methods_official_transform_branch(method, small):
+    from paddle_cae.data.transforms import RandomCrop, RandomResizedCrop
+    from paddle_cae.engine.infer import preprocessing_spec
+    from paddle_cae.runtime.finetune_args import parse_finetune_args
+
+    args = parse_finetune_args(["--config", f"configs/demo/finetune_{method}.yaml"])
+    first = classify_main.train_transform(args).transforms[0]
+    assert isinstance(first, RandomCrop if small else RandomResizedCrop)
+    if small:
+        assert first.padding == 4
+    steps = [type(t).__name__ for t in classify_main.eval_transform(args).transforms]
+    assert steps == (["ToTensor", "Normalize"] if small
+                     else ["Resize", "CenterCrop", "ToTensor", "Normalize"])
+    # inference of a 32-px model of a small-image method changes nothing of a 32-px image
+    spec = preprocessing_spec(dict(input_size=32, transform_method=args.family if small else None))
+    assert (spec["resize_short"], spec["crop_size"]) == ((32, 32) if small else (36, 32))

@@ -22,7 +22,7 @@ from ..runtime.config import ConfigError
 from ..runtime.finetune_args import classifier_family, parse_finetune_args, parse_linprobe_args
 from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import default_config_dir
-from .classifier import build_classifier, classifier_config, encoder_of
+from .classifier import build_classifier, classifier_config, encoder_of, transform_method
 from .evaluate import build_eval_loader, evaluate
 from .finetune import ClassificationLoss, ClassifierRun
 from .run import strict_load
@@ -73,11 +73,13 @@ def train_transform(args):
             return eval_transform(args)
         if args.linear_type == "attentive":  # timm's train transform without RandAugment/erasing
             return build_finetune_transform(args.input_size, mean, std, auto_augment=None, reprob=0,
-                                            interpolation=args.train_interpolation)
+                                            interpolation=args.train_interpolation,
+                                            method=transform_method(args))
         return build_linprobe_transform(args.input_size, mean, std)
     transform = build_finetune_transform(args.input_size, mean, std, auto_augment=args.aa,
                                          reprob=args.reprob, scale=(args.crop_min_size, 1.0),
-                                         interpolation=args.train_interpolation)
+                                         interpolation=args.train_interpolation,
+                                         method=transform_method(args))
     if args.reprob and args.remode != "pixel":
         transform.transforms[-1] = RandomErasing(p=args.reprob, mode=args.remode)
     return transform
@@ -85,7 +87,8 @@ def train_transform(args):
 
 def eval_transform(args):
     mean, std = mean_std(args.imagenet_default_mean_and_std)
-    return build_eval_transform(args.input_size, mean, std, crop_pct=args.crop_pct)
+    return build_eval_transform(args.input_size, mean, std, crop_pct=args.crop_pct,
+                                method=transform_method(args))
 
 
 def resolve_num_classes(args, dataset):

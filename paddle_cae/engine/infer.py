@@ -7,7 +7,8 @@ import paddle
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ..data.datasets import IMG_EXTENSIONS
-from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform
+from ..data.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform,
+                               default_crop_pct, small_image_path)
 
 MODEL_FILE_PREFIX = "inference"
 
@@ -65,8 +66,11 @@ def preprocessing_spec(config):
     layout [N, 3, H, W] float32."""
     size = int(config.get("input_size", 224))
     crop_pct = config.get("crop_pct")
+    method = config.get("transform_method")
     if crop_pct is None:
-        crop_pct = 224 / 256 if size <= 224 else 1.0
+        # the small-image path evaluates without resize or crop: for images of the model's
+        # size a resize to that size and a full-size crop change nothing
+        crop_pct = 1.0 if small_image_path(method, size) else default_crop_pct(size, method)
     return {"resize_short": int(size / crop_pct), "crop_size": size, "interpolation": "bicubic",
             "mean": [float(m) for m in (config.get("mean") or IMAGENET_DEFAULT_MEAN)],
             "std": [float(v) for v in (config.get("std") or IMAGENET_DEFAULT_STD)],

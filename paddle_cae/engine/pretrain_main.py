@@ -68,7 +68,8 @@ def find_tokenizer_file(path):
     if os.path.isfile(path):
         return path
     if os.path.isdir(path):
-        for name in ("encoder.pd", "encoder_weight.pd", "encoder.pkl", "encoder.pth"):
+        for name in ("encoder.pd", "encoder_weight.pd", "encoder.pkl", "encoder.pth",
+                     "encoder.npz"):
             candidate = os.path.join(path, name)
             if os.path.isfile(candidate):
                 return candidate
