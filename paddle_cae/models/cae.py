@@ -47,8 +47,11 @@ def split_visible_masked(bool_masked_pos):
             "num_masking_patches")
     num_masked = int(counts[0]) if counts.size else 0
     num_visible = mask.shape[1] - num_masked
-    # a stable sort of 0 (visible) / 1 (masked) keeps both groups in raster order
-    order = paddle.argsort(mask, axis=1, stable=True)  # [B, N]
+    # visible (0) before masked (1), each group in raster order: the keys mask * N + position
+    # are distinct, so any sort gives that order (argsort has no `stable` before Paddle 3)
+    n = mask.shape[1]
+    keys = mask.astype("int64") * n + paddle.arange(n, dtype="int64").unsqueeze(0)
+    order = paddle.argsort(keys, axis=1)  # [B, N]
     return order[:, :num_visible], order[:, num_visible:]
 
 
