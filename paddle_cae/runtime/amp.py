@@ -76,6 +76,30 @@ class Precision:
                                     custom_black_list=FP32_OPS)
 
 
+def _tracer():
+    try:
+        from paddle.base.framework import _dygraph_tracer
+    except ImportError:  # pragma: no cover - Paddle < 2.5
+        from paddle.fluid.framework import _dygraph_tracer
+    return _dygraph_tracer()
+
+
+def amp_state():
+    """(level, dtype) of the autocast in effect, e.g. ("O1", "float16"), or ("O0", "float32")
+    outside autocast (read from the dygraph tracer; the same on Paddle 2.6 and 3.x)."""
+    tracer = _tracer()
+    if tracer is None:
+        return "O0", "float32"
+    level = str(getattr(tracer, "_amp_level", "O0")).rsplit(".", 1)[-1]
+    return level, str(getattr(tracer, "_amp_dtype", "float32"))
+
+
+def fp32_region():
+    """Autocast switched off for the block (the DALL-E tokenizer: the official code and PASSL
+    compute the target tokens in float32, while its convolutions are on the fp16 white list)."""
+    return paddle.amp.auto_cast(enable=False)
+
+
 class DynamicLossScaler:
     """Loss scaling with skip-on-overflow, as torch.cuda.amp.GradScaler / paddle's GradScaler
     with init_loss_scaling=65536, incr_every_n_steps=2000, decr_every_n_nan_or_inf=1."""
