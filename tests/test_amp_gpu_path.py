@@ -61,3 +61,39 @@ def test_the_cae_tokenizer_runs_without_autocast_under_amp():
     assert outside == after == ("O1", "float16")  # autocast is back on after the tokenizer
     assert seen == [(("O0", "float32"), paddle.float32)]
     np.testing.assert_array_equal(labels.numpy(), ids.numpy())
+
+
+# ------------------------------------------------------------------------------ --amp_dtype
+@pytest.mark.parametrize("phase", ["pretrain", "finetune", "linprobe"])
+def test_amp_dtype_flag_selects_bf16_without_loss_scaling(phase):
+    from paddle_cae.runtime.config import ConfigError
+    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    parse = {"pretrain": parse_pretrain_args, "finetune": parse_finetune_args,
+             "linprobe": parse_linprobe_args}[phase]
+    default = parse([])
+    assert default.amp_dtype == "float16" and amp_rt.amp_dtype_from_args(default) == "float16"
+    for spelling in ("bfloat16", "bf16"):
+        args = parse(["--amp_dtype", spelling])
+        assert args.amp_dtype == "bfloat16"
+        dtype = amp_rt.amp_dtype_from_args(args)
+        precision = amp_rt.Precision(dtype, device_has_amp=True)
+        assert precision.dtype == "bfloat16" and not precision.needs_loss_scaling
+    assert amp_rt.Precision(amp_rt.amp_dtype_from_args(parse(["--amp_dtype", "fp16"])),
+                            device_has_amp=True).needs_loss_scaling
+    assert amp_rt.amp_dtype_from_args(parse(["--amp", "false", "--amp_dtype", "bf16"])) is None
+    with pytest.raises((ConfigError, SystemExit)):
+        parse(["--amp_dtype", "fp8"])
+
+
+def test_bf16_stepper_has_no_loss_scale():
+    from paddle_cae.engine.stepper import Stepper
+    from paddle_cae.optim import AdamW
+
+    layer = paddle.nn.Linear(3, 1)
+    precision = amp_rt.Precision("bfloat16", device_has_amp=True)
+    stepper = Stepper(layer, AdamW(layer.parameters(), lr=0.1), precision)
+    assert not stepper.scaler.enabled
+    info = stepper.backward(layer(paddle.ones([2, 3])).sum(), 0)
+    assert info["stepped"] and info["loss_scale"] == 1.0

@@ -44,6 +44,14 @@ def parse_amp_flag(value):
     raise ValueError(f"--amp must be one of fp16, bf16, off; got {value!r}")
 
 
+def amp_dtype_from_args(args):
+    """The autocast dtype a parsed command line asks for: None with ``--amp false``, else
+    ``--amp_dtype`` (float16 by default; bfloat16 trains without loss scaling)."""
+    if not getattr(args, "amp", False):
+        return None
+    return parse_amp_flag(getattr(args, "amp_dtype", None) or "float16")
+
+
 def on_gpu():
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
