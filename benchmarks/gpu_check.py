@@ -4,8 +4,8 @@
     bash benchmarks/gpu_check.sh                  # real mode: one GPU, at most 8 minutes
     bash benchmarks/gpu_check.sh --dry-run        # the same code on CPU, tiny sizes, fp32
 
-(a) parity: ``tests/test_parity.py`` with Paddle on the GPU in fp32 (TF32 off) against the
-    CPU reference fixtures; (b) training steps of MAE-B, CAE-B (DALL-E tokenizer architecture,
+(a) parity: ``tests/test_parity.py`` (plus the AdamW and GPU-path step tests) with Paddle on
+    the GPU in fp32 (TF32 off) against the CPU reference fixtures; (b) training steps of MAE-B, CAE-B (DALL-E tokenizer architecture,
     random weights), BootMAE-B and ViT-B fine-tuning at batch 64, 224 px, in fp16 O1 (loss
     scaling) and bf16 O1: img/s, peak memory, fraction of skipped steps and MFU against the
     fp16 / bf16 matmul peak measured in the same run; (c) the MAE demo trained for 2 epochs on
@@ -112,8 +112,11 @@ def run_parity(dry_run):
     env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0", FLAGS_cudnn_deterministic="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           os.path.join(ROOT, "tests", "test_parity.py")]
+    # the fixtures of the reference code, AdamW against the PyTorch formula (its multi-tensor
+    # kernel is what a GPU runs) and the GPU-path checks of the step (AMP state, op budget)
+    tests = ["test_parity.py", "test_optim.py", "test_amp_gpu_path.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + [
+        os.path.join(ROOT, "tests", t) for t in tests]
     t = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     tail = (proc.stdout + proc.stderr).strip().splitlines()
