@@ -162,8 +162,12 @@ def test_two_processes_train_each_pretraining_method(tmp_path, case):
         "--epochs", "1", "--max_train_step", "2", "--batch_size", "4", "--num_workers", "0",
         "--warmup_epochs", "0", "--print_freq", "50", "--auto_resume", "false",
         "--output_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    try:  # a healthy launch takes ~10 s; a rank that died can leave the other one waiting
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=150)
+    except subprocess.TimeoutExpired:
+        text = "".join(p.read_text() for p in sorted(logs.glob("workerlog.*")))
+        pytest.fail(f"{case}: the two-process launch did not finish in 150 s:\n{text[-3000:]}")
     text = "".join(p.read_text() for p in sorted(logs.glob("workerlog.*")))
     assert proc.returncode == 0, text[-3000:]
     record = json.loads((out / "log.txt").read_text().splitlines()[-1])
