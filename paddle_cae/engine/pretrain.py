@@ -226,8 +226,9 @@ def describe_start(args, env, model, dataset, run):
     if run.precision.notice:
         lines.append(run.precision.notice)
     elif run.precision.enabled:
+        scaling = "dynamic loss scaling" if run.precision.needs_loss_scaling else "no loss scaling"
         lines.append(f"mixed precision: {run.precision.dtype} autocast {run.precision.level}, "
-                     "dynamic loss scaling" if run.precision.needs_loss_scaling else "")
+                     f"{scaling}")
     for line in lines:
         if line:
             logger.info(line)
