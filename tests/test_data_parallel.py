@@ -88,7 +88,8 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     if hasattr(model, "data_transform"):
         transform = model.data_transform(transform)
     dataset = build_dataset("train", args.data_path, transform)
-    batch = {k: paddle.to_tensor(v) for k, v in collate_samples([dataset[i] for i in range(4)]).items()}
+    samples = collate_samples([dataset[i] for i in range(4)])
+    batch = {k: paddle.to_tensor(v) for k, v in samples.items()}
     model.train()
     model(model_batch(batch, 0, 1))["loss"].backward()
     missing = _missing_gradients(model)

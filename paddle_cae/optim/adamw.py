@@ -119,7 +119,7 @@ class AdamW(GroupOptimizer):
         grads = [g for _, g, _ in items]
         m1 = [s["exp_avg"] for _, _, s in items]
         m2 = [s["exp_avg_sq"] for _, _, s in items]
-        lr_tensor = paddle.to_tensor([lr_t], dtype="float32")
+        lr_tensor = paddle.full([1], lr_t, dtype="float32")  # a fill kernel, no host copy
         try:
             _fused_adam(params, grads, lr_tensor, m1, m2, pow1, pow2, beta1, beta2,
                         eps * sqrt_bc2, coeff)
@@ -170,7 +170,7 @@ class AdamW(GroupOptimizer):
         lr_t = lr * sqrt_bc2 / (bias_correction1 * c1)
         # the kernel decays by lr_t * coeff: choose coeff so that this is lr * wd
         coeff = lr * wd / lr_t if lr_t != 0.0 else 0.0
-        lr_tensor = paddle.to_tensor([lr_t], dtype="float32")
+        lr_tensor = paddle.full([1], lr_t, dtype="float32")
         beta1_pow, beta2_pow = self._zero_pows
         args_3x = (param, grad, lr_tensor, exp_avg, exp_avg_sq, None, beta1_pow, beta2_pow, None,
                    None, beta1, beta2, eps * sqrt_bc2, 1.0, coeff, coeff != 0.0, False, 1000,

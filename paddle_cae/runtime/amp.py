@@ -182,7 +182,8 @@ def found_inf_and_unscale_(grads, scale=1.0):
     if _multi_tensor_path(grads):
         flags = []
         for group in _by_dtype(grads):
-            scale_t = paddle.to_tensor([float(scale)], dtype="float32")
+            # a fill kernel with the value as attribute: no host-to-device copy
+            scale_t = paddle.full([1], float(scale), dtype="float32")
             _, found = _C_ops.check_finite_and_unscale_(group, scale_t,
                                                         paddle.zeros([1], dtype="bool"))
             flags.append(found.reshape([1]))
