@@ -8,8 +8,9 @@
     the GPU in fp32 (TF32 off) against the CPU reference fixtures; (b) training steps of MAE-B,
     CAE-B (DALL-E tokenizer architecture, random weights), BootMAE-B and ViT-B fine-tuning at
     batch 64, 224 px, in fp16 O1 (loss scaling) and bf16 O1: img/s, peak memory, fraction of
-    skipped steps and MFU against the fp16 / bf16 matmul peak measured in the same run; (c) the MAE demo trained for 2 epochs on
-    the GPU with AMP: does the loss fall; (d) everything in one JSON file (``--out``).
+    skipped steps and MFU against the fp16 / bf16 matmul peak measured in the same run; (c) the
+    MAE demo trained for 2 epochs on the GPU with AMP: does the loss fall; (d) everything in one
+    JSON file (``--out``).
 
 A part that fails is recorded with its error and the check goes on; the exit status is 0 only
 when every part passed.
