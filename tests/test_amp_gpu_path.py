@@ -63,6 +63,21 @@ def test_the_cae_tokenizer_runs_without_autocast_under_amp():
     np.testing.assert_array_equal(labels.numpy(), ids.numpy())
 
 
+def test_the_cae_tokenizer_is_not_a_sublayer():
+    """Its weights are neither saved with the model, broadcast by DataParallel nor trained."""
+    from paddle_cae.models.dalle import dalle_encoder_tiny
+    from tests.test_cae import tiny_cae
+
+    model = tiny_cae()
+    before = set(model.state_dict())
+    tokenizer = dalle_encoder_tiny()
+    model.set_tokenizer(tokenizer)
+    model.train()
+    assert set(model.state_dict()) == before
+    assert not [n for n, _ in model.named_sublayers() if "tokenizer" in n]
+    assert not tokenizer.training and all(p.stop_gradient for p in tokenizer.parameters())
+
+
 # ------------------------------------------------------------------------------ --amp_dtype
 @pytest.mark.parametrize("phase", ["pretrain", "finetune", "linprobe"])
 def test_amp_dtype_flag_selects_bf16_without_loss_scaling(phase):

@@ -386,7 +386,9 @@ class ContextAutoencoderViT(nn.Layer):
             tokenizer.eval()
             for p in tokenizer.parameters():
                 p.stop_gradient = True
-        self._tokenizer = tokenizer
+        # not through nn.Layer.__setattr__, which would register a Layer as a sub-layer (its
+        # weights would then be saved, broadcast to every data-parallel rank and counted)
+        object.__setattr__(self, "_tokenizer", tokenizer)
 
     @paddle.no_grad()
     def tokenize(self, tokenizer_images):
