@@ -103,8 +103,14 @@ def _torch_adamw_reference(init, grads, lr, scales, wds, betas, eps):
 
 
 # ------------------------------------------------------------------- AdamW
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_adamw_updates_match_torch_formula_with_group_lr_scales(fused):
+def _adamw_path(path):
+    """(fused, multi_tensor) for AdamW's three code paths."""
+    return {"plain": (False, False), "fused": (True, False), "multi": (False, True)}[path]
+
+
+@pytest.mark.parametrize("path", ["plain", "fused", "multi"])
+def test_adamw_updates_match_torch_formula_with_group_lr_scales(path):
+    fused, multi = _adamw_path(path)
     shapes = [(6, 5), (5,), (2, 3, 3)]
     scales = [0.5, 1.0, 0.25]
     lr, betas, eps = 2e-3, (0.9, 0.999), 1e-8
@@ -113,7 +119,7 @@ def test_adamw_updates_match_torch_formula_with_group_lr_scales(fused):
     init = [p.numpy() for p in params]
     grads = _grad_sequence(shapes, steps=5)
     groups = [{"params": [p], "lr_scale": s, "weight_decay": 0.0} for p, s in zip(params, scales)]
-    opt = AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    opt = AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, multi_tensor=multi)
     reference = _torch_adamw_reference(init, grads, lr, scales, [0.0] * 3, betas, eps)
     previous = [x.astype(np.float64) for x in init]
     for t in range(5):
@@ -130,13 +136,14 @@ def test_adamw_updates_match_torch_formula_with_group_lr_scales(fused):
         previous = [p.numpy().astype(np.float64) for p in params]
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
-def test_adamw_weight_decay_is_decoupled_and_scaled_by_group_lr(fused):
+@pytest.mark.parametrize("path", ["plain", "fused", "multi"])
+def test_adamw_weight_decay_is_decoupled_and_scaled_by_group_lr(path):
+    fused, multi = _adamw_path(path)
     a, b = _params([(4, 3), (4, 3)])
     before = [a.numpy().astype(np.float64), b.numpy().astype(np.float64)]
     groups = [{"params": [a], "lr_scale": 0.5, "weight_decay": 0.3},
               {"params": [b], "lr_scale": 1.0, "weight_decay": 0.0}]
-    opt = AdamW(groups, lr=0.1, fused=fused)
+    opt = AdamW(groups, lr=0.1, fused=fused, multi_tensor=multi)
     zeros = np.zeros((4, 3), np.float32)
     _set_grads([a, b], [zeros, zeros])  # zero moments: only the decay moves a weight
     opt.step()
@@ -144,20 +151,23 @@ def test_adamw_weight_decay_is_decoupled_and_scaled_by_group_lr(fused):
     np.testing.assert_allclose(b.numpy(), before[1], rtol=1e-7)
 
 
-def test_adamw_fused_and_plain_paths_agree():
-    shapes = [(7, 3), (3,)]
+def test_adamw_fused_multi_tensor_and_plain_paths_agree():
+    shapes = [(7, 3), (3,), (2, 2, 5)]
     grads = _grad_sequence(shapes, steps=4, seed=3)
     results = []
-    for fused in (False, True):
+    for path in ("plain", "fused", "multi"):
+        fused, multi = _adamw_path(path)
         params = _params(shapes, seed=2)
-        opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+        opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, fused=fused,
+                    multi_tensor=multi)
         for g in grads:
             _set_grads(params, g)
             opt.step()
             opt.clear_grad()
         results.append([p.numpy() for p in params] + [opt.state[0]["exp_avg_sq"].numpy()])
-    for a, b in zip(*results):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 def test_adamw_zero_lr_leaves_params_but_advances_moments():

@@ -216,9 +216,10 @@ class ClassifierRun(TrainingRun):
                 self.global_step += 1
                 if self.ema is not None:
                     self.ema.update(self.model_core)
-            metrics.update(loss=float(loss.item()), lr=self.optimizer.get_lr())
+            loss_value = float(loss.item())  # the one read-back of the step besides the stepper's
+            metrics.update(loss=loss_value, lr=self.optimizer.get_lr())
             if info["stepped"] and self.writer.enabled and self.global_step % max(args.print_freq, 1) == 0:
-                self.writer.add_scalar("train/loss", float(loss.item()), self.global_step)
+                self.writer.add_scalar("train/loss", loss_value, self.global_step)
                 self.writer.add_scalar("opt/lr", self.optimizer.get_lr(), self.global_step)
         averages = dist_rt.all_reduce_mean(metrics.averages())
         logger.info("Epoch %d averaged stats: %s", epoch,

@@ -50,14 +50,20 @@ def model_batch(batch, epoch, batch_seed):
     return out
 
 
-def scalar_parts(outputs):
-    """The 0-d entries of a model's output dict, as python floats, by name."""
-    parts = {}
-    for name, value in outputs.items():
+def scalar_parts(outputs, extra=None):
+    """The 0-d entries of a model's output dict (and of ``extra``, e.g. the gradient norm),
+    as python floats, by name; the tensors are read back in one transfer (one host sync)."""
+    parts, names, tensors = {}, [], []
+    for name, value in list(outputs.items()) + list((extra or {}).items()):
         if isinstance(value, paddle.Tensor) and value.size == 1:
-            parts[name] = float(value.item())
+            names.append(name)
+            tensors.append(value.detach().reshape([1]).astype("float64"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             parts[name] = float(value)
+    if tensors:
+        values = paddle.concat(tensors).numpy().tolist() if len(tensors) > 1 \
+            else tensors[0].numpy().tolist()
+        parts.update(zip(names, values))
     return parts
 
 
@@ -140,10 +146,13 @@ class PretrainRun(TrainingRun):
                 self.global_step += 1
                 if hasattr(core, "after_optimizer_step"):
                     core.after_optimizer_step()
-            parts = scalar_parts(outputs)
+            extra = {} if info["grad_norm"] is None else {"grad_norm": info["grad_norm"]}
+            parts = scalar_parts(outputs, extra)
+            grad_norm = parts.pop("grad_norm", None) if extra else None
+            info = dict(info, grad_norm=grad_norm)
             scale = info["loss_scale"] if self.stepper.scaler.enabled else None
             metrics.update(**parts, lr=self.optimizer.get_lr(), loss_scale=scale,
-                           grad_norm=info["grad_norm"])
+                           grad_norm=grad_norm)
             if info["stepped"]:
                 self._log_step(parts, info, epoch, i)
                 update = i // self.accum_iter + 1
@@ -217,8 +226,9 @@ def describe_start(args, env, model, dataset, run):
     if run.precision.notice:
         lines.append(run.precision.notice)
     elif run.precision.enabled:
+        scaling = "dynamic loss scaling" if run.precision.needs_loss_scaling else "no loss scaling"
         lines.append(f"mixed precision: {run.precision.dtype} autocast {run.precision.level}, "
-                     "dynamic loss scaling" if run.precision.needs_loss_scaling else "")
+                     f"{scaling}")
     for line in lines:
         if line:
             logger.info(line)

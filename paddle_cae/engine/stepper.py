@@ -7,11 +7,10 @@ and gradients add up, so with per-sample mean losses the update equals the one o
 on all but the last micro-batch (``no_sync``); averaging is linear, so the result is the same.
 """
 import contextlib
-import math
 
 import paddle
 
-from ..runtime.amp import DynamicLossScaler, clip_grad_norm_, global_grad_norm
+from ..runtime.amp import DynamicLossScaler, clip_grads_, grad_norm_tensor
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,6 +30,7 @@ class Stepper:
         self.clip_grad = clip_grad
         self.max_consecutive_skips = max_consecutive_skips
         self.params = [p for p in _unwrap(model).parameters() if not p.stop_gradient]
+        self._loss_bad = None  # non-finite loss seen in the current accumulation group
 
     def autocast(self):
         return self.precision.autocast()
@@ -45,35 +45,52 @@ class Stepper:
     def backward(self, loss, micro_step):
         """Back-propagate one micro-batch; on the last one of a group, step the optimizer.
         Returns a dict: ``stepped`` (an update happened), ``skipped`` (overflow, no update),
-        ``grad_norm`` (before clipping, None unless stepped) and ``loss_scale``."""
-        loss_value = float(loss.item())
-        if not math.isfinite(loss_value):
-            if not self.scaler.enabled:
-                raise NonFiniteLossError(f"loss is {loss_value}")
-            # with fp16 scaling a non-finite loss is an overflow: drop the whole group
-            self.optimizer.clear_grad()
-            self.scaler.update(found_inf=True)
-            self._check_skips(loss_value)
-            return {"stepped": False, "skipped": True, "grad_norm": None,
-                    "loss_scale": self.scaler.scale}
+        ``grad_norm`` (a 0-d tensor, before clipping; None unless stepped) and ``loss_scale``.
+
+        Every micro-batch is back-propagated, also one with a non-finite loss, so that every
+        data-parallel rank joins every gradient all-reduce. The decision to step is taken
+        once per group from one flag: any non-finite loss of the group or any non-finite
+        gradient, reduced over the ranks (max), so all ranks skip together and keep the same
+        loss scale. That flag is the only host sync of a step."""
+        last = (micro_step + 1) % self.accum_iter == 0
+        loss_bad = paddle.logical_not(paddle.isfinite(loss.detach())).reshape([1])
+        self._loss_bad = loss_bad if self._loss_bad is None else \
+            paddle.logical_or(self._loss_bad, loss_bad)
         with self.sync_context(micro_step):
             self.scaler.scale_loss(loss / self.accum_iter).backward()
-        if (micro_step + 1) % self.accum_iter != 0:
+        if not last:
             return {"stepped": False, "skipped": False, "grad_norm": None,
                     "loss_scale": self.scaler.scale}
-        finite = self.scaler.unscale_(self.params)
-        if not finite:
+        found_inf = self.scaler.found_inf_and_unscale_(self.params)
+        # [this rank's loss, any rank's loss, any rank's gradients]: one reduction, one sync
+        flags = paddle.concat([self._loss_bad, self._loss_bad, found_inf]).astype("int32")
+        self._loss_bad = None
+        if _distributed(self.model):
+            import paddle.distributed as dist
+
+            shared = flags[1:]
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+            flags = paddle.concat([flags[:1], shared])
+        own_loss_bad, any_loss_bad, any_grad_bad = (bool(v) for v in flags.numpy().tolist())
+        if any_loss_bad or any_grad_bad:
             self.optimizer.clear_grad()
             self.scaler.update(found_inf=True)
+            if own_loss_bad:
+                what = f"loss is {float(loss.item())}" if bool(
+                    paddle.logical_not(paddle.isfinite(loss)).item()) else "a non-finite loss"
+            elif any_loss_bad:
+                what = "a non-finite loss on another rank"
+            else:
+                what = "non-finite gradients"
             if not self.scaler.enabled:
-                raise NonFiniteLossError("gradients are not finite")
-            self._check_skips("non-finite gradients")
+                raise NonFiniteLossError(what)
+            self._check_skips(what)
             return {"stepped": False, "skipped": True, "grad_norm": None,
                     "loss_scale": self.scaler.scale}
         if self.clip_grad:
-            grad_norm = clip_grad_norm_(self.params, self.clip_grad)
+            grad_norm = clip_grads_(self.params, self.clip_grad)
         else:
-            grad_norm = global_grad_norm(self.params)
+            grad_norm = grad_norm_tensor(self.params)
         self.optimizer.step()
         self.optimizer.clear_grad()
         self.scaler.update(found_inf=False)
@@ -91,6 +108,14 @@ class Stepper:
 
     def load_state_dict(self, state):
         self.scaler.load_state_dict(state)
+
+
+def _distributed(model):
+    if not isinstance(model, paddle.DataParallel):
+        return False
+    import paddle.distributed as dist
+
+    return dist.get_world_size() > 1
 
 
 def _unwrap(model):

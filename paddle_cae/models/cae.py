@@ -26,6 +26,7 @@ import paddle.nn.functional as F
 
 from .layers import (LN_EPS, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
                      init_linears_and_norms, layer_norm, trunc_normal_, xavier_uniform_, zeros_)
+from ..runtime.amp import fp32_region
 from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
@@ -385,7 +386,9 @@ class ContextAutoencoderViT(nn.Layer):
             tokenizer.eval()
             for p in tokenizer.parameters():
                 p.stop_gradient = True
-        self._tokenizer = tokenizer
+        # not through nn.Layer.__setattr__, which would register a Layer as a sub-layer (its
+        # weights would then be saved, broadcast to every data-parallel rank and counted)
+        object.__setattr__(self, "_tokenizer", tokenizer)
 
     @paddle.no_grad()
     def tokenize(self, tokenizer_images):
@@ -394,8 +397,11 @@ class ContextAutoencoderViT(nn.Layer):
             raise ValueError("the batch has tokenizer_images but no tokenizer is attached: call "
                              "model.set_tokenizer(...) or pass target_ids")
         tok = self._tokenizer
-        out = tok.get_codebook_indices(tokenizer_images) if hasattr(
-            tok, "get_codebook_indices") else tok(tokenizer_images)
+        with fp32_region():  # the targets in float32 also under --amp, as the official code
+            if tokenizer_images.dtype != paddle.float32:
+                tokenizer_images = tokenizer_images.astype("float32")
+            out = tok.get_codebook_indices(tokenizer_images) if hasattr(
+                tok, "get_codebook_indices") else tok(tokenizer_images)
         if out.dtype in (paddle.float16, paddle.float32, paddle.float64, paddle.bfloat16):
             out = out.argmax(axis=1)  # logits [B, V, h, w] -> ids [B, h, w]
         return out.flatten(1).astype("int64")

@@ -14,12 +14,20 @@ On the CPU in float32 the plain path runs as one multi-threaded kernel
 (``paddle_cae.ops.fused.adamw_update_``) with the same float32 arithmetic; it differs only where
 Paddle's own CPU sqrt is not correctly rounded (last bit of the parameters).
 
+Where the per-tensor arithmetic would issue a dozen kernel launches per parameter (GPU tensors,
+or ``PADDLE_CAE_FUSED_OPS=0``), ``multi_tensor`` (on by default there) updates all parameters of
+a group that share a step count with ONE call of Paddle's multi-tensor ``fused_adam_`` kernel,
+using the same folding of the float64 corrections as ``fused=True`` below (so it agrees with
+the plain path to ~1e-6, as that one does). If the kernel is missing or refuses the call, the
+plain path runs (with a warning, once).
+
 ``fused=True`` feeds Paddle's fused kernel instead (about 3x faster on CPU): zero beta powers
 so it applies no correction of its own, the corrections folded into its step size and epsilon,
 and its float32 ``1 - beta`` factors compensated. It matches the plain path to ~1e-6 over the
 first steps; over long runs its second moment averages with ``float32(beta2)`` (a 1.3e-8
 different rate), a relative drift of order 1e-5 in ``v``.
 """
+import logging
 import math
 
 import numpy as np
@@ -32,20 +40,97 @@ try:  # the fused kernel is an internal API; the plain path needs none of it
     from paddle import _C_ops
 
     _HAS_FUSED = hasattr(_C_ops, "adamw_")
+    _HAS_MULTI = hasattr(_C_ops, "fused_adam_")
 except ImportError:  # pragma: no cover
     _C_ops = None
-    _HAS_FUSED = False
+    _HAS_FUSED = _HAS_MULTI = False
+
+logger = logging.getLogger(__name__)
+# the argument lists found on the first call: Paddle 3.x added moment2_max and amsgrad
+_FUSED_ADAM_SIGNATURE = []
+_ADAMW_SIGNATURE = []
 
 
 class AdamW(GroupOptimizer):
     state_tensors = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 fused=False):
+                 fused=False, multi_tensor=None):
         super().__init__(params, lr, {"betas": tuple(betas), "eps": float(eps),
                                       "weight_decay": float(weight_decay)})
         self.fused = bool(fused) and _HAS_FUSED
+        # None: wherever the project's CPU kernel does not apply (GPU, PADDLE_CAE_FUSED_OPS=0)
+        self.multi_tensor = multi_tensor
         self._zero_pows = None
+        self._zero_pow_lists = {}
+
+    # ------------------------------------------------------------- multi-tensor path
+    def _multi_tensor_for(self, param):
+        if self.fused or self.multi_tensor is False or not _HAS_MULTI:
+            return False
+        if param.dtype != paddle.float32:
+            return False
+        return bool(self.multi_tensor) or not fused_ops.usable(param)
+
+    @paddle.no_grad()
+    def step(self):
+        if self.multi_tensor is False or self.fused or not _HAS_MULTI:
+            return super().step()
+        index = 0
+        for group in self.param_groups:
+            buckets = {}
+            for p in group["params"]:
+                i = index
+                index += 1
+                if p.stop_gradient or p.grad is None:
+                    continue
+                grad = p.grad
+                state = self.state.setdefault(i, {})
+                if not self._multi_tensor_for(p) or grad.dtype != paddle.float32:
+                    self._update(p, grad, group, state)
+                    continue
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = paddle.zeros_like(p)
+                    state["exp_avg_sq"] = paddle.zeros_like(p)
+                buckets.setdefault(state["step"], []).append((p, grad, state))
+            for items in buckets.values():
+                self._multi_update(items, group)
+
+    def _multi_update(self, items, group):
+        for _, _, state in items:
+            state["step"] += 1
+        step = items[0][2]["step"]
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+        c1 = (1.0 - float(np.float32(beta1))) / (1.0 - beta1)
+        c2 = (1.0 - float(np.float32(beta2))) / (1.0 - beta2)
+        sqrt_bc2 = math.sqrt(c2 * bc2)
+        lr_t = lr * sqrt_bc2 / (bc1 * c1)
+        coeff = lr * wd / lr_t if lr_t != 0.0 else 0.0
+        n = len(items)
+        if n not in self._zero_pow_lists:
+            # beta powers of 0: the kernel applies no correction of its own (0 * beta stays 0)
+            self._zero_pow_lists[n] = ([paddle.zeros([1], "float32") for _ in range(n)],
+                                       [paddle.zeros([1], "float32") for _ in range(n)])
+        pow1, pow2 = self._zero_pow_lists[n]
+        params = [p for p, _, _ in items]
+        grads = [g for _, g, _ in items]
+        m1 = [s["exp_avg"] for _, _, s in items]
+        m2 = [s["exp_avg_sq"] for _, _, s in items]
+        lr_tensor = paddle.full([1], lr_t, dtype="float32")  # a fill kernel, no host copy
+        try:
+            _fused_adam(params, grads, lr_tensor, m1, m2, pow1, pow2, beta1, beta2,
+                        eps * sqrt_bc2, coeff)
+        except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
+            logger.warning("multi-tensor AdamW unavailable (%s: %s); using the per-tensor path",
+                           type(err).__name__, str(err).splitlines()[0][:200])
+            self.multi_tensor = False
+            for _, _, state in items:
+                state["step"] -= 1
+            for p, g, state in items:
+                self._update(p, g, group, state)
 
     def _update(self, param, grad, group, state):
         if not state:
@@ -85,10 +170,37 @@ class AdamW(GroupOptimizer):
         lr_t = lr * sqrt_bc2 / (bias_correction1 * c1)
         # the kernel decays by lr_t * coeff: choose coeff so that this is lr * wd
         coeff = lr * wd / lr_t if lr_t != 0.0 else 0.0
-        lr_tensor = paddle.to_tensor([lr_t], dtype="float32")
+        lr_tensor = paddle.full([1], lr_t, dtype="float32")
         beta1_pow, beta2_pow = self._zero_pows
-        _C_ops.adamw_(
-            param, grad, lr_tensor, exp_avg, exp_avg_sq, None, beta1_pow, beta2_pow, None, None,
-            beta1, beta2, eps * sqrt_bc2, 1.0, coeff, coeff != 0.0, False, 1000, False, False,
-            False,
-        )
+        args_3x = (param, grad, lr_tensor, exp_avg, exp_avg_sq, None, beta1_pow, beta2_pow, None,
+                   None, beta1, beta2, eps * sqrt_bc2, 1.0, coeff, coeff != 0.0, False, 1000,
+                   False, False, False)
+        # Paddle 2.6 has neither moment2_max (6th) nor amsgrad (last)
+        args_26 = args_3x[:5] + args_3x[6:-1]
+        _call_with_signature(_C_ops.adamw_, _ADAMW_SIGNATURE, args_3x, args_26)
+
+
+def _fused_adam(params, grads, lr, m1, m2, pow1, pow2, beta1, beta2, eps, coeff):
+    """Paddle's multi-tensor Adam(W) over lists, decoupled decay ``p *= 1 - lr * coeff``;
+    the argument list of Paddle 3.x (moments2_max, amsgrad) or of 2.6."""
+    args_3x = (params, grads, lr, m1, m2, None, pow1, pow2, None, None, beta1, beta2, eps, 1000,
+               coeff, True, False, False, False)
+    args_26 = args_3x[:5] + args_3x[6:-1]
+    return _call_with_signature(_C_ops.fused_adam_, _FUSED_ADAM_SIGNATURE, args_3x, args_26)
+
+
+def _call_with_signature(op, found, args_3x, args_26):
+    """Call ``op`` with the argument list this Paddle takes, found on the first call (the
+    argument parser refuses a wrong list before anything runs) and kept in ``found``."""
+    if found:
+        return op(*(args_3x if found[0] == "3x" else args_26))
+    errors = []
+    for name, args in (("3x", args_3x), ("26", args_26)):
+        try:
+            out = op(*args)
+        except (ValueError, TypeError) as err:
+            errors.append(err)
+            continue
+        found.append(name)
+        return out
+    raise errors[0]

@@ -17,6 +17,13 @@ import math
 
 import paddle
 
+from ..ops import fused as fused_ops
+
+try:  # the multi-tensor operators are internal APIs; the loops below need none of them
+    from paddle import _C_ops
+except ImportError:  # pragma: no cover
+    _C_ops = None
+
 logger = logging.getLogger(__name__)
 
 # ops kept in fp32 under O1 (Paddle's default lists already keep most reductions in fp32)
@@ -35,6 +42,14 @@ def parse_amp_flag(value):
     if text in ("bf16", "bfloat16"):
         return "bfloat16"
     raise ValueError(f"--amp must be one of fp16, bf16, off; got {value!r}")
+
+
+def amp_dtype_from_args(args):
+    """The autocast dtype a parsed command line asks for: None with ``--amp false``, else
+    ``--amp_dtype`` (float16 by default; bfloat16 trains without loss scaling)."""
+    if not getattr(args, "amp", False):
+        return None
+    return parse_amp_flag(getattr(args, "amp_dtype", None) or "float16")
 
 
 def on_gpu():
@@ -69,6 +84,30 @@ class Precision:
                                     custom_black_list=FP32_OPS)
 
 
+def _tracer():
+    try:
+        from paddle.base.framework import _dygraph_tracer
+    except ImportError:  # pragma: no cover - Paddle < 2.5
+        from paddle.fluid.framework import _dygraph_tracer
+    return _dygraph_tracer()
+
+
+def amp_state():
+    """(level, dtype) of the autocast in effect, e.g. ("O1", "float16"), or ("O0", "float32")
+    outside autocast (read from the dygraph tracer; the same on Paddle 2.6 and 3.x)."""
+    tracer = _tracer()
+    if tracer is None:
+        return "O0", "float32"
+    level = str(getattr(tracer, "_amp_level", "O0")).rsplit(".", 1)[-1]
+    return level, str(getattr(tracer, "_amp_dtype", "float32"))
+
+
+def fp32_region():
+    """Autocast switched off for the block (the DALL-E tokenizer: the official code and PASSL
+    compute the target tokens in float32, while its convolutions are on the fp16 white list)."""
+    return paddle.amp.auto_cast(enable=False)
+
+
 class DynamicLossScaler:
     """Loss scaling with skip-on-overflow, as torch.cuda.amp.GradScaler / paddle's GradScaler
     with init_loss_scaling=65536, incr_every_n_steps=2000, decr_every_n_nan_or_inf=1."""
@@ -89,14 +128,13 @@ class DynamicLossScaler:
 
     def unscale_(self, parameters):
         """Divide gradients by the scale; return True when all of them are finite."""
+        return not bool(self.found_inf_and_unscale_(parameters).item())
+
+    def found_inf_and_unscale_(self, parameters):
+        """Divide gradients by the scale in place; a bool tensor [1], True when any gradient
+        is not finite (no host sync; on GPUs one multi-tensor call)."""
         grads = [p.grad for p in parameters if p.grad is not None]
-        finite = grads_are_finite(grads)
-        if self.enabled and finite and self.scale != 1.0:
-            inv = 1.0 / self.scale
-            with paddle.no_grad():
-                for g in grads:
-                    g.scale_(inv)
-        return finite
+        return found_inf_and_unscale_(grads, self.scale if self.enabled else 1.0)
 
     def update(self, found_inf):
         if found_inf:
@@ -128,36 +166,101 @@ class DynamicLossScaler:
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
+def _multi_tensor_path(tensors):
+    """True where the per-tensor loops would each issue a kernel launch (GPU tensors, or the
+    project's CPU kernels off): then the one-call multi-tensor operators are used."""
+    return _C_ops is not None and hasattr(_C_ops, "check_finite_and_unscale_") and \
+        not fused_ops.usable(tensors[0])
+
+
+def found_inf_and_unscale_(grads, scale=1.0):
+    """One bool tensor [1]: True when any of ``grads`` holds an inf/NaN. When ``scale`` is not
+    1 and all are finite, every gradient is divided by ``scale`` in place (a power of two, so
+    the same numbers as multiplying by its inverse). No host sync."""
+    if not grads:
+        return paddle.zeros([1], dtype="bool")
+    if _multi_tensor_path(grads):
+        flags = []
+        for group in _by_dtype(grads):
+            # a fill kernel with the value as attribute: no host-to-device copy
+            scale_t = paddle.full([1], float(scale), dtype="float32")
+            _, found = _C_ops.check_finite_and_unscale_(group, scale_t,
+                                                        paddle.zeros([1], dtype="bool"))
+            flags.append(found.reshape([1]))
+        # the kernel also divides when a gradient is not finite; the step is skipped then
+        return flags[0] if len(flags) == 1 else paddle.stack(flags).any().reshape([1])
+    flags = [paddle.isfinite(g).all() for g in grads]
+    found = paddle.logical_not(paddle.stack(flags).all()).reshape([1])
+    if scale != 1.0:
+        # unscale unconditionally: a skipped step discards the gradients anyway
+        inv = 1.0 / scale
+        with paddle.no_grad():
+            for g in grads:
+                g.scale_(inv)
+    return found
+
+
+def _by_dtype(tensors):
+    groups = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return list(groups.values())
+
+
 def grads_are_finite(grads):
     if not grads:
         return True
-    flags = [paddle.isfinite(g).all() for g in grads]
-    return bool(paddle.stack(flags).all().item())
+    return not bool(found_inf_and_unscale_(grads).item())
+
+
+def grad_norm_tensor(parameters):
+    """The global L2 norm of the gradients of ``parameters`` as a 0-d float32 tensor (no host
+    sync); 0 when none has a gradient."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return paddle.zeros([], dtype="float32")
+    if _multi_tensor_path(grads):
+        # one kernel per tensor (Paddle has no multi-tensor norm); each result has shape [1]
+        squares = [_C_ops.squared_l2_norm(g if g.dtype == paddle.float32 else g.astype("float32"))
+                   for g in grads]
+        return paddle.sqrt(paddle.concat(squares).sum())
+    else:
+        # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but
+        # Paddle's CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
+        squares = []
+        for g in grads:
+            g = g.astype("float32")
+            squares.append((g * g).sum())
+    return paddle.sqrt(paddle.stack(squares).sum())
 
 
 def global_grad_norm(parameters):
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but Paddle's
-    # CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
-    squares = []
-    for g in grads:
-        g = g.astype("float32")
-        squares.append((g * g).sum())
-    sq = paddle.stack(squares).sum()
-    return float(paddle.sqrt(sq).item())
+    return float(grad_norm_tensor(parameters).item())
+
+
+def clip_grads_(parameters, max_norm):
+    """PyTorch's clip_grad_norm_ without a host sync: every gradient times
+    min(max_norm / (norm + 1e-6), 1) (times 1.0 is exact). Returns the norm tensor."""
+    parameters = [p for p in parameters if p.grad is not None]
+    norm = grad_norm_tensor(parameters)
+    if max_norm is None or max_norm <= 0 or not parameters:
+        return norm
+    coef = paddle.clip(float(max_norm) / (norm + 1e-6), max=1.0)
+    # a non-finite norm leaves the gradients alone (such a step is skipped anyway)
+    coef = paddle.where(paddle.isfinite(norm), coef, paddle.ones_like(coef))
+    grads = [p.grad for p in parameters]
+    if _multi_tensor_path(grads) and all(g.dtype == paddle.float32 for g in grads):
+        # one call for all: g / (1 / coef), within an ulp of g * coef (exact when coef is 1)
+        _C_ops.check_finite_and_unscale_(grads, (1.0 / coef).reshape([1]),
+                                         paddle.zeros([1], dtype="bool"))
+        return norm
+    with paddle.no_grad():
+        for g in grads:
+            g.multiply_(coef.astype(g.dtype))
+    return norm
 
 
 def clip_grad_norm_(parameters, max_norm):
     """PyTorch's clip_grad_norm_: scale all gradients by max_norm / (norm + 1e-6) when that
-    is below 1. Returns the norm before clipping."""
-    parameters = [p for p in parameters if p.grad is not None]
-    norm = global_grad_norm(parameters)
-    if max_norm is not None and max_norm > 0 and math.isfinite(norm):
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            with paddle.no_grad():
-                for p in parameters:
-                    p.grad.scale_(coef)
-    return norm
+    is below 1. Returns the norm before clipping (a float)."""
+    return float(clip_grads_(parameters, max_norm).item())

@@ -153,6 +153,18 @@ def convert_value(arg, value, where):
     return out
 
 
+# the values --amp_dtype accepts, and what each means
+AMP_DTYPES = {"float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def normalize_amp_dtype(args):
+    """``args.amp_dtype`` spelled as Paddle names it (fp16 -> float16, bf16 -> bfloat16)."""
+    value = getattr(args, "amp_dtype", None)
+    if value is not None:
+        args.amp_dtype = AMP_DTYPES[str(value).lower()]
+    return args
+
+
 # ----------------------------------------------------------------------------- lookups
 class ArgTable:
     """Name/alias lookups over a tuple of :class:`Arg`."""
@@ -311,7 +323,7 @@ def parse_args(argv=None, table=(), config_dir=None, description=None, prog=None
             continue  # came from the table or the file: already checked
         setattr(namespace, arg.name, convert_value(arg, value, f"command line --{arg.name}"))
     namespace.config = config_path
-    return namespace
+    return normalize_amp_dtype(namespace)
 
 
 def to_yaml(namespace, table):

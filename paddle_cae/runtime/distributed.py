@@ -151,11 +151,57 @@ def barrier():
         dist.barrier()
 
 
-def data_parallel(model, env=None):
-    """``model`` wrapped for data-parallel training (unchanged in a single process)."""
+# Models whose flags leave trainable parameters out of the loss, for models that do not
+# declare it themselves: (test on the model, prefixes of the parameters left without gradient).
+# BootMAE with --feature_weight 0 (its default, and the only setting without --model_ema)
+# never runs its feature decoder into the loss.
+_BOOTMAE_FEATURE_BRANCH = ("mask_token_1", "decode_blocks_1.", "decode_norm_1.", "lm_head_1.",
+                           "down_1.")
+
+
+def _bootmae_without_feature_loss(model):
+    return hasattr(model, "decode_blocks_1") and \
+        float(getattr(model, "feature_weight", 1.0) or 0.0) == 0.0
+
+
+_KNOWN_UNUSED = ((_bootmae_without_feature_loss, _BOOTMAE_FEATURE_BRANCH),)
+
+
+def unused_parameter_names(model):
+    """Names of the trainable parameters of ``model`` that its current flags leave without a
+    gradient. A model may declare them with a method ``unused_parameter_names()``; otherwise the
+    known cases above apply. Parameters with stop_gradient are never listed."""
+    trainable = [n for n, p in model.named_parameters() if not p.stop_gradient]
+    declared = getattr(model, "unused_parameter_names", None)
+    if callable(declared):
+        names = set(declared())
+        return [n for n in trainable if n in names]
+    for applies, prefixes in _KNOWN_UNUSED:
+        if applies(model):
+            return [n for n in trainable if n.startswith(prefixes)]
+    return []
+
+
+def data_parallel(model, env=None, find_unused_parameters=False):
+    """``model`` wrapped for data-parallel training (unchanged in a single process).
+
+    paddle.DataParallel waits, in every backward, for a gradient of each trainable parameter.
+    The parameters the model's flags leave out of the loss (:func:`unused_parameter_names`,
+    e.g. BootMAE's feature decoder with ``--feature_weight 0``) are therefore frozen
+    (``stop_gradient``) before wrapping: they could not change anyway (no gradient, so no
+    update and no weight decay, as in PyTorch), and Paddle's ``find_unused_parameters=True``
+    does not help here, since it counts a parameter as used when it reaches any forward output,
+    not the loss."""
     if not (env or _ENV).distributed:
         return model
-    return paddle.DataParallel(model)
+    unused = unused_parameter_names(model)
+    if unused:
+        params = dict(model.named_parameters())
+        for name in unused:
+            params[name].stop_gradient = True
+        logger.info("data-parallel: %d parameter tensor(s) get no gradient with these flags "
+                    "(e.g. %s); they are frozen", len(unused), unused[0])
+    return paddle.DataParallel(model, find_unused_parameters=find_unused_parameters)
 
 
 def broadcast_parameters(model):

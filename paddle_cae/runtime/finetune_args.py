@@ -46,6 +46,7 @@ COMMON_ARGS = (
     _shared("start_epoch"),
     _shared("device"),
     _shared("amp"),
+    _shared("amp_dtype"),
     _shared("print_freq"),
     _shared("max_train_step"),
     _shared("enable_multi_print"),

@@ -42,6 +42,9 @@ PRETRAIN_ARGS = (
     Arg("device", "str", None, "gpu or cpu (default: gpu when Paddle is compiled with CUDA)", group=G_RUN),
     Arg("amp", "bool", True, "mixed precision (fp16 autocast O1 + loss scaling) on GPU; a no-op on CPU; "
         "--amp false runs fp32", group=G_RUN),
+    Arg("amp_dtype", "str", "float16", "autocast dtype of --amp: float16 (fp16 O1 with dynamic loss "
+        "scaling, the recipes' setting) or bfloat16 (bf16 O1, no loss scaling; A100/H100); also "
+        "fp16 / bf16", choices=("float16", "bfloat16", "fp16", "bf16"), group=G_RUN),
     Arg("print_freq", "int", 10, "log every N iterations", minimum=1, group=G_RUN),
     Arg("save_latest_freq", "int", 0, "also write <exp_name>_checkpoint-latest.pd every N optimizer updates "
         "inside an epoch, so a killed run resumes mid-epoch (0: only at epoch ends)", minimum=0, group=G_RUN),

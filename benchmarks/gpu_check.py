@@ -1,0 +1,340 @@
+#!/usr/bin/env python
+"""One prepared check of the GPU code path, for when a GPU machine is available.
+
+    bash benchmarks/gpu_check.sh                  # real mode: one GPU, at most 8 minutes
+    bash benchmarks/gpu_check.sh --dry-run        # the same code on CPU, tiny sizes, fp32
+
+(a) parity: ``tests/test_parity.py`` (plus the AdamW and GPU-path step tests) with Paddle on
+    the GPU in fp32 (TF32 off) against the CPU reference fixtures; (b) training steps of MAE-B,
+    CAE-B (DALL-E tokenizer architecture, random weights), BootMAE-B and ViT-B fine-tuning at
+    batch 64, 224 px, in fp16 O1 (loss scaling) and bf16 O1: img/s, peak memory, fraction of
+    skipped steps and MFU against the fp16 / bf16 matmul peak measured in the same run; (c) the
+    MAE demo trained for 2 epochs on the GPU with AMP: does the loss fall; (d) everything in one
+    JSON file (``--out``).
+
+A part that fails is recorded with its error and the check goes on; the exit status is 0 only
+when every part passed.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+# (name, phase, real-size constructor kwargs, dry-run kwargs); batches are built for patch 16
+MODELS = (
+    ("mae_vit_base_patch16", "pretrain", {"norm_pix_loss": True},
+     {"embed_dim": 64, "depth": 1, "num_heads": 4, "decoder_embed_dim": 32, "decoder_depth": 1,
+      "decoder_num_heads": 4}),
+    ("cae_base_patch16_224_8k_vocab", "pretrain", {},
+     {"embed_dim": 64, "depth": 1, "num_heads": 4, "decoder_embed_dim": 64,
+      "regressor_depth": 1, "decoder_depth": 1, "decoder_num_heads": 4, "vocab_size": 64}),
+    ("bootmae_base", "pretrain", {"feature_weight": 1.0},
+     {"embed_dim": 64, "depth": 2, "num_heads": 4, "decode_dim": 64, "decoder_depth": 1,
+      "fea_list": [0, 1], "mask_num": 9}),
+    ("vit_base_patch16", "finetune", {},
+     {"embed_dim": 64, "depth": 1, "num_heads": 4}),
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="CPU, tiny models, fp32, a few steps (checks that the script runs)")
+    p.add_argument("--out", default=None, help="JSON file (default: gpu_check.json, or "
+                   "gpu_check_dry_run.json with --dry-run, in the current folder)")
+    p.add_argument("--batch_size", type=int, default=None, help="default 64 (dry run: 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per model and dtype "
+                   "(default 10; dry run 2)")
+    p.add_argument("--budget_s", type=float, default=450.0,
+                   help="stop starting new parts after this many seconds")
+    p.add_argument("--parts", default="parity,train,demo", help="comma list of parts to run")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------ helpers
+def on_gpu(paddle):
+    return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
+
+
+def sync(paddle):
+    if on_gpu(paddle):
+        paddle.device.cuda.synchronize()
+
+
+def reset_peak_memory(paddle):
+    if on_gpu(paddle):
+        reset = getattr(paddle.device.cuda, "reset_max_memory_allocated", None)
+        if reset is not None:
+            reset()
+
+
+def peak_memory_mb(paddle):
+    from throughput import peak_memory_mb as measure
+
+    return measure(paddle)
+
+
+def matmul_peak_tflops(paddle, dtype, size, repeats=5):
+    """Best TFLOP/s of a size^3 matmul in ``dtype`` (the MFU denominator of this machine)."""
+    a = paddle.randn([size, size], dtype="float32").astype(dtype)
+    b = paddle.randn([size, size], dtype="float32").astype(dtype)
+    c = paddle.matmul(a, b)
+    sync(paddle)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(4):
+            c = paddle.matmul(a, b)
+        sync(paddle)
+        best = min(best, (time.perf_counter() - t) / 4)
+    del a, b, c
+    return 2.0 * size ** 3 / best / 1e12
+
+
+class Deadline:
+    def __init__(self, seconds):
+        self.end = time.time() + seconds
+
+    def left(self):
+        return self.end - time.time()
+
+
+# ------------------------------------------------------------------------ (a) parity
+def run_parity(dry_run):
+    env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0", FLAGS_cudnn_deterministic="1",
+               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # the fixtures of the reference code, AdamW against the PyTorch formula (its multi-tensor
+    # kernel is what a GPU runs) and the GPU-path checks of the step (AMP state, op budget)
+    tests = ["test_parity.py", "test_optim.py", "test_amp_gpu_path.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + [
+        os.path.join(ROOT, "tests", t) for t in tests]
+    t = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()
+    summary = next((line for line in reversed(tail) if " passed" in line or " failed" in line
+                    or " error" in line), tail[-1] if tail else "")
+    failed = [line for line in tail if line.startswith(("FAILED", "ERROR"))]
+    return {"ok": proc.returncode == 0, "summary": summary, "failed": failed[:20],
+            "seconds": round(time.time() - t, 1)}
+
+
+# ----------------------------------------------------------------------- (b) training
+def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, seed=0):
+    """(model, stepper, step_fn, flop count) of one training step of the package."""
+    import numpy as np
+    import paddle.nn.functional as F
+
+    from paddle_cae.engine.stepper import Stepper
+    from paddle_cae.models.registry import create_model
+    from paddle_cae.optim import build_optimizer
+    from paddle_cae.optim.param_groups import param_groups
+    from paddle_cae.runtime.amp import Precision
+    from paddle_cae.runtime.flops import count_flops
+    from throughput import pretrain_batch
+
+    rng = np.random.default_rng(seed)
+    paddle.seed(seed)
+    kwargs = dict(kwargs)
+    if input_size != 224:
+        kwargs["img_size"] = input_size
+    with paddle.utils.unique_name.guard():
+        if phase == "pretrain":
+            model = create_model(name, **kwargs)
+        else:
+            model = create_model(name, num_classes=1000, **kwargs)
+    if phase == "pretrain" and hasattr(model, "set_tokenizer"):
+        from paddle_cae.models.dalle import dalle_encoder
+
+        vocab = getattr(model, "vocab_size", None) or 8192
+        with paddle.utils.unique_name.guard("tokenizer_"):
+            model.set_tokenizer(dalle_encoder(vocab_size=vocab) if vocab != 8192
+                                else dalle_encoder())
+    model.train()
+    groups = param_groups(model, 0.05, layer_decay=0.75 if phase == "finetune" else None)
+    optimizer = build_optimizer("adamw", groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    precision = Precision(amp_dtype)
+    stepper = Stepper(model, optimizer, precision, clip_grad=None if phase == "pretrain" else 5.0)
+    if phase == "pretrain":
+        batch = pretrain_batch(paddle, model, name, batch_size, input_size, rng)
+
+        def forward():
+            return model(batch)["loss"]
+    else:
+        images = paddle.to_tensor(rng.standard_normal(
+            (batch_size, 3, input_size, input_size)).astype("float32"))
+        labels = paddle.to_tensor(rng.integers(0, 1000, (batch_size,)))
+
+        def forward():
+            return F.cross_entropy(model(images), labels)
+
+    def step():
+        with stepper.autocast():
+            loss = forward()
+        info = stepper.backward(loss, 0)
+        if info["stepped"] and hasattr(model, "after_optimizer_step"):
+            model.after_optimizer_step()
+        return info
+
+    with count_flops() as count:
+        with stepper.autocast():
+            loss = forward()
+    del loss
+    return model, stepper, step, count
+
+
+def run_training(paddle, args, deadline, dtypes, peaks):
+    rows = []
+    for name, phase, real_kwargs, dry_kwargs in MODELS:
+        for dtype in dtypes:
+            row = {"model": name, "phase": phase, "amp": dtype or "fp32",
+                   "batch_size": args.batch_size, "input_size": args.input_size}
+            rows.append(row)
+            if deadline.left() < 30:
+                row["error"] = "not run: time budget spent"
+                continue
+            model = stepper = step = None
+            try:
+                reset_peak_memory(paddle)
+                model, stepper, step, count = build_step(
+                    paddle, name, phase, dry_kwargs if args.dry_run else real_kwargs, dtype,
+                    args.batch_size, args.input_size)
+                warmup = 1 if args.dry_run else 3
+                for _ in range(warmup):
+                    step()
+                sync(paddle)
+                skipped = stepper.scaler.skipped_steps
+                times = []
+                for _ in range(args.steps):
+                    t = time.perf_counter()
+                    step()
+                    sync(paddle)
+                    times.append(time.perf_counter() - t)
+                times.sort()
+                median = times[len(times) // 2]
+                flops = count.train_step()
+                peak = peaks.get(dtype or "float32")
+                row.update({
+                    "img_per_s": round(args.batch_size / median, 2),
+                    "step_ms": round(1000 * median, 2),
+                    "peak_memory_mb": round(peak_memory_mb(paddle), 1),
+                    "skipped_fraction": (stepper.scaler.skipped_steps - skipped) / args.steps,
+                    "loss_scale": stepper.scaler.scale if stepper.scaler.enabled else None,
+                    "train_gflop_per_step": round(flops / 1e9, 3),
+                    "mfu": round(flops / median / 1e12 / peak, 4) if peak else None,
+                    "autocast": stepper.precision.dtype or "off",
+                })
+            except Exception as err:  # record and go on with the next one
+                row["error"] = f"{type(err).__name__}: {err}"[:2000]
+                row["traceback"] = traceback.format_exc()[-3000:]
+            finally:
+                del model, stepper, step
+                if on_gpu(paddle):
+                    paddle.device.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------- (c) demo
+def run_demo(args, workdir):
+    out = os.path.join(workdir, "demo_mae")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, os.path.join(ROOT, "main_pretrain.py"), "--config",
+           os.path.join(ROOT, "configs", "demo", "mae.yaml"), "--epochs", "2",
+           "--warmup_epochs", "1", "--output_dir", out, "--auto_resume", "false",
+           "--print_freq", "1000"]
+    if args.dry_run:
+        cmd += ["--amp", "false", "--max_train_step", "4", "--num_workers", "0",
+                "--device", "cpu"]
+    else:
+        cmd += ["--amp", "true", "--device", "gpu"]
+    t = time.time()
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    result = {"returncode": proc.returncode, "seconds": round(time.time() - t, 1),
+              "command": " ".join(cmd[1:])}
+    log = os.path.join(out, "log.txt")
+    if proc.returncode != 0 or not os.path.isfile(log):
+        result.update(ok=False, error=(proc.stdout + proc.stderr)[-3000:])
+        return result
+    with open(log) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    losses = [r.get("train_loss") for r in records]
+    result["epoch_losses"] = losses
+    result["loss_falls"] = len(losses) >= 2 and None not in losses and losses[-1] < losses[0]
+    # a dry run trains 4 steps per epoch: it checks that the run works, not that it learns
+    result["ok"] = bool(result["loss_falls"]) or args.dry_run
+    return result
+
+
+# ---------------------------------------------------------------------------------- main
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    args.batch_size = args.batch_size or (2 if args.dry_run else 64)
+    args.steps = args.steps or (2 if args.dry_run else 10)
+    args.input_size = 64 if args.dry_run else 224
+    args.out = args.out or ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
+    parts = set(args.parts.split(","))
+    deadline = Deadline(args.budget_s)
+    started = time.time()
+
+    import paddle
+
+    gpu = on_gpu(paddle)
+    if args.dry_run:
+        paddle.set_device("cpu")
+    elif not gpu:
+        raise SystemExit("gpu_check: no GPU visible to Paddle (paddle.device.cuda.device_count() "
+                         "is 0, or a CPU wheel is installed); use --dry-run on a CPU machine, "
+                         "or `pip install -r requirements-gpu.txt` on a GPU machine")
+    report = {"mode": "dry-run" if args.dry_run else "gpu",
+              "paddle": paddle.__version__, "python": platform.python_version(),
+              "device": (paddle.device.cuda.get_device_name() if gpu and not args.dry_run
+                         else "cpu"),
+              "fused_cpu_kernels": os.environ.get("PADDLE_CAE_FUSED_OPS", "1")}
+    dtypes = [None] if args.dry_run else ["float16", "bfloat16"]
+    report["matmul_peak_tflops"] = peaks = {}
+    for dtype in dtypes:
+        key = dtype or "float32"
+        try:
+            peaks[key] = round(matmul_peak_tflops(paddle, key, 256 if args.dry_run else 8192), 3)
+        except Exception as err:
+            peaks[key] = None
+            report.setdefault("errors", []).append(f"peak {key}: {type(err).__name__}: {err}")
+    workdir = tempfile.mkdtemp(prefix="gpu_check_")
+    ok = True
+    if "parity" in parts:
+        report["parity"] = run_parity(args.dry_run)
+        ok &= report["parity"]["ok"]
+        print("parity:", report["parity"]["summary"], flush=True)
+    if "train" in parts:
+        report["training"] = run_training(paddle, args, deadline, dtypes, peaks)
+        ok &= all("error" not in row for row in report["training"])
+    if "demo" in parts:
+        if deadline.left() > 60 or args.dry_run:
+            report["demo"] = run_demo(args, workdir)
+            ok &= report["demo"]["ok"]
+        else:
+            report["demo"] = {"ok": False, "error": "not run: time budget spent"}
+            ok = False
+    report["ok"] = bool(ok)
+    report["seconds"] = round(time.time() - started, 1)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"gpu_check: {'all parts passed' if ok else 'SOME PARTS FAILED'}; "
+          f"{report['seconds']} s; report: {os.path.abspath(args.out)}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
