@@ -230,3 +230,18 @@ def test_current_checkpoint_alignment_copy_is_dropped():
 ])
 def test_passl_key_names_map_to_ours(official, ours):
     assert cae_official_key_map(official) == ours
+
+
+def test_training_checkpoints_holding_the_old_tokenizer_sublayer_still_load():
+    from paddle_cae.engine.run import strict_load
+
+    model = tiny_cae()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    state["_tokenizer.blocks.input.w"] = np.zeros((4, 3, 7, 7), dtype=np.float32)
+    other = tiny_cae()
+    strict_load(other, state, "old.pd")
+    for key, value in other.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), state[key])
+    state["decoder.unknown"] = np.zeros(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="unexpected 1"):
+        strict_load(other, state, "old.pd")

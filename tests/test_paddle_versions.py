@@ -199,3 +199,35 @@ def test_the_library_imports_without_paddles_ccache_warning():
                           cwd="/", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ccache" not in done.stderr, done.stderr[-2000:]
+
+
+class _StopAtPrecision(Exception):
+    pass
+
+
+@pytest.mark.parametrize("entry,argv", [
+    ("pretrain", ["--model", "mae_vit_base_patch16"]),
+    ("finetune", []),
+    ("linprobe", []),
+])
+@pytest.mark.parametrize("flags,expected", [([], "float16"), (["--amp_dtype", "bf16"], "bfloat16"),
+                                            (["--amp", "false", "--amp_dtype", "bf16"], None)])
+def test_entrypoints_train_in_the_amp_dtype_asked_for(monkeypatch, tmp_path, entry, argv, flags,
+                                                      expected):
+    from paddle_cae.engine import classify_main, pretrain_main
+
+    seen = []
+
+    def precision(dtype=None, *args, **kwargs):
+        seen.append(dtype)
+        raise _StopAtPrecision
+
+    module = pretrain_main if entry == "pretrain" else classify_main
+    monkeypatch.setattr(module, "Precision", precision)
+    argv = argv + flags + ["--output_dir", str(tmp_path)]
+    with pytest.raises(_StopAtPrecision):
+        if entry == "pretrain":
+            module.run(argv)
+        else:
+            module.run(argv, phase=entry)
+    assert seen == [expected]

@@ -16,7 +16,7 @@ from ..data.transforms import (RandomErasing, build_eval_transform, build_finetu
                                build_linprobe_transform, mean_std)
 from ..optim import build_optimizer, param_groups, recipe_group_options
 from ..runtime import distributed as dist_rt
-from ..runtime.amp import Precision
+from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.config import ConfigError
 from ..runtime.finetune_args import classifier_family, parse_finetune_args, parse_linprobe_args
@@ -219,7 +219,7 @@ def run(argv=None, phase="finetune"):
     if getattr(args, "device", None):
         paddle.set_device(args.device)
     paddle.seed(args.seed)
-    precision = Precision("float16" if args.amp else None)
+    precision = Precision(amp_dtype_from_args(args))
     val_set = build_dataset("val", args.data_path, eval_transform(args))
 
     if args.eval:

@@ -13,7 +13,7 @@ from ..models import create_model
 from ..optim import build_optimizer, param_groups
 from ..optim.param_groups import recipe_group_options
 from ..runtime import distributed as dist_rt
-from ..runtime.amp import Precision
+from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import (absolute_lr, default_config_dir, effective_batch_size,
                                      parse_pretrain_args)
@@ -233,7 +233,7 @@ def run(argv=None):
     optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,
                                 betas=tuple(args.opt_betas), eps=args.opt_eps,
                                 weight_decay=args.weight_decay)
-    precision = Precision("float16" if args.amp else None)
+    precision = Precision(amp_dtype_from_args(args))
     runner = PretrainRun(args, model, dataset, optimizer, precision, env)
     if env.is_main:
         write_config_snapshot(args, args.output_dir)

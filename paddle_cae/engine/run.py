@@ -97,6 +97,9 @@ class LearningRateSchedule:
 def strict_load(model, state, source):
     """Load a checkpoint of this package into the exact same network; one-line error otherwise."""
     own = model.state_dict()
+    stale = tuple(getattr(model, "stale_checkpoint_prefixes", ()))
+    if stale:
+        state = {k: v for k, v in state.items() if not k.startswith(stale)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]

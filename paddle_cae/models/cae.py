@@ -256,6 +256,10 @@ class ContextAutoencoderViT(nn.Layer):
         lxtGH/PASSL code). The copy is never trainable.
     """
 
+    # training checkpoints written before the tokenizer stopped being a sub-layer hold its
+    # weights under this prefix; they are not part of the model
+    stale_checkpoint_prefixes = ("_tokenizer.",)
+
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0,
                  attn_drop_rate=0.0, drop_path_rate=0.0, norm_layer=None, init_values=None,

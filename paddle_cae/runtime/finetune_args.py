@@ -36,6 +36,7 @@ COMMON_ARGS = (
     _shared("accum_iter"),
     _shared("save_ckpt_freq", default=None, aliases=("save_freq",),
             help="also keep checkpoint-<epoch>.pd every N epochs (default: only latest, best and last)"),
+    _shared("keep_last"),
     _shared("output_dir", default="./output_dir"),
     _shared("log_dir"),
     _shared("exp_name"),
@@ -61,7 +62,13 @@ COMMON_ARGS = (
         "cae_base_patch16_224_8k_vocab, bootmae_base, base_patch16_224) are mapped to the classifier",
         group=G_MODEL),
     _shared("model_args", help="extra constructor arguments of the classifier, JSON or inline YAML, "
-            "e.g. '{\"embed_dim\": 64, \"depth\": 2}' (must match the pretrained encoder)"),
+            "e.g. '{\"embed_dim\": 64, \"depth\": 2}' (must match the pretrained encoder). A key that "
+            "a named flag also sets (num_classes, global_pool, img_size, drop_path_rate, init_scale; "
+            "CAE: use_rel_pos_bias, pos_embed_type, init_values) must agree with that flag "
+            "(--nb_classes, --global_pool/--cls_token, --input_size, --drop_path, --init_scale, "
+            "--rel_pos_bias, --sin_pos_emb, --layer_scale_init_value; the flag's default counts when "
+            "it is not given), otherwise the run stops naming both; a probe's --depth keeps the first "
+            "blocks of the encoder 'depth' describes"),
     Arg("finetune", "str", "", "pretrained weights: a pretraining checkpoint or encoder export of this "
         "package (.pd), or an official PyTorch file (.pth: MAE, CAE, BootMAE)", group=G_MODEL),
     Arg("model_key", "str", "model|module", "entries of the --finetune file to look for the weights in, "
@@ -106,8 +113,9 @@ COMMON_ARGS = (
     _shared("pin_mem"),
     _shared("imagenet_default_mean_and_std", help="normalise with the ImageNet mean/std instead of "
             "0.5/0.5 (default: MAE and CAE yes, BootMAE no)"),
-    Arg("crop_pct", "float", None, "evaluation centre-crop fraction (default 0.875 up to 224 px, 1.0 "
-        "above)", minimum=0.0, maximum=1.0, open_min=True, group=G_DATA),
+    Arg("crop_pct", "float", None, "evaluation centre-crop fraction (default 0.875, 1.0 from 225 px for "
+        "MAE and the linear probe, from 384 px for CAE/BootMAE fine-tuning; CAE/BootMAE at 32 px or "
+        "less neither resize nor crop)", minimum=0.0, maximum=1.0, open_min=True, group=G_DATA),
     Arg("train_interpolation", "str", "bicubic", "resize filter of the training crop",
         choices=("bicubic", "bilinear", "lanczos", "nearest", "random"), group=G_AUG),
     # --- distributed

@@ -30,6 +30,8 @@ PRETRAIN_ARGS = (
         aliases=("update_freq",), group=G_RUN),
     Arg("save_ckpt_freq", "int", None, "save a checkpoint every N epochs (and at the last one) "
         "(method default: MAE 20, CAE 50, BootMAE 20)", minimum=1, group=G_RUN),
+    Arg("keep_last", "int", None, "keep only the newest N numbered checkpoint-<epoch>.pd files (latest "
+        "and best are always kept); default: keep all", minimum=1, group=G_RUN),
     Arg("output_dir", "str", "./output_dir", "where checkpoints and logs go; empty for no saving", group=G_RUN),
     Arg("log_dir", "str", None, "VisualDL log directory (default: <output_dir>/vdl; relative paths are "
         "taken under output_dir)", group=G_RUN),
