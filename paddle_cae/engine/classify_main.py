@@ -107,7 +107,9 @@ def resolve_num_classes(args, dataset):
 def freeze_for_probe(model):
     """Only the probe trains: the BN+Linear head, or the attentive probe's query token, block
     and head. Returns the names of the trainable parameters."""
-    prefixes = model.trainable_prefixes() if hasattr(model, "trainable_prefixes") else ("head.",)
+    prefixes = model.trainable_prefixes()
+    if prefixes is None:
+        raise ValueError(f"{type(model).__name__} is not a probe: it trains every parameter")
     trainable = []
     for name, p in model.named_parameters():
         p.stop_gradient = not name.startswith(prefixes)

@@ -80,10 +80,11 @@ class PretrainRun(TrainingRun):
 
     def extra_state(self):
         core = self.model_core
-        return {"extra": core.extra_state()} if hasattr(core, "extra_state") else {}
+        extra = core.extra_state()
+        return {"extra": extra} if extra else {}
 
     def restore_extra(self, state):
-        if "extra" in state and hasattr(self.model_core, "load_extra_state"):
+        if "extra" in state:
             self.model_core.load_extra_state(state["extra"])
 
     def save(self, epoch, batches_done, numbered):
@@ -124,8 +125,7 @@ class PretrainRun(TrainingRun):
         model, core = self.model, self.model_core
         model.train()
         batches = self.epoch_batches(epoch, start_batch)
-        if hasattr(core, "on_epoch_start"):
-            core.on_epoch_start(epoch)
+        core.on_epoch_start(epoch)
         metrics = MetricLogger()
         metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
         header = f"Epoch: [{epoch}]"
@@ -144,8 +144,7 @@ class PretrainRun(TrainingRun):
                 raise NonFiniteLossError(self._nan_message(epoch, i, err)) from None
             if info["stepped"]:
                 self.global_step += 1
-                if hasattr(core, "after_optimizer_step"):
-                    core.after_optimizer_step()
+                core.after_optimizer_step()
             extra = {} if info["grad_norm"] is None else {"grad_norm": info["grad_norm"]}
             parts = scalar_parts(outputs, extra)
             grad_norm = parts.pop("grad_norm", None) if extra else None
@@ -159,8 +158,7 @@ class PretrainRun(TrainingRun):
                 if self.save_latest_freq and update % self.save_latest_freq == 0 \
                         and i + 1 < total:
                     self.save(epoch, i + 1, numbered=False)
-            if self.vis_freq and self.writer.enabled and i % self.vis_freq == 0 \
-                    and hasattr(core, "reconstruction_image"):
+            if self.vis_freq and self.writer.enabled and i % self.vis_freq == 0:
                 image = core.reconstruction_image(inputs, outputs)
                 if image is not None:
                     self.writer.add_image("reconstruction", image, self._x_step(epoch, i))
@@ -199,8 +197,6 @@ class PretrainRun(TrainingRun):
 
     def export_encoder(self):
         core = self.model_core
-        if not hasattr(core, "encoder_state_dict"):
-            return None
         path = os.path.join(self.output_dir,
                             f"{self.exp_name + '_' if self.exp_name else ''}encoder.pd")
         state = {"kind": "encoder", "model_name": self.args.model,

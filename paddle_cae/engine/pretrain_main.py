@@ -123,15 +123,13 @@ def vocabulary_from_tokenizer(args, tokenizer, path, given):
 
 
 def attach_tokenizer(model, args, loaded=None):
-    if not hasattr(model, "set_tokenizer"):
+    if not model.needs_tokenizer:
         return None
     tokenizer, path = loaded if loaded is not None else load_tokenizer(args)
-    vocab = tokenizer.vocab_size if hasattr(tokenizer, "vocab_size") else None
-    head = getattr(getattr(model, "decoder", None), "head", None)
-    if vocab is not None and head is not None and head.weight.shape[-1] != vocab:
-        raise ValueError(f"tokenizer {path} has a vocabulary of {vocab}, the model predicts "
-                         f"{head.weight.shape[-1]} classes (--decoder_num_classes)")
-    model.set_tokenizer(tokenizer)
+    try:
+        model.set_tokenizer(tokenizer)
+    except ValueError as err:
+        raise ValueError(f"tokenizer {path}: {err}") from None
     logger.info("tokenizer: DALL-E encoder from %s", path)
     return tokenizer
 
@@ -225,8 +223,6 @@ def run(argv=None):
     model = build_model(args)
     attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
     transform = build_pretrain_transform(args.method, args)
-    if hasattr(model, "data_transform"):
-        transform = model.data_transform(transform)
     dataset = build_dataset("train", args.data_path, transform)
     options = recipe_group_options(args.method, "pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)

@@ -26,6 +26,7 @@ import paddle.nn.functional as F
 
 from ..ops import fused as fused_ops
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
+from .base import PretrainingModel
 from .layers import (Attention, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
                      init_linears_and_norms, layer_norm, normal_, trunc_normal_, xavier_uniform_,
                      zeros_)
@@ -251,7 +252,7 @@ class MomentumEncoder(nn.Layer):
 
 
 # ----------------------------------------------------------------------------- the model
-class VisionTransformerForMaskedImageModeling(nn.Layer):
+class VisionTransformerForMaskedImageModeling(PretrainingModel):
     """BootMAE pretraining model. Constructor arguments mirror the official class; the
     remaining ones configure the loss and the teacher as the official training loop does
     (``--feature_weight``, ``--weight_mask``, ``--mask_num``, ``--epochs``,
@@ -644,6 +645,14 @@ class VisionTransformerForMaskedImageModeling(nn.Layer):
         }
 
     # ------------------------------------------------------- engine hooks
+    def unused_parameter_names(self):
+        """With no feature loss (``feature_weight`` 0, the default without --model_ema) the
+        feature decoder never reaches the loss."""
+        if self.feature_weight != 0.0:
+            return []
+        branch = ("mask_token_1", "decode_blocks_1.", "decode_norm_1.", "lm_head_1.", "down_1.")
+        return [name for name, _ in self.named_parameters() if name.startswith(branch)]
+
     def on_epoch_start(self, epoch):
         """The official loop sets the teacher's decay (and the feature weight) per epoch."""
         self.current_epoch = int(epoch)

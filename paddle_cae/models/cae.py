@@ -24,6 +24,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from .base import PretrainingModel
 from .layers import (LN_EPS, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
                      init_linears_and_norms, layer_norm, trunc_normal_, xavier_uniform_, zeros_)
 from ..runtime.amp import fp32_region
@@ -245,7 +246,7 @@ def fixed_sincos_table(layer, dim, grid):
 
 
 # ------------------------------------------------------------------------------- model
-class ContextAutoencoderViT(nn.Layer):
+class ContextAutoencoderViT(PretrainingModel):
     """CAE pretraining model. Constructor arguments carry the official names.
 
     alignment: 'current' (default, what the official code effectively computes: the
@@ -259,6 +260,7 @@ class ContextAutoencoderViT(nn.Layer):
     # training checkpoints written before the tokenizer stopped being a sub-layer hold its
     # weights under this prefix; they are not part of the model
     stale_checkpoint_prefixes = ("_tokenizer.",)
+    needs_tokenizer = True
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0,
@@ -385,7 +387,12 @@ class ContextAutoencoderViT(nn.Layer):
     def set_tokenizer(self, tokenizer):
         """Attach the frozen tokenizer used when a batch brings ``tokenizer_images`` instead
         of ``target_ids``. It is not a sub-layer: its weights are neither trained, counted
-        nor saved with this model."""
+        nor saved with this model. Its vocabulary must be the decoder's class count."""
+        vocab = getattr(tokenizer, "vocab_size", None)
+        classes = self.decoder.head.weight.shape[-1]
+        if vocab is not None and vocab != classes:
+            raise ValueError(f"the tokenizer has a vocabulary of {vocab}, the model predicts "
+                             f"{classes} classes (--decoder_num_classes)")
         if tokenizer is not None and isinstance(tokenizer, nn.Layer):
             tokenizer.eval()
             for p in tokenizer.parameters():

@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
+from .base import PretrainingModel
 from .layers import (LN_EPS, Block, PatchEmbed, init_linears_and_norms, layer_norm, normal_,
                      xavier_uniform_)
 from .pos_embed import sincos_pos_embed
@@ -90,7 +91,7 @@ def _gather_tokens(x, index):
     return paddle.take_along_axis(x, index, axis=1)
 
 
-class MaskedAutoencoderViT(nn.Layer):
+class MaskedAutoencoderViT(PretrainingModel):
     """Masked autoencoder with a ViT backbone (timm attention flavour, full qkv bias)."""
 
     image_mean = (0.485, 0.456, 0.406)  # the method's input normalisation (ImageNet)

@@ -9,6 +9,7 @@ statistics in eval mode.
 """
 import paddle.nn as nn
 
+from .base import Classifier
 from .cae import CrossAttention
 from .layers import LN_EPS, layer_norm, normal_, trunc_normal_, zeros_
 from .vit import LinearProbeHead
@@ -27,7 +28,7 @@ class AttentiveBlock(nn.Layer):
         return self.cross_attn(self.norm1_q(query), self.norm1_k(tokens), self.norm1_v(tokens))
 
 
-class AttentiveProbe(nn.Layer):
+class AttentiveProbe(Classifier):
     """``backbone``: a ViT classifier built with the cls-token path (it has ``norm``) and no head.
     Only ``query_token``, ``attentive_block`` and ``head`` are meant to train."""
 

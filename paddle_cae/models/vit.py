@@ -17,6 +17,7 @@ import re
 import paddle
 import paddle.nn as nn
 
+from .base import Classifier
 from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, init_linears_and_norms,
                      layer_norm, lazy_init_active, normal_, trunc_normal_, zeros_)
 from .pos_embed import sincos_pos_embed
@@ -34,7 +35,7 @@ def torch_default_conv_init_(conv):
                                            max=bound).astype(conv.bias.dtype))
 
 
-class VisionTransformer(nn.Layer):
+class VisionTransformer(Classifier):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
                  depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None,
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=LN_EPS,
@@ -84,6 +85,7 @@ class VisionTransformer(nn.Layer):
         else:
             self.norm = layer_norm(embed_dim, norm_eps)
             self.fc_norm = None
+        self.lin_probe = bool(lin_probe)
         if lin_probe:
             self.head = LinearProbeHead(embed_dim, num_classes)
         else:
@@ -140,6 +142,10 @@ class VisionTransformer(nn.Layer):
                 self.head.bias.set_value(self.head.bias * init_scale)
 
     # -------------------------------------------------------------- metadata
+    def trainable_prefixes(self):
+        """A linear probe trains its BatchNorm + Linear head only."""
+        return ("head.",) if self.lin_probe else None
+
     def no_weight_decay(self):
         return {"pos_embed", "cls_token"}
 

@@ -151,35 +151,12 @@ def barrier():
         dist.barrier()
 
 
-# Models whose flags leave trainable parameters out of the loss, for models that do not
-# declare it themselves: (test on the model, prefixes of the parameters left without gradient).
-# BootMAE with --feature_weight 0 (its default, and the only setting without --model_ema)
-# never runs its feature decoder into the loss.
-_BOOTMAE_FEATURE_BRANCH = ("mask_token_1", "decode_blocks_1.", "decode_norm_1.", "lm_head_1.",
-                           "down_1.")
-
-
-def _bootmae_without_feature_loss(model):
-    return hasattr(model, "decode_blocks_1") and \
-        float(getattr(model, "feature_weight", 1.0) or 0.0) == 0.0
-
-
-_KNOWN_UNUSED = ((_bootmae_without_feature_loss, _BOOTMAE_FEATURE_BRANCH),)
-
-
 def unused_parameter_names(model):
     """Names of the trainable parameters of ``model`` that its current flags leave without a
-    gradient. A model may declare them with a method ``unused_parameter_names()``; otherwise the
-    known cases above apply. Parameters with stop_gradient are never listed."""
-    trainable = [n for n, p in model.named_parameters() if not p.stop_gradient]
-    declared = getattr(model, "unused_parameter_names", None)
-    if callable(declared):
-        names = set(declared())
-        return [n for n in trainable if n in names]
-    for applies, prefixes in _KNOWN_UNUSED:
-        if applies(model):
-            return [n for n in trainable if n.startswith(prefixes)]
-    return []
+    gradient, as the model declares them (``unused_parameter_names()``, models/base.py).
+    Parameters with stop_gradient are never listed."""
+    names = set(model.unused_parameter_names())
+    return [n for n, p in model.named_parameters() if not p.stop_gradient and n in names]
 
 
 def data_parallel(model, env=None, find_unused_parameters=False):

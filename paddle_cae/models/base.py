@@ -1,0 +1,63 @@
+"""What the engine may ask of a model: explicit base classes whose hooks do nothing unless a
+model overrides them, so the training loops call them unconditionally (no ``hasattr`` probes).
+
+PretrainingModel
+    ``forward(batch)`` returns ``{"loss": total, "<part>": value, ...}`` (DESIGN.md). Hooks:
+    ``set_tokenizer`` (models whose targets come from a frozen tokenizer: ``needs_tokenizer``),
+    ``on_epoch_start(epoch)`` and ``after_optimizer_step()`` (schedules, momentum teachers),
+    ``extra_state()`` / ``load_extra_state(state)`` (what a training checkpoint carries beside the
+    trainable weights), ``reconstruction_image(batch, outputs)`` (a picture for the logs, or None),
+    ``encoder_state_dict()`` (the weights a classifier is fine-tuned from),
+    ``unused_parameter_names()`` (trainable parameters the current flags leave out of the loss:
+    data-parallel training freezes them), ``stale_checkpoint_prefixes`` (keys older checkpoints
+    hold that are no longer part of the model) and ``no_weight_decay()``.
+
+Classifier
+    ``trainable_prefixes()``: the parameters a run trains (None: all; a linear or attentive
+    probe: its head), ``unused_parameter_names()``, ``no_weight_decay()``.
+"""
+import paddle.nn as nn
+
+
+class PretrainingModel(nn.Layer):
+    needs_tokenizer = False
+    stale_checkpoint_prefixes = ()
+
+    def set_tokenizer(self, tokenizer):
+        raise TypeError(f"{type(self).__name__} takes no tokenizer")
+
+    def on_epoch_start(self, epoch):
+        pass
+
+    def after_optimizer_step(self):
+        pass
+
+    def extra_state(self):
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def reconstruction_image(self, batch, outputs):
+        return None
+
+    def encoder_state_dict(self):
+        raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
+
+    def unused_parameter_names(self):
+        return []
+
+    def no_weight_decay(self):
+        return set()
+
+
+class Classifier(nn.Layer):
+    def trainable_prefixes(self):
+        """Name prefixes of the parameters a run trains; None trains every parameter."""
+        return None
+
+    def unused_parameter_names(self):
+        return []
+
+    def no_weight_decay(self):
+        return set()
