@@ -18,13 +18,8 @@ import sys
 
 import numpy as np
 
-from paddle_cae.io.pd import CheckpointError, save_checkpoint, unwrap_paddle_tensors  # noqa: F401
-from paddle_cae.io.torch_pickle import TorchModuleStub, module_state_dict  # noqa: F401
-from paddle_cae.io.weights import (  # noqa: F401  (the readers, re-exported for older imports)
-    read_torch_checkpoint,
-    read_torch_module_state,
-    select_state_dict,
-)
+# CheckpointError and read_torch_checkpoint are also imported from here (api.py, tests/parity)
+from paddle_cae.io import CheckpointError, read_torch_checkpoint, save_checkpoint, select_state_dict
 
 __all__ = [
     "linear_weight_names",
@@ -142,7 +137,7 @@ def _build_parser():
             "  python -m paddle_cae.convert BootMAE_Base_800_PT.pth ema.pd --model bootmae_base --key model_ema\n"
             "  python -m paddle_cae.convert encoder.pkl dalle_encoder.pd --model dalle_encoder\n"
             "The .pd holds {'model': state_dict, 'converted_from': {...}} and is read by\n"
-            "paddle_cae.runtime.checkpoint.load_checkpoint (or paddle.load)."
+            "paddle_cae.io.read_weights (or paddle.load)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -110,6 +110,12 @@ def test_a_reader_limited_to_some_formats_says_what_it_found_and_what_it_expecte
         read_weights_file(npz)
     assert "numpy .npz" in _one_line_naming(err, npz)
     assert read_weights_file(pth).layout == "torch"
+    # the pre-1.6 stream is a pickle too: recognised by its magic number, not read as a .pd
+    legacy = _write("torch-legacy", tmp_path / "legacy.pth", _state())
+    weights = read_weights_file(legacy)
+    assert weights.layout == "torch"
+    _assert_same(weights.state, _state())
+    assert read_weights_file(_write("pd", tmp_path / "ours.pth", _state())).layout == "paddle"
 
 
 @pytest.mark.parametrize("kind", KINDS)

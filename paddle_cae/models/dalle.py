@@ -208,8 +208,6 @@ def _extract_state(obj):
             if key in obj and isinstance(obj[key], dict) and "blocks.input.w" not in obj:
                 obj = obj[key]
                 break
-    elif hasattr(obj, "state_dict") and callable(obj.state_dict):
-        obj = obj.state_dict()
     if not isinstance(obj, dict):
         return None
     state = {}
