@@ -138,6 +138,15 @@ def test_empty_and_unknown_files_are_refused(tmp_path):
         _one_line_naming(err, path)
     with pytest.raises(CheckpointError, match="missing.pd"):
         read_weights(tmp_path / "missing.pd")
+    import tarfile  # torch <= 0.3 wrote tar archives: named as such, not as garbage
+
+    old = tmp_path / "ancient.pth"
+    (tmp_path / "storages").write_bytes(bytes(2048))
+    with tarfile.open(old, "w") as archive:
+        archive.add(tmp_path / "storages", arcname="storages")
+    with pytest.raises(CheckpointError) as err:
+        read_weights(old)
+    assert "tar" in _one_line_naming(err, old)
 
 
 def test_zip_archive_of_other_files_is_neither_torch_nor_npz(tmp_path):

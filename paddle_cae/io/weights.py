@@ -49,10 +49,11 @@ _DESCRIPTIONS = {
     PD: "a .pd/.pdparams pickle (Paddle or paddle-cae)",
     NPZ: "a numpy .npz archive",
 }
-# what a suffix suggests the file was meant to be (used in messages only)
-_SUFFIX_HINTS = {".pth": "PyTorch checkpoint", ".pt": "PyTorch checkpoint", ".bin": "PyTorch checkpoint",
-                 ".pkl": "pickled PyTorch module", ".pd": ".pd checkpoint", ".pdparams": ".pdparams file",
-                 ".npz": "numpy .npz archive"}
+# what a suffix suggests the file was meant to be (used in messages only): (formats, words)
+_SUFFIX_HINTS = {".pth": (TORCH_FORMATS, "PyTorch checkpoint"), ".pt": (TORCH_FORMATS, "PyTorch checkpoint"),
+                 ".bin": (TORCH_FORMATS, "PyTorch checkpoint"), ".pkl": (TORCH_FORMATS, "pickled PyTorch module"),
+                 ".pd": ((PD,), ".pd checkpoint"), ".pdparams": ((PD,), ".pdparams file"),
+                 ".npz": ((NPZ,), "numpy .npz archive")}
 
 
 def _expected_text(formats):
@@ -61,9 +62,10 @@ def _expected_text(formats):
     return " or ".join(dict.fromkeys(names[f] for f in formats))
 
 
-def _suffix_hint(source):
-    hint = _SUFFIX_HINTS.get(os.path.splitext(source)[1].lower())
-    return f" (named like a {hint})" if hint else ""
+def _suffix_hint(source, found=None):
+    """' (named like a ...)' when the suffix suggests another format than the one ``found``."""
+    formats, words = _SUFFIX_HINTS.get(os.path.splitext(source)[1].lower(), ((), None))
+    return f" (named like a {words})" if words and found not in formats else ""
 
 
 def _zip_format(data, source):
@@ -129,7 +131,8 @@ def read_weights_with_format(path, formats=FORMATS, modules=False):
         hint = ""
         if PD in formats and fmt in TORCH_FORMATS:
             hint = "; convert it with `python -m paddle_cae.convert`"
-        raise CheckpointError(f"{source}: {found}{_suffix_hint(source)}, expected {_expected_text(formats)}{hint}")
+        raise CheckpointError(
+            f"{source}: {found}{_suffix_hint(source, fmt)}, expected {_expected_text(formats)}{hint}")
     if fmt == TORCH_ZIP:
         obj = parse_torch_zip(data, source, TORCH_MODULE_GLOBALS if modules else TORCH_GLOBALS)
     elif fmt == TORCH_LEGACY:
