@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_cae.runtime import checkpoint as ckpt
+from paddle_cae.io import pd as pd_io
 from paddle_cae.runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 
@@ -76,7 +76,7 @@ def test_failed_save_leaves_the_previous_file_intact_and_no_temp_files(tmp_path,
         f.write(pickle.dumps(obj, protocol=protocol)[:10])  # a partial write, then the crash
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "pickle", types.SimpleNamespace(dump=dump_half_then_fail))
+    monkeypatch.setattr(pd_io, "pickle", types.SimpleNamespace(dump=dump_half_then_fail))
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint({"epoch": 2, "w": np.zeros(3)}, path)
     monkeypatch.undo()

@@ -9,17 +9,15 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_cae.convert import (
+from paddle_cae.convert import main, convert_state_dict, linear_weight_names
+from paddle_cae.io import (
     CheckpointError,
-    main,
-    convert_state_dict,
-    linear_weight_names,
+    load_checkpoint,
     read_torch_checkpoint,
     read_torch_module_state,
     select_state_dict,
 )
 from paddle_cae.models.registry import _REGISTRY, register_model
-from paddle_cae.runtime.checkpoint import load_checkpoint
 from tests.torchfile import (
     BFloat16, Call, Device, Global, Parameter, TensorView, TorchModule,
     dalle_encoder_module, write_torch_legacy, write_torch_module_pickle, write_torch_zip,

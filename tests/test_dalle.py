@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-import paddle_cae.convert as convert
+import paddle_cae.models.dalle as dalle
 from paddle_cae.models import create_model, list_models
 from paddle_cae.models.dalle import (
     DalleEncoder,
@@ -158,10 +158,14 @@ def test_pickled_module_is_converted_once_and_the_cache_is_used_later(encoder_pk
     first = _logits(load_dalle_encoder(encoder_pkl, **TINY), case)
     assert cache.is_file()
 
-    def must_not_read(path):
-        raise AssertionError("encoder.pkl was read again although a converted cache exists")
+    read_weights = dalle.read_weights
 
-    monkeypatch.setattr(convert, "read_torch_module_state", must_not_read)
+    def must_not_read_the_pickle(path, **kwargs):
+        if Path(path) == encoder_pkl:
+            raise AssertionError("encoder.pkl was read again although a converted cache exists")
+        return read_weights(path, **kwargs)
+
+    monkeypatch.setattr(dalle, "read_weights", must_not_read_the_pickle)
     np.testing.assert_array_equal(_logits(load_dalle_encoder(encoder_pkl, **TINY), case), first)
 
 

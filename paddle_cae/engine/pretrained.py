@@ -6,7 +6,7 @@ Accepted files:
 * this package's ``.pd`` checkpoints: pretraining (``kind: pretrain``, the whole pretraining
   model), encoder exports (``kind: encoder``), fine-tuned and probe checkpoints, and the
   ``python -m paddle_cae.convert`` output; Paddle layout;
-* official PyTorch files read by :mod:`paddle_cae.convert` without torch: MAE (``model``:
+* official PyTorch files read by :mod:`paddle_cae.io` without torch: MAE (``model``:
   encoder-only release, ``_full``/visualize releases, fine-tuned), CAE (``encoder.*`` with
   ``teacher.*``/``alignment_encoder.*``/regressor/decoder), BootMAE (``model``; the online
   weights, not ``model_ema``); PyTorch layout (Linear weights transposed on the way in);
@@ -36,9 +36,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..convert import CheckpointError, convert_state_dict, read_torch_checkpoint, select_state_dict
+from ..convert import convert_state_dict
+from ..io import CheckpointError, read_weights_with_format, select_state_dict
+from ..io.weights import PD, TORCH_FORMATS
 from ..models.pos_embed import resize_pos_embed
-from ..runtime.checkpoint import load_checkpoint
 
 logger = logging.getLogger("paddle_cae")
 
@@ -56,6 +57,10 @@ PRETRAIN_ONLY_PREFIXES = (
 REL_POS_TABLE = "relative_position_bias_table"
 SHARED_REL_POS_TABLE = "rel_pos_bias.relative_position_bias_table"
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "cls_token", "pos_embed")
+
+
+# what --finetune reads: a .npz says nothing about its layout (torch or paddle), so it is refused
+FINETUNE_FORMATS = TORCH_FORMATS + (PD,)
 
 
 @dataclass
@@ -131,23 +136,13 @@ def _pick_state(obj, model_key, source):
 
 
 def read_weights_file(path, model_key="model|module"):
-    """Read any supported checkpoint file. Raises CheckpointError (one line) when it cannot."""
+    """Read any supported checkpoint file (PyTorch .pth, .pd/.pdparams, decided from the
+    content by :func:`paddle_cae.io.read_weights`). Raises CheckpointError (one line) when it cannot."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    layout = "paddle"
-    if magic[:2] == b"PK":
-        obj, layout = read_torch_checkpoint(path), "torch"
-    else:
-        try:
-            obj = load_checkpoint(path)
-        except CheckpointError as first:
-            try:  # the single-stream (pre-1.6) torch format is a pickle too
-                obj, layout = read_torch_checkpoint(path), "torch"
-            except CheckpointError:
-                raise first from None
+    obj, fmt = read_weights_with_format(path, formats=FINETUNE_FORMATS)
+    layout = "torch" if fmt in TORCH_FORMATS else "paddle"
     if isinstance(obj, dict) and isinstance(obj.get("kind"), str) and isinstance(obj.get("model"), dict):
         kind = {"pretrain": "pretraining checkpoint", "encoder": "encoder export",
                 "finetune": "fine-tuned checkpoint", "linprobe": "linear-probe checkpoint"

@@ -7,7 +7,7 @@ Image (after :func:`map_pixels`) -> logits over ``vocab_size`` codes on a grid 8
 converting the official weights is a plain copy.
 
 The official ``encoder.pkl`` is a pickled whole module; :func:`load_dalle_encoder` reads
-it through :mod:`paddle_cae.convert` (no torch), checks every key and shape against the
+it through :func:`paddle_cae.io.read_weights` (no torch), checks every key and shape against the
 architecture, and caches the converted weights as a ``.pd`` file for later runs.
 """
 import math
@@ -19,6 +19,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..io import CheckpointError, TorchModuleStub, module_state_dict, read_weights, save_checkpoint
 from ..ops import fused as fused_ops
 from .registry import register_model
 
@@ -207,8 +208,6 @@ def _extract_state(obj):
             if key in obj and isinstance(obj[key], dict) and "blocks.input.w" not in obj:
                 obj = obj[key]
                 break
-    elif hasattr(obj, "state_dict") and callable(obj.state_dict):
-        obj = obj.state_dict()
     if not isinstance(obj, dict):
         return None
     state = {}
@@ -255,36 +254,17 @@ def check_dalle_state(state, arch, source):
 
 
 def _read_state(path):
-    """Read a weight file by its suffix. Any reader failure becomes one line."""
-    suffix = path.suffix.lower()
+    """The state_dict in a weights file of any format :func:`paddle_cae.io.read_weights`
+    recognises from its content (whole pickled modules included). Any failure is one line."""
     try:
-        if suffix == ".pkl":
-            from ..convert import read_torch_module_state
-            obj = read_torch_module_state(path)
-        elif suffix in (".pth", ".pt", ".bin"):
-            from ..convert import read_torch_checkpoint
-            obj = read_torch_checkpoint(path)
-        elif suffix in (".pd", ".pdparams"):
-            from ..runtime.checkpoint import load_checkpoint
-            obj = load_checkpoint(path)
-        elif suffix == ".npz":  # np.savez(path, **state_dict): how weights travel without torch
-            with np.load(path, allow_pickle=False) as archive:
-                obj = {key: archive[key] for key in archive.files}
-        else:
-            raise DalleWeightsError(
-                f"{path}: unknown DALL-E weight file type '{suffix}' (expected encoder.pkl, a .pth "
-                "state dict, a numpy .npz of that state dict or a converted .pd)")
-    except DalleWeightsError:
-        raise
-    except ImportError as err:
-        raise DalleWeightsError(f"{path}: cannot read it, the reader is unavailable ({_one_line(err)})") from None
-    except Exception as err:  # readers raise many types on corrupt input
+        obj = read_weights(path, modules=True)
+    except CheckpointError as err:
         detail = _one_line(err)
         if detail.startswith(f"{path}: "):
             detail = detail[len(f"{path}: "):]
-        else:
-            detail = f"{type(err).__name__}: {detail}"
         raise DalleWeightsError(f"{path}: cannot read DALL-E encoder weights: {detail}") from None
+    if isinstance(obj, TorchModuleStub):
+        obj = module_state_dict(obj)
     state = _extract_state(obj)
     if state is None:
         raise DalleWeightsError(f"{path}: holds a {type(obj).__name__}, not a DALL-E encoder state_dict")
@@ -332,8 +312,6 @@ def load_dalle_encoder(path, cache_dir=None, **arch):
 
 
 def _write_cache(cache, state, source):
-    from ..runtime.checkpoint import save_checkpoint
-
     try:
         save_checkpoint({"model": state, "meta": {"source": str(source), "kind": "dalle_encoder"}}, cache)
     except OSError:
