@@ -36,7 +36,7 @@ class ToyMIM(PretrainingModel):
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
         self.mask_token = self.create_parameter([1, 1, embed_dim])
         self.block = Block(embed_dim, num_heads, qkv_bias=True)
-        self.head = nn.Linear(embed_dim, patch_size * patch_size * 3)
+        self.pixel_head = nn.Linear(embed_dim, patch_size * patch_size * 3)
         self.patch = patch_size
         self.masked_weight = masked_weight
 
@@ -44,7 +44,7 @@ class ToyMIM(PretrainingModel):
         images, mask = batch["images"], batch["bool_masked_pos"].astype("float32").unsqueeze(-1)
         x = self.patch_embed(images)
         x = x * (1 - mask) + self.mask_token * mask
-        pred = self.head(self.block(x))
+        pred = self.pixel_head(self.block(x))
         b, c, h, w = images.shape
         p = self.patch
         target = images.reshape([b, c, h // p, p, w // p, p]).transpose([0, 2, 4, 3, 5, 1])
@@ -54,7 +54,7 @@ class ToyMIM(PretrainingModel):
         return {"loss": loss, "loss_masked": loss}
 
     def encoder_state_dict(self):
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("pixel_head.")}
 
 
 @register_model("pretrain", method="toy")
@@ -80,7 +80,7 @@ class ToyMethod(Method):
                              imagenet_default_mean_and_std=True, layer_scale_init_value=0.0)
     model_flags = {"input_size": "img_size"}
     default_mask_patches = 16
-    pretrain_only_prefixes = ("head.",)
+    pretrain_only_prefixes = ("pixel_head.",)
 
     def pretrain_transform(self, args, mask_generator=None):
         mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", True)))
@@ -142,6 +142,23 @@ def test_the_methods_hold_the_recipe_differences():
     assert cae.needs_tokenizer and not mae.needs_tokenizer and not boot.needs_tokenizer
 
 
+@pytest.fixture
+def restored_registries():
+    """The toy's registrations are undone after the test (other tests list every model)."""
+    from paddle_cae.methods import base as methods_base
+    from paddle_cae.models import registry
+
+    method_names()  # load the built-in methods and models first
+    tables = [registry._REGISTRY, registry._TASKS, registry._METHODS, methods_base._METHODS,
+              methods_base._BY_MODEL]
+    saved = [dict(t) for t in tables]
+    yield
+    for table, copy in zip(tables, saved):
+        table.clear()
+        table.update(copy)
+    sys.modules.pop("toy_method", None)
+
+
 def _load_toy(tmp_path):
     path = tmp_path / "toy_method.py"
     path.write_text(textwrap.dedent(TOY_METHOD_FILE))
@@ -152,11 +169,9 @@ def _load_toy(tmp_path):
     return module
 
 
-def test_a_fourth_method_in_one_file_pretrains_through_main_pretrain(tmp_path, capsys):
-    from paddle_cae.models.registry import _REGISTRY
-
-    if "toy_mim_tiny" not in _REGISTRY:
-        _load_toy(tmp_path)
+def test_a_fourth_method_in_one_file_pretrains_through_main_pretrain(tmp_path, capsys,
+                                                                     restored_registries):
+    _load_toy(tmp_path)
     method = method_for("toy_mim_tiny")
     assert method.name == "toy" and get_method("toy") is method
     # its pipeline: the method's block mask (16 patches by its default) beside the image
@@ -177,4 +192,4 @@ def test_a_fourth_method_in_one_file_pretrains_through_main_pretrain(tmp_path, c
 
     state = load_checkpoint(str(checkpoints[0]))
     assert state["model_name"] == "toy_mim_tiny"
-    assert {"mask_token", "head.weight", "block.attn.qkv.weight"} <= set(state["model"])
+    assert {"mask_token", "pixel_head.weight", "block.attn.qkv.weight"} <= set(state["model"])
