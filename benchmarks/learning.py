@@ -109,6 +109,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from paddle_cae.engine import classify_main, pretrain_main  # noqa: E402
+from paddle_cae.methods import get_method  # noqa: E402
 from paddle_cae.runtime.checkpoint import save_checkpoint, to_plain  # noqa: E402
 from paddle_cae.runtime.pretrain_args import parse_pretrain_args  # noqa: E402
 
@@ -143,7 +144,7 @@ def pretrain_args(method, budget, tokenizer):
         argv += ["--epochs", str(budget["pretrain_epochs"])]
     if budget["max_train_step"]:
         argv += ["--max_train_step", str(budget["max_train_step"]), "--warmup_epochs", "0"]
-    if method == "cae" and tokenizer:
+    if get_method(method).needs_tokenizer and tokenizer:
         argv += ["--discrete_vae_weight_path", tokenizer, "--decoder_num_classes", "8192"]
     return argv
 
@@ -220,7 +221,7 @@ def run_method(method, root, budget, tokenizer, say):
     model_argv = classifier_args(method, argv)
     row = {"method": method, "epochs": int(runner.args.epochs), "loss_first": losses[0],
            "loss_last": losses[-1], "pretrain_s": pretrain_time}
-    if method == "cae":
+    if get_method(method).needs_tokenizer:
         row["tokenizer"] = tokenizer or DEMO_TOKENIZER
     for phase, key in (("linprobe", "probe"), ("finetune", "finetune")):
         for init, weights in (("pretrained", pretrained), ("random", random_init)):
@@ -248,13 +249,12 @@ def run_own_init_only(method, root, budget, tokenizer, say):
 
 
 def method_label(row):
-    if row["method"] != "cae":
-        return {"mae": "MAE", "bootmae": "BootMAE"}[row["method"]]
-    if "tokenizer" not in row:  # --own_init_only: no pretraining, no tokenizer
-        return "CAE"
+    title = get_method(row["method"]).title
+    if "tokenizer" not in row:  # no tokenizer (or --own_init_only: no pretraining)
+        return title
     if row["tokenizer"] == DEMO_TOKENIZER:
-        return "CAE (demo tokenizer: fixed random weights, not DALL-E)"
-    return f"CAE (tokenizer {row['tokenizer']})"
+        return f"{title} (demo tokenizer: fixed random weights, not DALL-E)"
+    return f"{title} (tokenizer {row['tokenizer']})"
 
 
 def table(rows):

@@ -23,6 +23,7 @@ from .engine.evaluate import predictions
 from .engine.run import strict_load
 from .engine.infer import image_paths, preprocessing, to_batch, topk_predictions
 from .engine.pretrained import load_pretrained, read_weights_file
+from .methods import method_for
 from .models.registry import create_model, model_task
 
 __all__ = ["CheckpointError", "create_model", "load_checkpoint", "predict", "predict_batch"]
@@ -34,21 +35,14 @@ def _pretraining_model(weights, model_name):
     name = weights.model_name or args.get("model")
     if model_name and model_name != name:
         raise ValueError(f"{weights.path} is a pretraining checkpoint of {name}, not of {model_name}")
-    kwargs = dict(args.get("model_args") or {})
-    if args.get("norm_pix_loss") is not None and name.startswith("mae"):
-        kwargs.setdefault("norm_pix_loss", bool(args["norm_pix_loss"]))
-    if args.get("mask_num") is not None and name.startswith("bootmae"):
-        kwargs.setdefault("mask_num", int(args["mask_num"]))
-    if name.startswith("bootmae"):
-        kwargs["with_teacher"] = False
+    method = method_for(name)
+    kwargs = method.inference_kwargs(args)
     with paddle.utils.unique_name.guard():
         model = create_model(name, **kwargs)
     strict_load(model, weights.state, weights.path)
-    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    if args.get("imagenet_default_mean_and_std") is False:
-        mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    mean, std = method.pretrain_mean_std(args)
     model.preprocess_config = {"input_size": int(args.get("input_size", 224)), "mean": list(mean),
-                               "std": list(std), "crop_pct": 1.0}
+                               "std": list(std), "crop_pct": 1.0, "model": name}
     return model
 
 

@@ -438,15 +438,40 @@ def test_ema_decay_is_constant_within_an_epoch_and_capped():
     assert ema_decay_for_epoch(5000, dynamic=True) == ema_decay_for_epoch(400, dynamic=True)
 
 
-def test_recipe_options_decay_tokens_only_in_mae_and_cae_pretraining():
-    model = TinyViT()
-    for method in ("mae", "cae"):
-        opts = recipe_group_options(method, "pretrain", model)
-        info = describe_param_groups(model, 0.05, **opts)
-        assert info["cls_token"]["weight_decay"] == 0.05
-    opts = recipe_group_options("bootmae", "pretrain", model)
-    assert opts["rule"] == "beit"
-    info = describe_param_groups(model, 0.05, **opts)
-    assert info["cls_token"]["weight_decay"] == 0.0 and info["mask_token"]["weight_decay"] == 0.05
+class DeclaresPosAndCls(TinyViT):
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+
+def test_recipe_options_ask_the_model_where_the_official_pretraining_does():
+    # MAE (timm's add_weight_decay) never asks the model: tokens decay whatever it declares
+    declaring = DeclaresPosAndCls()
+    opts = recipe_group_options("mae", "pretrain", declaring)
+    assert opts["rule"] == "mae" and opts["no_weight_decay_list"] == set()
+    assert describe_param_groups(declaring, 0.05, **opts)["cls_token"]["weight_decay"] == 0.05
+    # CAE and BootMAE (BEiT's create_optimizer) ask it: a model declaring nothing decays its
+    # tokens, one declaring cls_token does not
+    for method in ("cae", "bootmae"):
+        opts = recipe_group_options(method, "pretrain", TinyViT())
+        assert opts["rule"] == "beit"
+        assert describe_param_groups(TinyViT(), 0.05, **opts)["cls_token"]["weight_decay"] == 0.05
+        opts = recipe_group_options(method, "pretrain", declaring)
+        info = describe_param_groups(declaring, 0.05, **opts)
+        assert info["cls_token"]["weight_decay"] == 0.0 and info["mask_token"]["weight_decay"] == 0.05
+
+
+def test_recipe_options_of_the_real_pretraining_models_match_the_official_recipes():
+    from paddle_cae.models import create_model
+
+    small = dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)
+    cases = {"mae_vit_base_patch16": ("mae", set()),
+             "cae_base_patch16_224_8k_vocab": ("cae", set()),
+             "bootmae_base": ("bootmae", {"pos_embed", "cls_token"})}
+    for name, (method, skip) in cases.items():
+        model = create_model(name, **small)
+        assert recipe_group_options(method, "pretrain", model)["no_weight_decay_list"] == skip, name
+
+
+def test_recipe_options_of_fine_tuning_ask_the_classifier():
     assert recipe_group_options("cae", "finetune", SelfDescribingViT())["no_weight_decay_list"] \
         == {"cls_token", "mask_token"}

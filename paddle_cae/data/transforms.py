@@ -363,35 +363,11 @@ def window_size_of(args):
 
 
 def build_mask_generator(args, method):
-    """The mask generator a method's recipe asks for (None for MAE, which masks in the model)."""
-    from . import masking
+    """The mask generator ``method``'s recipe asks for (None where the model masks itself);
+    the method (:mod:`paddle_cae.methods`) decides."""
+    from ..methods import get_method
 
-    method = method.lower()
-    if method == "mae":
-        return None
-    window = window_size_of(args)
-    num_patches = window[0] * window[1]
-    kind = str(_get(args, "mask_generator", "block")).lower()
-    if kind == "random":
-        ratio = _get(args, "ratio_mask_patches", _get(args, "mask_ratio"))
-        if ratio is not None:
-            return masking.RandomMaskGenerator(window, mask_ratio=float(ratio))
-        return masking.RandomMaskGenerator(window, num_masking_patches=int(_get(args, "num_mask_patches")))
-    if kind != "block":
-        raise ValueError(f"--mask_generator must be 'block' or 'random', got '{kind}'")
-    default_count = 120 if method == "bootmae" else 98
-    count = int(_get(args, "num_mask_patches", default_count))
-    if count > num_patches:
-        raise ValueError(f"--num_mask_patches {count} exceeds the {num_patches} patches of a "
-                         f"{window[0]}x{window[1]} grid")
-    min_block = int(_get(args, "min_mask_patches_per_block", 16))
-    if method == "bootmae":
-        return masking.bootmae_mask_generator(
-            window, num_masking_patches=count, min_num_patches=min_block,
-            max_num_patches=int(_get(args, "max_mask_patches_per_block", 60)))
-    return masking.BlockMaskGenerator(
-        window, count, min_num_patches=min_block,
-        max_num_patches=_get(args, "max_mask_patches_per_block"))
+    return get_method(method).mask_generator(args)
 
 
 def _bool_mask(generator):
@@ -478,68 +454,40 @@ class CAEPretrainTransform:
                 f"{self.tokenizer_transform!r}, mask={self.mask_generator!r})")
 
 
-PRETRAIN_METHODS = ("mae", "cae", "bootmae")
-
-
-def method_of_model(model_name):
-    """'mae' / 'cae' / 'bootmae' from a pretraining model name."""
-    name = str(model_name).lower()
-    for method in ("bootmae", "cae", "mae"):
-        if name.startswith(method):
-            return method
-    raise ValueError(f"cannot tell the pretraining method of model '{model_name}' "
-                     f"(expected a name starting with one of {PRETRAIN_METHODS})")
-
-
 def build_pretrain_transform(method, args, mask_generator=None):
-    """image (PIL RGB) -> dict of arrays for ``method`` in {'mae', 'cae', 'bootmae'}.
+    """image (PIL RGB) -> dict of arrays for the pretraining ``method`` (a name or a
+    :class:`paddle_cae.methods.Method`), which assembles the pipeline from the classes above.
 
     ``args``: Namespace or dict with the official flag names (input_size,
     imagenet_default_mean_and_std, num_mask_patches, ...). ``mask_generator`` overrides the
     one the config describes (tests, parity runs)."""
-    method = method.lower()
-    if method not in PRETRAIN_METHODS:
-        raise ValueError(f"unknown pretraining method '{method}'; expected one of {PRETRAIN_METHODS}")
-    input_size = int(_get(args, "input_size", 224))
-    interpolation = _get(args, "train_interpolation", "bicubic")
-    max_scale = float(_get(args, "crop_max_size", 1.0))
-    if method == "mae":
-        # MAE always normalises with the ImageNet statistics
-        scale = (float(_get(args, "crop_min_size", 0.2)), max_scale)
-        grid = window_size_of(args)
-        return MAEPretrainTransform(input_size, scale=scale, interpolation=interpolation,
-                                    num_patches=grid[0] * grid[1])
-    mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
-    if mask_generator is None:
-        mask_generator = build_mask_generator(args, method)
-    if method == "bootmae":
-        scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))), max_scale)
-        mask_num = _get(args, "mask_num")
-        return BootMAEPretrainTransform(mask_generator, input_size, scale, interpolation, mean, std,
-                                        mask_num=None if mask_num is None else int(mask_num))
-    second = int(_get(args, "second_input_size", input_size // 2))
-    scale = (float(_get(args, "crop_min_size", 0.08)), max_scale)
-    return CAEPretrainTransform(mask_generator, input_size, second, scale, interpolation,
-                                _get(args, "second_interpolation", "lanczos"), mean, std,
-                                color_jitter=float(_get(args, "color_jitter", 0.0)))
+    from ..methods import get_method
+
+    return get_method(method).pretrain_transform(args, mask_generator)
 
 
 # ----------------------------------------------------------------------- eval / probing
-SMALL_IMAGE_METHODS = ("cae", "bootmae")
+def _beit_eval_rules(method):
+    if method is None:
+        return False
+    from ..methods import get_method
+
+    return get_method(method).beit_eval_rules
 
 
 def small_image_path(method, input_size):
-    """True where the official fine-tune ``build_transform`` takes its small-image branch: CAE and
-    BootMAE (BEiT's code) for ``input_size <= 32`` (CIFAR-style data). Training then starts with
-    ``RandomCrop(input_size, padding=4)`` instead of the random resized crop, and evaluation
-    skips the resize and centre crop. MAE's ``build_transform`` has no such branch."""
-    return method in SMALL_IMAGE_METHODS and int(input_size) <= 32
+    """True where the official fine-tune ``build_transform`` takes its small-image branch: methods
+    on BEiT's code (CAE, BootMAE: ``Method.beit_eval_rules``) for ``input_size <= 32``
+    (CIFAR-style data). Training then starts with ``RandomCrop(input_size, padding=4)`` instead
+    of the random resized crop, and evaluation skips the resize and centre crop. MAE's
+    ``build_transform`` has no such branch."""
+    return _beit_eval_rules(method) and int(input_size) <= 32
 
 
 def default_crop_pct(input_size, method=None):
     """The evaluation crop fraction when ``--crop_pct`` is unset: 224/256 below the method's
-    threshold, else 1. MAE: up to 224 px; CAE and BootMAE (BEiT's code): below 384 px."""
-    if method in SMALL_IMAGE_METHODS:
+    threshold, else 1. MAE: up to 224 px; BEiT's code (CAE, BootMAE): below 384 px."""
+    if _beit_eval_rules(method):
         return 224 / 256 if input_size < 384 else 1.0
     return 224 / 256 if input_size <= 224 else 1.0
 

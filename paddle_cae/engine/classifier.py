@@ -19,16 +19,15 @@ import paddle
 from ..data.transforms import mean_std
 from ..models import create_model
 from ..models.probe import AttentiveProbe
-from ..runtime.finetune_args import classifier_family, classifier_name
+from ..runtime.finetune_args import classifier_method, classifier_name
 
 
 def transform_method(args):
     """The method whose official ``build_transform`` a run's images follow: the fine-tune family
     (and CAE's attentive probe, trained on that code path); None for the linear probe (MAE's)."""
-    family = classifier_family(classifier_name(args.model))
     if getattr(args, "phase", "finetune") == "linprobe" and getattr(args, "linear_type", None) != "attentive":
         return None
-    return family
+    return classifier_method(args.model).name
 
 
 def classifier_config(args, num_classes):
@@ -54,10 +53,9 @@ def classifier_config(args, num_classes):
         # whose build_transform rules the evaluation preprocessing follows (data.transforms: the
         # small-image branch and the default crop_pct of CAE/BootMAE); None: MAE's rules
         "transform_method": transform_method(args),
-        # MAE's main_finetune re-draws the head at std 2e-5 only after loading --finetune weights;
-        # from scratch its head keeps timm's std 0.02 (CAE/BootMAE scale theirs by --init_scale)
-        "head_init_std": (2e-5 if getattr(args, "finetune", "") else 0.02)
-        if classifier_family(classifier_name(args.model)) == "mae" and probe is None else None,
+        # the head's init std where the method's recipe sets it (MAE: 2e-5 after loading
+        # --finetune weights, 0.02 from scratch; CAE/BootMAE scale theirs by --init_scale)
+        "head_init_std": classifier_method(args.model).head_init_std(args, probe),
     }
 
 
@@ -89,7 +87,7 @@ def _merge_flag(kwargs, key, value, flag):
 def constructor_kwargs(config, for_training=True):
     """Constructor arguments of the classifier: ``model_args`` merged with the named flags (see
     :func:`_merge_flag` for the rule) plus ``num_classes``, ``global_pool`` and ``lin_probe``."""
-    family = classifier_family(config["model"])
+    method = classifier_method(config["model"])
     kwargs = dict(config.get("model_args") or {})
     _merge_flag(kwargs, "num_classes", int(config["num_classes"]),
                 "--nb_classes (default: the number of class folders)")
@@ -100,18 +98,7 @@ def constructor_kwargs(config, for_training=True):
         _merge_flag(kwargs, "drop_path_rate", config.get("drop_path", 0.0), "--drop_path")
     else:
         kwargs["drop_path_rate"] = 0.0  # evaluation and inference: no stochastic depth
-    if family == "cae":
-        _merge_flag(kwargs, "use_rel_pos_bias", bool(config.get("rel_pos_bias", True)),
-                    "--rel_pos_bias / --disable_rel_pos_bias (its method default when not given)")
-        _merge_flag(kwargs, "pos_embed_type", "sincos" if config.get("sin_pos_emb", True) else "none",
-                    "--sin_pos_emb")
-        if config.get("layer_scale_init_value") is not None:
-            _merge_flag(kwargs, "init_values", config["layer_scale_init_value"] or None,
-                        "--layer_scale_init_value")
-    if family in ("cae", "bootmae"):
-        _merge_flag(kwargs, "init_scale", config.get("init_scale", 0.001), "--init_scale")
-    if config.get("head_init_std") is not None and family == "mae":
-        kwargs.setdefault("head_init_std", config["head_init_std"])
+    method.classifier_kwargs(config, kwargs, _merge_flag)
     if config.get("depth"):  # probing keeps the first --depth blocks of the encoder model_args describe
         keep = int(config["depth"])
         if "depth" in kwargs and keep > int(kwargs["depth"]):

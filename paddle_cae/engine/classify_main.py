@@ -14,12 +14,12 @@ import paddle
 from ..data.datasets import build_dataset, default_data_path
 from ..data.transforms import (RandomErasing, build_eval_transform, build_finetune_transform,
                                build_linprobe_transform, mean_std)
-from ..optim import build_optimizer, param_groups, recipe_group_options
+from ..optim import build_optimizer, param_groups
 from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.config import ConfigError
-from ..runtime.finetune_args import classifier_family, parse_finetune_args, parse_linprobe_args
+from ..runtime.finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
 from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import default_config_dir
 from .classifier import build_classifier, classifier_config, encoder_of, transform_method
@@ -48,7 +48,7 @@ def demo_argv(argv, phase):
             model = a.split("=", 1)[1]
         elif a == "--model" and i + 1 < len(argv):
             model = argv[i + 1]
-    config = os.path.join(default_config_dir(), "demo", f"{phase}_{classifier_family(model)}.yaml")
+    config = os.path.join(default_config_dir(), "demo", f"{phase}_{classifier_method(model).name}.yaml")
     return (["--config", config] + argv, config) if os.path.isfile(config) else (argv, None)
 
 
@@ -120,7 +120,7 @@ def freeze_for_probe(model):
 
 def build_run_optimizer(args, model):
     if args.phase == "finetune":
-        options = recipe_group_options(args.family, "finetune", model)
+        options = classifier_method(args.model).group_options("finetune", model)
         groups = param_groups(model, args.weight_decay, layer_decay=args.layer_decay,
                               backbone_decay=args.backbone_decay, **options)
         return build_optimizer("adamw", groups, lr=args.abs_lr, betas=tuple(args.opt_betas),

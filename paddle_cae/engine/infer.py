@@ -150,50 +150,20 @@ def run_inference_model(prefix, batch):
 
 
 # ------------------------------------------------------------------------ reconstructions
-def _denormalise_patches(pred, target, patchify, unpatchify):
-    """MAE norm-pix predictions -> pixels with each patch's TRUE mean and std (as MAE's demo
-    does; the picture therefore borrows statistics of the hidden patches)."""
-    t = patchify(target)
-    mean = t.mean(axis=-1, keepdim=True)
-    var = t.var(axis=-1, keepdim=True)
-    return unpatchify(pred * (var + 1e-6) ** 0.5 + mean)
+def reconstruct(model, images, seed=0, method=None):
+    """(masked input, reconstruction, mask) of a pretraining model, each [B, 3, H, W] in the
+    model's normalised space; mask 1 = hidden. ``method`` (default: the method of the model name
+    in ``model.preprocess_config``, set by :func:`paddle_cae.api.load_checkpoint`) draws the mask
+    and undoes its target normalisation."""
+    from ..methods import get_method, method_for
 
-
-@paddle.no_grad()
-def reconstruct(model, images, seed=0):
-    """(masked input, reconstruction, mask) of a MAE or BootMAE pretraining model, each
-    [B, 3, H, W] in the model's normalised space; mask 1 = hidden."""
-    model.eval()
-    paddle.seed(seed)
-    if hasattr(model, "decoder_pred"):  # MAE
-        out = model(images)
-        pred = out["pred"]
-        if model.norm_pix_loss:
-            recon = _denormalise_patches(pred, images, model.patchify, model.unpatchify)
-        else:
-            recon = model.unpatchify(pred)
-        p = model.patch_size
-        mask = model.unpatchify(out["mask"].unsqueeze(-1).expand([-1, -1, p * p * 3]))
-        return images * (1 - mask), recon, mask
-    if hasattr(model, "forward_predictions"):  # BootMAE
-        from ..models.bootmae import masks_from_shuffle
-
-        b, n = images.shape[0], model.num_patches
-        rng = np.random.RandomState(seed)
-        idx_shuffle = paddle.to_tensor(np.stack([rng.permutation(n) for _ in range(b)]).astype("int64"))
-        pred_pixel, _ = model.forward_predictions(images, model.mask_num, idx_shuffle)
-        masks = masks_from_shuffle(idx_shuffle, model.mask_num, model.grid_size, model.patch, False)
-        mask = masks["loss_mask_pixel"].astype("float32").expand_as(images)
-        # BootMAE normalises each patch and channel: undo with the true statistics
-        c, hh, ww = images.shape[1:]
-        p = model.patch
-        x = images.reshape([b, c, hh // p, p, ww // p, p])
-        mean = x.mean(axis=[3, 5], keepdim=True)
-        std = paddle.sqrt(((x - mean) ** 2).mean(axis=[3, 5], keepdim=True) + 1e-5)
-        recon = (pred_pixel.reshape([b, c, hh // p, p, ww // p, p]) * std + mean).reshape([b, c, hh, ww])
-        return images * (1 - mask), recon, mask
-    raise ValueError(f"{type(model).__name__} cannot reconstruct pixels (only MAE and BootMAE "
-                     "pretraining models can)")
+    if method is None:
+        name = (getattr(model, "preprocess_config", None) or {}).get("model")
+        if name is None:
+            raise ValueError(f"{type(model).__name__}: cannot tell its pretraining method (no model "
+                             "name in its preprocess_config); pass method=")
+        method = method_for(name)
+    return get_method(method).reconstruct(model, images, seed)
 
 
 def reconstruction_figure(images, masked, recon, mask, mean, std, scale=4):

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 
 from ..api import load_checkpoint, predict
+from ..methods import method_for
 from ..runtime.checkpoint import CheckpointError
 from .infer import (ImageInputError, export_inference_model, format_prediction, image_paths,
                     preprocessing, preprocessing_spec, read_image, readable_images, reconstruct,
@@ -55,10 +56,8 @@ def visualize(model, args):
     figure = reconstruction_figure(batch, masked, recon, mask, config["mean"], config["std"])
     os.makedirs(os.path.dirname(os.path.abspath(args.visualize)), exist_ok=True)
     figure.save(args.visualize)
-    note = ""
-    if getattr(model, "norm_pix_loss", False) or hasattr(model, "forward_predictions"):
-        note = (" (the model predicts per-patch normalised pixels: the picture is de-normalised with "
-                "each patch's true mean and std)")
+    note = method_for(config["model"]).reconstruction_note(model)
+    note = f" ({note})" if note else ""
     print(f"saved {args.visualize}: original | masked | reconstruction | reconstruction + visible{note}")
 
 

@@ -8,46 +8,22 @@ from pathlib import Path
 import paddle
 
 from ..data.datasets import build_dataset, default_data_path
-from ..data.transforms import build_pretrain_transform, method_of_model
+from ..methods import get_method, method_for
 from ..models import create_model
 from ..optim import build_optimizer, param_groups
-from ..optim.param_groups import recipe_group_options
 from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.logging import resolve_log_dir, setup_console_logging
-from ..runtime.pretrain_args import (absolute_lr, default_config_dir, effective_batch_size,
-                                     parse_pretrain_args)
+from ..runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, default_config_dir,
+                                     effective_batch_size, parse_pretrain_args)
 from .pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
 
 logger = logging.getLogger("paddle_cae")
 
-# command-line flag -> constructor argument, per method (only those the constructor takes)
-_MODEL_FLAGS = {
-    "mae": {"input_size": "img_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"},
-    "cae": {"input_size": "img_size", "drop_path": "drop_path_rate",
-            "layer_scale_init_value": "init_values", "regressor_depth": "regressor_depth",
-            "decoder_depth": "decoder_depth", "decoder_embed_dim": "decoder_embed_dim",
-            "decoder_num_heads": "decoder_num_heads", "decoder_num_classes": "vocab_size",
-            "decoder_layer_scale_init_value": "decoder_layer_scale_init_value",
-            "align_loss_weight": "align_loss_weight", "fix_init_weight": "fix_init_weight"},
-    "bootmae": {"input_size": "img_size", "drop_path": "drop_path_rate", "mask_num": "mask_num",
-                "feature_weight": "feature_weight", "weight_mask": "weight_mask",
-                "epochs": "epochs", "model_ema_decay": "model_ema_decay",
-                "model_ema_dynamic": "model_ema_dynamic", "model_ema": "with_teacher"},
-}
-
-
 def model_kwargs(args):
-    kwargs = {}
-    for flag, name in _MODEL_FLAGS[args.method].items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            kwargs[name] = value
-    if args.method == "cae" and getattr(args, "dual_path_ema", 0):
-        kwargs["alignment"] = "ema"
-        kwargs["alignment_momentum"] = float(args.dual_path_ema)
-    kwargs.update(args.model_args or {})
-    return kwargs
+    """Constructor arguments of the pretraining model: the method's flag mapping, then
+    --model_args."""
+    return get_method(args.method).model_kwargs(args)
 
 
 def build_model(args):
@@ -80,8 +56,8 @@ def find_tokenizer_file(path):
 
 
 def load_tokenizer(args):
-    """The DALL-E tokenizer of a CAE run (None for other methods): (tokenizer, path)."""
-    if getattr(args, "method", None) != "cae":
+    """The DALL-E tokenizer of a run whose method needs one (None otherwise): (tokenizer, path)."""
+    if not getattr(args, "method", None) or not get_method(args.method).needs_tokenizer:
         return None, None
     from ..models.dalle import infer_dalle_arch, load_dalle_encoder, _read_state
 
@@ -102,7 +78,6 @@ def decoder_classes_given(argv, args):
         return True
     if getattr(args, "config", None):
         from ..runtime.config import load_config
-        from ..runtime.pretrain_args import PRETRAIN_TABLE
 
         try:
             return "decoder_num_classes" in load_config(args.config, PRETRAIN_TABLE)
@@ -136,16 +111,10 @@ def attach_tokenizer(model, args, loaded=None):
 
 def prepare_args(args, env):
     args.data_path = args.data_path or default_data_path()
-    args.lr_schedule = getattr(args, "lr_schedule", None) or (
-        "mae" if args.method == "mae" else "beit")
+    method = get_method(args.method)
+    args.lr_schedule = getattr(args, "lr_schedule", None) or method.pretrain_lr_schedule
     args.abs_lr = absolute_lr(args, env.world_size)
-    eff = effective_batch_size(args, env.world_size)
-    if args.lr is None:
-        args.lr_rule = f"blr {args.blr:g} x {eff} / 256"
-    elif args.method == "bootmae":
-        args.lr_rule = f"lr {args.lr:g} x {eff} / 256 (BootMAE scaling)"
-    else:
-        args.lr_rule = "absolute --lr"
+    args.lr_rule = method.lr_rule(args.lr, args.blr, effective_batch_size(args, env.world_size))
     args.log_dir = resolve_log_dir(args.output_dir, args.log_dir)
     warn_peak_below_min_lr(args)
     return args
@@ -169,13 +138,14 @@ def demo_argv(argv):
     given = {a.split("=")[0] for a in argv if a.startswith("-")}
     if given & {"--config", "-c", "--data_path"} or given & {"-h", "--help"}:
         return argv, None
-    method = "mae"
+    model = None
     for i, a in enumerate(argv):
         if a.startswith("--model="):
-            method = method_of_model(a.split("=", 1)[1])
+            model = a.split("=", 1)[1]
         elif a == "--model" and i + 1 < len(argv):
-            method = method_of_model(argv[i + 1])
-    config = os.path.join(default_config_dir(), "demo", f"{method}.yaml")
+            model = argv[i + 1]
+    method = method_for(model if model is not None else PRETRAIN_TABLE.by_name["model"].default)
+    config = os.path.join(default_config_dir(), "demo", f"{method.name}.yaml")
     return ["--config", config] + argv, config
 
 
@@ -222,9 +192,10 @@ def run(argv=None):
         paddle.seed(args.seed)  # the model starts from the same draws as without a tokenizer
     model = build_model(args)
     attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
-    transform = build_pretrain_transform(args.method, args)
+    method = get_method(args.method)
+    transform = method.pretrain_transform(args)
     dataset = build_dataset("train", args.data_path, transform)
-    options = recipe_group_options(args.method, "pretrain", model)
+    options = method.group_options("pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)
     optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,
                                 betas=tuple(args.opt_betas), eps=args.opt_eps,

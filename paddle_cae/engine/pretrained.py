@@ -39,6 +39,7 @@ import numpy as np
 from ..convert import convert_state_dict
 from ..io import CheckpointError, read_weights_with_format, select_state_dict
 from ..io.weights import PD, TORCH_FORMATS
+from ..methods import method_of_classifier, pretrain_only_prefixes
 from ..models.pos_embed import resize_pos_embed
 
 logger = logging.getLogger("paddle_cae")
@@ -48,12 +49,9 @@ class PretrainedLoadError(ValueError):
     """Pretrained weights do not fit the model (one line naming the file and the keys)."""
 
 
-# parts of the pretraining models that a classifier never uses
-PRETRAIN_ONLY_PREFIXES = (
-    "decoder", "mask_token", "decode_", "de_pos_embed", "down.", "down_1.", "lm_head",
-    "regresser.", "regressor", "alignment_encoder.", "teacher", "rd_pos_embed", "encoder_to_",
-    "pretext_neck.",
-)
+# parts of the pretraining models that a classifier never uses (every method's, see
+# ``Method.pretrain_only_prefixes``)
+PRETRAIN_ONLY_PREFIXES = pretrain_only_prefixes()
 REL_POS_TABLE = "relative_position_bias_table"
 SHARED_REL_POS_TABLE = "rel_pos_bias.relative_position_bias_table"
 ENCODER_PREFIXES = ("patch_embed.", "blocks.", "cls_token", "pos_embed")
@@ -259,19 +257,21 @@ def map_to_classifier(state, model):
                 ignored.append((key, "pretraining-only"))
         state = kept
     own = model.state_dict()
-    family = getattr(model, "family", "mae")
+    method = method_of_classifier(model)
     mean_pool = getattr(model, "fc_norm", None) is not None and getattr(model, "norm", None) is None
     has_fc_norm = any(k.startswith("fc_norm.") for k in state)
     blocks_with_tables = [k for k in own if k.endswith(REL_POS_TABLE)]
     out = {}
+    pretrain_only = pretrain_only_prefixes()
     for key, value in state.items():
-        if key.startswith(PRETRAIN_ONLY_PREFIXES):
+        if key.startswith(pretrain_only):
             ignored.append((key, "pretraining-only"))
             continue
         if key.startswith("norm.") and mean_pool:
-            if family == "cae" and not has_fc_norm:
+            if method.norm_seeds_fc_norm and not has_fc_norm:
                 out["fc_norm." + key[len("norm."):]] = value
-                adapted.append((key, "loaded as fc_norm (CAE starts fc_norm from the encoder's final norm)"))
+                adapted.append((key, f"loaded as fc_norm ({method.title} starts fc_norm from the "
+                                     "encoder's final norm)"))
             else:
                 ignored.append((key, "final norm unused with mean pooling (fc_norm starts fresh)"))
             continue

@@ -3,25 +3,31 @@
 The names are the ones the official repositories register (``vit_base_patch16``,
 ``cae_base_patch16_224_8k_vocab``, ``bootmae_base`` ...), so command lines carry over.
 Each model file registers its constructors with ``@register_model``; this module imports
-those files on first use, so adding a method never means editing a central list.
+every module of the ``paddle_cae.models`` package on first use, so adding a model never means
+editing a central list.
 """
 import importlib
+import pkgutil
 
-_MODEL_FILES = ("vit", "mae", "cae", "bootmae", "dalle")
 _REGISTRY = {}
 _TASKS = {}
+_METHODS = {}
 _loaded = False
 
 
-def register_model(task):
+def register_model(task, method=None):
     """Register a constructor under its function name. ``task`` is one of
-    'pretrain', 'classify', 'tokenizer' and lets the CLIs list what they can build."""
+    'pretrain', 'classify', 'tokenizer' and lets the CLIs list what they can build; ``method``
+    (optional) names the :mod:`paddle_cae.methods` method the model belongs to, for models
+    their method file does not list."""
 
     def wrap(fn):
         if fn.__name__ in _REGISTRY:
             raise ValueError(f"model name registered twice: {fn.__name__}")
         _REGISTRY[fn.__name__] = fn
         _TASKS[fn.__name__] = task
+        if method is not None:
+            _METHODS[fn.__name__] = method
         return fn
 
     return wrap
@@ -31,12 +37,10 @@ def _load_all():
     global _loaded
     if _loaded:
         return
-    for name in _MODEL_FILES:
-        try:
-            importlib.import_module(f"paddle_cae.models.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"paddle_cae.models.{name}":
-                raise
+    package = __name__.rsplit(".", 1)[0]
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{package}.{info.name}")
     _loaded = True
 
 
@@ -48,6 +52,12 @@ def list_models(task=None):
 def model_task(name):
     _load_all()
     return _TASKS[name]
+
+
+def model_method(name):
+    """The method a model was registered with (None when its registration names none)."""
+    _load_all()
+    return _METHODS.get(name)
 
 
 def create_model(name, **kwargs):

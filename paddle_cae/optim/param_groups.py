@@ -206,19 +206,15 @@ def describe_param_groups(model, weight_decay, layer_decay=None, no_weight_decay
 
 
 def recipe_group_options(method, phase, model=None):
-    """``rule`` and ``no_weight_decay_list`` as each official recipe builds its groups (SPEC h.2).
+    """``rule`` and ``no_weight_decay_list`` as the official recipe of ``method`` (a name or a
+    :class:`paddle_cae.methods.Method`) builds its groups (SPEC h.2); the method decides.
 
-    Pretraining: MAE and CAE exempt only 1-D tensors and biases (cls and mask tokens decay);
-    BootMAE also exempts ``pos_embed`` and ``cls_token``. Fine-tuning: the classifier's own
-    ``no_weight_decay()`` (``pos_embed``, ``cls_token``). Linear probing uses no decay at all.
+    Pretraining: MAE exempts only 1-D tensors and biases (timm's ``add_weight_decay`` never asks
+    the model); CAE and BootMAE ask the model's ``no_weight_decay()`` (BEiT's optimiser: CAE's
+    pretraining model declares nothing, so its cls and mask tokens decay; BootMAE's declares
+    ``pos_embed`` and ``cls_token``). Fine-tuning: the classifier's own ``no_weight_decay()``.
+    Linear probing uses no decay at all.
     """
-    rules = {"mae": "mae", "cae": "beit", "bootmae": "beit"}
-    if method not in rules:
-        raise ValueError(f"unknown method {method!r}; expected one of {sorted(rules)}")
-    if phase == "pretrain":
-        skip = {"pos_embed", "cls_token"} if method == "bootmae" else set()
-    elif phase in ("finetune", "linprobe"):
-        skip = model_no_weight_decay(model) if model is not None else {"pos_embed", "cls_token"}
-    else:
-        raise ValueError(f"unknown phase {phase!r}; expected pretrain, finetune or linprobe")
-    return {"rule": rules[method], "no_weight_decay_list": skip}
+    from ..methods import get_method
+
+    return get_method(method).group_options(phase, model)

@@ -3,8 +3,8 @@
 The flags are those of MAE's ``main_finetune.py`` / ``main_linprobe.py``, BEiT-style
 ``run_class_finetuning.py`` (CAE, BootMAE) and the Paddle CAE port, so the seed command lines
 run unchanged. Flags whose official default differs between the three methods default to None
-and are filled from :data:`FINETUNE_DEFAULTS` / :data:`LINPROBE_DEFAULTS` by the family of
-``--model`` (``vit_*`` = MAE, ``cae_*``, ``bootmae_*``).
+and are filled from the ``finetune_defaults`` / ``linprobe_defaults`` of the method of ``--model``
+(:mod:`paddle_cae.methods`; ``vit_*`` classifiers follow MAE).
 
 Names with the same meaning in another repository are aliases: ``--update_freq`` =
 ``--accum_iter``; ``--use_mean_pooling`` = ``--global_pool``, whose negatives are MAE's
@@ -184,60 +184,27 @@ LINPROBE_ONLY_ARGS = (
 FINETUNE_TABLE = ArgTable(COMMON_ARGS + FINETUNE_ONLY_ARGS)
 LINPROBE_TABLE = ArgTable(COMMON_ARGS + LINPROBE_ONLY_ARGS)
 
-# classifier family -> official defaults that differ between the methods
-FINETUNE_DEFAULTS = {
-    "mae": dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
-                drop_path=0.1, global_pool=True, rel_pos_bias=False, lr_schedule="mae",
-                imagenet_default_mean_and_std=True),
-    "cae": dict(batch_size=64, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
-                drop_path=0.1, global_pool=True, rel_pos_bias=True, lr_schedule="beit",
-                imagenet_default_mean_and_std=True),
-    "bootmae": dict(batch_size=64, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
-                    drop_path=0.1, global_pool=True, rel_pos_bias=False, lr_schedule="beit",
-                    imagenet_default_mean_and_std=False),
-}
-LINPROBE_DEFAULTS = {
-    "mae": dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
-                global_pool=False, rel_pos_bias=False, lr_schedule="mae",
-                imagenet_default_mean_and_std=True),
-    "cae": dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
-                global_pool=False, rel_pos_bias=False, lr_schedule="mae",
-                imagenet_default_mean_and_std=True),
-    "bootmae": dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0,
-                    global_pool=True, rel_pos_bias=False, lr_schedule="mae",
-                    imagenet_default_mean_and_std=False),
-}
 # the attentive probe (CAE) trains with SGD on BEiT's schedule
 ATTENTIVE_DEFAULTS = dict(opt="sgd", nesterov=True, lr_schedule="beit", min_lr=1e-6)
 
-# pretraining (or other repositories') model names -> the classifier they are fine-tuned as
-CLASSIFIER_ALIASES = {
-    "mae_vit_base_patch16": "vit_base_patch16",
-    "mae_vit_large_patch16": "vit_large_patch16",
-    "mae_vit_huge_patch14": "vit_huge_patch14",
-    "cae_tiny_patch16_224_8k_vocab": "cae_tiny_patch16_224",
-    "cae_small_patch16_224_8k_vocab": "cae_small_patch16_224",
-    "cae_base_patch16_224_8k_vocab": "cae_base_patch16_224",
-    "cae_large_patch16_224_8k_vocab": "cae_large_patch16_224",
-    "bootmae_base": "bootmae_base_patch16_224",
-    "bootmae_large": "bootmae_large_patch16_224",
-    "base_patch16_224": "bootmae_base_patch16_224",  # BootMAE's linear-probe script
-    "large_patch16_224": "bootmae_large_patch16_224",
-}
-
 
 def classifier_name(model):
-    return CLASSIFIER_ALIASES.get(model, model)
+    """The classifier a pretraining (or other repository's) model name is fine-tuned as."""
+    from ..methods import classifier_name as resolve
+
+    return resolve(model)
+
+
+def classifier_method(model):
+    """The :class:`paddle_cae.methods.Method` of a classifier (or aliased) name."""
+    from ..methods import method_for
+
+    return method_for(classifier_name(model), classifier=True)
 
 
 def classifier_family(model):
-    """'mae', 'cae' or 'bootmae' for a classifier (or aliased) name."""
-    name = classifier_name(model)
-    if name.startswith("bootmae"):
-        return "bootmae"
-    if name.startswith("cae"):
-        return "cae"
-    return "mae"
+    """The method name ('mae', 'cae', 'bootmae', ...) of a classifier (or aliased) name."""
+    return classifier_method(model).name
 
 
 def apply_classifier_defaults(args, phase):
@@ -245,8 +212,9 @@ def apply_classifier_defaults(args, phase):
     ``args.family`` and ``args.phase``."""
     args.requested_model = args.model
     args.model = classifier_name(args.model)
-    args.family = classifier_family(args.model)
-    table = (FINETUNE_DEFAULTS if phase == "finetune" else LINPROBE_DEFAULTS)[args.family]
+    method = classifier_method(args.model)
+    args.family = method.name
+    table = method.finetune_defaults if phase == "finetune" else method.linprobe_defaults
     if phase == "linprobe":
         table = dict(table, opt="lars", nesterov=True)
         if args.linear_type == "attentive":

@@ -2,9 +2,9 @@
 CAE port) and BootMAE pretraining scripts, under the official names.
 
 Flags whose official default differs between the three methods default to None here and are
-filled by :func:`apply_method_defaults` from :data:`METHOD_DEFAULTS`, keyed by the method of
-``--model`` (``mae_*``, ``cae_*``, ``bootmae_*``). So each seed command line means what it means
-in its own repository.
+filled by :func:`apply_method_defaults` from the ``pretrain_defaults`` of the method of
+``--model`` (:mod:`paddle_cae.methods`). So each seed command line means what it means in its
+own repository.
 
 Aliases (same meaning, other repository's name):
 ``--update_freq`` (BEiT/BootMAE) = ``--accum_iter`` (MAE); ``--dual_loss_weight`` (Paddle CAE) =
@@ -14,7 +14,6 @@ Aliases (same meaning, other repository's name):
 """
 import os
 
-from ..data.transforms import method_of_model
 from .config import Arg, ArgTable, parse_args
 
 G_RUN, G_MODEL, G_OPT, G_DATA, G_MASK, G_CAE, G_BOOT, G_DIST = (
@@ -176,31 +175,17 @@ PRETRAIN_ARGS = (
 
 PRETRAIN_TABLE = ArgTable(PRETRAIN_ARGS)
 
-# Official defaults that differ between the repositories, applied where the value is unset.
-METHOD_DEFAULTS = {
-    "mae": dict(batch_size=64, epochs=400, save_ckpt_freq=20, min_lr=0.0, warmup_epochs=40, drop_path=0.0,
-                opt_betas=[0.9, 0.95], crop_min_size=0.2, imagenet_default_mean_and_std=True,
-                layer_scale_init_value=0.0),
-    "cae": dict(batch_size=64, epochs=300, save_ckpt_freq=50, min_lr=1e-5, warmup_epochs=5, drop_path=0.0,
-                opt_betas=[0.9, 0.999], crop_min_size=0.08, imagenet_default_mean_and_std=False,
-                layer_scale_init_value=0.1, num_mask_patches=98),
-    "bootmae": dict(batch_size=128, epochs=800, save_ckpt_freq=20, min_lr=1e-5, warmup_epochs=5, drop_path=0.0,
-                    opt_betas=[0.9, 0.95], crop_min_size=0.2, imagenet_default_mean_and_std=False,
-                    layer_scale_init_value=0.0, num_mask_patches=120, max_mask_patches_per_block=60),
-}
-
 
 def apply_method_defaults(args):
-    """Fill the unset method-dependent keys from ``METHOD_DEFAULTS`` (in place); sets ``args.method``."""
-    method = method_of_model(args.model)
-    for key, value in METHOD_DEFAULTS[method].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, list(value) if isinstance(value, list) else value)
+    """Fill the unset method-dependent keys from the method of ``--model`` (in place); sets
+    ``args.method`` (its name)."""
+    from ..methods import method_for
+
+    method = method_for(args.model)
+    method.apply_pretrain_defaults(args)
     if args.second_input_size is None:
         args.second_input_size = args.input_size // 2
-    if method == "mae":
-        args.imagenet_default_mean_and_std = True  # MAE's pipeline has no switch
-    args.method = method
+    args.method = method.name
     return args
 
 
@@ -210,11 +195,10 @@ def effective_batch_size(args, world_size=1):
 
 def absolute_lr(args, world_size=1):
     """The peak learning rate each official script would use for these arguments."""
-    scale = effective_batch_size(args, world_size) / 256
-    method = getattr(args, "method", None) or method_of_model(args.model)
-    if args.lr is None:
-        return args.blr * scale
-    return args.lr * scale if method == "bootmae" else args.lr
+    from ..methods import get_method, method_for
+
+    method = get_method(args.method) if getattr(args, "method", None) else method_for(args.model)
+    return method.absolute_lr(args.lr, args.blr, effective_batch_size(args, world_size))
 
 
 def default_config_dir():

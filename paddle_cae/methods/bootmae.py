@@ -1,0 +1,95 @@
+"""BootMAE (Dong et al., 2022): block masks with a fixed count, pixel and bootstrapped-feature
+targets from a momentum teacher."""
+import numpy as np
+import paddle
+
+from ..data.transforms import BootMAEPretrainTransform, _get, mean_std
+from .base import PER_PATCH_NOTE, Method, register_method
+
+
+@register_method
+class BootMAEMethod(Method):
+    name = "bootmae"
+    pretrain_models = ("bootmae_base", "bootmae_large")
+    classifier_models = ("bootmae_base_patch16_224", "bootmae_large_patch16_224")
+    aliases = {"bootmae_base": "bootmae_base_patch16_224",
+               "bootmae_large": "bootmae_large_patch16_224",
+               "base_patch16_224": "bootmae_base_patch16_224",  # BootMAE's linear-probe script
+               "large_patch16_224": "bootmae_large_patch16_224"}
+    pretrain_defaults = dict(batch_size=128, epochs=800, save_ckpt_freq=20, min_lr=1e-5, warmup_epochs=5,
+                             drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.2,
+                             imagenet_default_mean_and_std=False, layer_scale_init_value=0.0,
+                             num_mask_patches=120, max_mask_patches_per_block=60)
+    finetune_defaults = dict(batch_size=64, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
+                             weight_decay=0.05, drop_path=0.1, global_pool=True, rel_pos_bias=False,
+                             lr_schedule="beit", imagenet_default_mean_and_std=False)
+    linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
+                             weight_decay=0.0, global_pool=True, rel_pos_bias=False, lr_schedule="mae",
+                             imagenet_default_mean_and_std=False)
+    model_flags = {"input_size": "img_size", "drop_path": "drop_path_rate", "mask_num": "mask_num",
+                   "feature_weight": "feature_weight", "weight_mask": "weight_mask",
+                   "epochs": "epochs", "model_ema_decay": "model_ema_decay",
+                   "model_ema_dynamic": "model_ema_dynamic", "model_ema": "with_teacher"}
+    lr_scaled_by_batch = True      # BootMAE multiplies an absolute --lr by effective batch / 256
+    default_mask_patches = 120
+    beit_eval_rules = True
+    pretrain_asks_no_weight_decay = True   # BEiT's create_optimizer: pos_embed, cls_token
+    pretrain_only_prefixes = ("decoder", "mask_token", "decode_", "de_pos_embed", "down.", "down_1.",
+                              "teacher", "encoder_to_")
+
+    @property
+    def title(self):
+        return "BootMAE"
+
+    def block_mask_generator(self, window, count, min_block, max_block):
+        from ..data import masking
+
+        return masking.bootmae_mask_generator(
+            window, num_masking_patches=count, min_num_patches=min_block,
+            max_num_patches=int(60 if max_block is None else max_block))
+
+    def pretrain_transform(self, args, mask_generator=None):
+        input_size = int(_get(args, "input_size", 224))
+        mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
+        if mask_generator is None:
+            mask_generator = self.mask_generator(args)
+        scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))),
+                 float(_get(args, "crop_max_size", 1.0)))
+        mask_num = _get(args, "mask_num")
+        return BootMAEPretrainTransform(mask_generator, input_size, scale,
+                                        _get(args, "train_interpolation", "bicubic"), mean, std,
+                                        mask_num=None if mask_num is None else int(mask_num))
+
+    def inference_kwargs(self, args):
+        kwargs = super().inference_kwargs(args)
+        if args.get("mask_num") is not None:
+            kwargs.setdefault("mask_num", int(args["mask_num"]))
+        kwargs["with_teacher"] = False
+        return kwargs
+
+    def classifier_kwargs(self, config, kwargs, merge):
+        merge(kwargs, "init_scale", config.get("init_scale", 0.001), "--init_scale")
+
+    @paddle.no_grad()
+    def reconstruct(self, model, images, seed=0):
+        from ..models.bootmae import masks_from_shuffle
+
+        model.eval()
+        paddle.seed(seed)
+        b, n = images.shape[0], model.num_patches
+        rng = np.random.RandomState(seed)
+        idx_shuffle = paddle.to_tensor(np.stack([rng.permutation(n) for _ in range(b)]).astype("int64"))
+        pred_pixel, _ = model.forward_predictions(images, model.mask_num, idx_shuffle)
+        masks = masks_from_shuffle(idx_shuffle, model.mask_num, model.grid_size, model.patch, False)
+        mask = masks["loss_mask_pixel"].astype("float32").expand_as(images)
+        # BootMAE normalises each patch and channel: undo with the true statistics
+        c, hh, ww = images.shape[1:]
+        p = model.patch
+        x = images.reshape([b, c, hh // p, p, ww // p, p])
+        mean = x.mean(axis=[3, 5], keepdim=True)
+        std = paddle.sqrt(((x - mean) ** 2).mean(axis=[3, 5], keepdim=True) + 1e-5)
+        recon = (pred_pixel.reshape([b, c, hh // p, p, ww // p, p]) * std + mean).reshape([b, c, hh, ww])
+        return images * (1 - mask), recon, mask
+
+    def reconstruction_note(self, model):
+        return PER_PATCH_NOTE

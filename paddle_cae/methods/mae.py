@@ -1,0 +1,79 @@
+"""MAE (He et al., 2022): the model masks a random subset itself; pixel targets."""
+import paddle
+
+from ..data.transforms import MAEPretrainTransform, _get, window_size_of
+from .base import PER_PATCH_NOTE, Method, register_method
+
+
+@register_method
+class MAEMethod(Method):
+    name = "mae"
+    pretrain_models = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
+    classifier_models = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
+    aliases = {"mae_vit_base_patch16": "vit_base_patch16",
+               "mae_vit_large_patch16": "vit_large_patch16",
+               "mae_vit_huge_patch14": "vit_huge_patch14"}
+    pretrain_defaults = dict(batch_size=64, epochs=400, save_ckpt_freq=20, min_lr=0.0, warmup_epochs=40,
+                             drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.2,
+                             imagenet_default_mean_and_std=True, layer_scale_init_value=0.0)
+    finetune_defaults = dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
+                             weight_decay=0.05, drop_path=0.1, global_pool=True, rel_pos_bias=False,
+                             lr_schedule="mae", imagenet_default_mean_and_std=True)
+    linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
+                             weight_decay=0.0, global_pool=False, rel_pos_bias=False, lr_schedule="mae",
+                             imagenet_default_mean_and_std=True)
+    model_flags = {"input_size": "img_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"}
+    imagenet_stats_only = True   # MAE's pipeline has no mean/std switch
+    pretrain_lr_schedule = "mae"
+    group_rule = "mae"
+    pretrain_asks_no_weight_decay = False   # timm's add_weight_decay: only 1-D tensors and biases
+    pretrain_only_prefixes = ("decoder", "mask_token")
+
+    def mask_generator(self, args):
+        return None  # MAE masks inside the model, from per-sample noise
+
+    def pretrain_transform(self, args, mask_generator=None):
+        scale = (float(_get(args, "crop_min_size", 0.2)), float(_get(args, "crop_max_size", 1.0)))
+        grid = window_size_of(args)
+        return MAEPretrainTransform(int(_get(args, "input_size", 224)), scale=scale,
+                                    interpolation=_get(args, "train_interpolation", "bicubic"),
+                                    num_patches=grid[0] * grid[1])
+
+    def inference_kwargs(self, args):
+        kwargs = super().inference_kwargs(args)
+        if args.get("norm_pix_loss") is not None:
+            kwargs.setdefault("norm_pix_loss", bool(args["norm_pix_loss"]))
+        return kwargs
+
+    def classifier_kwargs(self, config, kwargs, merge):
+        if config.get("head_init_std") is not None:
+            kwargs.setdefault("head_init_std", config["head_init_std"])
+
+    def head_init_std(self, args, probe):
+        # MAE's main_finetune re-draws the head at std 2e-5 only after loading --finetune
+        # weights; from scratch its head keeps timm's std 0.02
+        if probe is not None:
+            return None
+        return 2e-5 if getattr(args, "finetune", "") else 0.02
+
+    @paddle.no_grad()
+    def reconstruct(self, model, images, seed=0):
+        model.eval()
+        paddle.seed(seed)
+        out = model(images)
+        pred = out["pred"]
+        if model.norm_pix_loss:
+            # per-patch statistics of the TRUE image, as MAE's demo does (the picture therefore
+            # borrows statistics of the hidden patches)
+            t = model.patchify(images)
+            mean = t.mean(axis=-1, keepdim=True)
+            var = t.var(axis=-1, keepdim=True)
+            recon = model.unpatchify(pred * (var + 1e-6) ** 0.5 + mean)
+        else:
+            recon = model.unpatchify(pred)
+        p = model.patch_size
+        mask = model.unpatchify(out["mask"].unsqueeze(-1).expand([-1, -1, p * p * 3]))
+        return images * (1 - mask), recon, mask
+
+    def reconstruction_note(self, model):
+        return PER_PATCH_NOTE if getattr(model, "norm_pix_loss", False) else ""
