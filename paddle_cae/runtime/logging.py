@@ -25,12 +25,25 @@ def resolve_log_dir(output_dir, log_dir):
     return log_dir if os.path.isabs(log_dir) else os.path.join(output_dir, log_dir)
 
 
+class CurrentStdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a message is emitted, not the stream of the
+    moment it was made: notebooks and captured runs replace (and close) sys.stdout."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_console_logging(rank=0):
     """One format for the package's messages; ranks other than 0 only show warnings."""
     root = logging.getLogger("paddle_cae")
     if root.handlers:
         return root
-    handler = logging.StreamHandler(sys.stdout)
+    handler = CurrentStdoutHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
