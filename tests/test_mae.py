@@ -7,7 +7,8 @@ import pytest
 
 from paddle_cae.convert import convert_state_dict, linear_weight_names
 from paddle_cae.models import create_model, list_models, model_task
-from paddle_cae.models.mae import MaskedAutoencoderViT, norm_eps_from
+from paddle_cae.models.common import norm_eps_from
+from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.models.pos_embed import sincos_pos_embed
 
 

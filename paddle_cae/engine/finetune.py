@@ -21,6 +21,7 @@ import paddle.nn.functional as F
 
 from ..data.loader import derive_seed
 from ..data.mixup import Mixup
+from ..models.common import ema_update_
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import save_checkpoint, to_plain
 from ..runtime.logging import MetricLogger, SmoothedValue
@@ -72,14 +73,8 @@ class ModelEma:
         self.decay = float(decay)
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    @paddle.no_grad()
     def update(self, model):
-        for key, value in model.state_dict().items():
-            ema = self.state[key]
-            if paddle.is_floating_point(value):
-                ema.set_value(ema * self.decay + value.detach() * (1.0 - self.decay))
-            else:
-                ema.set_value(value)
+        ema_update_(self.state, model, self.decay)
 
     def numpy_state(self):
         return {k: v.numpy() for k, v in self.state.items()}

@@ -39,10 +39,6 @@ logger = logging.getLogger("paddle_cae")
 BATCH_KEYS = ("images", "bool_masked_pos", "tokenizer_images", "noise", "order", "target_ids")
 
 
-def unwrap(model):
-    return model._layers if isinstance(model, paddle.DataParallel) else model
-
-
 def model_batch(batch, epoch, batch_seed):
     out = {k: v for k, v in batch.items() if k in BATCH_KEYS}
     out["epoch"] = epoch

@@ -11,7 +11,9 @@ import paddle.nn as nn
 
 from .base import Classifier
 from .cae import CrossAttention
-from .layers import LN_EPS, layer_norm, normal_, trunc_normal_, zeros_
+from .common import LN_EPS
+from .fused import cross_attention_class
+from .layers import layer_norm, normal_, trunc_normal_, zeros_
 from .vit import LinearProbeHead
 
 
@@ -21,7 +23,7 @@ class AttentiveBlock(nn.Layer):
         self.norm1_q = layer_norm(dim, norm_eps)
         self.norm1_k = layer_norm(dim, norm_eps)
         self.norm1_v = layer_norm(dim, norm_eps)
-        self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
+        self.cross_attn = cross_attention_class(CrossAttention)(dim, num_heads, qkv_bias=qkv_bias)
 
     def forward(self, query, tokens):
         """query [B, 1, D], tokens [B, 1 + N, D] -> [B, 1, D] (positions are zero)."""
