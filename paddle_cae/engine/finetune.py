@@ -152,11 +152,8 @@ class ClassifierRun(TrainingRun):
 
     # ------------------------------------------------------------------------ train
     def fit(self):
-        args = self.args
-        self.maybe_resume()
-        for epoch in range(self.start_epoch, args.epochs):
-            start = self.start_batch if epoch == self.start_epoch else 0
-            train_stats = self.train_one_epoch(epoch, start)
+        for epoch, start_batch in self.epochs_to_run():
+            train_stats = self.train_one_epoch(epoch, start_batch)
             test_stats = self.evaluate()
             improved = self.best_acc1 is None or test_stats["acc1"] > self.best_acc1
             if improved:
@@ -165,9 +162,7 @@ class ClassifierRun(TrainingRun):
                         "(best top-1 %.2f%%)", test_stats["images"], test_stats["acc1"],
                         test_stats["acc5"], self.best_acc1)
             self.last_metrics = {f"test_{k}": v for k, v in test_stats.items()}
-            last = epoch + 1 == args.epochs
-            numbered = last or bool(args.save_ckpt_freq and (epoch + 1) % args.save_ckpt_freq == 0)
-            self.save(epoch, numbered, improved)
+            self.save(epoch, self.keeps_numbered_checkpoint(epoch), improved)
             record = {**{f"train_{k}": v for k, v in train_stats.items()}, **self.last_metrics,
                       "epoch": epoch, "best_acc1": self.best_acc1}
             self.json_log.write(record)

@@ -19,7 +19,17 @@ Classifier
 import paddle.nn as nn
 
 
-class PretrainingModel(nn.Layer):
+class _Model(nn.Layer):
+    """The hooks both kinds of model answer."""
+
+    def unused_parameter_names(self):
+        return []
+
+    def no_weight_decay(self):
+        return set()
+
+
+class PretrainingModel(_Model):
     needs_tokenizer = False
     stale_checkpoint_prefixes = ()
 
@@ -44,20 +54,8 @@ class PretrainingModel(nn.Layer):
     def encoder_state_dict(self):
         raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
 
-    def unused_parameter_names(self):
-        return []
 
-    def no_weight_decay(self):
-        return set()
-
-
-class Classifier(nn.Layer):
+class Classifier(_Model):
     def trainable_prefixes(self):
         """Name prefixes of the parameters a run trains; None trains every parameter."""
         return None
-
-    def unused_parameter_names(self):
-        return []
-
-    def no_weight_decay(self):
-        return set()

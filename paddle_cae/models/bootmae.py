@@ -128,8 +128,9 @@ class DecodeBlock(nn.Layer):
         self.mlp = mlp_class()(dim, int(dim * mlp_ratio), drop=drop)
         self.norm3 = layer_norm(dim, norm_eps)
         self.norm4 = layer_norm(c_dim, norm_eps)
-        self.c_attn = cross_attention_class(CrossAttention)(dim, c_dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
-                                     attn_head_dim=attn_head_dim)
+        cross_attention = cross_attention_class(CrossAttention)
+        self.c_attn = cross_attention(dim, c_dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                                      attn_head_dim=attn_head_dim)
 
     def forward(self, x, fea):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -660,17 +661,19 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
 
 
 # ------------------------------------------------------------------ constructors
+def _bootmae(overrides, **size):
+    cfg = dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, decode_dim=512, **size)
+    cfg.update(overrides)  # any argument, the sizes included, may be overridden
+    return VisionTransformerForMaskedImageModeling(**cfg)
+
+
 @register_model("pretrain")
 def bootmae_base(**kwargs):
-    cfg = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-               qkv_bias=True, decode_dim=512, fea_list=(0, 11), model_ema_dynamic=True)
-    cfg.update(kwargs)
-    return VisionTransformerForMaskedImageModeling(**cfg)
+    return _bootmae(kwargs, embed_dim=768, depth=12, num_heads=12, fea_list=(0, 11),
+                    model_ema_dynamic=True)
 
 
 @register_model("pretrain")
 def bootmae_large(**kwargs):
-    cfg = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-               qkv_bias=True, decode_dim=512, fea_list=(0, 23), model_ema_dynamic=False)
-    cfg.update(kwargs)
-    return VisionTransformerForMaskedImageModeling(**cfg)
+    return _bootmae(kwargs, embed_dim=1024, depth=24, num_heads=16, fea_list=(0, 23),
+                    model_ema_dynamic=False)

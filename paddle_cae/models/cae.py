@@ -82,6 +82,14 @@ class CrossAttention(CrossAttentionBase):
         return self.attend(q, k, v)  # [B, Nq, D]
 
 
+def add_input_norms(layer, dim, norm_eps):
+    """The LayerNorms of a cross-attention's query, key and value inputs, under the official
+    names ``norm1_q``, ``norm1_k``, ``norm1_v``."""
+    layer.norm1_q = layer_norm(dim, norm_eps)
+    layer.norm1_k = layer_norm(dim, norm_eps)
+    layer.norm1_v = layer_norm(dim, norm_eps)
+
+
 class RegressorBlock(nn.Layer):
     """One block of the latent contextual regressor.
 
@@ -95,12 +103,11 @@ class RegressorBlock(nn.Layer):
                  attn_drop=0.0, drop_path=0.0, init_values=0.0, attn_head_dim=None,
                  norm_eps=LN_EPS):
         super().__init__()
-        self.norm1_q = layer_norm(dim, norm_eps)
-        self.norm1_k = layer_norm(dim, norm_eps)
-        self.norm1_v = layer_norm(dim, norm_eps)
+        add_input_norms(self, dim, norm_eps)
         self.norm2_cross = layer_norm(dim, norm_eps)
-        self.cross_attn = cross_attention_class(CrossAttention)(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
-                                         attn_head_dim)
+        cross_attention = cross_attention_class(CrossAttention)
+        self.cross_attn = cross_attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                                          attn_head_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.mlp_cross = mlp_class()(dim, int(dim * mlp_ratio), drop=drop)
         trainable = init_values is not None and init_values > 0

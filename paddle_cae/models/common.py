@@ -23,7 +23,8 @@ LN_EPS = 1e-6  # the LayerNorm epsilon of every official model (partial(nn.Layer
 TORCH_LN_EPS = 1e-5  # a bare ``nn.LayerNorm``: PyTorch's default
 
 __all__ = ["LN_EPS", "TORCH_LN_EPS", "gather_tokens", "norm_eps_from", "drop_path_rates",
-           "fixed_sincos_table", "normalize_patches", "denormalize_patches", "ema_update_", "to_uint8_hwc"]
+           "fixed_sincos_table", "normalize_patches", "denormalize_patches", "ema_update_",
+           "to_uint8_hwc"]
 
 
 def gather_tokens(x, ids):

@@ -96,6 +96,15 @@ def zero_parameter(layer, shape, trainable=True):
     return p
 
 
+def add_qv_bias(layer, inner, enabled):
+    """BEiT's ``q_bias`` and ``v_bias`` ([inner], zeros; no key bias), or both None."""
+    if enabled:
+        layer.q_bias = zero_parameter(layer, [inner])
+        layer.v_bias = zero_parameter(layer, [inner])
+    else:
+        layer.q_bias = layer.v_bias = None
+
+
 # ---------------------------------------------------------------------------- layers
 class DropPath(nn.Layer):
     """Stochastic depth per sample: keep with probability 1 - p and rescale by 1/(1 - p)."""
@@ -189,11 +198,7 @@ class Attention(nn.Layer):
             self.q_bias = self.v_bias = None
         else:
             self.qkv = nn.Linear(dim, inner * 3, bias_attr=False)
-            if qkv_bias:
-                self.q_bias = zero_parameter(self, [inner])
-                self.v_bias = zero_parameter(self, [inner])
-            else:
-                self.q_bias = self.v_bias = None
+            add_qv_bias(self, inner, qkv_bias)
         self.window_size = tuple(window_size) if window_size else None
         if self.window_size:
             num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
@@ -336,11 +341,7 @@ class CrossAttentionBase(nn.Layer):
         self.inner_dim = inner
         self.scale = qk_scale or self.head_dim ** -0.5
         self._projections(dim, inner, **projection_args)
-        if qkv_bias:
-            self.q_bias = zero_parameter(self, [inner])
-            self.v_bias = zero_parameter(self, [inner])
-        else:
-            self.q_bias = self.v_bias = None
+        add_qv_bias(self, inner, qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
