@@ -26,9 +26,9 @@ import paddle.nn.functional as F
 
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PretrainingModel
-from .common import (denormalize_patches, drop_path_rates, ema_update_, fixed_sincos_table,
+from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
                      gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
-from .fused import block_class, cross_attention_class, mlp_class
+from .fused import block_stack, cross_attention_class, mlp_class
 from .layers import (Attention, CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
                      layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
 from .mae import images_from_batch, zero_filled_parameters
@@ -165,14 +165,9 @@ def _add_encoder(layer, img_size, patch_size, in_chans, embed_dim, depth, num_he
     layer.pos_embed = fixed_sincos_table(layer, embed_dim, grid, layout="moco")
     layer.cls_token = layer.create_parameter(
         [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
-    dpr = drop_path_rates(drop_path_rate, depth)
-    block = block_class()
-    layer.blocks = nn.LayerList([
-        block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-              dpr[i], init_values=None, attn_head_dim=attn_head_dim, attn_style="beit",
-              norm_eps=norm_eps)
-        for i in range(depth)
-    ])
+    layer.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                               drop_rate, attn_drop_rate, drop_path_rate, init_values=None,
+                               attn_head_dim=attn_head_dim, attn_style="beit", norm_eps=norm_eps)
 
 
 def _embed_tokens(layer, images):

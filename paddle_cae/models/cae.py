@@ -25,7 +25,7 @@ import paddle.nn.functional as F
 from .base import PretrainingModel
 from .common import (LN_EPS, drop_path_rates, ema_update_, fixed_sincos_table, gather_tokens,
                      norm_eps_from)
-from .fused import block_class, cross_attention_class, mlp_class
+from .fused import block_stack, cross_attention_class, mlp_class
 from .layers import (CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
                      layer_norm, trunc_normal_, xavier_uniform_, zeros_)
 from ..runtime.amp import fp32_region
@@ -143,14 +143,10 @@ class CAEEncoder(nn.Layer):
         self.pos_embed = fixed_sincos_table(self, embed_dim, self.patch_embed.grid_size,
                                             layout="moco")
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = drop_path_rates(drop_path_rate, depth)
-        block = block_class()
-        self.blocks = nn.LayerList([
-            block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  dpr[i], init_values=init_values, attn_head_dim=attn_head_dim,
-                  attn_style="beit", norm_eps=norm_eps)
-            for i in range(depth)
-        ])
+        self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                                  drop_rate, attn_drop_rate, drop_path_rate,
+                                  init_values=init_values, attn_head_dim=attn_head_dim,
+                                  attn_style="beit", norm_eps=norm_eps)
         self.norm = layer_norm(embed_dim, norm_eps)
 
     def forward(self, images, bool_masked_pos=None, ids_keep=None):
@@ -204,13 +200,10 @@ class Decoder(nn.Layer):
                  qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, init_values=0.1, norm_eps=LN_EPS):
         super().__init__()
-        dpr = drop_path_rates(drop_path_rate, depth)
-        block = block_class()
-        self.decoder_blocks = nn.LayerList([
-            block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  dpr[i], init_values=init_values, attn_style="beit", norm_eps=norm_eps)
-            for i in range(depth)
-        ])
+        self.decoder_blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias,
+                                          qk_scale, drop_rate, attn_drop_rate, drop_path_rate,
+                                          init_values=init_values, attn_style="beit",
+                                          norm_eps=norm_eps)
         self.norm = layer_norm(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, num_classes)
 

@@ -14,9 +14,10 @@ import paddle
 import paddle.nn as nn
 
 from ..ops import fused as fused_ops
+from .common import drop_path_rates
 from .layers import Block, DropPath, Mlp
 
-__all__ = ["FusedMlp", "FusedBlock", "fused_enabled", "block_class", "mlp_class",
+__all__ = ["FusedMlp", "FusedBlock", "fused_enabled", "block_class", "block_stack", "mlp_class",
            "cross_attention_class"]
 
 
@@ -115,6 +116,18 @@ def _fused_cross_attention(base):
 def block_class():
     """The transformer block class for a model built now."""
     return FusedBlock if fused_enabled() else Block
+
+
+def block_stack(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
+                attn_drop=0.0, drop_path_rate=0.0, **block_kwargs):
+    """``depth`` transformer blocks of the class chosen now (:func:`block_class`), their
+    drop-path rates rising linearly from 0 to ``drop_path_rate``; ``block_kwargs`` go to every
+    block (init_values, window_size, attn_head_dim, attn_style, norm_eps)."""
+    block = block_class()
+    return nn.LayerList([
+        block(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, rate, **block_kwargs)
+        for rate in drop_path_rates(drop_path_rate, depth)
+    ])
 
 
 def mlp_class():

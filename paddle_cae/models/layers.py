@@ -257,14 +257,18 @@ class Attention(nn.Layer):
             out = F.scaled_dot_product_attention(q, k, v, **kwargs)  # [B, N, h, d]
         else:
             q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))  # [B, h, N, d]
-            if self.style == "timm":
-                attn = paddle.matmul(q, k, transpose_y=True) * self.scale
-            else:
-                attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+            attn = self.scores(q, k)  # [B, h, N, N]
             if bias is not None:
                 attn = attn + bias
             out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(out.reshape([b, n, self.inner_dim])))
+
+    def scores(self, q, k):
+        """Scaled q k^T, [B, h, N, d] each -> [B, h, N, N], in the reference order: timm scales
+        the product, BEiT scales q before it."""
+        if self.style == "timm":
+            return paddle.matmul(q, k, transpose_y=True) * self.scale
+        return paddle.matmul(q * self.scale, k, transpose_y=True)
 
     def qkv_bias_vector(self):
         """The bias added to the qkv projection ([3 * inner]; zeros when there is none)."""
@@ -283,10 +287,7 @@ class Attention(nn.Layer):
         b, n, _ = x.shape
         qkv = self.qkv_projection(x).reshape([b, n, 3, self.num_heads, self.head_dim])
         q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, h, N, d]
-        if self.style == "timm":
-            attn = paddle.matmul(q, k, transpose_y=True) * self.scale
-        else:
-            attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        attn = self.scores(q, k)  # [B, h, N, N]
         if self.relative_position_bias_table is not None:
             attn = attn + self.relative_bias().unsqueeze(0)
         if rel_pos_bias is not None:

@@ -17,7 +17,7 @@ import paddle.nn as nn
 from .base import PretrainingModel
 from .common import (denormalize_patches, fixed_sincos_table, gather_tokens, norm_eps_from,
                      normalize_patches, to_uint8_hwc)
-from .fused import block_class
+from .fused import block_stack
 from .layers import PatchEmbed, init_linears_and_norms, layer_norm, normal_, xavier_uniform_
 from .registry import register_model
 
@@ -68,7 +68,6 @@ class MaskedAutoencoderViT(PretrainingModel):
         self.mask_ratio = mask_ratio
         self.in_chans = in_chans
 
-        block = block_class()
         with zero_filled_parameters():  # initialize_weights sets every value
             # ----------------------------------------------------------- encoder
             self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -76,11 +75,8 @@ class MaskedAutoencoderViT(PretrainingModel):
             num_patches = self.patch_embed.num_patches
             self.cls_token = self._zeros([1, 1, embed_dim])
             self.pos_embed = fixed_sincos_table(self, embed_dim, grid, layout="mae")
-            self.blocks = nn.LayerList([
-                block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, attn_style="timm",
-                      norm_eps=eps)
-                for _ in range(depth)
-            ])
+            self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias=True,
+                                      attn_style="timm", norm_eps=eps)
             self.norm = layer_norm(embed_dim, eps)
 
             # ----------------------------------------------------------- decoder
@@ -88,11 +84,9 @@ class MaskedAutoencoderViT(PretrainingModel):
             self.mask_token = self._zeros([1, 1, decoder_embed_dim])
             self.decoder_pos_embed = fixed_sincos_table(self, decoder_embed_dim, grid,
                                                         layout="mae")
-            self.decoder_blocks = nn.LayerList([
-                block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                      attn_style="timm", norm_eps=eps)
-                for _ in range(decoder_depth)
-            ])
+            self.decoder_blocks = block_stack(decoder_depth, decoder_embed_dim, decoder_num_heads,
+                                              mlp_ratio, qkv_bias=True, attn_style="timm",
+                                              norm_eps=eps)
             self.decoder_norm = layer_norm(decoder_embed_dim, eps)
             patch = self.patch_embed.patch_size[0]
             self.decoder_pred = nn.Linear(decoder_embed_dim, patch * patch * in_chans)

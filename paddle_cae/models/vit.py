@@ -17,8 +17,8 @@ import paddle
 import paddle.nn as nn
 
 from .base import Classifier
-from .common import LN_EPS, drop_path_rates, fixed_sincos_table, norm_eps_from
-from .fused import block_class
+from .common import LN_EPS, fixed_sincos_table, norm_eps_from
+from .fused import block_stack
 from .layers import (PatchEmbed, TorchBatchNorm1D, init_linears_and_norms, layer_norm,
                      lazy_init_active, normal_, trunc_normal_, zeros_)
 from .registry import register_model
@@ -66,15 +66,11 @@ class VisionTransformer(Classifier):
             raise ValueError(f"pos_embed_type must be learned, sincos or none, got {pos_embed_type!r}")
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
-        dpr = drop_path_rates(drop_path_rate, depth)
-        block = block_class()
-        self.blocks = nn.LayerList([
-            block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  dpr[i], init_values=init_values,
-                  window_size=grid if use_rel_pos_bias else None,
-                  attn_style=attn_style, norm_eps=norm_eps)
-            for i in range(depth)
-        ])
+        self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                                  drop_rate, attn_drop_rate, drop_path_rate,
+                                  init_values=init_values,
+                                  window_size=grid if use_rel_pos_bias else None,
+                                  attn_style=attn_style, norm_eps=norm_eps)
         # mean pooling: the final norm becomes fc_norm on the pooled patch tokens
         if global_pool:
             self.norm = None
