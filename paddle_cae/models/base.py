@@ -7,6 +7,8 @@ PretrainingModel
     ``on_epoch_start(epoch)`` and ``after_optimizer_step()`` (schedules, momentum teachers),
     ``extra_state()`` / ``load_extra_state(state)`` (what a training checkpoint carries beside the
     trainable weights), ``reconstruction_image(batch, outputs)`` (a picture for the logs, or None),
+    ``predicted_pixels(images, prediction)`` (a pixel prediction back in the input's normalised
+    space, for reconstructions),
     ``encoder_state_dict()`` (the weights a classifier is fine-tuned from),
     ``unused_parameter_names()`` (trainable parameters the current flags leave out of the loss:
     data-parallel training freezes them), ``stale_checkpoint_prefixes`` (keys older checkpoints
@@ -50,6 +52,9 @@ class PretrainingModel(_Model):
 
     def reconstruction_image(self, batch, outputs):
         return None
+
+    def predicted_pixels(self, images, prediction):
+        raise NotImplementedError(f"{type(self).__name__} does not predict pixels")
 
     def encoder_state_dict(self):
         raise NotImplementedError(f"{type(self).__name__} does not export an encoder")

@@ -640,15 +640,20 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         return {k: v for k, v in self.state_dict().items()
                 if k.startswith(_ENCODER_PREFIXES + ("norm.",)) or k in _ENCODER_KEYS}
 
+    def predicted_pixels(self, images, pred_pixel):
+        """The pixel decoder's output [B, C, H, W] (each patch and channel normalised) mapped
+        back to the input's normalised space with the TRUE statistics of ``images``."""
+        x = self._pixel_patches(images)  # [B, C, h, p, w, p]
+        pred = denormalize_patches(pred_pixel.reshape(x.shape), x, axis=[3, 5],
+                                   eps=PIXEL_NORM_EPS, unbiased=False)
+        return pred.reshape(images.shape)
+
     @paddle.no_grad()
     def reconstruction_image(self, batch, outputs):
         """First sample as uint8 HWC: [input | visible patches | visible + prediction], the
         prediction mapped back with each patch's own mean and std."""
         images = images_from_batch(batch)[:1]
-        x = self._pixel_patches(images)  # [1, C, h, p, w, p]
-        pred = outputs["pred_pixel"][:1].astype(images.dtype).reshape(x.shape)
-        pred = denormalize_patches(pred, x, axis=[3, 5], eps=PIXEL_NORM_EPS,
-                                   unbiased=False).reshape(images.shape)
+        pred = self.predicted_pixels(images, outputs["pred_pixel"][:1].astype(images.dtype))
         m = outputs["weight_mask_pixel"][:1] > 0  # [1, 1, H, W]
         m = m.astype(images.dtype)
         panel = paddle.concat([images, images * (1 - m), images * (1 - m) + pred * m], axis=3)

@@ -227,17 +227,24 @@ class MaskedAutoencoderViT(PretrainingModel):
                 "ids_restore": ids_restore}
 
 
+    def predicted_pixels(self, imgs, pred):
+        """pred [B, N, p*p*C] -> image [B, C, H, W] in the input's normalised space; with
+        norm_pix_loss each patch is mapped back with its TRUE mean and std, taken from ``imgs``
+        (as the official demo does)."""
+        if self.norm_pix_loss:
+            pred = denormalize_patches(pred, self.patchify(imgs), axis=-1, eps=1.0e-6,
+                                       unbiased=True)
+        return self.unpatchify(pred)
+
     @paddle.no_grad()
     def reconstruction_image(self, batch, outputs):
         """First sample as uint8 HWC: [input | visible patches | visible + prediction]; with
         norm_pix_loss the prediction is mapped back with each patch's own mean and std."""
         imgs = images_from_batch(batch)[:1]
         pred = outputs["pred"][:1].astype(imgs.dtype)  # [1, N, p*p*C]
-        if self.norm_pix_loss:
-            pred = denormalize_patches(pred, self.patchify(imgs), axis=-1, eps=1.0e-6,
-                                       unbiased=True)
-        mask = outputs["mask"][:1].astype(imgs.dtype).unsqueeze(-1).expand(pred.shape)
-        recon, mask = self.unpatchify(pred), self.unpatchify(mask)  # [1, C, H, W]
+        recon = self.predicted_pixels(imgs, pred)  # [1, C, H, W]
+        mask = self.unpatchify(outputs["mask"][:1].astype(imgs.dtype).unsqueeze(-1).expand(
+            pred.shape))  # [1, C, H, W]
         panel = paddle.concat([imgs, imgs * (1 - mask), imgs * (1 - mask) + recon * mask], axis=3)
         return to_uint8_hwc(panel[0], self.image_mean, self.image_std)
 
