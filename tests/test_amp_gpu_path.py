@@ -68,7 +68,7 @@ def test_the_cae_tokenizer_is_not_a_sublayer():
     from paddle_cae.models.dalle import dalle_encoder_tiny
     from tests.test_cae import tiny_cae
 
-    model = tiny_cae()
+    model = tiny_cae(vocab_size=64)  # the tiny tokenizer's vocabulary
     before = set(model.state_dict())
     tokenizer = dalle_encoder_tiny()
     model.set_tokenizer(tokenizer)

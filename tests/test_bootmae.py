@@ -325,3 +325,13 @@ def test_logged_grad_norm_is_the_one_the_official_loop_logs(accum, clip):
     np.testing.assert_allclose(info["grad_norm"], official, rtol=1e-5)
     if clip:
         assert official > clip  # the logged value is the norm before clipping
+
+
+def test_predicted_pixels_undo_the_per_patch_and_channel_pixel_target():
+    model = tiny()
+    images = paddle.randn([2, 3, 32, 32]) * 2 + 0.5
+    target = model.pixel_target(images)  # [B, C, H, W], each patch and channel normalised
+    x = target.numpy().reshape(2, 3, 4, 8, 4, 8)
+    np.testing.assert_allclose(x.mean(axis=(3, 5)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(model.predicted_pixels(images, target).numpy(), images.numpy(),
+                               rtol=1e-5, atol=1e-5)

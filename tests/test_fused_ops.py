@@ -6,6 +6,7 @@ import paddle
 import pytest
 
 from paddle_cae.models.registry import create_model
+from paddle_cae.models.fused import FusedBlock
 from paddle_cae.ops import fused
 
 pytestmark = pytest.mark.skipif(not fused.extension_available(),
@@ -57,22 +58,27 @@ def test_fused_op_matches_reference(name, monkeypatch):
     ("cae_base_patch16_224", {}),  # BEiT attention, q/v bias, relative position bias, gammas
 ])
 def test_block_matches_reference(name, kwargs, monkeypatch):
-    paddle.seed(0)
-    model = create_model(name, img_size=32, embed_dim=24, depth=2, num_heads=3, num_classes=5,
-                         **kwargs)
-    for layer in model.sublayers():
-        table = getattr(layer, "relative_position_bias_table", None)
-        if table is not None:
-            table.set_value(paddle.randn(table.shape) * 0.1)
-    model.train()
+    """The same weights built with the fused layers and with the reference layers (the switch
+    is read when a model is built) give the same loss and gradients."""
     x = paddle.randn([2, 3, 32, 32])
-    results = []
+    results, state = [], None
     for enabled in (True, False):
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
+        model = create_model(name, img_size=32, embed_dim=24, depth=2, num_heads=3,
+                             num_classes=5, **kwargs)
+        assert isinstance(model.blocks[0], FusedBlock) == enabled
+        if state is None:
+            for layer in model.sublayers():
+                table = getattr(layer, "relative_position_bias_table", None)
+                if table is not None:
+                    table.set_value(paddle.randn(table.shape) * 0.1)
+            state = {k: v.numpy() for k, v in model.state_dict().items()}
+        else:
+            model.set_state_dict(state)
+        model.train()
         loss = (model(x) ** 2).sum()
         loss.backward()
         grads = [p.grad.numpy().copy() for p in model.parameters() if p.grad is not None]
-        model.clear_gradients()
         results.append((float(loss), grads))
     assert len(results[0][1]) == len(results[1][1])
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
@@ -229,3 +235,40 @@ def test_ema_kernel_is_bit_identical_to_the_paddle_expression(monkeypatch):
     untouched = paddle.to_tensor(ema0)
     assert not fused.ema_update_(untouched, online, keep, 1.0 - keep)
     np.testing.assert_array_equal(untouched.numpy(), ema0)
+
+
+def test_the_switches_are_read_when_a_model_is_built_not_in_its_forward(monkeypatch):
+    from paddle_cae.models import layers
+    from paddle_cae.models.layers import CrossAttentionBase, Mlp
+    from tests.test_cae import random_batch, tiny_cae
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    paddle.seed(0)
+    model = tiny_cae()
+    block = model.regresser.regressor_blocks[0]
+    assert isinstance(model.encoder.blocks[0], FusedBlock)
+    assert type(block.mlp_cross) is not Mlp and isinstance(block.mlp_cross, Mlp)
+    assert type(block.cross_attn).softmax is not CrossAttentionBase.softmax
+    images, mask, ids = random_batch(model)
+    with paddle.no_grad():
+        before = model(images, mask, target_ids=ids)["loss"].numpy()
+
+    def read(*_):
+        raise AssertionError("an environment switch was read in a forward")
+
+    monkeypatch.setattr(fused, "enabled_by_env", read)
+    monkeypatch.setattr(layers, "sdpa_enabled", read)
+    with paddle.no_grad():
+        after = model(images, mask, target_ids=ids)["loss"].numpy()
+    np.testing.assert_array_equal(before, after)
+
+
+def test_switched_off_the_models_are_built_from_the_reference_layers(monkeypatch):
+    from paddle_cae.models.layers import Block, Mlp
+    from tests.test_cae import tiny_cae
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    model = tiny_cae()
+    assert type(model.encoder.blocks[0]) is Block
+    assert type(model.regresser.regressor_blocks[0].mlp_cross) is Mlp
+    assert type(model.regresser.regressor_blocks[0].cross_attn).__name__ == "CrossAttention"

@@ -7,7 +7,8 @@ import pytest
 
 from paddle_cae.convert import convert_state_dict, linear_weight_names
 from paddle_cae.models import create_model, list_models, model_task
-from paddle_cae.models.mae import MaskedAutoencoderViT, norm_eps_from
+from paddle_cae.models.common import norm_eps_from
+from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.models.pos_embed import sincos_pos_embed
 
 
@@ -199,3 +200,16 @@ def test_mae_base_forward_backward_at_224_is_finite():
     assert model.pos_embed.grad is None and model.decoder_pos_embed.grad is None
     grad = model.blocks[0].attn.qkv.weight.grad
     assert grad is not None and np.isfinite(grad.numpy()).all()
+
+
+def test_predicted_pixels_undo_the_norm_pix_target_with_the_true_patch_statistics():
+    from paddle_cae.models.common import normalize_patches
+
+    model = tiny(norm_pix_loss=True)
+    imgs = paddle.randn([2, 3, 32, 32]) * 2 + 0.5
+    target = normalize_patches(model.patchify(imgs), axis=-1, eps=1e-6, unbiased=True)
+    np.testing.assert_allclose(model.predicted_pixels(imgs, target).numpy(), imgs.numpy(),
+                               rtol=1e-5, atol=1e-5)
+    plain = tiny(norm_pix_loss=False)
+    np.testing.assert_array_equal(plain.predicted_pixels(imgs, target).numpy(),
+                                  plain.unpatchify(target).numpy())

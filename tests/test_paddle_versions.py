@@ -176,7 +176,7 @@ def test_every_attention_path_gives_the_reference_output(style, heads, monkeypat
             paddle.randn(attn.relative_position_bias_table.shape))
     attn.eval()
     x = paddle.randn([2, 5, 80])
-    np.testing.assert_allclose(attn.forward_fused(x).numpy(), attn.forward_explicit(x).numpy(),
+    np.testing.assert_allclose(attn.forward_sdpa(x).numpy(), attn.forward_explicit(x).numpy(),
                                rtol=1e-5, atol=1e-6)
 
 

@@ -21,6 +21,7 @@ import paddle.nn.functional as F
 
 from ..data.loader import derive_seed
 from ..data.mixup import Mixup
+from ..models.common import ema_update_
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import save_checkpoint, to_plain
 from ..runtime.logging import MetricLogger, SmoothedValue
@@ -72,14 +73,8 @@ class ModelEma:
         self.decay = float(decay)
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    @paddle.no_grad()
     def update(self, model):
-        for key, value in model.state_dict().items():
-            ema = self.state[key]
-            if paddle.is_floating_point(value):
-                ema.set_value(ema * self.decay + value.detach() * (1.0 - self.decay))
-            else:
-                ema.set_value(value)
+        ema_update_(self.state, model, self.decay)
 
     def numpy_state(self):
         return {k: v.numpy() for k, v in self.state.items()}
@@ -157,11 +152,8 @@ class ClassifierRun(TrainingRun):
 
     # ------------------------------------------------------------------------ train
     def fit(self):
-        args = self.args
-        self.maybe_resume()
-        for epoch in range(self.start_epoch, args.epochs):
-            start = self.start_batch if epoch == self.start_epoch else 0
-            train_stats = self.train_one_epoch(epoch, start)
+        for epoch, start_batch in self.epochs_to_run():
+            train_stats = self.train_one_epoch(epoch, start_batch)
             test_stats = self.evaluate()
             improved = self.best_acc1 is None or test_stats["acc1"] > self.best_acc1
             if improved:
@@ -170,9 +162,7 @@ class ClassifierRun(TrainingRun):
                         "(best top-1 %.2f%%)", test_stats["images"], test_stats["acc1"],
                         test_stats["acc5"], self.best_acc1)
             self.last_metrics = {f"test_{k}": v for k, v in test_stats.items()}
-            last = epoch + 1 == args.epochs
-            numbered = last or bool(args.save_ckpt_freq and (epoch + 1) % args.save_ckpt_freq == 0)
-            self.save(epoch, numbered, improved)
+            self.save(epoch, self.keeps_numbered_checkpoint(epoch), improved)
             record = {**{f"train_{k}": v for k, v in train_stats.items()}, **self.last_metrics,
                       "epoch": epoch, "best_acc1": self.best_acc1}
             self.json_log.write(record)

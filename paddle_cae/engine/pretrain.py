@@ -39,10 +39,6 @@ logger = logging.getLogger("paddle_cae")
 BATCH_KEYS = ("images", "bool_masked_pos", "tokenizer_images", "noise", "order", "target_ids")
 
 
-def unwrap(model):
-    return model._layers if isinstance(model, paddle.DataParallel) else model
-
-
 def model_batch(batch, epoch, batch_seed):
     out = {k: v for k, v in batch.items() if k in BATCH_KEYS}
     out["epoch"] = epoch
@@ -100,14 +96,9 @@ class PretrainRun(TrainingRun):
 
     # -------------------------------------------------------------------- train
     def fit(self):
-        args = self.args
-        self.maybe_resume()
-        for epoch in range(self.start_epoch, args.epochs):
-            start_batch = self.start_batch if epoch == self.start_epoch else 0
+        for epoch, start_batch in self.epochs_to_run():
             stats = self.train_one_epoch(epoch, start_batch)
-            last = epoch + 1 == args.epochs
-            numbered = last or (args.save_ckpt_freq and (epoch + 1) % args.save_ckpt_freq == 0)
-            self.save(epoch, None, numbered)
+            self.save(epoch, None, self.keeps_numbered_checkpoint(epoch))
             record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             if self.env.distributed:
                 # data-parallel replicas must stay bit-identical; say so if they drift

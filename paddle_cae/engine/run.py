@@ -261,6 +261,18 @@ class TrainingRun:
                                  "its weights)")
         return path, state
 
+    def epochs_to_run(self):
+        """Resume (:meth:`maybe_resume`), then (epoch, first batch) for every epoch left: the
+        resumed epoch from its saved batch, the others from 0."""
+        self.maybe_resume()
+        for epoch in range(self.start_epoch, self.args.epochs):
+            yield epoch, self.start_batch if epoch == self.start_epoch else 0
+
+    def keeps_numbered_checkpoint(self, epoch):
+        """The last epoch and every --save_ckpt_freq-th keep a numbered checkpoint."""
+        freq = self.args.save_ckpt_freq
+        return epoch + 1 == self.args.epochs or bool(freq and (epoch + 1) % freq == 0)
+
     def maybe_resume(self):
         """--resume PATH, else (by default) the most advanced complete checkpoint of this run in
         --output_dir. Returns the path resumed from, or None.

@@ -11,6 +11,7 @@ import contextlib
 import paddle
 
 from ..runtime.amp import DynamicLossScaler, clip_grads_, grad_norm_tensor
+from ..runtime.distributed import unwrap_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -29,7 +30,7 @@ class Stepper:
         self.accum_iter = int(accum_iter)
         self.clip_grad = clip_grad
         self.max_consecutive_skips = max_consecutive_skips
-        self.params = [p for p in _unwrap(model).parameters() if not p.stop_gradient]
+        self.params = [p for p in unwrap_model(model).parameters() if not p.stop_gradient]
         self._loss_bad = None  # non-finite loss seen in the current accumulation group
 
     def autocast(self):
@@ -116,7 +117,3 @@ def _distributed(model):
     import paddle.distributed as dist
 
     return dist.get_world_size() > 1
-
-
-def _unwrap(model):
-    return model._layers if isinstance(model, paddle.DataParallel) else model

@@ -7,6 +7,8 @@ PretrainingModel
     ``on_epoch_start(epoch)`` and ``after_optimizer_step()`` (schedules, momentum teachers),
     ``extra_state()`` / ``load_extra_state(state)`` (what a training checkpoint carries beside the
     trainable weights), ``reconstruction_image(batch, outputs)`` (a picture for the logs, or None),
+    ``predicted_pixels(images, prediction)`` (a pixel prediction back in the input's normalised
+    space, for reconstructions),
     ``encoder_state_dict()`` (the weights a classifier is fine-tuned from),
     ``unused_parameter_names()`` (trainable parameters the current flags leave out of the loss:
     data-parallel training freezes them), ``stale_checkpoint_prefixes`` (keys older checkpoints
@@ -19,7 +21,17 @@ Classifier
 import paddle.nn as nn
 
 
-class PretrainingModel(nn.Layer):
+class _Model(nn.Layer):
+    """The hooks both kinds of model answer."""
+
+    def unused_parameter_names(self):
+        return []
+
+    def no_weight_decay(self):
+        return set()
+
+
+class PretrainingModel(_Model):
     needs_tokenizer = False
     stale_checkpoint_prefixes = ()
 
@@ -41,23 +53,14 @@ class PretrainingModel(nn.Layer):
     def reconstruction_image(self, batch, outputs):
         return None
 
+    def predicted_pixels(self, images, prediction):
+        raise NotImplementedError(f"{type(self).__name__} does not predict pixels")
+
     def encoder_state_dict(self):
         raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
 
-    def unused_parameter_names(self):
-        return []
 
-    def no_weight_decay(self):
-        return set()
-
-
-class Classifier(nn.Layer):
+class Classifier(_Model):
     def trainable_prefixes(self):
         """Name prefixes of the parameters a run trains; None trains every parameter."""
         return None
-
-    def unused_parameter_names(self):
-        return []
-
-    def no_weight_decay(self):
-        return set()

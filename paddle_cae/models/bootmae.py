@@ -24,14 +24,14 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..ops import fused as fused_ops
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PretrainingModel
-from .layers import (Attention, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
-                     init_linears_and_norms, layer_norm, normal_, trunc_normal_, xavier_uniform_,
-                     zeros_)
-from .mae import fixed_table, images_from_batch, norm_eps_from, zero_filled_parameters
-from .pos_embed import sincos_pos_embed
+from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
+                     gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
+from .fused import block_stack, cross_attention_class, mlp_class
+from .layers import (Attention, CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
+                     layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
+from .mae import images_from_batch, zero_filled_parameters
 from .registry import register_model
 
 __all__ = ["VisionTransformerForMaskedImageModeling", "MomentumEncoder", "CrossAttention",
@@ -41,28 +41,6 @@ MAX_ROLL = 3  # the official order is rolled right by random.randint(0, 3) per b
 
 PIXEL_NORM_EPS = 1e-5  # inside the sqrt of the per-patch, per-channel pixel target
 FEATURE_LN_EPS = 1e-6  # affine-free LayerNorm applied to both sides of the feature loss
-
-
-@paddle.no_grad()
-def ema_update_(ema_model, online_model, decay):
-    """ema <- decay * ema + (1 - decay) * online, for every state_dict entry of ``ema_model``
-    (parameters and buffers), in the entry's own precision (float32) with ``decay`` a Python
-    float, as timm's ModelEma does. Integer entries are copied."""
-    online = online_model.state_dict()
-    keep = float(decay)
-    take = 1.0 - keep
-    for key, ema_value in ema_model.state_dict().items():
-        if key not in online:
-            raise KeyError(f"EMA update: the online model has no entry '{key}'")
-        value = online[key].detach()
-        if tuple(value.shape) != tuple(ema_value.shape):
-            raise ValueError(f"EMA update: '{key}' has shape {list(value.shape)} online but "
-                             f"{list(ema_value.shape)} in the EMA copy")
-        if ema_value.dtype in (paddle.float32, paddle.float64, paddle.float16, paddle.bfloat16):
-            if not fused_ops.ema_update_(ema_value, value, keep, take):
-                paddle.assign(ema_value * keep + value.astype(ema_value.dtype) * take, ema_value)
-        else:
-            paddle.assign(value.astype(ema_value.dtype), ema_value)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -97,18 +75,6 @@ def masks_from_shuffle(idx_shuffle, mask_len, grid_size, patch_size, weight_mask
         "loss_mask_pixel": to_pixels(grid_mask),
         "weight_mask_pixel": to_pixels(grid_weight),
     }
-
-
-def _to_uint8_hwc(image_chw, mean, std):
-    """A normalised [C, H, W] tensor -> uint8 [H, W, C] for logging."""
-    image = image_chw.numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
-    return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
-
-
-def _gather_tokens(x, index):
-    """x [B, L, C], index [B, K] -> [B, K, C]."""
-    index = index.unsqueeze(-1).expand([index.shape[0], index.shape[1], x.shape[-1]])
-    return paddle.take_along_axis(x, index, axis=1)
 
 
 def _as_index(value, name):
@@ -159,11 +125,12 @@ class DecodeBlock(nn.Layer):
                               attn_head_dim=attn_head_dim, style="beit")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = layer_norm(dim, norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = mlp_class()(dim, int(dim * mlp_ratio), drop=drop)
         self.norm3 = layer_norm(dim, norm_eps)
         self.norm4 = layer_norm(c_dim, norm_eps)
-        self.c_attn = CrossAttention(dim, c_dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
-                                     attn_head_dim=attn_head_dim)
+        cross_attention = cross_attention_class(CrossAttention)
+        self.c_attn = cross_attention(dim, c_dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                                      attn_head_dim=attn_head_dim)
 
     def forward(self, x, fea):
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -195,17 +162,12 @@ def _add_encoder(layer, img_size, patch_size, in_chans, embed_dim, depth, num_he
     pos_embed (frozen sin-cos, MoCo layout) and blocks."""
     layer.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
     grid = layer.patch_embed.grid_size
-    table = sincos_pos_embed(embed_dim, grid, cls_token=True, layout="moco")
-    layer.pos_embed = fixed_table(layer, table)
+    layer.pos_embed = fixed_sincos_table(layer, embed_dim, grid, layout="moco")
     layer.cls_token = layer.create_parameter(
         [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
-    dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-    layer.blocks = nn.LayerList([
-        Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-              dpr[i], init_values=None, attn_head_dim=attn_head_dim, attn_style="beit",
-              norm_eps=norm_eps)
-        for i in range(depth)
-    ])
+    layer.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                               drop_rate, attn_drop_rate, drop_path_rate, init_values=None,
+                               attn_head_dim=attn_head_dim, attn_style="beit", norm_eps=norm_eps)
 
 
 def _embed_tokens(layer, images):
@@ -292,8 +254,7 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
             self.grid_size = grid
             self.num_patches = self.patch_embed.num_patches
             self.patch = self.patch_embed.patch_size[0]
-            self.de_pos_embed = fixed_table(
-                self, sincos_pos_embed(decode_dim, grid, cls_token=True, layout="moco"))
+            self.de_pos_embed = fixed_sincos_table(self, decode_dim, grid, layout="moco")
 
             # ---------------------------------------------------------- pixel decoder
             def decoder(width):
@@ -455,7 +416,7 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         b = x.shape[0]
         ids = paddle.concat([paddle.zeros([b, 1], dtype="int64"), idx_shuffle + 1], axis=1)
         keep = self.num_patches - mask_len
-        x = _gather_tokens(x, ids[:, :1 + keep])  # [B, 1 + K, D]
+        x = gather_tokens(x, ids[:, :1 + keep])  # [B, 1 + K, D]
         feas = []
         for i, blk in enumerate(self.blocks):
             x = blk(x)
@@ -470,11 +431,11 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         dropped patches, back in raster order with cls first: [B, 1 + N, C]."""
         b, _, c = tokens.shape
         dropped = ids[:, ids.shape[1] - mask_len:]  # [B, M] (indices into the 1 + N table)
-        mask_pe = _gather_tokens(pos_table.expand([b, -1, -1]), dropped)  # [B, M, C]
+        mask_pe = gather_tokens(pos_table.expand([b, -1, -1]), dropped)  # [B, M, C]
         masked = mask_token.expand([b, mask_len, c]) + mask_pe
         x = paddle.concat([tokens, masked], axis=1)  # [B, 1 + N, C], shuffled order
         ids_unshuffle = paddle.argsort(ids, axis=1)  # inverse permutation (distinct keys)
-        return _gather_tokens(x, ids_unshuffle)  # [B, 1 + N, C], raster order
+        return gather_tokens(x, ids_unshuffle)  # [B, 1 + N, C], raster order
 
     def forward_pixel_decoder(self, x, fea, ids, mask_len):
         z = self._decoder_input(self.down(x), self.mask_token, self.de_pos_embed, ids, mask_len)
@@ -501,12 +462,14 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
     def pixel_target(self, images):
         """Each patch and channel normalised by its own mean and biased variance:
         [B, C, H, W] -> [B, C, H, W]."""
+        x = self._pixel_patches(images)  # [B, C, h, p, w, p]
+        x = normalize_patches(x, axis=[3, 5], eps=PIXEL_NORM_EPS, unbiased=False)
+        return x.reshape(images.shape)
+
+    def _pixel_patches(self, images):
         b, c, hh, ww = images.shape
         p = self.patch
-        x = images.reshape([b, c, hh // p, p, ww // p, p])
-        mean = x.mean(axis=[3, 5], keepdim=True)
-        var = ((x - mean) ** 2).mean(axis=[3, 5], keepdim=True)
-        return ((x - mean) / paddle.sqrt(var + PIXEL_NORM_EPS)).reshape([b, c, hh, ww])
+        return images.reshape([b, c, hh // p, p, ww // p, p])
 
     def feature_target(self, images):
         """Teacher features of the whole image [B, N, D] (no gradient)."""
@@ -677,36 +640,40 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         return {k: v for k, v in self.state_dict().items()
                 if k.startswith(_ENCODER_PREFIXES + ("norm.",)) or k in _ENCODER_KEYS}
 
+    def predicted_pixels(self, images, pred_pixel):
+        """The pixel decoder's output [B, C, H, W] (each patch and channel normalised) mapped
+        back to the input's normalised space with the TRUE statistics of ``images``."""
+        x = self._pixel_patches(images)  # [B, C, h, p, w, p]
+        pred = denormalize_patches(pred_pixel.reshape(x.shape), x, axis=[3, 5],
+                                   eps=PIXEL_NORM_EPS, unbiased=False)
+        return pred.reshape(images.shape)
+
     @paddle.no_grad()
     def reconstruction_image(self, batch, outputs):
         """First sample as uint8 HWC: [input | visible patches | visible + prediction], the
         prediction mapped back with each patch's own mean and std."""
         images = images_from_batch(batch)[:1]
-        b, c, hh, ww = images.shape
-        p = self.patch
-        x = images.reshape([1, c, hh // p, p, ww // p, p])
-        mean = x.mean(axis=[3, 5], keepdim=True)
-        std = paddle.sqrt(((x - mean) ** 2).mean(axis=[3, 5], keepdim=True) + PIXEL_NORM_EPS)
-        pred = outputs["pred_pixel"][:1].astype(images.dtype).reshape(x.shape) * std + mean
-        pred = pred.reshape([1, c, hh, ww])
+        pred = self.predicted_pixels(images, outputs["pred_pixel"][:1].astype(images.dtype))
         m = outputs["weight_mask_pixel"][:1] > 0  # [1, 1, H, W]
         m = m.astype(images.dtype)
         panel = paddle.concat([images, images * (1 - m), images * (1 - m) + pred * m], axis=3)
-        return _to_uint8_hwc(panel[0], self.image_mean, self.image_std)
+        return to_uint8_hwc(panel[0], self.image_mean, self.image_std)
 
 
 # ------------------------------------------------------------------ constructors
+def _bootmae(overrides, **size):
+    cfg = dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, decode_dim=512, **size)
+    cfg.update(overrides)  # any argument, the sizes included, may be overridden
+    return VisionTransformerForMaskedImageModeling(**cfg)
+
+
 @register_model("pretrain")
 def bootmae_base(**kwargs):
-    cfg = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
-               qkv_bias=True, decode_dim=512, fea_list=(0, 11), model_ema_dynamic=True)
-    cfg.update(kwargs)
-    return VisionTransformerForMaskedImageModeling(**cfg)
+    return _bootmae(kwargs, embed_dim=768, depth=12, num_heads=12, fea_list=(0, 11),
+                    model_ema_dynamic=True)
 
 
 @register_model("pretrain")
 def bootmae_large(**kwargs):
-    cfg = dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-               qkv_bias=True, decode_dim=512, fea_list=(0, 23), model_ema_dynamic=False)
-    cfg.update(kwargs)
-    return VisionTransformerForMaskedImageModeling(**cfg)
+    return _bootmae(kwargs, embed_dim=1024, depth=24, num_heads=16, fea_list=(0, 23),
+                    model_ema_dynamic=False)

@@ -18,17 +18,17 @@ Parameter names equal the current official checkpoint (``encoder.*``,
 ``rd_pos_embed``), so conversion is a copy plus the transposition of Linear weights;
 ``official_key_map`` also reads the two older namings (see ``cae_official_key_map``).
 """
-import re
-
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .base import PretrainingModel
-from .layers import (LN_EPS, Block, CrossAttentionBase, DropPath, Mlp, PatchEmbed,
-                     init_linears_and_norms, layer_norm, trunc_normal_, xavier_uniform_, zeros_)
+from .common import (LN_EPS, drop_path_rates, ema_update_, fixed_sincos_table, gather_tokens,
+                     norm_eps_from)
+from .fused import block_stack, cross_attention_class, mlp_class
+from .layers import (CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
+                     layer_norm, trunc_normal_, xavier_uniform_, zeros_)
 from ..runtime.amp import fp32_region
-from .pos_embed import sincos_pos_embed
 from .registry import register_model
 
 
@@ -57,28 +57,6 @@ def split_visible_masked(bool_masked_pos):
     return order[:, :num_visible], order[:, num_visible:]
 
 
-def gather_tokens(x, ids):
-    """x [B, N, D] (or [1, N, D], broadcast), ids [B, n] -> [B, n, D]."""
-    b, n = ids.shape
-    if x.shape[0] != b:
-        x = x.expand([b, x.shape[1], x.shape[2]])
-    index = ids.unsqueeze(-1).expand([b, n, x.shape[2]])
-    return paddle.take_along_axis(x, index, axis=1)
-
-
-def _norm_eps(norm_layer, default=LN_EPS):
-    """The LayerNorm eps from a reference-style ``norm_layer`` value (a float, None or the
-    text 'partial(nn.LayerNorm, eps=1e-6)')."""
-    if norm_layer is None:
-        return default
-    if isinstance(norm_layer, (int, float)):
-        return float(norm_layer)
-    m = re.search(r"eps(?:ilon)?\s*=\s*([0-9.eE+-]+)", str(norm_layer))
-    if not m:
-        raise ValueError(f"cannot read the LayerNorm eps from norm_layer={norm_layer!r}")
-    return float(m.group(1))
-
-
 def _arg(args, name, default):
     if args is None:
         return default
@@ -104,6 +82,14 @@ class CrossAttention(CrossAttentionBase):
         return self.attend(q, k, v)  # [B, Nq, D]
 
 
+def add_input_norms(layer, dim, norm_eps):
+    """The LayerNorms of a cross-attention's query, key and value inputs, under the official
+    names ``norm1_q``, ``norm1_k``, ``norm1_v``."""
+    layer.norm1_q = layer_norm(dim, norm_eps)
+    layer.norm1_k = layer_norm(dim, norm_eps)
+    layer.norm1_v = layer_norm(dim, norm_eps)
+
+
 class RegressorBlock(nn.Layer):
     """One block of the latent contextual regressor.
 
@@ -117,14 +103,13 @@ class RegressorBlock(nn.Layer):
                  attn_drop=0.0, drop_path=0.0, init_values=0.0, attn_head_dim=None,
                  norm_eps=LN_EPS):
         super().__init__()
-        self.norm1_q = layer_norm(dim, norm_eps)
-        self.norm1_k = layer_norm(dim, norm_eps)
-        self.norm1_v = layer_norm(dim, norm_eps)
+        add_input_norms(self, dim, norm_eps)
         self.norm2_cross = layer_norm(dim, norm_eps)
-        self.cross_attn = CrossAttention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
-                                         attn_head_dim)
+        cross_attention = cross_attention_class(CrossAttention)
+        self.cross_attn = cross_attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
+                                          attn_head_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.mlp_cross = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp_cross = mlp_class()(dim, int(dim * mlp_ratio), drop=drop)
         trainable = init_values is not None and init_values > 0
         init = nn.initializer.Constant(float(init_values) if trainable else 1.0)
         self.gamma_1_cross = self.create_parameter([dim], default_initializer=init)
@@ -138,10 +123,6 @@ class RegressorBlock(nn.Layer):
         z = z + self.drop_path(self.gamma_1_cross * attn)
         z = self.norm2_cross(z)
         return z + self.drop_path(self.gamma_2_cross * self.mlp_cross(z))
-
-
-def _drop_path_rates(rate, depth):
-    return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
 
 
 class CAEEncoder(nn.Layer):
@@ -159,15 +140,13 @@ class CAEEncoder(nn.Layer):
         self.num_patches = self.patch_embed.num_patches
         self.cls_token = self.create_parameter(
             [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
-        self.pos_embed = fixed_sincos_table(self, embed_dim, self.patch_embed.grid_size)
+        self.pos_embed = fixed_sincos_table(self, embed_dim, self.patch_embed.grid_size,
+                                            layout="moco")
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
-        dpr = _drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  dpr[i], init_values=init_values, attn_head_dim=attn_head_dim,
-                  attn_style="beit", norm_eps=norm_eps)
-            for i in range(depth)
-        ])
+        self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                                  drop_rate, attn_drop_rate, drop_path_rate,
+                                  init_values=init_values, attn_head_dim=attn_head_dim,
+                                  attn_style="beit", norm_eps=norm_eps)
         self.norm = layer_norm(embed_dim, norm_eps)
 
     def forward(self, images, bool_masked_pos=None, ids_keep=None):
@@ -195,7 +174,7 @@ class LatentRegresser(nn.Layer):
                  qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
                  init_values=0.1, norm_eps=LN_EPS):
         super().__init__()
-        dpr = _drop_path_rates(drop_path_rate, depth)
+        dpr = drop_path_rates(drop_path_rate, depth)
         self.regressor_blocks = nn.LayerList([
             RegressorBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate,
                            attn_drop_rate, dpr[i], init_values=init_values, norm_eps=norm_eps)
@@ -221,12 +200,10 @@ class Decoder(nn.Layer):
                  qkv_bias=True, qk_scale=None, drop_rate=0.0, attn_drop_rate=0.0,
                  drop_path_rate=0.0, init_values=0.1, norm_eps=LN_EPS):
         super().__init__()
-        dpr = _drop_path_rates(drop_path_rate, depth)
-        self.decoder_blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  dpr[i], init_values=init_values, attn_style="beit", norm_eps=norm_eps)
-            for i in range(depth)
-        ])
+        self.decoder_blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias,
+                                          qk_scale, drop_rate, attn_drop_rate, drop_path_rate,
+                                          init_values=init_values, attn_style="beit",
+                                          norm_eps=norm_eps)
         self.norm = layer_norm(embed_dim, norm_eps)
         self.head = nn.Linear(embed_dim, num_classes)
 
@@ -235,14 +212,6 @@ class Decoder(nn.Layer):
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.head(self.norm(x))  # [B, M, V]
-
-
-def fixed_sincos_table(layer, dim, grid):
-    """A frozen [1, 1 + H*W, dim] MoCo-layout sin-cos parameter (zero cls row)."""
-    table = sincos_pos_embed(dim, grid, cls_token=True, layout="moco")[None]
-    p = layer.create_parameter(list(table.shape), default_initializer=nn.initializer.Assign(table))
-    p.stop_gradient = True
-    return p
 
 
 # ------------------------------------------------------------------------------- model
@@ -285,7 +254,7 @@ class ContextAutoencoderViT(PretrainingModel):
                              f"{decoder_num_classes} disagree; give one of them")
         if alignment not in ("current", "ema"):
             raise ValueError(f"alignment must be 'current' or 'ema', got {alignment!r}")
-        norm_eps = _norm_eps(norm_layer)
+        norm_eps = norm_eps_from(norm_layer)
         self.init_std = init_std
         self.align_loss_weight = float(align_loss_weight)
         self.alignment = alignment
@@ -308,7 +277,8 @@ class ContextAutoencoderViT(PretrainingModel):
         else:
             self.encoder_to_regresser = self.encoder_to_regresser_norm = None
 
-        self.rd_pos_embed = fixed_sincos_table(self, decoder_embed_dim, grid)  # [1, 1+N, Dd]
+        self.rd_pos_embed = fixed_sincos_table(self, decoder_embed_dim, grid,
+                                               layout="moco")  # [1, 1+N, Dd]
         self.regresser = LatentRegresser(
             decoder_embed_dim, regressor_depth, decoder_num_heads, mlp_ratio, qkv_bias, qk_scale,
             drop_rate, attn_drop_rate, drop_path_rate, decoder_layer_scale_init_value, norm_eps)
@@ -437,11 +407,8 @@ class ContextAutoencoderViT(PretrainingModel):
             self.update_alignment_encoder()
         return target.detach()
 
-    @paddle.no_grad()
     def update_alignment_encoder(self):
-        m = self.alignment_momentum
-        for p_enc, p_copy in zip(self.encoder.parameters(), self.alignment_encoder.parameters()):
-            p_copy.set_value(p_copy * m + p_enc.detach() * (1.0 - m))
+        ema_update_(self.alignment_encoder, self.encoder, self.alignment_momentum)
 
     def forward_regressor(self, x_visible, ids_visible, ids_masked):
         b = x_visible.shape[0]

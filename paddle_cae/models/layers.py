@@ -8,6 +8,10 @@ Two attention flavours exist in the reference code and both are kept exactly:
 * ``"timm"`` (MAE): one ``qkv`` Linear with a full bias; scores are (q @ k^T) * scale.
 * ``"beit"`` (CAE, BootMAE): ``qkv`` without bias plus ``q_bias``/``v_bias`` (no k bias);
   queries are scaled before the product; optional relative position bias.
+
+This module is the reference formulation, plus the ``F.scaled_dot_product_attention`` ("sdpa")
+call where it rounds like the reference. The variants that run the custom CPU kernels of
+paddle_cae/ops ("fused") are subclasses in ``models/fused.py``, chosen where a model is built.
 """
 import inspect
 import math
@@ -18,9 +22,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..ops import fused as fused_ops
-
-LN_EPS = 1e-6
+from .common import LN_EPS
 
 
 def layer_norm(dim, eps=LN_EPS):
@@ -94,6 +96,15 @@ def zero_parameter(layer, shape, trainable=True):
     return p
 
 
+def add_qv_bias(layer, inner, enabled):
+    """BEiT's ``q_bias`` and ``v_bias`` ([inner], zeros; no key bias), or both None."""
+    if enabled:
+        layer.q_bias = zero_parameter(layer, [inner])
+        layer.v_bias = zero_parameter(layer, [inner])
+    else:
+        layer.q_bias = layer.v_bias = None
+
+
 # ---------------------------------------------------------------------------- layers
 class DropPath(nn.Layer):
     """Stochastic depth per sample: keep with probability 1 - p and rescale by 1/(1 - p)."""
@@ -148,10 +159,6 @@ class Mlp(nn.Layer):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x):
-        if isinstance(self.drop, nn.Identity) and self.fc1.bias is not None \
-                and fused_ops.usable(x):
-            # gelu(x W1 + b1) in one fused pass (same arithmetic, see paddle_cae/ops)
-            return self.fc2(fused_ops.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -191,11 +198,7 @@ class Attention(nn.Layer):
             self.q_bias = self.v_bias = None
         else:
             self.qkv = nn.Linear(dim, inner * 3, bias_attr=False)
-            if qkv_bias:
-                self.q_bias = zero_parameter(self, [inner])
-                self.v_bias = zero_parameter(self, [inner])
-            else:
-                self.q_bias = self.v_bias = None
+            add_qv_bias(self, inner, qkv_bias)
         self.window_size = tuple(window_size) if window_size else None
         if self.window_size:
             num_rel = (2 * self.window_size[0] - 1) * (2 * self.window_size[1] - 1) + 3
@@ -210,6 +213,9 @@ class Attention(nn.Layer):
         self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        # decided once, here: sdpa unless PADDLE_CAE_ATTENTION=explicit asks for the step-by-step
+        # reference (set the attribute to change one layer)
+        self.use_sdpa = sdpa_enabled()
 
     def qkv_projection(self, x):
         if self.q_bias is None:
@@ -224,22 +230,12 @@ class Attention(nn.Layer):
         return bias.reshape([n, n, self.num_heads]).transpose([2, 0, 1])
 
     def forward(self, x, rel_pos_bias=None):
-        if self.use_fused_attention and (self.training is False or isinstance(
-                self.attn_drop, nn.Identity)) and (
-                rel_pos_bias is None or self.relative_position_bias_table is None):
-            return self.forward_fused(x, rel_pos_bias)
+        if self.use_sdpa and (not self.training or isinstance(self.attn_drop, nn.Identity)) \
+                and (rel_pos_bias is None or self.relative_position_bias_table is None):
+            return self.forward_sdpa(x, rel_pos_bias)
         return self.forward_explicit(x, rel_pos_bias)
 
-    @property
-    def use_fused_attention(self):
-        """The fused path (default) unless ``fused_attention`` was set False on this layer or
-        the environment asks for ``PADDLE_CAE_ATTENTION=explicit``."""
-        flag = getattr(self, "fused_attention", None)
-        if flag is not None:
-            return bool(flag)
-        return os.environ.get("PADDLE_CAE_ATTENTION", "").lower() != "explicit"
-
-    def forward_fused(self, x, rel_pos_bias=None):
+    def forward_sdpa(self, x, rel_pos_bias=None):
         """The same arithmetic as :meth:`forward_explicit` with fewer memory passes: q, k, v
         are taken from the projection by one unbind (no 5-D transpose of qkv) and, where
         :func:`sdpa_arguments` allows it, ``F.scaled_dot_product_attention`` forms
@@ -261,14 +257,18 @@ class Attention(nn.Layer):
             out = F.scaled_dot_product_attention(q, k, v, **kwargs)  # [B, N, h, d]
         else:
             q, k, v = (t.transpose([0, 2, 1, 3]) for t in (q, k, v))  # [B, h, N, d]
-            if self.style == "timm":
-                attn = paddle.matmul(q, k, transpose_y=True) * self.scale
-            else:
-                attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+            attn = self.scores(q, k)  # [B, h, N, N]
             if bias is not None:
                 attn = attn + bias
             out = paddle.matmul(F.softmax(attn, axis=-1), v).transpose([0, 2, 1, 3])
         return self.proj_drop(self.proj(out.reshape([b, n, self.inner_dim])))
+
+    def scores(self, q, k):
+        """Scaled q k^T, [B, h, N, d] each -> [B, h, N, N], in the reference order: timm scales
+        the product, BEiT scales q before it."""
+        if self.style == "timm":
+            return paddle.matmul(q, k, transpose_y=True) * self.scale
+        return paddle.matmul(q * self.scale, k, transpose_y=True)
 
     def qkv_bias_vector(self):
         """The bias added to the qkv projection ([3 * inner]; zeros when there is none)."""
@@ -282,26 +282,12 @@ class Attention(nn.Layer):
         bias.stop_gradient = True
         return bias
 
-    def attend_fused_kernels(self, x):
-        """Attention up to (not including) the output projection, with the fused CPU kernels
-        of paddle_cae/ops: [B, N, dim] -> [B, N, inner]. Same arithmetic as the explicit path:
-        timm scales the scores after q k^T, BEiT scales q before."""
-        q_scale, s_scale = (self.scale, 1.0) if self.style == "beit" else (1.0, self.scale)
-        q, k, v = fused_ops.split_heads(paddle.matmul(x, self.qkv.weight), self.qkv_bias_vector(),
-                                        self.num_heads, q_scale)
-        bias = self.relative_bias() if self.relative_position_bias_table is not None else None
-        attn = fused_ops.scaled_softmax(paddle.matmul(q, k, transpose_y=True), s_scale, bias)
-        return fused_ops.merge_heads(paddle.matmul(attn, v))
-
     def forward_explicit(self, x, rel_pos_bias=None):
         """The reference formulation, step by step (kept for parity checks)."""
         b, n, _ = x.shape
         qkv = self.qkv_projection(x).reshape([b, n, 3, self.num_heads, self.head_dim])
         q, k, v = qkv.transpose([2, 0, 3, 1, 4]).unbind(0)  # each [B, h, N, d]
-        if self.style == "timm":
-            attn = paddle.matmul(q, k, transpose_y=True) * self.scale
-        else:
-            attn = paddle.matmul(q * self.scale, k, transpose_y=True)
+        attn = self.scores(q, k)  # [B, h, N, N]
         if self.relative_position_bias_table is not None:
             attn = attn + self.relative_bias().unsqueeze(0)
         if rel_pos_bias is not None:
@@ -314,6 +300,8 @@ class Attention(nn.Layer):
 class Block(nn.Layer):
     """Pre-norm transformer block with optional layer-scale gammas (CAE)."""
 
+    mlp_class = Mlp  # the fused subclass swaps in its MLP (same parameters)
+
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
                  attn_drop=0.0, drop_path=0.0, init_values=None, window_size=None,
                  attn_head_dim=None, attn_style="timm", norm_eps=LN_EPS):
@@ -323,7 +311,7 @@ class Block(nn.Layer):
                               window_size, attn_head_dim, style=attn_style)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = layer_norm(dim, norm_eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = self.mlp_class(dim, int(dim * mlp_ratio), drop=drop)
         if init_values is not None and init_values > 0:
             init = nn.initializer.Constant(float(init_values))
             self.gamma_1 = self.create_parameter([dim], default_initializer=init)
@@ -331,42 +319,12 @@ class Block(nn.Layer):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def can_use_fused_kernels(self, x, rel_pos_bias=None):
-        attn, mlp = self.attn, self.mlp
-        if rel_pos_bias is not None or not attn.use_fused_attention:
-            return False
-        if self.training and not all(isinstance(m, nn.Identity) for m in (
-                attn.attn_drop, attn.proj_drop, mlp.drop)):
-            return False
-        return mlp.fc1.bias is not None and fused_ops.usable(x)
-
     def forward(self, x, rel_pos_bias=None):
-        if self.can_use_fused_kernels(x, rel_pos_bias):
-            return self.forward_fused_kernels(x)
         if self.gamma_1 is None:
             x = x + self.drop_path(self.attn(self.norm1(x), rel_pos_bias))
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
-
-    def forward_fused_kernels(self, x):
-        """The block with the fused CPU kernels of paddle_cae/ops: LayerNorm, bias + head
-        split, scaled softmax (+ relative position bias), head merge, bias + (layer scale) +
-        residual, bias + GELU. Same arithmetic as :meth:`forward` up to float32 rounding."""
-        attn, mlp = self.attn, self.mlp
-        h = fused_ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
-        y = paddle.matmul(attn.attend_fused_kernels(h), attn.proj.weight)
-        x = self._residual(x, y, attn.proj.bias, self.gamma_1)
-        h = fused_ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2._epsilon)
-        h = fused_ops.bias_gelu(paddle.matmul(h, mlp.fc1.weight), mlp.fc1.bias)
-        y = paddle.matmul(h, mlp.fc2.weight)
-        return self._residual(x, y, mlp.fc2.bias, self.gamma_2)
-
-    def _residual(self, x, y, bias, gamma):
-        if self.training and isinstance(self.drop_path, DropPath):
-            y = y + bias
-            return x + self.drop_path(y if gamma is None else gamma * y)
-        return fused_ops.residual_bias(x, y, bias, gamma)
 
 
 class CrossAttentionBase(nn.Layer):
@@ -384,11 +342,7 @@ class CrossAttentionBase(nn.Layer):
         self.inner_dim = inner
         self.scale = qk_scale or self.head_dim ** -0.5
         self._projections(dim, inner, **projection_args)
-        if qkv_bias:
-            self.q_bias = zero_parameter(self, [inner])
-            self.v_bias = zero_parameter(self, [inner])
-        else:
-            self.q_bias = self.v_bias = None
+        add_qv_bias(self, inner, qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
@@ -404,10 +358,15 @@ class CrossAttentionBase(nn.Layer):
         """Projected q [B, Nq, h*d], k and v [B, Nk, h*d] -> output [B, Nq, dim]."""
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, Nq, Nk]
-        # softmax and head merge: the fused kernels where they apply, else F.softmax and
-        # transpose + reshape
-        attn = self.attn_drop(fused_ops.scaled_softmax(attn, 1.0))
-        return self.proj_drop(self.proj(fused_ops.merge_heads(paddle.matmul(attn, v))))
+        attn = self.attn_drop(self.softmax(attn))
+        return self.proj_drop(self.proj(self.merge_heads(paddle.matmul(attn, v))))
+
+    def softmax(self, attn):
+        return F.softmax(attn, axis=-1)
+
+    def merge_heads(self, x):  # [B, h, N, d] -> [B, N, h*d]
+        b, h, n, d = x.shape
+        return x.transpose([0, 2, 1, 3]).reshape([b, n, h * d])
 
 
 class TorchBatchNorm1D(nn.Layer):
@@ -479,6 +438,12 @@ def sdpa_arguments(q, bias, scale, head_dim, same_rounding, training):
     if half and bias is None and default_scale and q.place.is_gpu_place():
         return {"training": training}
     return None
+
+
+def sdpa_enabled():
+    """False when ``PADDLE_CAE_ATTENTION=explicit`` asks for the step-by-step reference
+    attention (read when a layer is built)."""
+    return os.environ.get("PADDLE_CAE_ATTENTION", "").strip().lower() != "explicit"
 
 
 def _is_power_of_two(value):

@@ -10,43 +10,19 @@ official checkpoint is a copy plus the transposition of Linear weights (``paddle
 """
 import contextlib
 import math
-import re
 
-import numpy as np
 import paddle
 import paddle.nn as nn
 
 from .base import PretrainingModel
-from .layers import (LN_EPS, Block, PatchEmbed, init_linears_and_norms, layer_norm, normal_,
-                     xavier_uniform_)
-from .pos_embed import sincos_pos_embed
+from .common import (denormalize_patches, fixed_sincos_table, gather_tokens, norm_eps_from,
+                     normalize_patches, to_uint8_hwc)
+from .fused import block_stack
+from .layers import PatchEmbed, init_linears_and_norms, layer_norm, normal_, xavier_uniform_
 from .registry import register_model
 
-__all__ = ["MaskedAutoencoderViT", "norm_eps_from", "images_from_batch", "zero_filled_parameters",
+__all__ = ["MaskedAutoencoderViT", "images_from_batch", "zero_filled_parameters",
            "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
-
-_TORCH_LN_EPS = 1e-5
-
-
-def norm_eps_from(norm_layer, default=LN_EPS):
-    """LayerNorm epsilon named by an official ``norm_layer`` argument.
-
-    Accepts None (``default``), a number, or the text of the official value as fixtures
-    record it: ``"partial(nn.LayerNorm, eps=1e-6)"`` -> 1e-6, ``"nn.LayerNorm"`` -> 1e-5
-    (PyTorch's default)."""
-    if norm_layer is None:
-        return default
-    if isinstance(norm_layer, (int, float)):
-        return float(norm_layer)
-    text = str(norm_layer)
-    found = re.search(r"eps\s*=\s*([0-9.]+(?:[eE][-+]?\d+)?)", text)
-    if found:
-        return float(found.group(1))
-    if "LayerNorm" in text:
-        return _TORCH_LN_EPS
-    raise ValueError(f"norm_layer {norm_layer!r}: expected a LayerNorm description such as "
-                     "'partial(nn.LayerNorm, eps=1e-6)' or an epsilon")
-
 
 def images_from_batch(batch, key="images"):
     """The image tensor of a batch given as a tensor, a (images, ...) tuple/list or a dict."""
@@ -76,21 +52,6 @@ def zero_filled_parameters():
         nn.initializer.set_global_initializer(*saved)
 
 
-def fixed_table(layer, table):
-    """A frozen parameter [1, rows, D] holding ``table`` (official: requires_grad=False)."""
-    p = layer.create_parameter([1] + list(table.shape),
-                               default_initializer=nn.initializer.Constant(0.0))
-    p.set_value(table[None].astype("float32"))
-    p.stop_gradient = True
-    return p
-
-
-def _gather_tokens(x, index):
-    """x [B, L, C], index [B, K] -> [B, K, C] (rows of x picked per sample)."""
-    index = index.unsqueeze(-1).expand([index.shape[0], index.shape[1], x.shape[-1]])
-    return paddle.take_along_axis(x, index, axis=1)
-
-
 class MaskedAutoencoderViT(PretrainingModel):
     """Masked autoencoder with a ViT backbone (timm attention flavour, full qkv bias)."""
 
@@ -113,24 +74,19 @@ class MaskedAutoencoderViT(PretrainingModel):
             grid = self.patch_embed.grid_size
             num_patches = self.patch_embed.num_patches
             self.cls_token = self._zeros([1, 1, embed_dim])
-            self.pos_embed = fixed_table(self, sincos_pos_embed(embed_dim, grid, layout="mae"))
-            self.blocks = nn.LayerList([
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, attn_style="timm",
-                      norm_eps=eps)
-                for _ in range(depth)
-            ])
+            self.pos_embed = fixed_sincos_table(self, embed_dim, grid, layout="mae")
+            self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias=True,
+                                      attn_style="timm", norm_eps=eps)
             self.norm = layer_norm(embed_dim, eps)
 
             # ----------------------------------------------------------- decoder
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
             self.mask_token = self._zeros([1, 1, decoder_embed_dim])
-            self.decoder_pos_embed = fixed_table(
-                self, sincos_pos_embed(decoder_embed_dim, grid, layout="mae"))
-            self.decoder_blocks = nn.LayerList([
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                      attn_style="timm", norm_eps=eps)
-                for _ in range(decoder_depth)
-            ])
+            self.decoder_pos_embed = fixed_sincos_table(self, decoder_embed_dim, grid,
+                                                        layout="mae")
+            self.decoder_blocks = block_stack(decoder_depth, decoder_embed_dim, decoder_num_heads,
+                                              mlp_ratio, qkv_bias=True, attn_style="timm",
+                                              norm_eps=eps)
             self.decoder_norm = layer_norm(decoder_embed_dim, eps)
             patch = self.patch_embed.patch_size[0]
             self.decoder_pred = nn.Linear(decoder_embed_dim, patch * patch * in_chans)
@@ -216,7 +172,7 @@ class MaskedAutoencoderViT(PretrainingModel):
                 raise ValueError(f"noise must have shape [{b}, {n}], got {list(noise.shape)}")
         ids_shuffle = paddle.argsort(noise, axis=1)  # ascending: small is kept
         ids_restore = paddle.argsort(ids_shuffle, axis=1)  # a permutation: distinct keys
-        x_masked = _gather_tokens(x, ids_shuffle[:, :len_keep])  # [B, K, D]
+        x_masked = gather_tokens(x, ids_shuffle[:, :len_keep])  # [B, K, D]
         mask = paddle.concat([paddle.zeros([b, len_keep]), paddle.ones([b, n - len_keep])], axis=1)
         mask = paddle.take_along_axis(mask, ids_restore, axis=1)  # [B, N], raster order
         return x_masked, mask, ids_restore
@@ -237,7 +193,7 @@ class MaskedAutoencoderViT(PretrainingModel):
         b, n = ids_restore.shape
         mask_tokens = self.mask_token.expand([b, n + 1 - x.shape[1], -1])  # [B, N - K, Dd]
         x_ = paddle.concat([x[:, 1:, :], mask_tokens], axis=1)  # [B, N, Dd], shuffled order
-        x_ = _gather_tokens(x_, ids_restore)  # [B, N, Dd], raster order
+        x_ = gather_tokens(x_, ids_restore)  # [B, N, Dd], raster order
         x = paddle.concat([x[:, :1, :], x_], axis=1)  # [B, 1 + N, Dd]
         x = x + self.decoder_pos_embed
         for blk in self.decoder_blocks:
@@ -250,12 +206,8 @@ class MaskedAutoencoderViT(PretrainingModel):
         """Mean squared error over the removed patches. imgs [B, C, H, W]; pred [B, N, p*p*C];
         mask [B, N] with 1 = removed."""
         target = self.patchify(imgs)  # [B, N, p*p*C]
-        if self.norm_pix_loss:
-            mean = target.mean(axis=-1, keepdim=True)
-            # unbiased variance, written out: paddle.var warns about dtype promotion each call
-            n = target.shape[-1]
-            var = ((target - mean) ** 2).sum(axis=-1, keepdim=True) / (n - 1)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        if self.norm_pix_loss:  # each patch by its own mean and (unbiased) std
+            target = normalize_patches(target, axis=-1, eps=1.0e-6, unbiased=True)
         loss = ((pred - target) ** 2).mean(axis=-1)  # [B, N], per patch
         return (loss * mask).sum() / mask.sum()
 
@@ -275,23 +227,26 @@ class MaskedAutoencoderViT(PretrainingModel):
                 "ids_restore": ids_restore}
 
 
+    def predicted_pixels(self, imgs, pred):
+        """pred [B, N, p*p*C] -> image [B, C, H, W] in the input's normalised space; with
+        norm_pix_loss each patch is mapped back with its TRUE mean and std, taken from ``imgs``
+        (as the official demo does)."""
+        if self.norm_pix_loss:
+            pred = denormalize_patches(pred, self.patchify(imgs), axis=-1, eps=1.0e-6,
+                                       unbiased=True)
+        return self.unpatchify(pred)
+
     @paddle.no_grad()
     def reconstruction_image(self, batch, outputs):
         """First sample as uint8 HWC: [input | visible patches | visible + prediction]; with
         norm_pix_loss the prediction is mapped back with each patch's own mean and std."""
         imgs = images_from_batch(batch)[:1]
         pred = outputs["pred"][:1].astype(imgs.dtype)  # [1, N, p*p*C]
-        if self.norm_pix_loss:
-            target = self.patchify(imgs)
-            mean = target.mean(axis=-1, keepdim=True)
-            var = ((target - mean) ** 2).sum(axis=-1, keepdim=True) / (target.shape[-1] - 1)
-            pred = pred * (var + 1.0e-6) ** 0.5 + mean
-        mask = outputs["mask"][:1].astype(imgs.dtype).unsqueeze(-1).expand(pred.shape)
-        recon, mask = self.unpatchify(pred), self.unpatchify(mask)  # [1, C, H, W]
+        recon = self.predicted_pixels(imgs, pred)  # [1, C, H, W]
+        mask = self.unpatchify(outputs["mask"][:1].astype(imgs.dtype).unsqueeze(-1).expand(
+            pred.shape))  # [1, C, H, W]
         panel = paddle.concat([imgs, imgs * (1 - mask), imgs * (1 - mask) + recon * mask], axis=3)
-        image = panel[0].numpy().transpose(1, 2, 0) * np.asarray(self.image_std) \
-            + np.asarray(self.image_mean)
-        return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return to_uint8_hwc(panel[0], self.image_mean, self.image_std)
 
 
 # ------------------------------------------------------------------ constructors

@@ -12,15 +12,15 @@ the registered constructors below (the official model names):
 | pooling           | mean + fc_norm / cls  | mean + fc_norm / cls    | mean + fc_norm / cls |
 """
 import math
-import re
 
 import paddle
 import paddle.nn as nn
 
 from .base import Classifier
-from .layers import (LN_EPS, Block, PatchEmbed, TorchBatchNorm1D, init_linears_and_norms,
-                     layer_norm, lazy_init_active, normal_, trunc_normal_, zeros_)
-from .pos_embed import sincos_pos_embed
+from .common import LN_EPS, fixed_sincos_table, norm_eps_from
+from .fused import block_stack
+from .layers import (PatchEmbed, TorchBatchNorm1D, init_linears_and_norms, layer_norm,
+                     lazy_init_active, normal_, trunc_normal_, zeros_)
 from .registry import register_model
 
 
@@ -59,25 +59,18 @@ class VisionTransformer(Classifier):
             self.pos_embed = self.create_parameter(
                 [1, num_patches + 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
         elif pos_embed_type == "sincos":
-            table = sincos_pos_embed(embed_dim, grid, cls_token=True, layout=sincos_layout)
-            self.pos_embed = self.create_parameter(
-                [1, num_patches + 1, embed_dim],
-                default_initializer=nn.initializer.Assign(table[None]))
-            self.pos_embed.stop_gradient = True  # fixed table, never trained
+            self.pos_embed = fixed_sincos_table(self, embed_dim, grid, layout=sincos_layout)
         elif pos_embed_type == "none":
             self.pos_embed = None
         else:
             raise ValueError(f"pos_embed_type must be learned, sincos or none, got {pos_embed_type!r}")
         self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
 
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.LayerList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate,
-                  dpr[i], init_values=init_values,
-                  window_size=grid if use_rel_pos_bias else None,
-                  attn_style=attn_style, norm_eps=norm_eps)
-            for i in range(depth)
-        ])
+        self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                                  drop_rate, attn_drop_rate, drop_path_rate,
+                                  init_values=init_values,
+                                  window_size=grid if use_rel_pos_bias else None,
+                                  attn_style=attn_style, norm_eps=norm_eps)
         # mean pooling: the final norm becomes fc_norm on the pooled patch tokens
         if global_pool:
             self.norm = None
@@ -210,14 +203,6 @@ class LinearProbeHead(nn.Layer):
 
 
 # ------------------------------------------------------- official arguments
-def norm_eps_from_official(norm_layer):
-    """``"partial(nn.LayerNorm, eps=1e-6)"`` -> 1e-6; a plain nn.LayerNorm is torch's 1e-5."""
-    if norm_layer is None:
-        return LN_EPS
-    match = re.search(r"eps\s*=\s*([0-9.eE+-]+)", str(norm_layer))
-    return float(match.group(1)) if match else 1e-5
-
-
 _OFFICIAL_COMMON = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
                     "num_heads", "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate",
                     "attn_drop_rate", "drop_path_rate")
@@ -228,7 +213,7 @@ def classifier_from_official_args(family, **official):
     (models_vit / CAE modeling_finetune / BootMAE modeling_finetune_bootmae).
     Arguments the official class accepts but ignores are accepted and ignored here too."""
     cfg = {k: official[k] for k in _OFFICIAL_COMMON if k in official}
-    cfg["norm_eps"] = norm_eps_from_official(official.get("norm_layer"))
+    cfg["norm_eps"] = norm_eps_from(official.get("norm_layer"))
     if family == "mae":
         cfg["global_pool"] = official.get("global_pool", False)
         return VisionTransformer(attn_style="timm", pos_embed_type="learned", init_style="mae",

@@ -49,7 +49,10 @@ _module = None
 _failed = False
 
 
-def _enabled_by_env():
+def enabled_by_env():
+    """The ``PADDLE_CAE_FUSED_OPS`` switch (on unless 0 / false / no / off). The model layers
+    read it once, when they are built (paddle_cae/models/fused.py); the functions here read it
+    on each call."""
     return os.environ.get("PADDLE_CAE_FUSED_OPS", "1").strip().lower() not in ("0", "false",
                                                                                  "no", "off")
 
@@ -145,13 +148,17 @@ def _quiet_load(build_dir):
 
 
 def extension_available():
-    return _enabled_by_env() and _load() is not None
+    return enabled_by_env() and _load() is not None
 
 
 @paddle.jit.not_to_static
-def _use(*tensors):
-    """The extension applies: dynamic graph, float32 CPU tensors, enabled and built."""
-    if not _enabled_by_env() or not paddle.in_dynamic_mode():
+def _use(*tensors, by_env=True):
+    """The extension where it applies: dynamic graph, float32 CPU tensors, built, and enabled
+    by the environment switch (not read when ``by_env`` is False: the model layers that call
+    with it were chosen by the switch when they were built, paddle_cae/models/fused.py)."""
+    if by_env and not enabled_by_env():
+        return None
+    if not paddle.in_dynamic_mode():
         return None
     for t in tensors:
         if t is None or t.dtype != paddle.float32 or not t.place.is_cpu_place():
@@ -166,13 +173,21 @@ def usable(x):
     return _use(x) is not None
 
 
+@paddle.jit.not_to_static
+def applies(x):
+    """:func:`usable` without reading the environment switch: for layers built with the
+    kernels (the switch was read then)."""
+    return _use(x, by_env=False) is not None
+
+
 # --------------------------------------------------------------------------- the ops
-def split_heads(qkv, bias, num_heads, q_scale=1.0):
+# ``by_env=False``: the caller was built with the kernels, the switch is not read again
+def split_heads(qkv, bias, num_heads, q_scale=1.0, *, by_env=True):
     """qkv [B, N, 3*C] (the projection without its bias), bias [3*C] -> q, k, v [B, h, N, d].
 
     Reference: ``t = qkv + bias``; split in three along the last axis; each [B, N, h, d]
     transposed to [B, h, N, d]; ``q = q * q_scale`` (skipped when q_scale is 1)."""
-    ext = _use(qkv, bias)
+    ext = _use(qkv, bias, by_env=by_env)
     if ext is not None:
         q, k, v = ext.cae_split_heads(qkv, bias, int(num_heads), float(q_scale))
         return q, k, v
@@ -184,19 +199,19 @@ def split_heads(qkv, bias, num_heads, q_scale=1.0):
     return q, k, v
 
 
-def merge_heads(x):
+def merge_heads(x, *, by_env=True):
     """[B, h, N, d] -> [B, N, h*d]. Reference: transpose then reshape."""
-    ext = _use(x)
+    ext = _use(x, by_env=by_env)
     if ext is not None:
         return ext.cae_merge_heads(x)
     b, h, n, d = x.shape
     return x.transpose([0, 2, 1, 3]).reshape([b, n, h * d])
 
 
-def scaled_softmax(x, scale=1.0, bias=None):
+def scaled_softmax(x, scale=1.0, bias=None, *, by_env=True):
     """softmax(x * scale [+ bias]) over the last axis; x [B, h, R, L], bias [h, R, L] or None.
     Reference: ``x * scale`` (skipped when scale is 1), ``+ bias``, ``F.softmax``."""
-    ext = _use(x, bias) if bias is not None else _use(x)
+    ext = _use(x, bias, by_env=by_env) if bias is not None else _use(x, by_env=by_env)
     if ext is not None and x.ndim == 4:
         if bias is None:
             return ext.cae_scaled_softmax(x, float(scale))
@@ -209,17 +224,18 @@ def scaled_softmax(x, scale=1.0, bias=None):
     return F.softmax(x, axis=-1)
 
 
-def bias_gelu(h, bias):
+def bias_gelu(h, bias, *, by_env=True):
     """gelu(h + bias), exact erf form. Reference: ``F.gelu(h + bias)``."""
-    ext = _use(h, bias)
+    ext = _use(h, bias, by_env=by_env)
     if ext is not None:
         return ext.cae_bias_gelu(h, bias)
     return F.gelu(h + bias)
 
 
-def residual_bias(res, h, bias, gamma=None):
+def residual_bias(res, h, bias, gamma=None, *, by_env=True):
     """``res + (h + bias)``, or ``res + gamma * (h + bias)`` with a layer-scale gamma."""
-    ext = _use(res, h, bias) if gamma is None else _use(res, h, bias, gamma)
+    ext = _use(res, h, bias, by_env=by_env) if gamma is None else \
+        _use(res, h, bias, gamma, by_env=by_env)
     if ext is not None and list(res.shape) == list(h.shape):
         if gamma is None:
             return ext.cae_residual_bias(res, h, bias)
@@ -228,9 +244,9 @@ def residual_bias(res, h, bias, gamma=None):
     return res + (y if gamma is None else gamma * y)
 
 
-def layer_norm(x, weight, bias, eps):
+def layer_norm(x, weight, bias, eps, *, by_env=True):
     """LayerNorm over the last axis. Reference: ``F.layer_norm``."""
-    ext = _use(x, weight, bias)
+    ext = _use(x, weight, bias, by_env=by_env)
     if ext is not None:
         y, _, _ = ext.cae_layer_norm(x, weight, bias, float(eps))
         return y

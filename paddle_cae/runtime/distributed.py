@@ -151,6 +151,12 @@ def barrier():
         dist.barrier()
 
 
+def unwrap_model(model):
+    """The bare model behind a ``paddle.DataParallel`` wrapper (its parameter names lose the
+    ``_layers.`` prefix); any other model unchanged."""
+    return model._layers if isinstance(model, paddle.DataParallel) else model
+
+
 def unused_parameter_names(model):
     """Names of the trainable parameters of ``model`` that its current flags leave without a
     gradient, as the model declares them (``unused_parameter_names()``, models/base.py).
