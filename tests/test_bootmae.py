@@ -335,3 +335,9 @@ def test_predicted_pixels_undo_the_per_patch_and_channel_pixel_target():
     np.testing.assert_allclose(x.mean(axis=(3, 5)), 0.0, atol=1e-5)
     np.testing.assert_allclose(model.predicted_pixels(images, target).numpy(), images.numpy(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_bootmae_base_can_be_built_lazily_to_count_or_shard_it():
+    with paddle.LazyGuard():
+        model = create_model("bootmae_base")
+    assert trainable_count(model) == 115_373_251

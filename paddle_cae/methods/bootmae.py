@@ -82,13 +82,8 @@ class BootMAEMethod(Method):
         pred_pixel, _ = model.forward_predictions(images, model.mask_num, idx_shuffle)
         masks = masks_from_shuffle(idx_shuffle, model.mask_num, model.grid_size, model.patch, False)
         mask = masks["loss_mask_pixel"].astype("float32").expand_as(images)
-        # BootMAE normalises each patch and channel: undo with the true statistics
-        c, hh, ww = images.shape[1:]
-        p = model.patch
-        x = images.reshape([b, c, hh // p, p, ww // p, p])
-        mean = x.mean(axis=[3, 5], keepdim=True)
-        std = paddle.sqrt(((x - mean) ** 2).mean(axis=[3, 5], keepdim=True) + 1e-5)
-        recon = (pred_pixel.reshape([b, c, hh // p, p, ww // p, p]) * std + mean).reshape([b, c, hh, ww])
+        # BootMAE normalises each patch and channel: undone with the true statistics
+        recon = model.predicted_pixels(images, pred_pixel)
         return images * (1 - mask), recon, mask
 
     def reconstruction_note(self, model):

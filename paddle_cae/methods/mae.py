@@ -61,16 +61,9 @@ class MAEMethod(Method):
         model.eval()
         paddle.seed(seed)
         out = model(images)
-        pred = out["pred"]
-        if model.norm_pix_loss:
-            # per-patch statistics of the TRUE image, as MAE's demo does (the picture therefore
-            # borrows statistics of the hidden patches)
-            t = model.patchify(images)
-            mean = t.mean(axis=-1, keepdim=True)
-            var = t.var(axis=-1, keepdim=True)
-            recon = model.unpatchify(pred * (var + 1e-6) ** 0.5 + mean)
-        else:
-            recon = model.unpatchify(pred)
+        # with norm_pix_loss the per-patch statistics of the TRUE image, as MAE's demo does (the
+        # picture therefore borrows statistics of the hidden patches)
+        recon = model.predicted_pixels(images, out["pred"])
         p = model.patch_size
         mask = model.unpatchify(out["mask"].unsqueeze(-1).expand([-1, -1, p * p * 3]))
         return images * (1 - mask), recon, mask

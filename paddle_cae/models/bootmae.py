@@ -30,7 +30,7 @@ from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
                      gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
 from .fused import block_stack, cross_attention_class, mlp_class
 from .layers import (Attention, CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
-                     layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
+                     lazy_init_active, layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
 from .mae import images_from_batch, zero_filled_parameters
 from .registry import register_model
 
@@ -304,7 +304,9 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
                 p.stop_gradient = True
             teacher.eval()
         object.__setattr__(self, "_teacher", teacher)
-        if teacher is not None:
+        if teacher is not None and not lazy_init_active():
+            # (under paddle.LazyGuard no value exists yet to copy: call reset_teacher() after
+            # materialising the parameters)
             self.reset_teacher()
 
     # ------------------------------------------------------------------ init

@@ -21,6 +21,8 @@ A model may describe itself instead of relying on the ViT naming rules:
 """
 from collections import OrderedDict
 
+from ..runtime.distributed import unwrap_model
+
 RULES = ("mae", "beit")
 
 
@@ -53,14 +55,6 @@ def layer_scales(num_layers, layer_decay, backbone_decay=1.0):
     scales = [backbone_decay * layer_decay ** (num_layers + 1 - i) for i in range(num_layers + 2)]
     scales[-1] /= backbone_decay
     return scales
-
-
-def unwrap_model(model):
-    """The bare model behind a ``paddle.DataParallel`` wrapper (parameter names lose ``_layers.``)."""
-    inner = getattr(model, "_layers", None)
-    if inner is not None and type(model).__name__ == "DataParallel":
-        return inner
-    return model
 
 
 def decay_depth(model):
