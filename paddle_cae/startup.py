@@ -34,4 +34,16 @@ def prepare_process(environ=None):
     return env["OMP_NUM_THREADS"]
 
 
-__all__ = ["DEFAULT_THREADS", "prepare_process", "quiet_paddle_import_warnings"]
+def report_error(err, details=False):
+    """Print ``err`` to stderr as ``error: <first line>`` (the other lines too with ``details``:
+    e.g. the expected folder tree) and return the exit status of a bad-input error, 2."""
+    import sys
+
+    lines = str(err).strip().splitlines()
+    print(f"error: {lines[0] if lines else type(err).__name__}", file=sys.stderr)
+    for line in lines[1:] if details else ():
+        print(line, file=sys.stderr)
+    return 2
+
+
+__all__ = ["DEFAULT_THREADS", "prepare_process", "quiet_paddle_import_warnings", "report_error"]

@@ -18,7 +18,8 @@ from ..optim import build_optimizer, param_groups
 from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
-from ..runtime.config import ConfigError
+from ..runtime.config import ConfigError, flag_value, given_flags
+from ..startup import report_error
 from ..runtime.finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
 from ..runtime.logging import resolve_log_dir, setup_console_logging
 from ..runtime.pretrain_args import default_config_dir
@@ -39,15 +40,9 @@ def demo_argv(argv, phase):
     """Without --config and --data_path the run is the CPU demo on the bundled digits:
     ``configs/demo/<phase>_<family>.yaml`` for the family of --model is put in front."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=")[0] for a in argv if a.startswith("-")}
-    if given & {"--config", "-c", "--data_path", "-h", "--help"}:
+    if given_flags(argv) & {"--config", "-c", "--data_path", "-h", "--help"}:
         return argv, None
-    model = "vit_base_patch16"
-    for i, a in enumerate(argv):
-        if a.startswith("--model="):
-            model = a.split("=", 1)[1]
-        elif a == "--model" and i + 1 < len(argv):
-            model = argv[i + 1]
+    model = flag_value(argv, "model", "vit_base_patch16")
     config = os.path.join(default_config_dir(), "demo", f"{phase}_{classifier_method(model).name}.yaml")
     return (["--config", config] + argv, config) if os.path.isfile(config) else (argv, None)
 
@@ -283,9 +278,7 @@ def main(argv=None, phase="finetune"):
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, KeyError, ConfigError, PretrainedLoadError) as err:
-        message = str(err).strip().splitlines()
-        print(f"error: {message[0] if message else type(err).__name__}", file=sys.stderr)
-        return 2
+        return report_error(err)
     return 0
 
 

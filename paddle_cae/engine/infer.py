@@ -125,28 +125,14 @@ def export_inference_model(model, out_dir, input_size, extra_files=None):
     return prefix
 
 
-def inference_model_files(prefix):
-    for ext in (".json", ".pdmodel"):
-        if os.path.isfile(prefix + ext):
-            return prefix + ext, prefix + ".pdiparams"
-    raise FileNotFoundError(f"{prefix}: no exported program (.json or .pdmodel)")
-
-
 def run_inference_model(prefix, batch):
     """Run an exported model through ``paddle.inference`` (the deployment runtime) on a numpy
-    batch [B, 3, H, W]; returns the logits as numpy."""
-    from paddle import inference
+    batch [B, 3, H, W], on the CPU with the plain kernels (the numerics of the dynamic graph);
+    returns the logits as numpy."""
+    from ..runtime.inference import create_predictor, run_predictor
 
-    program, params = inference_model_files(prefix)
-    config = inference.Config(program, params)
-    config.disable_gpu()
-    config.switch_ir_optim(False)  # keep the numerics of the dynamic graph
-    predictor = inference.create_predictor(config)
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
-    handle.reshape(list(batch.shape))
-    handle.copy_from_cpu(np.ascontiguousarray(batch, dtype=np.float32))
-    predictor.run()
-    return predictor.get_output_handle(predictor.get_output_names()[0]).copy_to_cpu()
+    predictor = create_predictor(prefix, use_gpu=False, ir_optim=False, onednn=False)
+    return run_predictor(predictor, batch)
 
 
 # ------------------------------------------------------------------------ reconstructions

@@ -10,6 +10,7 @@ import numpy as np
 from ..api import load_checkpoint, predict
 from ..methods import method_for
 from ..runtime.checkpoint import CheckpointError
+from ..startup import report_error
 from .infer import (ImageInputError, export_inference_model, format_prediction, image_paths,
                     preprocessing, preprocessing_spec, read_image, readable_images, reconstruct,
                     reconstruction_figure, run_inference_model, to_batch)
@@ -135,9 +136,7 @@ def main(argv=None):
     try:
         run(args)
     except (CheckpointError, ImageInputError, ValueError, KeyError, FileNotFoundError) as err:
-        message = str(err).strip().splitlines()
-        print(f"error: {message[0] if message else type(err).__name__}", file=sys.stderr)
-        return 2
+        return report_error(err)
     return 0
 
 

@@ -14,6 +14,8 @@ from ..optim import build_optimizer, param_groups
 from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.logging import resolve_log_dir, setup_console_logging
+from ..runtime.config import flag_value, given_flags
+from ..startup import report_error
 from ..runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, default_config_dir,
                                      effective_batch_size, parse_pretrain_args)
 from .pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
@@ -135,16 +137,9 @@ def demo_argv(argv):
     """Without --config and --data_path the run is the CPU-sized demo on the bundled digits:
     the demo config of the method of --model (MAE by default) is put in front."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    given = {a.split("=")[0] for a in argv if a.startswith("-")}
-    if given & {"--config", "-c", "--data_path"} or given & {"-h", "--help"}:
+    if given_flags(argv) & {"--config", "-c", "--data_path", "-h", "--help"}:
         return argv, None
-    model = None
-    for i, a in enumerate(argv):
-        if a.startswith("--model="):
-            model = a.split("=", 1)[1]
-        elif a == "--model" and i + 1 < len(argv):
-            model = argv[i + 1]
-    method = method_for(model if model is not None else PRETRAIN_TABLE.by_name["model"].default)
+    method = method_for(flag_value(argv, "model", PRETRAIN_TABLE.by_name["model"].default))
     config = os.path.join(default_config_dir(), "demo", f"{method.name}.yaml")
     return ["--config", config] + argv, config
 
@@ -216,11 +211,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, ValueError, KeyError) as err:
-        message = str(err).strip().splitlines()
-        print(f"error: {message[0] if message else type(err).__name__}", file=sys.stderr)
-        for line in message[1:]:
-            print(line, file=sys.stderr)
-        return 2
+        return report_error(err, details=True)
     return 0
 
 

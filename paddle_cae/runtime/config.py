@@ -195,6 +195,23 @@ class ArgTable:
                 for arg in self.args}
 
 
+def given_flags(argv):
+    """The option names on a command line (``--x=1`` counts as ``--x``)."""
+    return {a.split("=")[0] for a in argv if a.startswith("-")}
+
+
+def flag_value(argv, name, default=None):
+    """The value of ``--name`` on a command line (``--name v`` or ``--name=v``; the last one
+    wins), else ``default``; no parsing beyond that."""
+    value = default
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
 def _as_table(table):
     return table if isinstance(table, ArgTable) else ArgTable(table)
 
