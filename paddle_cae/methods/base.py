@@ -22,8 +22,6 @@ are fine-tuned as and other repositories' aliases of those) and holds:
 :func:`method_for` looks a model name up once; nothing outside this package branches on a
 method's name.
 """
-import importlib
-import pkgutil
 
 from ..data.transforms import _get, mean_std, window_size_of
 
@@ -194,10 +192,9 @@ def _load_all():
     if _loaded:
         return
     _loaded = True
-    package = __name__.rsplit(".", 1)[0]
-    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-        if info.name != "base":
-            importlib.import_module(f"{package}.{info.name}")
+    from ..models.registry import import_modules_of
+
+    import_modules_of(__name__.rsplit(".", 1)[0], skip=("base",))
 
 
 def method_names():

@@ -33,14 +33,19 @@ def register_model(task, method=None):
     return wrap
 
 
+def import_modules_of(package, skip=()):
+    """Import every module of ``package`` except those named in ``skip``: registrations run
+    on import, so a new file in the folder needs no list to be found."""
+    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
+        if info.name not in skip:
+            importlib.import_module(f"{package}.{info.name}")
+
+
 def _load_all():
     global _loaded
     if _loaded:
         return
-    package = __name__.rsplit(".", 1)[0]
-    for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-        if info.name != "registry":
-            importlib.import_module(f"{package}.{info.name}")
+    import_modules_of(__name__.rsplit(".", 1)[0], skip=("registry",))
     _loaded = True
 
 
