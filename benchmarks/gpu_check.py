@@ -152,7 +152,7 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
             model = create_model(name, **kwargs)
         else:
             model = create_model(name, num_classes=1000, **kwargs)
-    if phase == "pretrain" and hasattr(model, "set_tokenizer"):
+    if phase == "pretrain" and getattr(model, "needs_tokenizer", False):
         from paddle_cae.models.dalle import dalle_encoder
 
         vocab = getattr(model, "vocab_size", None) or 8192

@@ -141,7 +141,7 @@ def pretrain_batch(paddle, model, name, batch_size, input_size, rng):
         gen = bootmae_mask_generator(grid, num_masking_patches=min(120, grid * grid // 2),
                                      rng=rng)
         batch["bool_masked_pos"] = paddle.to_tensor(np.stack([gen() for _ in range(batch_size)]))
-    elif hasattr(model, "set_tokenizer"):  # CAE
+    elif getattr(model, "needs_tokenizer", False):  # CAE
         from paddle_cae.data.masking import BlockMaskGenerator
 
         gen = BlockMaskGenerator(grid, num_masking_patches=int(round(0.4 * grid * grid)),
@@ -184,7 +184,7 @@ def build(args, paddle, env):
     if args.phase == "pretrain" and model_task(args.model) != "pretrain":
         raise SystemExit(f"{args.model} is not a pretraining model")
     tokenizer_note = None
-    if args.phase == "pretrain" and hasattr(model, "set_tokenizer"):
+    if args.phase == "pretrain" and getattr(model, "needs_tokenizer", False):
         from paddle_cae.models.dalle import dalle_encoder
 
         vocab = getattr(model, "vocab_size", None) or 8192

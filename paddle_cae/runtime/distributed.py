@@ -159,9 +159,10 @@ def unwrap_model(model):
 
 def unused_parameter_names(model):
     """Names of the trainable parameters of ``model`` that its current flags leave without a
-    gradient, as the model declares them (``unused_parameter_names()``, models/base.py).
-    Parameters with stop_gradient are never listed."""
-    names = set(model.unused_parameter_names())
+    gradient, as the model declares them (``unused_parameter_names()``, models/base.py; any
+    other Layer declares none). Parameters with stop_gradient are never listed."""
+    declared = getattr(model, "unused_parameter_names", None)
+    names = set(declared()) if callable(declared) else set()
     return [n for n, p in model.named_parameters() if not p.stop_gradient and n in names]
 
 
