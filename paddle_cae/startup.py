@@ -3,7 +3,8 @@
 Threads: ``OMP_NUM_THREADS`` is left as the user set it; unset, it becomes 1. Measured on the
 project's 2-core machine with the MAE quick start (``python main_pretrain.py``, 3 demo epochs):
 29 s with 1 thread and 131 s with 2 threads while the machine was shared (load average ~5);
-earlier measurements on the same machine gave 22.7 s vs 70.8 s (busy). With the cores free,
+earlier measurements on the same machine gave 22.7 s vs 70.8 s (busy), and on the idle machine
+8.3 s vs 17.9 s. With the cores free,
 2 threads help the large matrix products only (ViT-B training ~1.3x), and every elementwise
 kernel runs on one thread anyway; 1 thread never collapses when the CPU is shared, and it
 is what Paddle itself sets when the variable is unset (more threads also make Paddle print
