@@ -135,7 +135,9 @@ def probe_train_mode(model):
 def load_initial_weights(args, model):
     if not args.finetune:
         if args.phase == "linprobe" and not args.eval:
-            raise ValueError("linear probing needs pretrained weights: pass --finetune CKPT")
+            raise ValueError("linear probing needs pretrained weights: pass --finetune CKPT (a "
+                             "pretraining checkpoint or encoder export; for the demo: python "
+                             "main_pretrain.py, then --finetune output/demo_mae/encoder.pd)")
         logger.warning("no --finetune weights: training from random initialisation")
         return None
     report = load_pretrained(encoder_of(model), args.finetune, args.model_key)
