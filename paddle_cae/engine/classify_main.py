@@ -9,24 +9,22 @@ import logging
 import os
 import sys
 
-import paddle
 
 from ..data.datasets import build_dataset, default_data_path
 from ..data.transforms import (RandomErasing, build_eval_transform, build_finetune_transform,
                                build_linprobe_transform, mean_std)
 from ..optim import build_optimizer, param_groups
-from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.config import ConfigError, flag_value, given_flags
 from ..startup import report_error
 from ..runtime.finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
-from ..runtime.logging import resolve_log_dir, setup_console_logging
+from ..runtime.logging import resolve_log_dir
 from ..runtime.pretrain_args import default_config_dir
 from .classifier import build_classifier, classifier_config, encoder_of, transform_method
 from .evaluate import build_eval_loader, evaluate
 from .finetune import ClassificationLoss, ClassifierRun
-from .run import strict_load
+from .run import start_process, strict_load
 from .pretrain import write_config_snapshot
 from .pretrain_main import model_label
 from .pretrained import PretrainedLoadError, load_pretrained
@@ -207,17 +205,8 @@ def config_from_resume(args):
 
 # ------------------------------------------------------------------------------------ run
 def run(argv=None, phase="finetune"):
-    env = dist_rt.init_distributed()
-    setup_console_logging(env.rank)
-    argv, demo_config = demo_argv(argv, phase)
-    if demo_config:
-        logger.info("no --data_path: running the CPU demo on the bundled digits with %s",
-                    os.path.relpath(demo_config))
-    args = (parse_finetune_args if phase == "finetune" else parse_linprobe_args)(argv)
-    prepare_args(args, env)
-    if getattr(args, "device", None):
-        paddle.set_device(args.device)
-    paddle.seed(args.seed)
+    parse = parse_finetune_args if phase == "finetune" else parse_linprobe_args
+    env, argv, args = start_process(argv, lambda a: demo_argv(a, phase), parse, prepare_args)
     precision = Precision(amp_dtype_from_args(args))
     val_set = build_dataset("val", args.data_path, eval_transform(args))
 

@@ -11,14 +11,14 @@ from ..data.datasets import build_dataset, default_data_path
 from ..methods import get_method, method_for
 from ..models import create_model
 from ..optim import build_optimizer, param_groups
-from ..runtime import distributed as dist_rt
 from ..runtime.amp import Precision, amp_dtype_from_args
-from ..runtime.logging import resolve_log_dir, setup_console_logging
+from ..runtime.logging import resolve_log_dir
 from ..runtime.config import flag_value, given_flags
 from ..startup import report_error
 from ..runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, default_config_dir,
                                      effective_batch_size, parse_pretrain_args)
 from .pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
+from .run import start_process
 
 logger = logging.getLogger("paddle_cae")
 
@@ -170,17 +170,7 @@ def demo_config_used(args):
 
 
 def run(argv=None):
-    env = dist_rt.init_distributed()
-    setup_console_logging(env.rank)
-    argv, demo_config = demo_argv(argv)
-    if demo_config:
-        logger.info("no --data_path: running the CPU demo on the bundled digits with %s",
-                    os.path.relpath(demo_config))
-    args = parse_pretrain_args(argv)
-    prepare_args(args, env)
-    if getattr(args, "device", None):
-        paddle.set_device(args.device)
-    paddle.seed(args.seed)
+    env, argv, args = start_process(argv, demo_argv, parse_pretrain_args, prepare_args)
     loaded = load_tokenizer(args)
     if loaded[0] is not None:
         vocabulary_from_tokenizer(args, *loaded, given=decoder_classes_given(argv, args))

@@ -120,8 +120,6 @@ def _load():
 def _quiet_load(build_dir):
     """paddle's loader logs at INFO and warns about ccache on every call: keep the package's
     output clean (a failed build still raises)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from paddle.utils.cpp_extension import extension_utils, load

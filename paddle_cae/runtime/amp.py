@@ -13,7 +13,6 @@ device and is tested on CPU machines.
 """
 import contextlib
 import logging
-import math
 
 import paddle
 
