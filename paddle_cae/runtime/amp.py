@@ -125,10 +125,6 @@ class DynamicLossScaler:
     def scale_loss(self, loss):
         return loss * self.scale if self.enabled else loss
 
-    def unscale_(self, parameters):
-        """Divide gradients by the scale; return True when all of them are finite."""
-        return not bool(self.found_inf_and_unscale_(parameters).item())
-
     def found_inf_and_unscale_(self, parameters):
         """Divide gradients by the scale in place; a bool tensor [1], True when any gradient
         is not finite (no host sync; on GPUs one multi-tensor call)."""
@@ -174,8 +170,9 @@ def _multi_tensor_path(tensors):
 
 def found_inf_and_unscale_(grads, scale=1.0):
     """One bool tensor [1]: True when any of ``grads`` holds an inf/NaN. When ``scale`` is not
-    1 and all are finite, every gradient is divided by ``scale`` in place (a power of two, so
-    the same numbers as multiplying by its inverse). No host sync."""
+    1, every gradient is divided by ``scale`` in place (a power of two, so the same numbers as
+    multiplying by its inverse), whether or not all are finite: a step with a non-finite
+    gradient is skipped and its gradients discarded. No host sync."""
     if not grads:
         return paddle.zeros([1], dtype="bool")
     if _multi_tensor_path(grads):
@@ -206,12 +203,6 @@ def _by_dtype(tensors):
     return list(groups.values())
 
 
-def grads_are_finite(grads):
-    if not grads:
-        return True
-    return not bool(found_inf_and_unscale_(grads).item())
-
-
 def grad_norm_tensor(parameters):
     """The global L2 norm of the gradients of ``parameters`` as a 0-d float32 tensor (no host
     sync); 0 when none has a gradient."""
@@ -223,13 +214,9 @@ def grad_norm_tensor(parameters):
         squares = [_C_ops.squared_l2_norm(g if g.dtype == paddle.float32 else g.astype("float32"))
                    for g in grads]
         return paddle.sqrt(paddle.concat(squares).sum())
-    else:
-        # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but
-        # Paddle's CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
-        squares = []
-        for g in grads:
-            g = g.astype("float32")
-            squares.append((g * g).sum())
+    # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but Paddle's
+    # CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
+    squares = [(g * g).sum() for g in (g.astype("float32") for g in grads)]
     return paddle.sqrt(paddle.stack(squares).sum())
 
 
