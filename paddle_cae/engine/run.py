@@ -253,20 +253,17 @@ class TrainingRun:
     def resume_decision(self):
         """What this run resumes from, decided from this process's view of the files:
         ``(path, state)`` or ``(None, None)``. Raises ValueError (one line) for a --resume file
-        of another kind or model, and for an --output_dir holding checkpoints of another kind
-        or model under the names this run writes (they would be overwritten)."""
+        of another kind or model (a foreign --output_dir was refused at construction:
+        :meth:`check_output_dir`)."""
         args = self.args
         model_name = getattr(args, "model", None)
         path, state = None, None
         if self.output_dir:
             remove_stale_temporaries(self.output_dir)
         auto = bool(getattr(args, "auto_resume", False)) and not getattr(args, "resume", "")
-        if self.output_dir:
-            found_path, found_state, foreign = scan_output_dir(self.output_dir, self.exp_name, self.kind,
-                                                               model_name, load=auto)
-            check_no_foreign_checkpoints(foreign, self.kind, model_name)
-            if auto:
-                path, state = found_path, found_state
+        if self.output_dir and auto:
+            path, state, _ = scan_output_dir(self.output_dir, self.exp_name, self.kind, model_name,
+                                             load=True)
         if getattr(args, "resume", ""):
             path = args.resume
             state = load_checkpoint(path)
