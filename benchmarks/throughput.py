@@ -136,11 +136,13 @@ def pretrain_batch(paddle, model, name, batch_size, input_size, rng):
     batch = {"images": images, "epoch": 0, "batch_seed": 0}
     kind = type(model).__name__
     if "Masked" in kind and hasattr(model, "mask_num"):  # BootMAE
-        from paddle_cae.data.masking import bootmae_mask_generator
+        from paddle_cae.data.masking import bootmae_mask_generator, bootmae_shuffle_from_mask
 
         gen = bootmae_mask_generator(grid, num_masking_patches=min(120, grid * grid // 2),
                                      rng=rng)
-        batch["bool_masked_pos"] = paddle.to_tensor(np.stack([gen() for _ in range(batch_size)]))
+        masks = np.stack([gen() for _ in range(batch_size)])
+        order, _ = bootmae_shuffle_from_mask(masks, model.mask_num, rng=rng)
+        batch["idx_shuffle"] = paddle.to_tensor(order)
     elif getattr(model, "needs_tokenizer", False):  # CAE
         from paddle_cae.data.masking import BlockMaskGenerator
 

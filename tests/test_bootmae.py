@@ -72,34 +72,51 @@ def test_weight_mask_counts_padding_in_the_3x3_average():
     np.testing.assert_array_equal(w_plain.numpy().reshape(4, 4)[1:], 1.0)
 
 
-def test_block_mask_input_gives_the_official_order_and_exact_count():
+def test_pipeline_order_and_batch_roll_give_the_official_count():
+    """The data pipeline's order (visible first) rolled once per batch by the method: exactly
+    mask_num dropped, and the roll (0..3) turns up to 3 block patches visible and drops as many
+    originally visible ones."""
+    from paddle_cae.data.masking import bootmae_shuffle_from_mask
+    from paddle_cae.methods import get_method
+
     model = tiny()
     mask = np.zeros((2, 4, 4), np.int64)
     mask[:, :3, :] = 1  # 12 block-masked patches
-    out = model(paddle.randn([2, 3, 32, 32]), bool_masked_pos=mask, rng=np.random.default_rng(3))
-    dropped = out["mask"].numpy()
+    order, _ = bootmae_shuffle_from_mask(mask, 12, rng=np.random.default_rng(3), roll=0)
+    batch = get_method("bootmae").finish_batch({"images": paddle.randn([2, 3, 32, 32]),
+                                                "order": order}, batch_seed=11)
+    assert "order" not in batch
+    dropped = model(batch)["mask"].numpy()
     np.testing.assert_array_equal(dropped.sum(1), [12, 12])
-    # the roll (0..3, one per batch) turns up to 3 block patches visible and the same number
-    # of originally visible patches dropped
     moved = (dropped.reshape(2, 4, 4) != mask).sum((1, 2))
     assert moved[0] == moved[1] and moved[0] in (0, 2, 4, 6)
 
 
+def test_forward_without_an_order_says_what_it_needs():
+    with pytest.raises(ValueError, match="idx_shuffle"):
+        tiny()(paddle.randn([2, 3, 32, 32]))
+
+
 # ------------------------------------------------------------------------------ loss
-def test_feature_loss_ramps_with_the_epoch():
+def test_feature_loss_ramps_with_the_epoch_the_engine_sets():
     model = tiny(feature_weight=1.0, epochs=800)
     images, order = paddle.randn([2, 3, 32, 32]), random_order(2, 16)
-    out = model(images, idx_shuffle=order, epoch=9)
+    assert model(images, idx_shuffle=order)["feature_weight"] == 1.0  # no epoch yet: constant
+    model.on_epoch_start(9)
+    out = model(images, idx_shuffle=order)
     assert out["feature_weight"] == pytest.approx(4 * 10 / 800)
     np.testing.assert_allclose(float(out["loss"]),
                                float(out["loss_pixel"]) + 0.05 * float(out["loss_feature"]),
                                rtol=1e-6)
-    assert model(images, idx_shuffle=order, epoch=500)["feature_weight"] == 1.0
+    model.on_epoch_start(500)
+    assert model(images, idx_shuffle=order)["feature_weight"] == 1.0
+    assert model(images, idx_shuffle=order, feature_weight=0.25)["feature_weight"] == 0.25
 
 
 def test_zero_feature_weight_skips_the_teacher():
     model = tiny(feature_weight=0.0)
-    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16), epoch=0)
+    model.on_epoch_start(0)
+    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16))
     assert float(out["loss_feature"]) == 0.0 and out["target_feature"] is None
     assert float(out["loss"]) == float(out["loss_pixel"])
 
@@ -132,7 +149,8 @@ def test_teacher_receives_no_gradient_and_the_optimizer_leaves_it_alone():
     model = tiny()
     before = {k: v.numpy().copy() for k, v in model.teacher_state_dict().items()}
     opt = paddle.optimizer.AdamW(learning_rate=1e-2, parameters=model.parameters())
-    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16), epoch=400)
+    model.on_epoch_start(400)
+    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16))
     out["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.blocks[0].attn.qkv.weight.grad is not None
@@ -166,9 +184,9 @@ def test_update_teacher_is_the_float32_ema_of_every_entry():
         np.testing.assert_array_equal(v.numpy(), expected.astype(np.float32), err_msg=k)
 
 
-def test_update_teacher_follows_the_schedule_of_the_last_epoch_seen():
+def test_update_teacher_follows_the_schedule_of_the_epoch_the_engine_set():
     model = tiny(model_ema_decay=0.999, model_ema_dynamic=True)
-    model(paddle.randn([1, 3, 32, 32]), idx_shuffle=random_order(1, 16), epoch=250)
+    model.on_epoch_start(250)
     assert model.update_teacher() == pytest.approx(0.999945)
     assert model.update_teacher(epoch=0) == 0.999
 
@@ -201,21 +219,18 @@ def test_teacher_state_survives_a_save_and_restore(tmp_path):
 
 
 # ---------------------------------------------------------------------- engine hooks
-def test_engine_batch_order_is_rolled_alike_for_one_batch_seed():
-    model = tiny()
+def test_batch_order_is_rolled_alike_for_one_batch_seed():
+    from paddle_cae.methods import get_method
+    from paddle_cae.methods.bootmae import roll_for_batch
+
+    method = get_method("bootmae")
     order = random_order(2, 16)
-    batch = {"images": paddle.randn([2, 3, 32, 32]), "order": order, "epoch": 3,
-             "batch_seed": 1234, "bool_masked_pos": np.zeros((2, 16), bool)}
-    first = model(batch)
-    again = model(dict(batch))
-    np.testing.assert_array_equal(first["mask"].numpy(), again["mask"].numpy())
-    roll = model.draw_roll(1234)
-    assert 0 <= roll <= 3
-    expected = model(batch["images"], idx_shuffle=np.roll(order, roll, axis=1))
-    np.testing.assert_array_equal(first["mask"].numpy(), expected["mask"].numpy())
-    assert model.current_epoch == 3
-    rolls = {model.draw_roll(seed) for seed in range(200)}
-    assert rolls == {0, 1, 2, 3}
+    first = method.finish_batch({"images": None, "order": order}, 1234)["idx_shuffle"]
+    again = method.finish_batch({"images": None, "order": paddle.to_tensor(order)}, 1234)["idx_shuffle"]
+    np.testing.assert_array_equal(first, again.numpy())
+    roll = roll_for_batch(1234)
+    np.testing.assert_array_equal(first, np.roll(order, roll, axis=1))
+    assert {roll_for_batch(seed) for seed in range(200)} == {0, 1, 2, 3}
 
 
 def test_engine_hooks_update_the_teacher_once_per_optimizer_step():
@@ -245,7 +260,7 @@ def test_encoder_export_and_reconstruction_image():
     keys = set(model.encoder_state_dict())
     assert "norm.weight" in keys and "blocks.1.attn.qkv.weight" in keys and "cls_token" in keys
     assert not any(k.startswith(("decode", "down", "lm_head", "mask_token")) for k in keys)
-    batch = {"images": paddle.randn([2, 3, 32, 32]), "order": random_order(2, 16)}
+    batch = {"images": paddle.randn([2, 3, 32, 32]), "idx_shuffle": random_order(2, 16)}
     image = model.reconstruction_image(batch, model(batch))
     assert image.shape == (32, 96, 3) and image.dtype == np.uint8
 
@@ -272,14 +287,15 @@ def test_official_model_ema_loads_into_the_teacher_and_drops_the_rest():
 # ------------------------------------------------------------------------- full size
 @pytest.mark.slow
 def test_bootmae_base_forward_backward_at_224_is_finite():
-    from paddle_cae.data.masking import bootmae_mask_generator
+    from paddle_cae.data.masking import bootmae_mask_generator, bootmae_shuffle_from_mask
 
     paddle.seed(0)
     model = create_model("bootmae_base")
     generator = bootmae_mask_generator(14)
     masks = np.stack([generator(rng=i) for i in range(2)])
-    out = model(paddle.randn([2, 3, 224, 224]), bool_masked_pos=masks,
-                rng=np.random.default_rng(0), epoch=300)
+    order, _ = bootmae_shuffle_from_mask(masks, model.mask_num, rng=np.random.default_rng(0))
+    model.on_epoch_start(300)
+    out = model(paddle.randn([2, 3, 224, 224]), idx_shuffle=order)
     assert out["pred_pixel"].shape == [2, 3, 224, 224]
     assert out["pred_feature"].shape == [2, 196, 768]
     np.testing.assert_array_equal(out["mask"].numpy().sum(1), [147, 147])
@@ -305,12 +321,14 @@ def test_logged_grad_norm_is_the_one_the_official_loop_logs(accum, clip):
     model, reference = tiny(), tiny()
     reference.set_state_dict(model.state_dict())
     reference.set_teacher_state_dict(model.teacher_state_dict())
+    model.on_epoch_start(400)
+    reference.on_epoch_start(400)
     images = paddle.randn([4, 3, 32, 32])
     order = random_order(4, 16, seed=3)
     per = 4 // accum
 
     for k in range(accum):  # the official loop, written out
-        out = reference(images[k * per:(k + 1) * per], idx_shuffle=order[k * per:(k + 1) * per], epoch=400)
+        out = reference(images[k * per:(k + 1) * per], idx_shuffle=order[k * per:(k + 1) * per])
         (out["loss"] / accum).backward()
     grads = [p.grad.numpy() for p in reference.parameters() if p.grad is not None]
     assert all(p.grad is None for p in reference.teacher.parameters())
@@ -319,7 +337,7 @@ def test_logged_grad_norm_is_the_one_the_official_loop_logs(accum, clip):
     optimizer = paddle.optimizer.SGD(learning_rate=0.0, parameters=model.parameters())
     stepper = Stepper(model, optimizer, Precision(None), accum_iter=accum, clip_grad=clip)
     for k in range(accum):
-        out = model(images[k * per:(k + 1) * per], idx_shuffle=order[k * per:(k + 1) * per], epoch=400)
+        out = model(images[k * per:(k + 1) * per], idx_shuffle=order[k * per:(k + 1) * per])
         info = stepper.backward(out["loss"], k)
     assert info["stepped"]
     np.testing.assert_allclose(info["grad_norm"], official, rtol=1e-5)

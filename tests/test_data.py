@@ -148,7 +148,7 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops():
 
 @pytest.mark.parametrize("method, keys", [
     ("mae", {"images", "noise"}),
-    ("bootmae", {"images", "bool_masked_pos"}),
+    ("bootmae", {"images", "bool_masked_pos", "order"}),
     ("cae", {"images", "tokenizer_images", "bool_masked_pos"}),
 ])
 def test_pretrain_pipelines_output_shapes_and_ranges(method, keys):

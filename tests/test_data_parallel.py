@@ -73,7 +73,8 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     from paddle_cae.data.datasets import build_dataset
     from paddle_cae.data.loader import collate_samples
     from paddle_cae.data.transforms import build_pretrain_transform
-    from paddle_cae.engine.pretrain import model_batch
+    from paddle_cae.engine.pretrain import training_inputs
+    from paddle_cae.methods import get_method
     from paddle_cae.engine.pretrain_main import attach_tokenizer, build_model, prepare_args
     from paddle_cae.runtime import distributed as dist_rt
     from paddle_cae.runtime.pretrain_args import parse_pretrain_args
@@ -85,13 +86,11 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     model = build_model(args)
     attach_tokenizer(model, args)
     transform = build_pretrain_transform(args.method, args)
-    if hasattr(model, "data_transform"):
-        transform = model.data_transform(transform)
     dataset = build_dataset("train", args.data_path, transform)
     samples = collate_samples([dataset[i] for i in range(4)])
     batch = {k: paddle.to_tensor(v) for k, v in samples.items()}
     model.train()
-    model(model_batch(batch, 0, 1))["loss"].backward()
+    model(training_inputs(get_method(args.method), batch, 0, 1))["loss"].backward()
     missing = _missing_gradients(model)
     declared = dist_rt.unused_parameter_names(model)
     # what data_parallel is told may go unused is exactly what got no gradient

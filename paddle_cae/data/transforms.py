@@ -401,30 +401,29 @@ class MAEPretrainTransform:
 
 
 class BootMAEPretrainTransform(MAEPretrainTransform):
-    """Block mask plus, with ``mask_num``, the per-sample patch ``order`` of BootMAE's
-    mask-to-index step before its roll (visible patches first, each group in random order);
-    the model rolls the order by one amount per global batch."""
+    """Block mask plus the per-sample patch ``order`` of BootMAE's mask-to-index step before
+    its roll (visible patches first, each group in random order, the last ``mask_num``
+    dropped); the method rolls the orders of one global batch alike
+    (:meth:`paddle_cae.methods.bootmae.BootMAEMethod.finish_batch`)."""
 
-    def __init__(self, mask_generator, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
-                 mean=HALF_MEAN, std=HALF_STD, mask_num=None):
+    def __init__(self, mask_generator, mask_num, input_size=224, scale=(0.2, 1.0),
+                 interpolation="bicubic", mean=HALF_MEAN, std=HALF_STD):
         super().__init__(input_size, scale, interpolation, mean, std)
         self.mask_generator = mask_generator
-        self.mask_num = mask_num
+        self.mask_num = int(mask_num)
 
     def __call__(self, img):
-        mask = _bool_mask(self.mask_generator)
-        sample = {"images": self.transform(img), "bool_masked_pos": mask}
-        if self.mask_num is not None:
-            from .masking import bootmae_shuffle_from_mask
+        from .masking import bootmae_shuffle_from_mask
 
-            side = int(round(np.sqrt(mask.size)))
-            order, _ = bootmae_shuffle_from_mask(mask.reshape(side, side).astype(np.int64),
-                                                 self.mask_num, rng=numpy_rng(), roll=0)
-            sample["order"] = order
-        return sample
+        mask = _bool_mask(self.mask_generator)
+        side = int(round(np.sqrt(mask.size)))
+        order, _ = bootmae_shuffle_from_mask(mask.reshape(side, side).astype(np.int64),
+                                             self.mask_num, rng=numpy_rng(), roll=0)
+        return {"images": self.transform(img), "bool_masked_pos": mask, "order": order}
 
     def __repr__(self):
-        return f"BootMAEPretrainTransform({self.transform!r}, mask={self.mask_generator!r})"
+        return (f"BootMAEPretrainTransform({self.transform!r}, mask={self.mask_generator!r}, "
+                f"mask_num={self.mask_num})")
 
 
 class CAEPretrainTransform:

@@ -7,8 +7,12 @@ batch the engine builds holds, when the data pipeline made them:
     noise [B, N] (MAE masking)   order [B, N] (BootMAE)     epoch (int)
     batch_seed (int, the same on every rank for one global batch)
 
+then the method's ``finish_batch(batch, batch_seed)`` makes the draws taken once per global
+batch (BootMAE: the roll that turns ``order`` into ``idx_shuffle``).
+
 Models declare optional hooks instead of the engine knowing them:
-``on_epoch_start(epoch)``, ``after_optimizer_step()`` (BootMAE's EMA teacher),
+``on_epoch_start(epoch)`` (epoch schedules: BootMAE's feature-loss ramp and teacher momentum),
+``after_optimizer_step()`` (BootMAE's EMA teacher),
 ``extra_state()`` / ``load_extra_state(state)`` (saved beside the weights),
 ``encoder_state_dict()`` (the encoder-only export) and ``reconstruction_image(batch, out)``
 (VisualDL images).
@@ -26,6 +30,7 @@ import numpy as np
 import paddle
 
 from ..data.loader import derive_seed
+from ..methods import get_method
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import save_checkpoint, to_plain
 from ..runtime.logging import MetricLogger, SmoothedValue
@@ -44,6 +49,12 @@ def model_batch(batch, epoch, batch_seed):
     out["epoch"] = epoch
     out["batch_seed"] = batch_seed
     return out
+
+
+def training_inputs(method, batch, epoch, batch_seed):
+    """A loader batch -> what the pretraining model takes: :func:`model_batch`, then the
+    method's per-batch step (:meth:`paddle_cae.methods.Method.finish_batch`)."""
+    return method.finish_batch(model_batch(batch, epoch, batch_seed), batch_seed)
 
 
 def scalar_parts(outputs, extra=None):
@@ -71,6 +82,7 @@ class PretrainRun(TrainingRun):
     def __init__(self, args, model, dataset, optimizer, precision, env):
         super().__init__(args, model, dataset, optimizer, precision, env)
         self.dataset = dataset
+        self.method = get_method(args.method)
         self.vis_freq = int(getattr(args, "vis_freq", 0) or 0)
         self.save_latest_freq = int(getattr(args, "save_latest_freq", 0) or 0)
 
@@ -126,7 +138,7 @@ class PretrainRun(TrainingRun):
                                      start_index=start_batch, batch_size=global_batch)
         for i, batch in enumerate(iterator, start=start_batch):
             self.begin_batch(epoch, i)
-            inputs = model_batch(batch, epoch, derive_seed(args.seed, epoch, i))
+            inputs = training_inputs(self.method, batch, epoch, derive_seed(args.seed, epoch, i))
             with self.stepper.autocast():
                 outputs = model(inputs)
             try:

@@ -8,7 +8,8 @@ are fine-tuned as and other repositories' aliases of those) and holds:
   official values of the flags whose default differs between the methods);
 * ``model_flags``: command-line flag -> constructor argument of its pretraining models, and
   :meth:`Method.model_kwargs` for anything a flag maps less directly;
-* the data pipeline: :meth:`Method.pretrain_transform` and :meth:`Method.mask_generator`;
+* the data pipeline: :meth:`Method.pretrain_transform` (per image),
+  :meth:`Method.mask_generator` and :meth:`Method.finish_batch` (per global batch);
 * optimisation: ``group_rule`` (layer-wise decay rule) and :meth:`Method.group_options`
   (which parameters skip weight decay, asking the model where the official recipe does), the
   learning-rate rule (``lr_scaled_by_batch``) and the pretraining schedule;
@@ -135,6 +136,12 @@ class Method:
     def pretrain_transform(self, args, mask_generator=None):
         """image (PIL RGB) -> dict of arrays the pretraining model's forward takes."""
         raise NotImplementedError(f"method {self.name!r} defines no pretraining pipeline")
+
+    def finish_batch(self, batch, batch_seed):
+        """The data pipeline's last step, on a whole batch (dict of arrays or tensors), for
+        draws made once per global batch; ``batch_seed`` is the same on every rank for one
+        global batch. Returns the batch the model takes."""
+        return batch
 
     # ------------------------------------------------------------------ optimisation
     def group_options(self, phase, model=None):

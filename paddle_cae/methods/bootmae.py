@@ -1,10 +1,21 @@
 """BootMAE (Dong et al., 2022): block masks with a fixed count, pixel and bootstrapped-feature
 targets from a momentum teacher."""
+import random
+
 import numpy as np
 import paddle
 
-from ..data.transforms import BootMAEPretrainTransform, _get, mean_std
+from ..data.transforms import BootMAEPretrainTransform, _get, mean_std, window_size_of
 from .base import PER_PATCH_NOTE, Method, register_method
+
+MAX_ROLL = 3  # the official loop rolls each batch's order right by random.randint(0, 3)
+
+
+def roll_for_batch(batch_seed):
+    """The roll of one global batch, uniform in 0..MAX_ROLL, from its seed (Python's
+    ``random`` when the seed is None)."""
+    rng = random.Random(int(batch_seed)) if batch_seed is not None else random
+    return rng.randint(0, MAX_ROLL)
 
 
 @register_method
@@ -48,6 +59,15 @@ class BootMAEMethod(Method):
             window, num_masking_patches=count, min_num_patches=min_block,
             max_num_patches=int(60 if max_block is None else max_block))
 
+    def mask_num(self, args):
+        """Patches the encoder drops per image: ``--mask_num``, else 3/4 of the grid (the
+        model's default)."""
+        value = _get(args, "mask_num", (_get(args, "model_args", {}) or {}).get("mask_num"))
+        if value is not None:
+            return int(value)
+        height, width = window_size_of(args)
+        return int(0.75 * height * width)
+
     def pretrain_transform(self, args, mask_generator=None):
         input_size = int(_get(args, "input_size", 224))
         mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
@@ -55,10 +75,29 @@ class BootMAEMethod(Method):
             mask_generator = self.mask_generator(args)
         scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))),
                  float(_get(args, "crop_max_size", 1.0)))
-        mask_num = _get(args, "mask_num")
-        return BootMAEPretrainTransform(mask_generator, input_size, scale,
-                                        _get(args, "train_interpolation", "bicubic"), mean, std,
-                                        mask_num=None if mask_num is None else int(mask_num))
+        return BootMAEPretrainTransform(mask_generator, self.mask_num(args), input_size, scale,
+                                        _get(args, "train_interpolation", "bicubic"), mean, std)
+
+    def finish_batch(self, batch, batch_seed):
+        """The official loop rolls the orders of a batch right by one draw in 0..3 (moving that
+        many block-masked patches into the visible set): drawn here from ``batch_seed``, so
+        every rank of one global batch rolls alike. ``order`` becomes the model's
+        ``idx_shuffle``."""
+        if "order" not in batch:
+            return batch
+        out = dict(batch)
+        order = out.pop("order")
+        shift = roll_for_batch(batch_seed)
+        if isinstance(order, paddle.Tensor):
+            out["idx_shuffle"] = paddle.roll(order, shift, axis=1)
+        else:
+            out["idx_shuffle"] = np.roll(np.asarray(order), shift, axis=1)
+        return out
+
+    def model_kwargs(self, args):
+        kwargs = super().model_kwargs(args)
+        kwargs.setdefault("mask_num", self.mask_num(args))  # the count its pipeline drops
+        return kwargs
 
     def inference_kwargs(self, args):
         kwargs = super().inference_kwargs(args)

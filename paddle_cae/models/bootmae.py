@@ -17,7 +17,6 @@ Parameter names equal the official state_dict keys (``decode_blocks.0.c_attn.kv.
 ``lm_head.proj.weight``, ``mask_token_1`` ...).
 """
 import math
-import random
 
 import numpy as np
 import paddle
@@ -36,8 +35,6 @@ from .registry import register_model
 
 __all__ = ["VisionTransformerForMaskedImageModeling", "MomentumEncoder", "CrossAttention",
            "DecodeBlock", "ema_update_", "masks_from_shuffle", "bootmae_base", "bootmae_large"]
-
-MAX_ROLL = 3  # the official order is rolled right by random.randint(0, 3) per batch
 
 PIXEL_NORM_EPS = 1e-5  # inside the sqrt of the per-patch, per-channel pixel target
 FEATURE_LN_EPS = 1e-6  # affine-free LayerNorm applied to both sides of the feature loss
@@ -500,97 +497,43 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
             loss_feature = paddle.zeros([], dtype=pred_pixel.dtype)
         return loss_pixel + loss_feature * feature_weight, loss_pixel, loss_feature
 
-    # ------------------------------------------------------------- masking
-    def draw_roll(self, batch_seed=None):
-        """The official per-batch roll, uniform in 0..3. With ``batch_seed`` (the same on
-        every rank for one global batch) all ranks roll alike; else Python's ``random``."""
-        rng = random.Random(int(batch_seed)) if batch_seed is not None else random
-        return rng.randint(0, MAX_ROLL)
+    # ------------------------------------------------------------- forward
+    def feature_weight_now(self):
+        """The feature-loss weight of the current epoch (the official ramp over ``epochs``;
+        the constant ``feature_weight`` before any :meth:`on_epoch_start`)."""
+        if self.current_epoch is None:
+            return self.feature_weight
+        return feature_weight_at(self.current_epoch, self.epochs, self.feature_weight)
 
-    def shuffle_from_mask(self, bool_masked_pos, rng=None, roll=None):
-        """The official mask -> order step for block masks [B, N] or [B, h, w] (1 = masked):
-        visible patches first, random order inside each group, rolled right by ``roll``
-        (drawn in 0..3 unless given); the last ``mask_num`` are dropped.
-        Returns idx_shuffle [B, N] int64 (numpy)."""
-        from paddle_cae.data.masking import bootmae_shuffle_from_mask
-
-        mask = bool_masked_pos.numpy() if isinstance(bool_masked_pos, paddle.Tensor) else \
-            np.asarray(bool_masked_pos)
-        h, w = self.grid_size
-        mask = mask.reshape([-1, h, w]).astype(np.int64)
-        idx_shuffle, _ = bootmae_shuffle_from_mask(mask, self.mask_num, rng=rng, roll=roll,
-                                                   max_roll=MAX_ROLL)
-        return idx_shuffle
-
-    def _unpack(self, batch, given):
-        """images and the masking inputs from a tensor, an (images, order | mask) pair or
-        the engine's dict; explicit keyword arguments win."""
-        images = images_from_batch(batch)
-        found = {}
-        if isinstance(batch, dict):
-            found = {k: batch.get(k) for k in ("idx_shuffle", "order", "bool_masked_pos",
-                                               "epoch", "batch_seed")}
-            if found["bool_masked_pos"] is None:
-                found["bool_masked_pos"] = batch.get("mask")
-        elif isinstance(batch, (tuple, list)) and len(batch) > 1:
-            second = batch[1]
-            array = second.numpy() if isinstance(second, paddle.Tensor) else np.asarray(second)
-            # a permutation of the patches is a (final) order; a 0/1 or bool array a mask
-            if array.dtype.kind in "iu" and array.ndim == 2 and array.max() > 1:
-                found["idx_shuffle"] = second
-            else:
-                found["bool_masked_pos"] = second
-        for key, value in given.items():
-            if value is not None or key not in found:
-                found[key] = value
-        return images, found
-
-    def forward(self, batch, idx_shuffle=None, order=None, bool_masked_pos=None, mask_len=None,
-                epoch=None, feature_weight=None, roll=None, batch_seed=None, rng=None):
+    def forward(self, batch, idx_shuffle=None, mask_len=None, feature_weight=None):
         """One training forward with the official loss.
 
-        batch: images [B, C, H, W], an (images, idx_shuffle | block mask) pair, or the
-        engine's dict (``images`` plus ``idx_shuffle`` / ``order`` / ``bool_masked_pos``,
-        ``epoch``, ``batch_seed``). The patch order, whose last ``mask_len`` (default
-        ``mask_num``) entries are dropped, comes from the first available of:
-        ``idx_shuffle`` [B, N] (used as is); ``order`` [B, N] (visible-first order before
-        the roll; rolled here by ``roll``, drawn from ``batch_seed`` unless given);
-        ``bool_masked_pos`` [B, N] or [B, h, w] (the whole official step, with ``rng``).
-        ``epoch`` sets the feature-weight ramp and is remembered for the teacher update;
-        ``feature_weight`` overrides the ramp.
+        batch: images [B, C, H, W], an (images, idx_shuffle) pair, or the engine's dict
+        (``images``, ``idx_shuffle``). ``idx_shuffle`` [B, N] is the final patch order whose
+        last ``mask_len`` (default ``mask_num``) entries are dropped: the data pipeline of
+        :mod:`paddle_cae.methods.bootmae` makes it from the block mask and rolls it per batch.
+        The feature-loss weight follows the epoch set by :meth:`on_epoch_start`;
+        ``feature_weight`` overrides it.
 
         Returns ``{"loss", "loss_pixel", "loss_feature", "feature_weight" (float),
         "pred_pixel" [B, C, H, W], "pred_feature" [B, N, D], "target_feature" [B, N, D]
         (None when the feature weight is 0), "pixel_target" [B, C, H, W], "mask" [B, N]
         (1 = dropped), "weight_mask" [B, N], "weight_mask_pixel" [B, 1, H, W]}``."""
-        images, found = self._unpack(batch, dict(
-            idx_shuffle=idx_shuffle, order=order, bool_masked_pos=bool_masked_pos,
-            epoch=epoch, batch_seed=batch_seed))
-        idx_shuffle, order = found["idx_shuffle"], found["order"]
-        epoch, batch_seed = found["epoch"], found["batch_seed"]
-        mask_len = self.mask_num if mask_len is None else int(mask_len)
+        images = images_from_batch(batch)
         if idx_shuffle is None:
-            if roll is None:
-                roll = self.draw_roll(batch_seed)
-            if order is not None:
-                idx_shuffle = paddle.roll(_as_index(order, "order"), int(roll), axis=1)
-            elif found["bool_masked_pos"] is not None:
-                if mask_len != self.mask_num:
-                    raise ValueError("mask_len differs from mask_num; pass idx_shuffle instead")
-                idx_shuffle = self.shuffle_from_mask(found["bool_masked_pos"], rng, roll)
-            else:
-                raise ValueError("BootMAE forward needs idx_shuffle, order or bool_masked_pos")
+            if isinstance(batch, dict):
+                idx_shuffle = batch.get("idx_shuffle")
+            elif isinstance(batch, (tuple, list)) and len(batch) > 1:
+                idx_shuffle = batch[1]
+        if idx_shuffle is None:
+            raise ValueError("BootMAE forward needs idx_shuffle [B, N] (the patch order its data "
+                             "pipeline delivers)")
+        mask_len = self.mask_num if mask_len is None else int(mask_len)
         idx_shuffle = _as_index(idx_shuffle, "idx_shuffle")
         if tuple(idx_shuffle.shape) != (images.shape[0], self.num_patches):
             raise ValueError(f"idx_shuffle must be [{images.shape[0]}, {self.num_patches}], "
                              f"got {list(idx_shuffle.shape)}")
-        if epoch is not None:
-            epoch = int(epoch)
-            self.current_epoch = epoch
-        if feature_weight is None:
-            feature_weight = (self.feature_weight if epoch is None
-                              else feature_weight_at(epoch, self.epochs, self.feature_weight))
-        feature_weight = float(feature_weight)
+        feature_weight = float(self.feature_weight_now() if feature_weight is None else feature_weight)
 
         masks = masks_from_shuffle(idx_shuffle, mask_len, self.grid_size, self.patch,
                                    self.weight_mask)
@@ -619,7 +562,8 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         return [name for name, _ in self.named_parameters() if name.startswith(branch)]
 
     def on_epoch_start(self, epoch):
-        """The official loop sets the teacher's decay (and the feature weight) per epoch."""
+        """The official loop sets the teacher's decay and the feature weight per epoch: both
+        schedules read the epoch set here."""
         self.current_epoch = int(epoch)
 
     def after_optimizer_step(self):
