@@ -135,6 +135,7 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
     import paddle.nn.functional as F
 
     from paddle_cae.engine.stepper import Stepper
+    from paddle_cae.methods import method_for
     from paddle_cae.models.registry import create_model
     from paddle_cae.optim import build_optimizer
     from paddle_cae.optim.param_groups import param_groups
@@ -152,7 +153,7 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
             model = create_model(name, **kwargs)
         else:
             model = create_model(name, num_classes=1000, **kwargs)
-    if phase == "pretrain" and getattr(model, "needs_tokenizer", False):
+    if phase == "pretrain" and method_for(name).needs_tokenizer:
         from paddle_cae.models.dalle import dalle_encoder
 
         vocab = getattr(model, "vocab_size", None) or 8192

@@ -115,11 +115,14 @@ def package_models(task):
 def test_every_registered_pretraining_and_classifier_name_has_a_method():
     assert {"mae", "cae", "bootmae"} <= set(method_names())
     for name in package_models("pretrain"):
-        assert method_for(name).name in method_names()
-        assert name in method_for(name).pretrain_models
+        method = method_for(name)
+        assert method.name in method_names()
+        # its classifier exists and belongs to the same method
+        target = classifier_name(name)
+        assert target != name and target in list_models("classify")
+        assert method_for(target) is method, name
     for name in package_models("classify"):
-        method = method_for(name, classifier=True)
-        assert name in method.classifier_models, (name, method)
+        assert method_for(name).name in method_names(), name
     # aliases: the classifier each is fine-tuned as, and the method of both is the same
     for alias in ("base_patch16_224", "mae_vit_base_patch16", "cae_base_patch16_224_8k_vocab"):
         target = classifier_name(alias)
@@ -157,7 +160,8 @@ def restored_registries():
     from paddle_cae.models import registry
 
     method_names()  # load the built-in methods and models first
-    tables = [registry._REGISTRY, registry._TASKS, registry._METHODS, methods_base._METHODS,
+    tables = [registry._REGISTRY, registry._TASKS, registry._METHODS, registry._CLASSIFIERS,
+              methods_base._METHODS,
               methods_base._BY_MODEL]
     saved = [dict(t) for t in tables]
     yield

@@ -100,7 +100,9 @@ def vocabulary_from_tokenizer(args, tokenizer, path, given):
 
 
 def attach_tokenizer(model, args, loaded=None):
-    if not model.needs_tokenizer:
+    """Give the model of a method that needs one its tokenizer (``loaded``: a
+    :func:`load_tokenizer` result already at hand)."""
+    if not get_method(args.method).needs_tokenizer:
         return None
     tokenizer, path = loaded if loaded is not None else load_tokenizer(args)
     try:

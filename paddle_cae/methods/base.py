@@ -1,8 +1,9 @@
 """The Method contract: everything a pretraining method's recipe adds to the generic engine.
 
 A method is a :class:`Method` subclass in one file of this package, registered with
-:func:`register_method`. It names the models it owns (pretraining models, the classifiers they
-are fine-tuned as and other repositories' aliases of those) and holds:
+:func:`register_method`. The model files name the method of each model they register
+(``register_model(task, method=..., classifier=...)``); a method names only other
+repositories' aliases of its classifiers, and holds:
 
 * recipe defaults: ``pretrain_defaults`` / ``finetune_defaults`` / ``linprobe_defaults`` (the
   official values of the flags whose default differs between the methods);
@@ -33,15 +34,13 @@ PER_PATCH_NOTE = ("the model predicts per-patch normalised pixels: the picture i
                   "each patch's true mean and std")
 
 _METHODS = {}    # method name -> Method instance
-_BY_MODEL = {}   # model name (pretraining, classifier or alias) -> method name
+_BY_MODEL = {}   # alias (another repository's model name) -> method name
 _loaded = False
 
 
 class Method:
     name = ""
-    pretrain_models = ()
-    classifier_models = ()
-    aliases = {}              # other name -> the classifier it is fine-tuned as
+    aliases = {}              # another repository's model name -> the classifier it is
     pretrain_defaults = {}
     finetune_defaults = {}
     linprobe_defaults = {}
@@ -181,12 +180,12 @@ class Method:
 
 
 def register_method(cls):
-    """Class decorator (or call): register a :class:`Method` and the model names it owns."""
+    """Class decorator (or call): register a :class:`Method` and its aliases."""
     method = cls() if isinstance(cls, type) else cls
     if not method.name:
         raise ValueError(f"{type(method).__name__}: a method needs a name")
     _METHODS[method.name] = method
-    for model in tuple(method.pretrain_models) + tuple(method.classifier_models) + tuple(method.aliases):
+    for model in method.aliases:
         owner = _BY_MODEL.get(model)
         if owner is not None and owner != method.name:
             raise ValueError(f"model {model!r} claimed by methods {owner!r} and {method.name!r}")
@@ -220,28 +219,27 @@ def get_method(name):
 
 
 def method_for(model_name, classifier=False):
-    """The method of a model name: a pretraining model, a classifier or an alias
-    (``mae_vit_base_patch16``, ``vit_base_patch16``, ``base_patch16_224`` ...). A model file may
-    also register its constructor with ``register_model(task, method=...)``. With
+    """The method of a model name: a registered pretraining model or classifier (the method
+    its ``register_model`` names) or another repository's alias (``base_patch16_224``). With
     ``classifier=True`` a name no method claims gets the plain ViT's rules (MAE's)."""
+    from ..models.registry import model_method
+
     _load_all()
     name = str(model_name)
-    owner = _BY_MODEL.get(name)
-    if owner is None:
-        from ..models.registry import model_method
-
-        owner = model_method(name)
+    owner = _BY_MODEL.get(name) or model_method(name)
     if owner is None and classifier:
         owner = DEFAULT_CLASSIFIER_METHOD
     if owner is None:
-        known = ", ".join(sorted(n for n in _BY_MODEL if n in _pretrain_names()))
         raise ValueError(f"cannot tell the pretraining method of model '{model_name}' "
-                         f"(expected one of {known})")
+                         f"(expected one of {', '.join(pretraining_model_names())})")
     return get_method(owner)
 
 
-def _pretrain_names():
-    return {n for m in _METHODS.values() for n in m.pretrain_models}
+def pretraining_model_names():
+    """The registered pretraining models that belong to a method."""
+    from ..models.registry import list_models, model_method
+
+    return [n for n in list_models("pretrain") if model_method(n) is not None]
 
 
 def method_of_classifier(model):
@@ -251,11 +249,13 @@ def method_of_classifier(model):
 
 def classifier_name(model_name):
     """The classifier a (pretraining or other repository's) model name is fine-tuned as."""
+    from ..models.registry import model_classifier
+
     _load_all()
     for method in _METHODS.values():
         if model_name in method.aliases:
             return method.aliases[model_name]
-    return model_name
+    return model_classifier(model_name) or model_name
 
 
 def pretrain_only_prefixes():

@@ -21,11 +21,8 @@ def roll_for_batch(batch_seed):
 @register_method
 class BootMAEMethod(Method):
     name = "bootmae"
-    pretrain_models = ("bootmae_base", "bootmae_large")
-    classifier_models = ("bootmae_base_patch16_224", "bootmae_large_patch16_224")
-    aliases = {"bootmae_base": "bootmae_base_patch16_224",
-               "bootmae_large": "bootmae_large_patch16_224",
-               "base_patch16_224": "bootmae_base_patch16_224",  # BootMAE's linear-probe script
+    # the classifier names of BootMAE's linear-probe script
+    aliases = {"base_patch16_224": "bootmae_base_patch16_224",
                "large_patch16_224": "bootmae_large_patch16_224"}
     pretrain_defaults = dict(batch_size=128, epochs=800, save_ckpt_freq=20, min_lr=1e-5, warmup_epochs=5,
                              drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.2,

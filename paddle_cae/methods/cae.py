@@ -6,14 +6,6 @@ from .base import Method, register_method
 @register_method
 class CAEMethod(Method):
     name = "cae"
-    pretrain_models = ("cae_tiny_patch16_224_8k_vocab", "cae_small_patch16_224_8k_vocab",
-                       "cae_base_patch16_224_8k_vocab", "cae_large_patch16_224_8k_vocab")
-    classifier_models = ("cae_tiny_patch16_224", "cae_small_patch16_224", "cae_base_patch16_224",
-                         "cae_base_patch16_384", "cae_large_patch16_224")
-    aliases = {"cae_tiny_patch16_224_8k_vocab": "cae_tiny_patch16_224",
-               "cae_small_patch16_224_8k_vocab": "cae_small_patch16_224",
-               "cae_base_patch16_224_8k_vocab": "cae_base_patch16_224",
-               "cae_large_patch16_224_8k_vocab": "cae_large_patch16_224"}
     pretrain_defaults = dict(batch_size=64, epochs=300, save_ckpt_freq=50, min_lr=1e-5, warmup_epochs=5,
                              drop_path=0.0, opt_betas=[0.9, 0.999], crop_min_size=0.08,
                              imagenet_default_mean_and_std=False, layer_scale_init_value=0.1,

@@ -8,11 +8,6 @@ from .base import PER_PATCH_NOTE, Method, register_method
 @register_method
 class MAEMethod(Method):
     name = "mae"
-    pretrain_models = ("mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14")
-    classifier_models = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
-    aliases = {"mae_vit_base_patch16": "vit_base_patch16",
-               "mae_vit_large_patch16": "vit_large_patch16",
-               "mae_vit_huge_patch14": "vit_huge_patch14"}
     pretrain_defaults = dict(batch_size=64, epochs=400, save_ckpt_freq=20, min_lr=0.0, warmup_epochs=40,
                              drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.2,
                              imagenet_default_mean_and_std=True, layer_scale_init_value=0.0)

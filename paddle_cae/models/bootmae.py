@@ -613,13 +613,13 @@ def _bootmae(overrides, **size):
     return VisionTransformerForMaskedImageModeling(**cfg)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="bootmae", classifier="bootmae_base_patch16_224")
 def bootmae_base(**kwargs):
     return _bootmae(kwargs, embed_dim=768, depth=12, num_heads=12, fea_list=(0, 11),
                     model_ema_dynamic=True)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="bootmae", classifier="bootmae_large_patch16_224")
 def bootmae_large(**kwargs):
     return _bootmae(kwargs, embed_dim=1024, depth=24, num_heads=16, fea_list=(0, 23),
                     model_ema_dynamic=False)

@@ -555,21 +555,21 @@ def _cae(size, **kwargs):
     return ContextAutoencoderViT(**cfg)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="cae", classifier="cae_tiny_patch16_224")
 def cae_tiny_patch16_224_8k_vocab(**kwargs):
     return _cae("tiny", **kwargs)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="cae", classifier="cae_small_patch16_224")
 def cae_small_patch16_224_8k_vocab(**kwargs):
     return _cae("small", **kwargs)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="cae", classifier="cae_base_patch16_224")
 def cae_base_patch16_224_8k_vocab(**kwargs):
     return _cae("base", **kwargs)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="cae", classifier="cae_large_patch16_224")
 def cae_large_patch16_224_8k_vocab(**kwargs):
     return _cae("large", **kwargs)

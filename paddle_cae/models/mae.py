@@ -257,16 +257,16 @@ def _mae(embed_dim, depth, num_heads, patch_size, overrides):
     return MaskedAutoencoderViT(**cfg)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="mae", classifier="vit_base_patch16")
 def mae_vit_base_patch16(**kwargs):
     return _mae(768, 12, 12, 16, kwargs)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="mae", classifier="vit_large_patch16")
 def mae_vit_large_patch16(**kwargs):
     return _mae(1024, 24, 16, 16, kwargs)
 
 
-@register_model("pretrain")
+@register_model("pretrain", method="mae", classifier="vit_huge_patch14")
 def mae_vit_huge_patch14(**kwargs):
     return _mae(1280, 32, 16, 14, kwargs)

@@ -12,14 +12,15 @@ import pkgutil
 _REGISTRY = {}
 _TASKS = {}
 _METHODS = {}
+_CLASSIFIERS = {}
 _loaded = False
 
 
-def register_model(task, method=None):
+def register_model(task, method=None, classifier=None):
     """Register a constructor under its function name. ``task`` is one of
     'pretrain', 'classify', 'tokenizer' and lets the CLIs list what they can build; ``method``
-    (optional) names the :mod:`paddle_cae.methods` method the model belongs to, for models
-    their method file does not list."""
+    names the :mod:`paddle_cae.methods` method the model belongs to (its recipe, pipeline and
+    rules); ``classifier`` (pretraining models) the classifier its encoder is fine-tuned as."""
 
     def wrap(fn):
         if fn.__name__ in _REGISTRY:
@@ -28,6 +29,8 @@ def register_model(task, method=None):
         _TASKS[fn.__name__] = task
         if method is not None:
             _METHODS[fn.__name__] = method
+        if classifier is not None:
+            _CLASSIFIERS[fn.__name__] = classifier
         return fn
 
     return wrap
@@ -63,6 +66,12 @@ def model_method(name):
     """The method a model was registered with (None when its registration names none)."""
     _load_all()
     return _METHODS.get(name)
+
+
+def model_classifier(name):
+    """The classifier a registered pretraining model is fine-tuned as (None if it names none)."""
+    _load_all()
+    return _CLASSIFIERS.get(name)
 
 
 def create_model(name, **kwargs):

@@ -276,51 +276,51 @@ def bootmae_vit(size, **kwargs):
     return VisionTransformer(**cfg)
 
 
-@register_model("classify")
+@register_model("classify", method="mae")
 def vit_base_patch16(**kwargs):
     return mae_vit("base", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="mae")
 def vit_large_patch16(**kwargs):
     return mae_vit("large", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="mae")
 def vit_huge_patch14(**kwargs):
     return mae_vit("huge", patch_size=14, **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="cae")
 def cae_tiny_patch16_224(**kwargs):
     return cae_vit("tiny", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="cae")
 def cae_small_patch16_224(**kwargs):
     return cae_vit("small", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="cae")
 def cae_base_patch16_224(**kwargs):
     return cae_vit("base", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="cae")
 def cae_base_patch16_384(**kwargs):
     return cae_vit("base", img_size=384, **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="cae")
 def cae_large_patch16_224(**kwargs):
     return cae_vit("large", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="bootmae")
 def bootmae_base_patch16_224(**kwargs):
     return bootmae_vit("base", **kwargs)
 
 
-@register_model("classify")
+@register_model("classify", method="bootmae")
 def bootmae_large_patch16_224(**kwargs):
     return bootmae_vit("large", **kwargs)
