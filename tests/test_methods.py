@@ -216,3 +216,22 @@ def test_the_argument_tables_do_not_import_the_data_layer():
     out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()[-1]
     assert out == "[]"
+
+
+def test_the_mask_grid_follows_the_built_models_patch_size_not_its_name():
+    """The engine lays the data pipeline's masks out on the built model's patches
+    (``input_patch_size``); the model name is never parsed for it."""
+    import paddle
+    from PIL import Image
+
+    from paddle_cae.models import create_model
+
+    with paddle.LazyGuard():
+        huge = create_model("mae_vit_huge_patch14")
+    assert huge.input_patch_size() == 14
+    args = {"input_size": 224, "model": "mae_vit_huge_patch14", "patch_size": huge.input_patch_size()}
+    sample = get_method("mae").pretrain_transform(args)(Image.new("RGB", (230, 230)))
+    assert sample["noise"].shape == (16 * 16,)
+    # without the model's answer the name's "patch14" is not read: the default 16 applies
+    sample = get_method("mae").pretrain_transform(dict(args, patch_size=None))(Image.new("RGB", (230, 230)))
+    assert sample["noise"].shape == (14 * 14,)

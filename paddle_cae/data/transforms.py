@@ -341,16 +341,14 @@ def _get(args, name, default=None):
 
 
 def patch_size_of(args, default=16):
-    """Patch size from ``--patch_size``, ``--model_args {"patch_size": ..}`` or the model
-    name (``..._patch16_...``)."""
+    """Patch size from ``patch_size`` (the engine sets the built model's,
+    :meth:`paddle_cae.models.base.PretrainingModel.input_patch_size`) or
+    ``--model_args {"patch_size": ..}``, else ``default``."""
     value = _get(args, "patch_size")
     if value is None:
         model_args = _get(args, "model_args", {}) or {}
         value = model_args.get("patch_size") if isinstance(model_args, dict) else None
-    if value is None:
-        match = re.search(r"patch(\d+)", str(_get(args, "model", "")))
-        value = int(match.group(1)) if match else default
-    return int(value)
+    return int(default if value is None else value)
 
 
 def window_size_of(args):

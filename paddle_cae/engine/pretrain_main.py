@@ -180,7 +180,9 @@ def run(argv=None):
     model = build_model(args)
     attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
     method = get_method(args.method)
-    transform = method.pretrain_transform(args)
+    # the masks are laid out on the built model's patch grid
+    transform = method.pretrain_transform(
+        argparse.Namespace(**{**vars(args), "patch_size": model.input_patch_size()}))
     dataset = build_dataset("train", args.data_path, transform)
     options = method.group_options("pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)

@@ -10,6 +10,7 @@ PretrainingModel
     ``predicted_pixels(images, prediction)`` (a pixel prediction back in the input's normalised
     space, for reconstructions),
     ``encoder_state_dict()`` (the weights a classifier is fine-tuned from),
+    ``input_patch_size()`` (the patch side the data pipeline's masks are laid out on),
     ``unused_parameter_names()`` (trainable parameters the current flags leave out of the loss:
     data-parallel training freezes them), ``stale_checkpoint_prefixes`` (keys older checkpoints
     hold that are no longer part of the model) and ``no_weight_decay()``.
@@ -58,6 +59,10 @@ class PretrainingModel(_Model):
 
     def encoder_state_dict(self):
         raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
+
+    def input_patch_size(self):
+        """Side of the square patches the model cuts its input into (its ``patch_embed``)."""
+        return int(self.patch_embed.patch_size[0])
 
 
 class Classifier(_Model):
