@@ -475,3 +475,12 @@ def test_recipe_options_of_the_real_pretraining_models_match_the_official_recipe
 def test_recipe_options_of_fine_tuning_ask_the_classifier():
     assert recipe_group_options("cae", "finetune", SelfDescribingViT())["no_weight_decay_list"] \
         == {"cls_token", "mask_token"}
+
+
+def test_peak_lr_rules_of_the_official_scripts():
+    from paddle_cae.optim.schedules import peak_lr
+
+    assert peak_lr(None, 1.5e-4, 4096) == (pytest.approx(1.5e-4 * 16), "blr 0.00015 x 4096 / 256")
+    assert peak_lr(2e-3, 1.5e-4, 4096) == (2e-3, "absolute --lr")
+    value, rule = peak_lr(1.5e-4, None, 512, scaled_by_batch=True, scaled_by="BootMAE")
+    assert value == pytest.approx(3e-4) and rule == "lr 0.00015 x 512 / 256 (BootMAE scaling)"

@@ -14,6 +14,7 @@ from ..data.datasets import build_dataset, default_data_path
 from ..data.transforms import (RandomErasing, build_eval_transform, build_finetune_transform,
                                build_linprobe_transform, mean_std)
 from ..optim import build_optimizer, param_groups
+from ..optim.schedules import peak_lr
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.config import ConfigError, flag_value, given_flags
@@ -48,12 +49,7 @@ def demo_argv(argv, phase):
 def prepare_args(args, env):
     args.data_path = args.data_path or default_data_path()
     eff = args.batch_size * args.accum_iter * env.world_size
-    if args.lr is None:
-        args.abs_lr = args.blr * eff / 256
-        args.lr_rule = f"blr {args.blr:g} x {eff} / 256"
-    else:
-        args.abs_lr = args.lr
-        args.lr_rule = "absolute --lr"
+    args.abs_lr, args.lr_rule = peak_lr(args.lr, args.blr, eff)  # every fine-tune script's rule
     args.eff_batch_size = eff
     args.log_dir = resolve_log_dir(args.output_dir, args.log_dir)
     return args

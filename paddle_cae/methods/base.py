@@ -26,6 +26,7 @@ method's name.
 """
 
 from ..data.transforms import _get, mean_std, window_size_of
+from ..optim.schedules import peak_lr
 
 # the method of classifier names no method claims (a plain ViT follows MAE's rules)
 DEFAULT_CLASSIFIER_METHOD = "mae"
@@ -67,17 +68,11 @@ class Method:
         return args
 
     def absolute_lr(self, lr, blr, effective_batch):
-        scale = effective_batch / 256
-        if lr is None:
-            return blr * scale
-        return lr * scale if self.lr_scaled_by_batch else lr
+        """The pretraining peak lr (:func:`paddle_cae.optim.schedules.peak_lr`)."""
+        return peak_lr(lr, blr, effective_batch, self.lr_scaled_by_batch, self.title)[0]
 
     def lr_rule(self, lr, blr, effective_batch):
-        if lr is None:
-            return f"blr {blr:g} x {effective_batch} / 256"
-        if self.lr_scaled_by_batch:
-            return f"lr {lr:g} x {effective_batch} / 256 ({self.title} scaling)"
-        return "absolute --lr"
+        return peak_lr(lr, blr, effective_batch, self.lr_scaled_by_batch, self.title)[1]
 
     @property
     def title(self):

@@ -12,6 +12,17 @@ import math
 import numpy as np
 
 
+def peak_lr(lr, blr, effective_batch, scaled_by_batch=False, scaled_by=""):
+    """(peak learning rate, the rule in words) from the flags: ``--blr`` x effective batch / 256
+    when ``--lr`` is unset, else ``--lr`` as given or, where the recipe scales it too
+    (``scaled_by_batch``; ``scaled_by`` names whose rule that is), x effective batch / 256."""
+    if lr is None:
+        return blr * effective_batch / 256, f"blr {blr:g} x {effective_batch} / 256"
+    if scaled_by_batch:
+        return lr * effective_batch / 256, f"lr {lr:g} x {effective_batch} / 256 ({scaled_by} scaling)"
+    return lr, "absolute --lr"
+
+
 def mae_lr_at(epoch, base_lr, min_lr, warmup_epochs, epochs):
     """Half-cycle cosine after a linear warm-up that starts at 0, at fractional ``epoch``."""
     if epoch < warmup_epochs:
