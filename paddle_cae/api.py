@@ -20,7 +20,7 @@ from .data.imagenet_classes import NUM_CLASSES as IMAGENET_CLASSES
 from .data.imagenet_classes import imagenet_class_names
 from .engine.classifier import build_classifier
 from .engine.evaluate import predictions
-from .engine.run import strict_load
+from .engine.pretrained import strict_load
 from .engine.infer import image_paths, preprocessing, to_batch, topk_predictions
 from .engine.pretrained import load_pretrained, read_weights_file
 from .methods import method_for

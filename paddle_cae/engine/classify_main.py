@@ -18,17 +18,17 @@ from ..optim.schedules import peak_lr
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
 from ..runtime.config import ConfigError, flag_value, given_flags
-from ..startup import report_error
 from ..runtime.finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
 from ..runtime.logging import resolve_log_dir
 from ..runtime.pretrain_args import default_config_dir
+from ..startup import report_error
 from .classifier import build_classifier, classifier_config, encoder_of, transform_method
 from .evaluate import build_eval_loader, evaluate
 from .finetune import ClassificationLoss, ClassifierRun
-from .run import start_process, strict_load
 from .pretrain import write_config_snapshot
 from .pretrain_main import model_label
-from .pretrained import PretrainedLoadError, load_pretrained
+from .pretrained import PretrainedLoadError, load_pretrained, strict_load
+from .run import start_process
 from .stepper import NonFiniteLossError
 
 logger = logging.getLogger("paddle_cae")

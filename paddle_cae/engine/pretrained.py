@@ -349,6 +349,29 @@ def load_pretrained(model, path, model_key="model|module", allow_missing_encoder
     return report
 
 
+def strict_load(model, state, source):
+    """Load a checkpoint of this package into the exact same network; one-line error otherwise."""
+    own = model.state_dict()
+    stale = tuple(model.stale_checkpoint_prefixes)
+    if stale:
+        state = {k: v for k, v in state.items() if not k.startswith(stale)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(np.shape(state[k]))} in the "
+                         f"file, {list(own[k].shape)} in the model)")
+        raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
+    model.set_state_dict({k: state[k] for k in own})
+
+
 __all__ = ["LoadReport", "PretrainedLoadError", "WeightsFile", "adapt_shapes", "is_encoder_key",
            "load_pretrained", "map_to_classifier", "read_weights_file", "resample_rel_pos_table",
-           "cubic_spline_matrix", "geometric_offsets"]
+           "cubic_spline_matrix", "geometric_offsets", "strict_load"]

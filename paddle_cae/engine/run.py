@@ -7,7 +7,6 @@ state (``extra_state`` / ``restore_extra``).
 import logging
 import os
 
-import numpy as np
 import paddle
 
 from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
@@ -20,6 +19,7 @@ from ..runtime.distributed import data_parallel
 from ..runtime.logging import JsonLinesLog, VisualDLWriter, setup_console_logging
 from ..runtime.resume import (check_no_foreign_checkpoints, describe_identity, identity_matches,
                               remove_stale_temporaries, rng_state, scan_output_dir, set_rng_state)
+from .pretrained import strict_load
 from .stepper import Stepper
 
 logger = logging.getLogger("paddle_cae")
@@ -111,29 +111,6 @@ class LearningRateSchedule:
         if self.wd_values is not None:
             wd = float(self.wd_values[min(index, len(self.wd_values) - 1)])
         return lr, wd
-
-
-def strict_load(model, state, source):
-    """Load a checkpoint of this package into the exact same network; one-line error otherwise."""
-    own = model.state_dict()
-    stale = tuple(getattr(model, "stale_checkpoint_prefixes", ()))
-    if stale:
-        state = {k: v for k, v in state.items() if not k.startswith(stale)}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(np.shape(state[k]))} in the "
-                         f"file, {list(own[k].shape)} in the model)")
-        raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
-    model.set_state_dict({k: state[k] for k in own})
 
 
 class TrainingRun:

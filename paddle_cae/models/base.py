@@ -25,6 +25,8 @@ import paddle.nn as nn
 class _Model(nn.Layer):
     """The hooks both kinds of model answer."""
 
+    stale_checkpoint_prefixes = ()
+
     def unused_parameter_names(self):
         return []
 
@@ -34,7 +36,6 @@ class _Model(nn.Layer):
 
 class PretrainingModel(_Model):
     needs_tokenizer = False
-    stale_checkpoint_prefixes = ()
 
     def set_tokenizer(self, tokenizer):
         raise TypeError(f"{type(self).__name__} takes no tokenizer")
