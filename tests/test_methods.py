@@ -235,3 +235,14 @@ def test_the_mask_grid_follows_the_built_models_patch_size_not_its_name():
     # without the model's answer the name's "patch14" is not read: the default 16 applies
     sample = get_method("mae").pretrain_transform(dict(args, patch_size=None))(Image.new("RGB", (230, 230)))
     assert sample["noise"].shape == (14 * 14,)
+
+
+@pytest.mark.parametrize("name", ["mae_vit_base_patch16", "cae_base_patch16_224_8k_vocab", "bootmae_base"])
+def test_every_pretraining_model_answers_its_patch_size(name):
+    import paddle
+
+    from paddle_cae.models import create_model
+
+    with paddle.LazyGuard():
+        model = create_model(name, patch_size=8)
+    assert model.input_patch_size() == 8

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..convert import convert_state_dict
 from ..io import CheckpointError, read_weights_with_format, select_state_dict
-from ..io.weights import PD, TORCH_FORMATS
+from ..io.weights import PD, TORCH_FORMATS, key_mismatch
 from ..methods import method_of_classifier, pretrain_only_prefixes
 from ..models.pos_embed import resize_pos_embed
 
@@ -355,20 +355,9 @@ def strict_load(model, state, source):
     stale = tuple(model.stale_checkpoint_prefixes)
     if stale:
         state = {k: v for k, v in state.items() if not k.startswith(stale)}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(np.shape(state[k])) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(np.shape(state[k]))} in the "
-                         f"file, {list(own[k].shape)} in the model)")
-        raise ValueError(f"{source} does not fit this model: {'; '.join(parts)}")
+    problems = key_mismatch({k: v.shape for k, v in own.items()}, state)
+    if problems:
+        raise ValueError(f"{source} does not fit this model: {'; '.join(problems)}")
     model.set_state_dict({k: state[k] for k in own})
 
 

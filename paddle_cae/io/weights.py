@@ -196,6 +196,27 @@ def _is_array_dict(obj):
         isinstance(v, np.ndarray) for k, v in obj.items() if k != PADDLE_NAME_TABLE)
 
 
+def key_mismatch(expected_shapes, state, shapes=True):
+    """How ``state`` (key -> array) differs from ``expected_shapes`` (key -> shape): a list of
+    phrases, empty when every key is there (with its shape, unless ``shapes`` is False):
+    ``missing 2 (e.g. k)``, ``unexpected 1 (e.g. k)``,
+    ``1 of another shape (e.g. k: [..] in the file, [..] expected)``."""
+    missing = [k for k in expected_shapes if k not in state]
+    unexpected = [k for k in state if k not in expected_shapes]
+    wrong = [k for k in expected_shapes if shapes and k in state
+             and tuple(np.shape(state[k])) != tuple(expected_shapes[k])]
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+    if wrong:
+        k = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {list(np.shape(state[k]))} in the "
+                     f"file, {list(expected_shapes[k])} expected)")
+    return parts
+
+
 def select_state_dict(obj, key=None, source="checkpoint"):
     """Pick the state_dict out of a loaded checkpoint: ``obj[key]`` if ``key`` is given, else the
     first of ``model``/``module``/``state_dict``/``model_ema`` present, else ``obj`` itself if it

@@ -36,15 +36,20 @@ PER_PATCH_NOTE = ("the model predicts per-patch normalised pixels: the picture i
 
 _METHODS = {}    # method name -> Method instance
 _BY_MODEL = {}   # alias (another repository's model name) -> method name
-_loaded = False
 
 
 class Method:
     name = ""
     aliases = {}              # another repository's model name -> the classifier it is
     pretrain_defaults = {}
-    finetune_defaults = {}
-    linprobe_defaults = {}
+    # the values the three official fine-tune / linear-probe recipes share; a method's own
+    # tables start from these (``dict(Method.finetune_defaults, ...)``)
+    finetune_defaults = dict(batch_size=64, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
+                             weight_decay=0.05, drop_path=0.1, global_pool=True, rel_pos_bias=False,
+                             lr_schedule="beit", imagenet_default_mean_and_std=False)
+    linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
+                             weight_decay=0.0, global_pool=False, rel_pos_bias=False, lr_schedule="mae",
+                             imagenet_default_mean_and_std=False)
     model_flags = {}          # command-line flag -> pretraining constructor argument
     needs_tokenizer = False   # targets from a frozen tokenizer (the DALL-E encoder)
     imagenet_stats_only = False   # the pipeline always normalises with ImageNet mean/std
@@ -189,10 +194,6 @@ def register_method(cls):
 
 
 def _load_all():
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
     from ..models.registry import import_modules_of
 
     import_modules_of(__name__.rsplit(".", 1)[0], skip=("base",))

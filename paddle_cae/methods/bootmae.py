@@ -28,12 +28,7 @@ class BootMAEMethod(Method):
                              drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.2,
                              imagenet_default_mean_and_std=False, layer_scale_init_value=0.0,
                              num_mask_patches=120, max_mask_patches_per_block=60)
-    finetune_defaults = dict(batch_size=64, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
-                             weight_decay=0.05, drop_path=0.1, global_pool=True, rel_pos_bias=False,
-                             lr_schedule="beit", imagenet_default_mean_and_std=False)
-    linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
-                             weight_decay=0.0, global_pool=True, rel_pos_bias=False, lr_schedule="mae",
-                             imagenet_default_mean_and_std=False)
+    linprobe_defaults = dict(Method.linprobe_defaults, global_pool=True)
     model_flags = {"input_size": "img_size", "drop_path": "drop_path_rate", "mask_num": "mask_num",
                    "feature_weight": "feature_weight", "weight_mask": "weight_mask",
                    "epochs": "epochs", "model_ema_decay": "model_ema_decay",

@@ -10,12 +10,9 @@ class CAEMethod(Method):
                              drop_path=0.0, opt_betas=[0.9, 0.999], crop_min_size=0.08,
                              imagenet_default_mean_and_std=False, layer_scale_init_value=0.1,
                              num_mask_patches=98)
-    finetune_defaults = dict(batch_size=64, epochs=100, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
-                             weight_decay=0.05, drop_path=0.1, global_pool=True, rel_pos_bias=True,
-                             lr_schedule="beit", imagenet_default_mean_and_std=True)
-    linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
-                             weight_decay=0.0, global_pool=False, rel_pos_bias=False, lr_schedule="mae",
+    finetune_defaults = dict(Method.finetune_defaults, rel_pos_bias=True,
                              imagenet_default_mean_and_std=True)
+    linprobe_defaults = dict(Method.linprobe_defaults, imagenet_default_mean_and_std=True)
     model_flags = {"input_size": "img_size", "drop_path": "drop_path_rate",
                    "layer_scale_init_value": "init_values", "regressor_depth": "regressor_depth",
                    "decoder_depth": "decoder_depth", "decoder_embed_dim": "decoder_embed_dim",

@@ -11,12 +11,9 @@ class MAEMethod(Method):
     pretrain_defaults = dict(batch_size=64, epochs=400, save_ckpt_freq=20, min_lr=0.0, warmup_epochs=40,
                              drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.2,
                              imagenet_default_mean_and_std=True, layer_scale_init_value=0.0)
-    finetune_defaults = dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5,
-                             weight_decay=0.05, drop_path=0.1, global_pool=True, rel_pos_bias=False,
-                             lr_schedule="mae", imagenet_default_mean_and_std=True)
-    linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
-                             weight_decay=0.0, global_pool=False, rel_pos_bias=False, lr_schedule="mae",
+    finetune_defaults = dict(Method.finetune_defaults, epochs=50, lr_schedule="mae",
                              imagenet_default_mean_and_std=True)
+    linprobe_defaults = dict(Method.linprobe_defaults, imagenet_default_mean_and_std=True)
     model_flags = {"input_size": "img_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"}
     imagenet_stats_only = True   # MAE's pipeline has no mean/std switch
     pretrain_lr_schedule = "mae"

@@ -62,8 +62,15 @@ class PretrainingModel(_Model):
         raise NotImplementedError(f"{type(self).__name__} does not export an encoder")
 
     def input_patch_size(self):
-        """Side of the square patches the model cuts its input into (its ``patch_embed``)."""
-        return int(self.patch_embed.patch_size[0])
+        """Side of the square patches the model cuts its input into (its first patch
+        embedding, which every pretraining model of this package has)."""
+        from .layers import PatchEmbed
+
+        for layer in self.sublayers(include_self=True):
+            if isinstance(layer, PatchEmbed):
+                return int(layer.patch_size[0])
+        raise NotImplementedError(f"{type(self).__name__} has no patch embedding: override "
+                                  "input_patch_size()")
 
 
 class Classifier(_Model):

@@ -20,6 +20,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ..io import CheckpointError, TorchModuleStub, module_state_dict, read_weights, save_checkpoint
+from ..io.weights import key_mismatch
 from ..ops import fused as fused_ops
 from .registry import register_model
 
@@ -221,15 +222,9 @@ def check_dalle_state(state, arch, source):
     """Strict check: the file must hold exactly the architecture's keys with its shapes.
     Returns the state as float32 numpy arrays; raises :class:`DalleWeightsError`."""
     expected = dalle_state_shapes(**arch)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
+    parts = key_mismatch(expected, state, shapes=False)  # shapes: checked one by one below
+    if parts:
         guess = infer_dalle_arch(state)
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} keys missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
         hint = (f"the file looks like a DALL-E encoder with {_arch_text(guess)}" if guess
                 else "the file does not look like a DALL-E encoder state_dict")
         raise DalleWeightsError(

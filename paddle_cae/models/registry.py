@@ -13,7 +13,7 @@ _REGISTRY = {}
 _TASKS = {}
 _METHODS = {}
 _CLASSIFIERS = {}
-_loaded = False
+_imported_packages = set()
 
 
 def register_model(task, method=None, classifier=None):
@@ -37,19 +37,18 @@ def register_model(task, method=None, classifier=None):
 
 
 def import_modules_of(package, skip=()):
-    """Import every module of ``package`` except those named in ``skip``: registrations run
-    on import, so a new file in the folder needs no list to be found."""
+    """Import every module of ``package`` except those named in ``skip``, once per package:
+    registrations run on import, so a new file in the folder needs no list to be found."""
+    if package in _imported_packages:
+        return
+    _imported_packages.add(package)  # first: a module may look models up while it is imported
     for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
         if info.name not in skip:
             importlib.import_module(f"{package}.{info.name}")
 
 
 def _load_all():
-    global _loaded
-    if _loaded:
-        return
     import_modules_of(__name__.rsplit(".", 1)[0], skip=("registry",))
-    _loaded = True
 
 
 def list_models(task=None):

@@ -231,15 +231,24 @@ def apply_classifier_defaults(args, phase):
     return args
 
 
+_PHASES = {
+    "finetune": (FINETUNE_TABLE, "main_finetune.py",
+                 "Fine-tune a pretrained ViT (MAE, CAE, BootMAE) for classification"),
+    "linprobe": (LINPROBE_TABLE, "main_linprobe.py",
+                 "Linear (or attentive) probing of a frozen pretrained ViT encoder"),
+}
+
+
+def parse_classifier_args(phase, argv=None, config_dir=None):
+    table, prog, description = _PHASES[phase]
+    args = parse_args(argv, table, config_dir=config_dir or default_config_dir(),
+                      description=description, prog=prog)
+    return apply_classifier_defaults(args, phase)
+
+
 def parse_finetune_args(argv=None, config_dir=None):
-    args = parse_args(argv, FINETUNE_TABLE, config_dir=config_dir or default_config_dir(),
-                      description="Fine-tune a pretrained ViT (MAE, CAE, BootMAE) for classification",
-                      prog="main_finetune.py")
-    return apply_classifier_defaults(args, "finetune")
+    return parse_classifier_args("finetune", argv, config_dir)
 
 
 def parse_linprobe_args(argv=None, config_dir=None):
-    args = parse_args(argv, LINPROBE_TABLE, config_dir=config_dir or default_config_dir(),
-                      description="Linear (or attentive) probing of a frozen pretrained ViT encoder",
-                      prog="main_linprobe.py")
-    return apply_classifier_defaults(args, "linprobe")
+    return parse_classifier_args("linprobe", argv, config_dir)

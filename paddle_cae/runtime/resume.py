@@ -22,7 +22,6 @@ Disk: the state of one save is written once (``checkpoint-<epoch>.pd`` is a hard
 left behind are removed at start (:func:`remove_stale_temporaries`), and ``keep_last`` in the
 run's args keeps only the newest numbered checkpoints.
 """
-import glob
 import io
 import logging
 import os
@@ -48,12 +47,18 @@ def checkpoint_path(output_dir, epoch, exp_name=None):
     return os.path.join(output_dir, f"{checkpoint_prefix(exp_name)}checkpoint-{tag}.pd")
 
 
-def candidate_checkpoints(output_dir, exp_name=None):
-    pattern = re.compile(rf"^{re.escape(checkpoint_prefix(exp_name))}checkpoint-(\d+|latest)\.pd$")
+def _checkpoint_files(output_dir, exp_name, tags):
+    """The files of ``output_dir`` named like a checkpoint of ``exp_name`` whose tag matches
+    the regular expression ``tags``, sorted."""
+    pattern = re.compile(rf"^{re.escape(checkpoint_prefix(exp_name))}checkpoint-({tags})\.pd$")
     if not output_dir or not os.path.isdir(output_dir):
         return []
-    return sorted(p for p in glob.glob(os.path.join(output_dir, "*checkpoint-*.pd"))
-                  if pattern.match(os.path.basename(p)))
+    return sorted(os.path.join(output_dir, f) for f in os.listdir(output_dir) if pattern.match(f))
+
+
+def candidate_checkpoints(output_dir, exp_name=None):
+    """The checkpoints a run resumes from (numbered and latest)."""
+    return _checkpoint_files(output_dir, exp_name, r"\d+|latest")
 
 
 OWN_NAME = re.compile(r"checkpoint-(\d+|latest|best)\.pd$")
@@ -62,10 +67,7 @@ STALE_TEMPORARY = re.compile(r"^\..*checkpoint-(\d+|latest|best)\.pd\..+\.tmp$")
 
 def written_checkpoints(output_dir, exp_name=None):
     """Every file a run with ``exp_name`` writes checkpoints to (numbered, latest, best)."""
-    pattern = re.compile(rf"^{re.escape(checkpoint_prefix(exp_name))}checkpoint-(\d+|latest|best)\.pd$")
-    if not output_dir or not os.path.isdir(output_dir):
-        return []
-    return sorted(os.path.join(output_dir, f) for f in os.listdir(output_dir) if pattern.match(f))
+    return _checkpoint_files(output_dir, exp_name, r"\d+|latest|best")
 
 
 def peek_identity(path, limit=1 << 16):
