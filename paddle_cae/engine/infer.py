@@ -149,7 +149,10 @@ def reconstruct(model, images, seed=0, method=None):
             raise ValueError(f"{type(model).__name__}: cannot tell its pretraining method (no model "
                              "name in its preprocess_config); pass method=")
         method = method_for(name)
-    return get_method(method).reconstruct(model, images, seed)
+    model.eval()
+    paddle.seed(seed)
+    with paddle.no_grad():
+        return get_method(method).reconstruct(model, images, seed)
 
 
 def reconstruction_figure(images, masked, recon, mask, mean, std, scale=4):

@@ -105,6 +105,16 @@ class Method:
         return mean_std(args.get("imagenet_default_mean_and_std") is not False)
 
     # ----------------------------------------------------------------------- data
+    def pipeline_basics(self, args, mask_generator=None, imagenet_stats=False):
+        """(input_size, mean, std, mask generator) of a pretraining pipeline: what every
+        method's :meth:`pretrain_transform` reads first (``imagenet_stats``: the default of
+        ``--imagenet_default_mean_and_std``)."""
+        input_size = int(_get(args, "input_size", 224))
+        mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", imagenet_stats)))
+        if mask_generator is None:
+            mask_generator = self.mask_generator(args)
+        return input_size, mean, std, mask_generator
+
     def mask_generator(self, args):
         """The block or random mask generator the config describes (None: masks in the model)."""
         from ..data import masking
@@ -167,7 +177,9 @@ class Method:
     # ---------------------------------------------------------------- visualisation
     def reconstruct(self, model, images, seed=0):
         """(masked input, reconstruction, mask), each [B, 3, H, W] in the model's normalised
-        space (mask 1 = hidden)."""
+        space (mask 1 = hidden). Called in eval mode, without gradients, after
+        ``paddle.seed(seed)`` (:func:`paddle_cae.engine.infer.reconstruct`); ``seed`` also seeds
+        any draw the method makes itself."""
         raise ValueError(f"{type(model).__name__} cannot reconstruct pixels (method {self.name!r} "
                          "has no pixel reconstruction)")
 

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import paddle
 
-from ..data.transforms import BootMAEPretrainTransform, _get, mean_std, window_size_of
+from ..data.transforms import BootMAEPretrainTransform, _get, window_size_of
 from .base import PER_PATCH_NOTE, Method, register_method
 
 MAX_ROLL = 3  # the official loop rolls each batch's order right by random.randint(0, 3)
@@ -61,10 +61,7 @@ class BootMAEMethod(Method):
         return int(0.75 * height * width)
 
     def pretrain_transform(self, args, mask_generator=None):
-        input_size = int(_get(args, "input_size", 224))
-        mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
-        if mask_generator is None:
-            mask_generator = self.mask_generator(args)
+        input_size, mean, std, mask_generator = self.pipeline_basics(args, mask_generator)
         scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))),
                  float(_get(args, "crop_max_size", 1.0)))
         return BootMAEPretrainTransform(mask_generator, self.mask_num(args), input_size, scale,
@@ -101,12 +98,9 @@ class BootMAEMethod(Method):
     def classifier_kwargs(self, config, kwargs, merge):
         merge(kwargs, "init_scale", config.get("init_scale", 0.001), "--init_scale")
 
-    @paddle.no_grad()
     def reconstruct(self, model, images, seed=0):
         from ..models.bootmae import masks_from_shuffle
 
-        model.eval()
-        paddle.seed(seed)
         b, n = images.shape[0], model.num_patches
         rng = np.random.RandomState(seed)
         idx_shuffle = paddle.to_tensor(np.stack([rng.permutation(n) for _ in range(b)]).astype("int64"))

@@ -1,5 +1,5 @@
 """CAE (Chen et al., 2023): block masks, a latent regressor and DALL-E tokenizer targets."""
-from ..data.transforms import CAEPretrainTransform, _get, mean_std
+from ..data.transforms import CAEPretrainTransform, _get
 from .base import Method, register_method
 
 
@@ -38,10 +38,7 @@ class CAEMethod(Method):
         return kwargs
 
     def pretrain_transform(self, args, mask_generator=None):
-        input_size = int(_get(args, "input_size", 224))
-        mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", False)))
-        if mask_generator is None:
-            mask_generator = self.mask_generator(args)
+        input_size, mean, std, mask_generator = self.pipeline_basics(args, mask_generator)
         second = int(_get(args, "second_input_size", input_size // 2))
         scale = (float(_get(args, "crop_min_size", 0.08)), float(_get(args, "crop_max_size", 1.0)))
         return CAEPretrainTransform(mask_generator, input_size, second, scale,

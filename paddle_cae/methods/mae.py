@@ -1,6 +1,4 @@
 """MAE (He et al., 2022): the model masks a random subset itself; pixel targets."""
-import paddle
-
 from ..data.transforms import MAEPretrainTransform, _get, window_size_of
 from .base import PER_PATCH_NOTE, Method, register_method
 
@@ -48,10 +46,7 @@ class MAEMethod(Method):
             return None
         return 2e-5 if getattr(args, "finetune", "") else 0.02
 
-    @paddle.no_grad()
     def reconstruct(self, model, images, seed=0):
-        model.eval()
-        paddle.seed(seed)
         out = model(images)
         # with norm_pix_loss the per-patch statistics of the TRUE image, as MAE's demo does (the
         # picture therefore borrows statistics of the hidden patches)
