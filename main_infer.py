@@ -17,7 +17,7 @@ from paddle_cae.startup import prepare_process  # noqa: E402  (before paddle is 
 
 prepare_process()  # OMP_NUM_THREADS: yours, else 1 (README "Threads"); no ccache warning
 
-from paddle_cae.engine.infer_main import build_parser, export, main, run, visualize  # noqa: E402,F401
+from paddle_cae.cli.infer import build_parser, export, main, run, visualize  # noqa: E402,F401
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ from paddle_cae.startup import prepare_process  # noqa: E402  (before paddle is 
 
 prepare_process()  # OMP_NUM_THREADS: yours, else 1 (README "Threads"); no ccache warning
 
-from paddle_cae.engine.classify_main import main  # noqa: E402
+from paddle_cae.cli.classify import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], phase="linprobe"))

@@ -30,8 +30,8 @@ For each of CAE, MAE and BootMAE:
     python benchmarks/learning.py --own_init_only        # only step 4 (no pretraining; ~4 min)
 
 Every run goes through the package's own entry points, in this process:
-``paddle_cae.engine.pretrain_main.run`` (= ``main_pretrain.py``) and
-``paddle_cae.engine.classify_main.run`` (= ``main_linprobe.py`` / ``main_finetune.py``), with
+``paddle_cae.cli.pretrain.run`` (= ``main_pretrain.py``) and
+``paddle_cae.cli.classify.run`` (= ``main_linprobe.py`` / ``main_finetune.py``), with
 ``--finetune`` pointing at the exported encoder. Their logs go to ``<output_dir>/runs.log``.
 
 Choices, and why
@@ -108,7 +108,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
-from paddle_cae.engine import classify_main, pretrain_main  # noqa: E402
+from paddle_cae.cli import classify as classify_cli, pretrain as pretrain_cli  # noqa: E402
 from paddle_cae.methods import get_method  # noqa: E402
 from paddle_cae.runtime.checkpoint import save_checkpoint, to_plain  # noqa: E402
 from paddle_cae.runtime.pretrain_args import parse_pretrain_args  # noqa: E402
@@ -153,7 +153,7 @@ def export_random_init(argv, path):
     """The encoder exactly as the pretraining run starts (same seed, same constructor)."""
     args = parse_pretrain_args(argv)
     paddle.seed(args.seed)
-    model = pretrain_main.build_model(args)
+    model = pretrain_cli.build_model(args)
     state = {"kind": "encoder", "model_name": args.model,
              "model": {k: np.asarray(v.numpy()) for k, v in model.encoder_state_dict().items()},
              "args": to_plain(vars(args))}
@@ -176,7 +176,7 @@ def classify(phase, method, weights, out, model_argv, budget):
         argv += PROBE + ["--linear_type", "standard"]
     if budget["max_train_step"]:
         argv += ["--max_train_step", str(budget["max_train_step"]), "--warmup_epochs", "0"]
-    runner = classify_main.run(argv, phase=phase)
+    runner = classify_cli.run(argv, phase=phase)
     return float(runner.last_metrics["test_acc1"])
 
 
@@ -199,7 +199,7 @@ def own_init_finetune_argv(method, out, model_argv, budget):
 
 
 def finetune_own_init(method, out, model_argv, budget):
-    runner = classify_main.run(own_init_finetune_argv(method, out, model_argv, budget), phase="finetune")
+    runner = classify_cli.run(own_init_finetune_argv(method, out, model_argv, budget), phase="finetune")
     return float(runner.last_metrics["test_acc1"])
 
 
@@ -213,7 +213,7 @@ def run_method(method, root, budget, tokenizer, say):
     argv = pretrain_args(method, budget, tokenizer)
     start = time.time()
     say(f"[{method}] pretraining ({pretrain_config(method)})")
-    runner = pretrain_main.run(argv + ["--output_dir", os.path.join(out, "pretrain")])
+    runner = pretrain_cli.run(argv + ["--output_dir", os.path.join(out, "pretrain")])
     losses = epoch_losses(os.path.join(out, "pretrain", "log.txt"))
     pretrained = os.path.join(out, "pretrain", "encoder.pd")
     random_init = export_random_init(argv, os.path.join(out, "random_init_encoder.pd"))

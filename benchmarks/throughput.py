@@ -299,8 +299,8 @@ def run_inference(args, paddle, env):
             with paddle.no_grad():
                 return model(x)
     else:
-        from paddle_cae.engine.infer import export_inference_model
-        from paddle_cae.runtime.inference import create_predictor, run_predictor
+        from paddle_cae.inference.predict import export_inference_model
+        from paddle_cae.inference.predictor import create_predictor, run_predictor
 
         tmp = tempfile.mkdtemp(prefix="paddle_cae_bench_")
         export_inference_model(model, tmp, args.input_size)

@@ -18,11 +18,10 @@ import paddle
 from .convert import CheckpointError
 from .data.imagenet_classes import NUM_CLASSES as IMAGENET_CLASSES
 from .data.imagenet_classes import imagenet_class_names
-from .engine.classifier import build_classifier
 from .engine.evaluate import predictions
-from .engine.pretrained import strict_load
-from .engine.infer import image_paths, preprocessing, to_batch, topk_predictions
-from .engine.pretrained import load_pretrained, read_weights_file
+from .inference.predict import image_paths, preprocessing, to_batch, topk_predictions
+from .loading.classifier import build_classifier
+from .loading.pretrained import load_pretrained, read_weights_file, strict_load
 from .methods import method_for
 from .models.registry import create_model, model_task
 

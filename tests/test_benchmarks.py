@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from paddle_cae.models.registry import create_model
-from paddle_cae.runtime import inference
+from paddle_cae.inference import predictor as inference
 from paddle_cae.runtime.flops import count_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +137,7 @@ def test_resolve_bf16_auto_and_env(monkeypatch):
 def test_create_predictor_fp32_matches_dynamic(tmp_path):
     import numpy as np
 
-    from paddle_cae.engine.infer import export_inference_model
+    from paddle_cae.inference.predict import export_inference_model
 
     paddle.seed(0)
     model = create_model("vit_base_patch16", img_size=32, embed_dim=24, depth=1, num_heads=3,

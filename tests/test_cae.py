@@ -233,7 +233,7 @@ def test_passl_key_names_map_to_ours(official, ours):
 
 
 def test_training_checkpoints_holding_the_old_tokenizer_sublayer_still_load():
-    from paddle_cae.engine.pretrained import strict_load
+    from paddle_cae.loading.pretrained import strict_load
 
     model = tiny_cae()
     state = {k: v.numpy() for k, v in model.state_dict().items()}

@@ -75,7 +75,7 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     from paddle_cae.data.transforms import build_pretrain_transform
     from paddle_cae.engine.pretrain import training_inputs
     from paddle_cae.methods import get_method
-    from paddle_cae.engine.pretrain_main import attach_tokenizer, build_model, prepare_args
+    from paddle_cae.cli.pretrain import attach_tokenizer, build_model, prepare_args
     from paddle_cae.runtime import distributed as dist_rt
     from paddle_cae.runtime.pretrain_args import parse_pretrain_args
 
@@ -115,8 +115,8 @@ CLASSIFIER_CASES = {
 def test_every_trainable_classifier_parameter_gets_a_gradient(case, monkeypatch):
     import paddle
 
-    from paddle_cae.engine.classifier import build_classifier, classifier_config
-    from paddle_cae.engine.classify_main import freeze_for_probe, probe_train_mode
+    from paddle_cae.loading.classifier import build_classifier, classifier_config
+    from paddle_cae.cli.classify import freeze_for_probe, probe_train_mode
     from paddle_cae.runtime import distributed as dist_rt
     from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
 

@@ -16,11 +16,11 @@ import pytest
 
 from paddle_cae.data.datasets import build_dataset
 from paddle_cae.data.transforms import build_eval_transform
-from paddle_cae.engine import classify_main, pretrain_main
-from paddle_cae.engine.classifier import build_classifier
+from paddle_cae.cli import classify as classify_cli, pretrain as pretrain_cli
+from paddle_cae.loading.classifier import build_classifier
 from paddle_cae.engine.evaluate import ShardSampler, build_eval_loader, evaluate
 from paddle_cae.engine.finetune import ModelEma
-from paddle_cae.engine.pretrained import load_pretrained, resample_rel_pos_table
+from paddle_cae.loading.pretrained import load_pretrained, resample_rel_pos_table
 from paddle_cae.models import create_model
 from paddle_cae.runtime.checkpoint import load_checkpoint
 from paddle_cae.runtime.distributed import DistEnv
@@ -38,9 +38,9 @@ def demo_runs():
     root = tempfile.mkdtemp(prefix="paddle_cae_ft_")
     atexit.register(shutil.rmtree, root, True)
     pre_dir = os.path.join(root, "pretrain")
-    assert pretrain_main.main(["--output_dir", pre_dir, "--epochs", "1", "--num_workers", "0"]) == 0
+    assert pretrain_cli.main(["--output_dir", pre_dir, "--epochs", "1", "--num_workers", "0"]) == 0
     ft_dir = os.path.join(root, "finetune")
-    assert classify_main.main(["--finetune", os.path.join(pre_dir, "checkpoint-0.pd"),
+    assert classify_cli.main(["--finetune", os.path.join(pre_dir, "checkpoint-0.pd"),
                                "--output_dir", ft_dir, "--epochs", str(FINETUNE_EPOCHS),
                                "--num_workers", "0", "--print_freq", "100"]) == 0
     return {"root": root, "pretrain": os.path.join(pre_dir, "checkpoint-0.pd"), "finetune_dir": ft_dir,
@@ -97,7 +97,7 @@ def test_finetune_demo_trains_evaluates_and_keeps_the_best_checkpoint():
 def test_eval_with_resume_only_evaluates_and_reproduces_the_logged_accuracy():
     runs = demo_runs()
     before = sorted(os.listdir(runs["finetune_dir"]))
-    stats = classify_main.run(["--eval", "--resume", runs["best"], "--output_dir", runs["finetune_dir"],
+    stats = classify_cli.run(["--eval", "--resume", runs["best"], "--output_dir", runs["finetune_dir"],
                                "--num_workers", "0"])
     assert sorted(os.listdir(runs["finetune_dir"])) == before  # nothing trained or written
     assert stats["images"] == 359
@@ -108,7 +108,7 @@ def test_auto_resume_continues_after_the_last_completed_epoch(tmp_path):
     runs = demo_runs()
     out = tmp_path / "ft"
     shutil.copytree(runs["finetune_dir"], out)
-    runner = classify_main.run(["--finetune", runs["pretrain"], "--output_dir", str(out),
+    runner = classify_cli.run(["--finetune", runs["pretrain"], "--output_dir", str(out),
                                 "--epochs", str(FINETUNE_EPOCHS + 1), "--auto_resume", "true",
                                 "--num_workers", "0", "--print_freq", "100"])
     assert runner.start_epoch == FINETUNE_EPOCHS
@@ -123,7 +123,7 @@ def test_finetune_into_a_pretraining_folder_stops_before_overwriting_it(tmp_path
     shared.mkdir()
     shutil.copy(runs["pretrain"], shared / "checkpoint-0.pd")
     before = (shared / "checkpoint-0.pd").read_bytes()
-    rc = classify_main.main(["--finetune", str(shared / "checkpoint-0.pd"), "--output_dir", str(shared),
+    rc = classify_cli.main(["--finetune", str(shared / "checkpoint-0.pd"), "--output_dir", str(shared),
                              "--epochs", "1", "--max_train_step", "2", "--num_workers", "0",
                              "--auto_resume", auto_resume])
     assert rc == 2
@@ -136,7 +136,7 @@ def test_finetune_into_a_pretraining_folder_stops_before_overwriting_it(tmp_path
 
 def test_resume_of_another_kind_of_checkpoint_names_both_kinds(tmp_path, capsys):
     runs = demo_runs()
-    rc = classify_main.main(["--finetune", runs["pretrain"], "--resume", runs["pretrain"],
+    rc = classify_cli.main(["--finetune", runs["pretrain"], "--resume", runs["pretrain"],
                              "--output_dir", str(tmp_path), "--epochs", "1", "--num_workers", "0"])
     assert rc == 2
     line = one_line_error(capsys.readouterr().err)
@@ -146,7 +146,7 @@ def test_resume_of_another_kind_of_checkpoint_names_both_kinds(tmp_path, capsys)
 
 def test_eval_with_a_checkpoint_whose_head_does_not_fit_fails_in_one_line(tmp_path, capsys):
     runs = demo_runs()
-    rc = classify_main.main(["--eval", "--resume", runs["pretrain"], "--num_workers", "0",
+    rc = classify_cli.main(["--eval", "--resume", runs["pretrain"], "--num_workers", "0",
                              "--output_dir", str(tmp_path)])
     assert rc == 2
     line = one_line_error(capsys.readouterr().err)
@@ -156,13 +156,13 @@ def test_eval_with_a_checkpoint_whose_head_does_not_fit_fails_in_one_line(tmp_pa
     from paddle_cae.runtime.checkpoint import save_checkpoint
 
     save_checkpoint(load_checkpoint(runs["best"])["model"], plain)
-    rc = classify_main.main(["--eval", "--resume", str(plain), "--nb_classes", "12",
+    rc = classify_cli.main(["--eval", "--resume", str(plain), "--nb_classes", "12",
                              "--num_workers", "0", "--output_dir", str(tmp_path)])
     assert rc == 2
     line = one_line_error(capsys.readouterr().err)
     assert str(plain) in line and "[64, 10]" in line and "12 classes" in line
     # the same file evaluates when the class count fits
-    stats = classify_main.run(["--eval", "--resume", str(plain), "--num_workers", "0",
+    stats = classify_cli.run(["--eval", "--resume", str(plain), "--num_workers", "0",
                                "--output_dir", str(tmp_path)])
     assert stats["acc1"] == pytest.approx(load_checkpoint(runs["best"])["best_acc1"], abs=1e-6)
 
@@ -184,11 +184,11 @@ def parse_demo_command(argv):
 
     script, rest = argv[1], argv[2:]
     if script == "main_pretrain.py":
-        rest, config = pretrain_main.demo_argv(rest)
+        rest, config = pretrain_cli.demo_argv(rest)
         args = parse_pretrain_args(rest)
     else:
         phase = "finetune" if script == "main_finetune.py" else "linprobe"
-        rest, config = classify_main.demo_argv(rest, phase)
+        rest, config = classify_cli.demo_argv(rest, phase)
         args = (parse_finetune_args if phase == "finetune" else parse_linprobe_args)(rest)
     if "--config" in rest:
         config = rest[rest.index("--config") + 1]
@@ -282,7 +282,7 @@ def test_cae_loading_starts_fc_norm_from_the_encoder_norm():
 
 def test_finetune_command_line_accepts_an_official_checkpoint(tmp_path):
     with captured_log() as log:
-        rc = classify_main.main(["--finetune", str(FIXTURES / "mae_pretrain" / "checkpoint.pth"),
+        rc = classify_cli.main(["--finetune", str(FIXTURES / "mae_pretrain" / "checkpoint.pth"),
                                 "--model_args", '{"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4}',
                                 "--output_dir", str(tmp_path), "--epochs", "1", "--max_train_step", "2",
                                 "--num_workers", "0"])
@@ -426,7 +426,7 @@ def test_cae_finetuning_at_another_resolution_resamples_the_relative_position_ta
 
 def test_wrong_model_checkpoint_is_a_one_line_error(tmp_path, capsys):
     runs = demo_runs()
-    rc = classify_main.main(["--finetune", runs["pretrain"], "--model", "cae_base_patch16_224",
+    rc = classify_cli.main(["--finetune", runs["pretrain"], "--model", "cae_base_patch16_224",
                              "--model_args", json.dumps(DEMO_CLASSIFIER), "--input_size", "32",
                              "--output_dir", str(tmp_path), "--num_workers", "0"])
     assert rc != 0
@@ -435,7 +435,7 @@ def test_wrong_model_checkpoint_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_missing_finetune_file_is_a_one_line_error(tmp_path, capsys):
-    rc = classify_main.main(["--finetune", str(tmp_path / "nope.pd"), "--output_dir", str(tmp_path)])
+    rc = classify_cli.main(["--finetune", str(tmp_path / "nope.pd"), "--output_dir", str(tmp_path)])
     assert rc != 0
     assert "nope.pd" in one_line_error(capsys.readouterr().err)
 
@@ -508,15 +508,15 @@ def test_seed_command_lines_parse_with_their_meaning(kind, argv):
 @pytest.mark.parametrize("method,small", [("mae", False), ("cae", True), ("bootmae", True)])
 def test_demo_fine_tuning_at_32_px_takes_each_methods_official_transform_branch(method, small):
     from paddle_cae.data.transforms import RandomCrop, RandomResizedCrop
-    from paddle_cae.engine.infer import preprocessing_spec
+    from paddle_cae.inference.predict import preprocessing_spec
     from paddle_cae.runtime.finetune_args import parse_finetune_args
 
     args = parse_finetune_args(["--config", f"configs/demo/finetune_{method}.yaml"])
-    first = classify_main.train_transform(args).transforms[0]
+    first = classify_cli.train_transform(args).transforms[0]
     assert isinstance(first, RandomCrop if small else RandomResizedCrop)
     if small:
         assert first.padding == 4
-    steps = [type(t).__name__ for t in classify_main.eval_transform(args).transforms]
+    steps = [type(t).__name__ for t in classify_cli.eval_transform(args).transforms]
     assert steps == (["ToTensor", "Normalize"] if small
                      else ["Resize", "CenterCrop", "ToTensor", "Normalize"])
     # inference of a 32-px model of a small-image method changes nothing of a 32-px image

@@ -12,7 +12,7 @@ from PIL import Image
 import main_infer
 from paddle_cae.api import load_checkpoint
 from paddle_cae.data.imagenet_classes import imagenet_class_names, imagenet_synsets
-from paddle_cae.engine.infer import (export_inference_model, image_paths, preprocessing, run_inference_model,
+from paddle_cae.inference.predict import (export_inference_model, image_paths, preprocessing, run_inference_model,
                                      to_batch)
 from paddle_cae.runtime.checkpoint import save_checkpoint
 from paddle_cae.runtime.checkpoint import load_checkpoint as read_pd

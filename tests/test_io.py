@@ -9,7 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_cae.engine.pretrained import read_weights_file
+from paddle_cae.loading.pretrained import read_weights_file
 from paddle_cae.io import (
     CheckpointError,
     TorchModuleStub,

@@ -3,16 +3,16 @@ attentive probe evaluates with running BatchNorm statistics, BootMAE probes a tr
 import numpy as np
 import paddle
 
-from paddle_cae.engine import classify_main
-from paddle_cae.engine.classifier import build_classifier
-from paddle_cae.engine.pretrained import load_pretrained
+from paddle_cae.cli import classify as classify_cli
+from paddle_cae.loading.classifier import build_classifier
+from paddle_cae.loading.pretrained import load_pretrained
 from paddle_cae.runtime.checkpoint import load_checkpoint
 from tests.test_finetune import DEMO_CLASSIFIER, demo_runs
 
 
 def probe_run(tmp_path, *extra):
     runs = demo_runs()
-    runner = classify_main.run(["--finetune", runs["pretrain"], "--output_dir", str(tmp_path),
+    runner = classify_cli.run(["--finetune", runs["pretrain"], "--output_dir", str(tmp_path),
                                 "--epochs", "1", "--max_train_step", "3", "--batch_size", "64",
                                 "--num_workers", "0", *extra], phase="linprobe")
     return runner, load_checkpoint(tmp_path / "checkpoint-latest.pd")

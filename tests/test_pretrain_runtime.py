@@ -13,7 +13,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_cae.engine.pretrain_main import run
+from paddle_cae.cli.pretrain import run
 from paddle_cae.runtime.checkpoint import load_checkpoint, save_checkpoint
 from paddle_cae.runtime.resume import find_resume_checkpoint
 
@@ -276,7 +276,7 @@ RESUME_PROBE = '''
 import json, os, sys
 sys.path.insert(0, {root!r})
 from paddle_cae.engine import run as run_mod
-from paddle_cae.engine.pretrain_main import run
+from paddle_cae.cli.pretrain import run
 from paddle_cae.runtime import distributed as dist_rt
 
 rank = int(os.environ.get("PADDLE_TRAINER_ID", 0))
@@ -360,7 +360,7 @@ def test_entrypoints_default_to_one_thread_respect_the_users_setting_and_start_q
 
 
 def test_cae_takes_its_vocabulary_from_the_tokenizer_unless_the_user_sets_it(tmp_path, capsys):
-    from paddle_cae.engine.pretrain_main import main
+    from paddle_cae.cli.pretrain import main
 
     text = (ROOT / "configs" / "demo" / "cae.yaml").read_text()
     assert "decoder_num_classes: 512" in text
@@ -379,7 +379,7 @@ def test_cae_takes_its_vocabulary_from_the_tokenizer_unless_the_user_sets_it(tmp
 
 
 def test_bootmae_peak_lr_below_min_lr_warns(caplog):
-    from paddle_cae.engine.pretrain_main import prepare_args
+    from paddle_cae.cli.pretrain import prepare_args
     from paddle_cae.runtime.distributed import DistEnv
     from paddle_cae.runtime.pretrain_args import parse_pretrain_args
 

@@ -7,7 +7,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_cae.engine.pretrain_main import run
+from paddle_cae.cli.pretrain import run
 from paddle_cae.engine.stepper import NonFiniteLossError, Stepper
 from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.optim import AdamW

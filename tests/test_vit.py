@@ -194,8 +194,8 @@ def test_classifier_from_its_own_init_learns_under_the_recipe_optimizer(method):
     conv) the loss stayed at ln 10 for BootMAE and CAE."""
     import paddle.nn.functional as F
 
-    from paddle_cae.engine.classifier import build_classifier, classifier_config
-    from paddle_cae.engine.classify_main import build_run_optimizer
+    from paddle_cae.loading.classifier import build_classifier, classifier_config
+    from paddle_cae.cli.classify import build_run_optimizer
     from paddle_cae.runtime.finetune_args import parse_finetune_args
 
     recipe = f"configs/finetune/{method}_base_patch16_224.yaml"
@@ -225,7 +225,7 @@ TINY_ARGS = {"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}
 def _classifier_from_flags(model, model_args, *flags, num_classes=10):
     import json
 
-    from paddle_cae.engine.classifier import build_classifier, classifier_config
+    from paddle_cae.loading.classifier import build_classifier, classifier_config
     from paddle_cae.runtime.finetune_args import parse_finetune_args
 
     args = parse_finetune_args(["--model", model, "--input_size", "16",
@@ -250,7 +250,7 @@ def test_model_args_that_agree_with_the_named_flags_are_accepted(model):
     ({"init_scale": 1.0}, (), ("'init_scale': 1.0", "--init_scale", "0.001")),
 ])
 def test_model_args_that_contradict_a_named_flag_name_both(model_args, flags, names):
-    from paddle_cae.engine.classifier import ModelArgsConflict
+    from paddle_cae.loading.classifier import ModelArgsConflict
 
     with pytest.raises(ModelArgsConflict) as err:
         _classifier_from_flags("bootmae_base_patch16_224", model_args, *flags)
@@ -260,7 +260,7 @@ def test_model_args_that_contradict_a_named_flag_name_both(model_args, flags, na
 
 
 def test_cae_layer_scale_in_model_args_must_match_the_flag():
-    from paddle_cae.engine.classifier import ModelArgsConflict
+    from paddle_cae.loading.classifier import ModelArgsConflict
 
     m = _classifier_from_flags("cae_base_patch16_224", {"init_values": 0.1}, "--layer_scale_init_value", "0.1")
     np.testing.assert_allclose(m.blocks[0].gamma_1.numpy(), 0.1)
@@ -271,7 +271,7 @@ def test_cae_layer_scale_in_model_args_must_match_the_flag():
 
 
 def test_finetune_entry_point_reports_a_model_args_conflict_in_one_line(capsys):
-    from paddle_cae.engine.classify_main import main
+    from paddle_cae.cli.classify import main
 
     rc = main(["--model", "bootmae_base_patch16_224", "--input_size", "32", "--num_workers", "0",
                "--model_args", '{"num_classes": 3, "patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}',
@@ -281,7 +281,7 @@ def test_finetune_entry_point_reports_a_model_args_conflict_in_one_line(capsys):
 
 
 def test_mae_head_init_std_depends_on_finetune():
-    from paddle_cae.engine.classifier import classifier_config
+    from paddle_cae.loading.classifier import classifier_config
     from paddle_cae.runtime.finetune_args import parse_finetune_args
 
     scratch = classifier_config(parse_finetune_args(["--model", "vit_base_patch16"]), 10)
@@ -293,7 +293,7 @@ def test_mae_head_init_std_depends_on_finetune():
 
 
 def test_probe_depth_truncates_the_encoder_model_args_describe():
-    from paddle_cae.engine.classifier import ModelArgsConflict, build_classifier
+    from paddle_cae.loading.classifier import ModelArgsConflict, build_classifier
 
     config = {"model": "bootmae_base_patch16_224", "num_classes": 10, "input_size": 16, "global_pool": True,
               "model_args": dict(TINY_ARGS, depth=3), "probe": "standard", "depth": 2}
@@ -303,7 +303,7 @@ def test_probe_depth_truncates_the_encoder_model_args_describe():
 
 
 def test_classifier_config_names_whose_transform_rules_the_run_follows():
-    from paddle_cae.engine.classifier import classifier_config
+    from paddle_cae.loading.classifier import classifier_config
     from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
 
     for model, family in (("vit_base_patch16", "mae"), ("cae_base_patch16_224", "cae"),

@@ -11,37 +11,18 @@ import paddle
 
 from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
 from ..data.sampler import GlobalBatchSampler
+from ..loading.pretrained import strict_load
 from ..optim import apply_lr, cosine_scheduler, mae_lr_at
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import CheckpointError, load_checkpoint, to_plain
 from ..runtime.collectives import broadcast_object
 from ..runtime.distributed import data_parallel
-from ..runtime.logging import JsonLinesLog, VisualDLWriter, setup_console_logging
+from ..runtime.logging import JsonLinesLog, VisualDLWriter
 from ..runtime.resume import (check_no_foreign_checkpoints, describe_identity, identity_matches,
                               remove_stale_temporaries, rng_state, scan_output_dir, set_rng_state)
-from .pretrained import strict_load
 from .stepper import Stepper
 
 logger = logging.getLogger("paddle_cae")
-
-
-def start_process(argv, with_demo, parse, prepare):
-    """What every training entrypoint does first: the process group, console logs, the demo
-    config in front of a bare command line (``with_demo(argv) -> (argv, demo config or None)``),
-    ``args = parse(argv)``, ``prepare(args, env)``, the device and the seed. Returns
-    (env, argv, args)."""
-    env = dist_rt.init_distributed()
-    setup_console_logging(env.rank)
-    argv, demo_config = with_demo(argv)
-    if demo_config:
-        logger.info("no --data_path: running the CPU demo on the bundled digits with %s",
-                    os.path.relpath(demo_config))
-    args = parse(argv)
-    prepare(args, env)
-    if getattr(args, "device", None):
-        paddle.set_device(args.device)
-    paddle.seed(args.seed)
-    return env, argv, args
 
 
 def build_train_loader(dataset, args, env):

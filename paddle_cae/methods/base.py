@@ -178,7 +178,7 @@ class Method:
     def reconstruct(self, model, images, seed=0):
         """(masked input, reconstruction, mask), each [B, 3, H, W] in the model's normalised
         space (mask 1 = hidden). Called in eval mode, without gradients, after
-        ``paddle.seed(seed)`` (:func:`paddle_cae.engine.infer.reconstruct`); ``seed`` also seeds
+        ``paddle.seed(seed)`` (:func:`paddle_cae.inference.predict.reconstruct`); ``seed`` also seeds
         any draw the method makes itself."""
         raise ValueError(f"{type(model).__name__} cannot reconstruct pixels (method {self.name!r} "
                          "has no pixel reconstruction)")

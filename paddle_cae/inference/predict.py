@@ -129,7 +129,7 @@ def run_inference_model(prefix, batch):
     """Run an exported model through ``paddle.inference`` (the deployment runtime) on a numpy
     batch [B, 3, H, W], on the CPU with the plain kernels (the numerics of the dynamic graph);
     returns the logits as numpy."""
-    from ..runtime.inference import create_predictor, run_predictor
+    from .predictor import create_predictor, run_predictor
 
     predictor = create_predictor(prefix, use_gpu=False, ir_optim=False, onednn=False)
     return run_predictor(predictor, batch)

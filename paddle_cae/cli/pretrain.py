@@ -8,17 +8,17 @@ from pathlib import Path
 import paddle
 
 from ..data.datasets import build_dataset, default_data_path
+from ..engine.pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
 from ..methods import get_method, method_for
 from ..models import create_model
 from ..optim import build_optimizer, param_groups
 from ..runtime.amp import Precision, amp_dtype_from_args
-from ..runtime.logging import resolve_log_dir
 from ..runtime.config import flag_value, given_flags
-from ..startup import report_error
+from ..runtime.logging import resolve_log_dir
 from ..runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, default_config_dir,
                                      effective_batch_size, parse_pretrain_args)
-from .pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
-from .run import start_process
+from ..startup import report_error
+from .start import start_process
 
 logger = logging.getLogger("paddle_cae")
 

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 
 from ..api import load_checkpoint, predict
+from ..inference.predict import (ImageInputError, export_inference_model, format_prediction, image_paths,
+                                 preprocessing, preprocessing_spec, read_image, readable_images,
+                                 reconstruct, reconstruction_figure, run_inference_model, to_batch)
 from ..methods import method_for
 from ..runtime.checkpoint import CheckpointError
 from ..startup import report_error
-from .infer import (ImageInputError, export_inference_model, format_prediction, image_paths,
-                    preprocessing, preprocessing_spec, read_image, readable_images, reconstruct,
-                    reconstruction_figure, run_inference_model, to_batch)
 
 PREPROCESS_FILE = "preprocess.json"
 

@@ -11,33 +11,33 @@ Paddle is imported.
 """
 import sys
 
-from .startup import prepare_process
+from ..startup import prepare_process
 
 
 def pretrain():
     prepare_process()
-    from .engine.pretrain_main import main
+    from .pretrain import main
 
     return main(sys.argv[1:])
 
 
 def finetune():
     prepare_process()
-    from .engine.classify_main import main
+    from .classify import main
 
     return main(sys.argv[1:], phase="finetune")
 
 
 def linprobe():
     prepare_process()
-    from .engine.classify_main import main
+    from .classify import main
 
     return main(sys.argv[1:], phase="linprobe")
 
 
 def infer():
     prepare_process()
-    from .engine.infer_main import main
+    from .infer import main
 
     return main(sys.argv[1:])
 

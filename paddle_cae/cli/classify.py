@@ -13,6 +13,12 @@ import sys
 from ..data.datasets import build_dataset, default_data_path
 from ..data.transforms import (RandomErasing, build_eval_transform, build_finetune_transform,
                                build_linprobe_transform, mean_std)
+from ..engine.evaluate import build_eval_loader, evaluate
+from ..engine.finetune import ClassificationLoss, ClassifierRun
+from ..engine.pretrain import write_config_snapshot
+from ..engine.stepper import NonFiniteLossError
+from ..loading.classifier import build_classifier, classifier_config, encoder_of, transform_method
+from ..loading.pretrained import PretrainedLoadError, load_pretrained, strict_load
 from ..optim import build_optimizer, param_groups
 from ..optim.schedules import peak_lr
 from ..runtime.amp import Precision, amp_dtype_from_args
@@ -22,14 +28,8 @@ from ..runtime.finetune_args import classifier_method, parse_finetune_args, pars
 from ..runtime.logging import resolve_log_dir
 from ..runtime.pretrain_args import default_config_dir
 from ..startup import report_error
-from .classifier import build_classifier, classifier_config, encoder_of, transform_method
-from .evaluate import build_eval_loader, evaluate
-from .finetune import ClassificationLoss, ClassifierRun
-from .pretrain import write_config_snapshot
-from .pretrain_main import model_label
-from .pretrained import PretrainedLoadError, load_pretrained, strict_load
-from .run import start_process
-from .stepper import NonFiniteLossError
+from .pretrain import model_label
+from .start import start_process
 
 logger = logging.getLogger("paddle_cae")
 
