@@ -267,3 +267,25 @@ def test_reused_sample_generators_draw_like_fresh_ones_and_nest():
         assert inner == (random.Random(seed + 1).random(),
                          float(np.random.RandomState((seed + 1) & 0xFFFFFFFF).random_sample()))
         assert draws(seed) == (first, inner, after)
+
+
+def test_data_throughput_benchmark_prints_every_pipeline_and_ratio(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("data_throughput",
+                                                  os.path.join(root, "benchmarks", "data_throughput.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    _folder(tmp_path, [(120, 90), (90, 120), (100, 100), (130, 80)])
+    bench.main(["--data_path", str(tmp_path), "--images", "4", "--batch_size", "2", "--rounds", "1",
+                "--input_size", "32", "--workers"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and
+            line.split()[0] in bench.METHODS}
+    assert sorted(rows) == sorted(bench.METHODS)
+    for cells in rows.values():  # official, then (rate, ratio) per package variant
+        official, rate, ratio = float(cells[1]), float(cells[2]), float(cells[3])
+        assert official > 0 and rate > 0 and ratio == pytest.approx(rate / official, rel=0.02, abs=0.01)
+    assert "cores per node" in out and "load average" in out

@@ -24,7 +24,6 @@ Without ``fast_decode`` the twin's samples equal the reference's: the same image
 conversion (bit for bit on CPU, see tests), the same masks.
 """
 import copy
-import math
 
 import numpy as np
 from PIL import Image
@@ -86,9 +85,9 @@ class ImageSource:
         try:
             if ratio > 0 and img.format == "JPEG":
                 s = draft_scale(crop_w, crop_h, out_w, out_h, ratio)
-                if s > 1:
-                    _, reduced = img.draft(None, (self.size[0] // s, self.size[1] // s))
-                    scale = self.size[0] / reduced[2]
+                drafted = img.draft(None, (self.size[0] // s, self.size[1] // s)) if s > 1 else None
+                if drafted is not None:  # (mode, the full image's box in the reduced one)
+                    scale = self.size[0] / drafted[1][2]
             img.load()
             if img.mode != "RGB":
                 img = img.convert("RGB")
@@ -98,9 +97,6 @@ class ImageSource:
         if self.flipped:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return img, scale
-
-    def close(self):
-        self.img.close()
 
 
 def _views(source, params, outputs, ratio):
@@ -141,6 +137,9 @@ class _CropFlipU8:
         view, = _views(source, params, outputs, self.ratio)
         return u8_chw(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view)
 
+    def __repr__(self):
+        return f"{self.crop!r} + {self.flip!r} -> uint8 (fast_decode ratio {self.ratio})"
+
 
 class _FlipLater:
     """CAE flips the whole image before cropping: draw now, mirror when decoding."""
@@ -165,6 +164,9 @@ class _TwoViewsU8:
         outputs = [(crop.size, _resolve_interpolation(crop.interpolation)),
                    (crop.second_size, _resolve_interpolation(crop.second_interpolation))]
         return tuple(_views(source, params, outputs, self.ratio))
+
+    def __repr__(self):
+        return f"{self.crop!r} -> uint8 (fast_decode ratio {self.ratio})"
 
 
 def _is_compose_of(compose, kinds):

@@ -22,6 +22,10 @@ Pipelines (SPEC h.4), built by :func:`build_pretrain_transform`:
 
 Masks are boolean ``[N]`` arrays in raster order, True = masked. The keys are the names of the
 pretraining models' forward arguments, so a batch can be handed over as it is.
+
+These classes are the definition. An image folder runs the pretraining pipelines through their
+loader-side twins (:mod:`.fastpath`: the same draws and pixels, uint8 hand-over, crop drawn
+before decoding).
 """
 import contextlib
 import math
@@ -345,7 +349,7 @@ class Normalize:
         self.std = np.asarray(std, np.float32).reshape(-1, 1, 1)
 
     def __call__(self, chw):
-        return ((chw - self.mean) / self.std).astype(np.float32)
+        return ((chw - self.mean) / self.std).astype(np.float32, copy=False)
 
     def __repr__(self):
         return f"Normalize(mean={self.mean.ravel().tolist()}, std={self.std.ravel().tolist()})"
@@ -358,7 +362,7 @@ class MapPixels:
         self.eps = eps
 
     def __call__(self, chw):
-        return ((1 - 2 * self.eps) * chw + self.eps).astype(np.float32)
+        return ((1 - 2 * self.eps) * chw + self.eps).astype(np.float32, copy=False)
 
     def __repr__(self):
         return f"MapPixels(eps={self.eps})"
