@@ -40,7 +40,7 @@ def _transforms(size=32, grid=4):
     return {
         "mae": MAEPretrainTransform(size, num_patches=grid * grid),
         "bootmae": BootMAEPretrainTransform(BlockMaskGenerator((grid, grid), 8, max_num_patches=4,
-                                                               min_num_patches=2), size),
+                                                               min_num_patches=2), input_size=size, mask_num=6),
         "cae": CAEPretrainTransform(blocks, size, size // 2),
     }
 
