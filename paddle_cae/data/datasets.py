@@ -10,19 +10,33 @@ dict: the transform's output (an array becomes ``"images"``, a dict is taken as 
 ``"labels"`` (int64) and ``"replaced"`` (int64: -1, or the index of the unreadable image this
 sample stands in for). The loader counts ``replaced >= 0`` per epoch, so a corrupt file is
 visible in the logs without stopping a 300-epoch run.
+
+Pretraining pipelines (MAE, CAE, BootMAE) run through their loader-side twin
+(:mod:`.fastpath`) unless ``handover="float32"``: the file is opened for its header, the crop
+is drawn, then decoded (at a reduced size with ``fast_decode``), and the images travel as
+uint8 with their conversion spec; the training step makes the float32 tensors
+(``fastpath.to_model_floats``).
 """
 import logging
 import os
+import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .fastpath import HANDOVERS, ImageSource, UnreadableImage, decode_ratio, fast_twin
+from .transforms import _get, in_sample_rng, restart_sample_rng
 
 logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("train", "val")
 MAX_REPLACEMENT_TRIES = 20
+
+
+class _PipelineError(RuntimeError):
+    """The transform failed on a readable image."""
 
 
 class DatasetLayoutError(ValueError):
@@ -72,10 +86,17 @@ class ImageFolder:
     ``paddle.io.Dataset`` is not needed: the DataLoader only uses ``__getitem__``/``__len__``.
     """
 
-    def __init__(self, root, transform=None, extensions=IMG_EXTENSIONS, loader=pil_loader):
+    def __init__(self, root, transform=None, extensions=IMG_EXTENSIONS, loader=pil_loader,
+                 handover="uint8", fast_decode=False):
+        if handover not in HANDOVERS:
+            raise ValueError(f"ImageFolder: handover must be one of {HANDOVERS}, got {handover!r}")
         self.root = str(root)
         self.transform = transform
         self.loader = loader
+        self.handover = handover
+        decode_ratio(fast_decode)  # checked here, where the value is given
+        self.fast_decode = fast_decode
+        self._fast = (None, None, None)  # (transform, fast_decode, its twin)
         self.extensions = tuple(e.lower() for e in extensions)
         self._check_root()
         self.classes, self.class_to_idx = find_classes(self.root)
@@ -116,8 +137,11 @@ class ImageFolder:
     def __len__(self):
         return len(self.samples)
 
-    def _load(self, index):
-        """Returns (image, index actually used, index replaced or -1)."""
+    def _load(self, index, read=None):
+        """Returns (``read(path)``, default the loader's image; index actually used; index
+        replaced or -1). ``read`` raising :class:`_PipelineError` stops; any other error means
+        the file is unreadable and the next index is tried."""
+        read = read or self.loader
         n = len(self.samples)
         for k in range(min(MAX_REPLACEMENT_TRIES, n)):
             candidate = (index + k) % n
@@ -125,30 +149,70 @@ class ImageFolder:
                 continue
             path = self.samples[candidate][0]
             try:
-                img = self.loader(path)
+                out = read(path)
+            except _PipelineError:
+                raise
             except Exception as err:  # noqa: BLE001  any decoder error means "unreadable"
                 self.known_bad.add(candidate)
                 logger.warning("cannot read image '%s' (%s: %s); using the next sample instead",
                                path, type(err).__name__, err)
                 continue
-            return img, candidate, (-1 if k == 0 else index)
+            return out, candidate, (-1 if k == 0 else index)
         raise RuntimeError(
             f"{MAX_REPLACEMENT_TRIES} consecutive images from '{self.samples[index][0]}' on could not be "
             f"read; check the dataset under '{self.root}'")
 
-    def __getitem__(self, index):
-        img, used, replaced = self._load(int(index))
-        if self.transform is None:
-            out = np.asarray(img)
-        else:
+    def _pipeline_error(self, path, mode, size, err, transform):
+        # Not a decoding problem (the file was read): a bug or an unsupported setting in the
+        # pipeline. Name the image and the pipeline, and stop rather than skip the sample.
+        return _PipelineError(
+            f"the transform failed on image '{path}' ({mode} {size[0]}x{size[1]}): "
+            f"{type(err).__name__}: {err}; transform: {transform!r}")
+
+    def fast_pipeline(self):
+        """The loader-side twin of the transform (:func:`fastpath.fast_twin`), or None: uint8
+        hand-over off, a custom loader, or a transform without a twin."""
+        if self.handover != "uint8" or self.loader is not pil_loader or self.transform is None:
+            return None
+        transform, fast_decode, twin = self._fast
+        if transform is not self.transform or fast_decode != self.fast_decode:
+            twin = fast_twin(self.transform, self.fast_decode)
+            self._fast = (self.transform, self.fast_decode, twin)
+        return twin
+
+    def _read_fast(self, twin):
+        def read(path):
+            source = ImageSource(path)
+            # the twin draws before it decodes: an unreadable file must not use up the draws of
+            # the sample that replaces it (outside a sample_rng block: the global generators)
+            state = None if in_sample_rng() else (random.getstate(), np.random.get_state())
             try:
-                out = self.transform(img)
+                return twin(source)
+            except UnreadableImage:
+                if state is None:
+                    restart_sample_rng()
+                else:
+                    random.setstate(state[0])
+                    np.random.set_state(state[1])
+                raise
             except Exception as err:
-                # Not a decoding problem (the file was read): a bug or an unsupported setting in the
-                # pipeline. Name the image and the pipeline, and stop rather than skip the sample.
-                raise RuntimeError(
-                    f"the transform failed on image '{self.samples[used][0]}' ({img.mode} {img.size[0]}x"
-                    f"{img.size[1]}): {type(err).__name__}: {err}; transform: {self.transform!r}") from err
+                raise self._pipeline_error(path, source.img.mode, source.size, err, twin) from err
+        return read
+
+    def __getitem__(self, index):
+        twin = self.fast_pipeline()
+        if twin is not None:
+            out, used, replaced = self._load(int(index), self._read_fast(twin))
+        else:
+            img, used, replaced = self._load(int(index))
+            if self.transform is None:
+                out = np.asarray(img)
+            else:
+                try:
+                    out = self.transform(img)
+                except Exception as err:
+                    raise self._pipeline_error(self.samples[used][0], img.mode, img.size, err,
+                                               self.transform) from err
         sample = dict(out) if isinstance(out, dict) else {"images": out}
         sample["labels"] = np.int64(self.samples[used][1])
         sample["replaced"] = np.int64(replaced)
@@ -182,9 +246,15 @@ def split_folder(data_path, split):
         f"{expected_layout(data_path)}")
 
 
-def build_dataset(split, data_path=None, transform=None):
-    """``ImageFolder`` over ``data_path/split`` (``data_path`` None -> the bundled demo digits)."""
+def build_dataset(split, data_path=None, transform=None, options=None):
+    """``ImageFolder`` over ``data_path/split`` (``data_path`` None -> the bundled demo digits).
+    ``options`` (a Namespace or dict, e.g. the run's args) may set ``data_handover``
+    ('uint8', the default, or 'float32') and ``fast_decode`` (default False; True or a ratio,
+    see ``fastpath.decode_ratio``)."""
     data_path = data_path or default_data_path()
-    dataset = ImageFolder(split_folder(data_path, split), transform=transform)
+    handover = _get(options or {}, "data_handover", "uint8")
+    fast_decode = _get(options or {}, "fast_decode", False)
+    dataset = ImageFolder(split_folder(data_path, split), transform=transform, handover=handover,
+                          fast_decode=fast_decode)
     logger.info("%s set: %s", split, dataset.summary())
     return dataset

@@ -29,6 +29,7 @@ import os
 import numpy as np
 import paddle
 
+from ..data.fastpath import to_model_floats
 from ..data.loader import derive_seed
 from ..methods import get_method
 from ..runtime import distributed as dist_rt
@@ -45,7 +46,9 @@ BATCH_KEYS = ("images", "bool_masked_pos", "tokenizer_images", "noise", "order",
 
 
 def model_batch(batch, epoch, batch_seed):
-    out = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+    """The model's inputs from a loader batch. Images handed over as uint8 (with their
+    conversion spec) become the pipeline's float32 tensors here, on the device."""
+    out = {k: v for k, v in to_model_floats(batch).items() if k in BATCH_KEYS}
     out["epoch"] = epoch
     out["batch_seed"] = batch_seed
     return out
