@@ -289,3 +289,19 @@ def test_data_throughput_benchmark_prints_every_pipeline_and_ratio(tmp_path, cap
         official, rate, ratio = float(cells[1]), float(cells[2]), float(cells[3])
         assert official > 0 and rate > 0 and ratio == pytest.approx(rate / official, rel=0.02, abs=0.01)
     assert "cores per node" in out and "load average" in out
+
+
+def test_pretraining_flags_reach_the_dataset():
+    """--data_handover and --fast_decode of main_pretrain.py configure the training set."""
+    from paddle_cae.data.datasets import build_dataset
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    args = parse_pretrain_args(["--config", "demo/mae", "--data_handover", "float32", "--fast_decode", "0.5"])
+    dataset = build_dataset("train", None, None, options=args)
+    assert (dataset.handover, dataset.fast_decode) == ("float32", 0.5)
+    default = build_dataset("train", None, None, options=parse_pretrain_args(["--config", "demo/mae"]))
+    assert (default.handover, default.fast_decode) == ("uint8", 0.0)
+    from paddle_cae.runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fast_decode"):
+        parse_pretrain_args(["--fast_decode", "2"])

@@ -183,7 +183,7 @@ def run(argv=None):
     # the masks are laid out on the built model's patch grid
     transform = method.pretrain_transform(
         argparse.Namespace(**{**vars(args), "patch_size": model.input_patch_size()}))
-    dataset = build_dataset("train", args.data_path, transform)
+    dataset = build_dataset("train", args.data_path, transform, options=args)
     options = method.group_options("pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)
     optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,

@@ -102,6 +102,12 @@ PRETRAIN_ARGS = (
     Arg("data_path", "str", None, "dataset root holding train/<class>/<image> (default: the bundled "
         "demo digits)", group=G_DATA),
     Arg("num_workers", "int", 10, "data loader worker processes per rank", minimum=0, group=G_DATA),
+    Arg("data_handover", "str", "uint8", "how pretraining batches travel from the loader: uint8 "
+        "(converted to the same float32 images in the training step) or float32",
+        choices=("uint8", "float32"), group=G_DATA),
+    Arg("fast_decode", "float", 0.0, "reduced JPEG decoding (changes pixels): 0 off; 1 only where "
+        "the crop stays at least the output size; 0.5 also for crops of 1-2x the output (faster, "
+        "softer images)", minimum=0.0, maximum=1.0, group=G_DATA),
     Arg("pin_mem", "bool", True, "pin host memory for faster host-to-GPU copies", negative=("no_pin_mem",),
         group=G_DATA),
     Arg("imagenet_default_mean_and_std", "bool", None, "normalise with the ImageNet mean/std instead of "
