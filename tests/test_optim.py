@@ -484,3 +484,19 @@ def test_peak_lr_rules_of_the_official_scripts():
     assert peak_lr(2e-3, 1.5e-4, 4096) == (2e-3, "absolute --lr")
     value, rule = peak_lr(1.5e-4, None, 512, scaled_by_batch=True, scaled_by="BootMAE")
     assert value == pytest.approx(3e-4) and rule == "lr 0.00015 x 512 / 256 (BootMAE scaling)"
+
+
+def test_lr_schedule_and_group_rule_names_are_checked():
+    from paddle_cae.optim.param_groups import assign_param_groups
+    from paddle_cae.optim.schedules import LearningRateSchedule
+
+    with pytest.raises(ValueError, match="lr schedule"):
+        LearningRateSchedule("linear", 1e-3, 0.0, 1, 10, 5, 0.05)
+    with pytest.raises(ValueError, match="rule"):
+        assign_param_groups([("blocks.0.w", [2, 2], True)], 0.05, rule="timm")
+    # both reach the peak after warm-up; MAE warms up over fractional epochs (1/5 after one of
+    # five updates), BEiT's array is linspace(0, peak, 5) (1/4 after one update)
+    mae = LearningRateSchedule("mae", 1e-3, 0.0, 1, 10, 5, 0.05)
+    beit = LearningRateSchedule("beit", 1e-3, 0.0, 1, 10, 5, 0.05)
+    assert mae.at(1, 0)[0] == pytest.approx(1e-3) and beit.at(1, 0)[0] == pytest.approx(1e-3)
+    assert mae.at(0, 1)[0] == pytest.approx(1e-3 / 5) and beit.at(0, 1)[0] == pytest.approx(1e-3 / 4)

@@ -12,7 +12,8 @@ import paddle
 from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
 from ..data.sampler import GlobalBatchSampler
 from ..loading.pretrained import strict_load
-from ..optim import apply_lr, cosine_scheduler, mae_lr_at
+from ..optim import apply_lr
+from ..optim.schedules import LearningRateSchedule
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import CheckpointError, load_checkpoint, to_plain
 from ..runtime.collectives import broadcast_object
@@ -49,49 +50,6 @@ def limited(loader, count):
         if k >= count:
             break
         yield batch
-
-
-class LearningRateSchedule:
-    """Per-update learning rate and weight decay.
-
-    ``mae``: half-cycle cosine at a fractional epoch (MAE). ``beit``: the per-iteration
-    ``cosine_scheduler`` array of BEiT/CAE/BootMAE, with an optional cosine weight decay."""
-
-    def __init__(self, kind, lr, min_lr, warmup_epochs, epochs, updates_per_epoch,
-                 weight_decay, weight_decay_end=None, warmup_steps=-1):
-        self.kind = kind
-        self.lr, self.min_lr = lr, min_lr
-        self.warmup_epochs, self.epochs = warmup_epochs, epochs
-        self.updates_per_epoch = updates_per_epoch
-        self.weight_decay = weight_decay
-        self.weight_decay_end = weight_decay_end
-        if kind == "beit":
-            total = epochs * updates_per_epoch
-            warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * updates_per_epoch
-            if warmup_iters > total:
-                logger.warning("warm-up (%d updates) is longer than the whole run (%d updates): "
-                               "the run warms up over all of it", warmup_iters, total)
-                warmup_epochs, warmup_steps = 0, total
-            self.lr_values = cosine_scheduler(lr, min_lr, epochs, updates_per_epoch, warmup_epochs,
-                                              warmup_steps=warmup_steps)
-        if weight_decay_end is not None:
-            self.wd_values = cosine_scheduler(weight_decay, weight_decay_end, epochs,
-                                              updates_per_epoch)
-        else:
-            self.wd_values = None
-
-    def at(self, epoch, update_in_epoch):
-        """(lr, weight decay) for the ``update_in_epoch``-th optimizer update of ``epoch``."""
-        index = epoch * self.updates_per_epoch + update_in_epoch
-        if self.kind == "mae":
-            lr = mae_lr_at(epoch + update_in_epoch / self.updates_per_epoch, self.lr, self.min_lr,
-                           self.warmup_epochs, self.epochs)
-        else:
-            lr = float(self.lr_values[min(index, len(self.lr_values) - 1)])
-        wd = None
-        if self.wd_values is not None:
-            wd = float(self.wd_values[min(index, len(self.wd_values) - 1)])
-        return lr, wd
 
 
 class TrainingRun:

@@ -19,11 +19,24 @@ A model may describe itself instead of relying on the ViT naming rules:
   ``num_layers``; BEiT's ``get_num_layers() == depth`` and a ``blocks`` list are accepted too);
 * ``no_weight_decay() -> set of names`` (used when ``no_weight_decay_list`` is None).
 """
-from collections import OrderedDict
+from collections import OrderedDict, namedtuple
 
 from ..runtime.distributed import unwrap_model
 
-RULES = ("mae", "beit")
+# The two official layer-decay rules, by the name the methods give them:
+#   mask_token_first: ``mask_token`` sits in layer 0 (BEiT's code) rather than the last layer
+#                     (MAE's rule lists only cls_token and pos_embed by name);
+#   always_by_layer:  layer groups are built whenever a layer decay is given (MAE), not only
+#                     for layer_decay < 1 (BEiT's code; the values are the same).
+GroupRule = namedtuple("GroupRule", "mask_token_first always_by_layer")
+RULES = {"mae": GroupRule(mask_token_first=False, always_by_layer=True),
+         "beit": GroupRule(mask_token_first=True, always_by_layer=False)}
+
+
+def _rule(rule):
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {tuple(RULES)}, got {rule!r}")
+    return RULES[rule]
 
 
 def layer_id_for_vit(name, num_layers, rule="beit"):
@@ -33,13 +46,12 @@ def layer_id_for_vit(name, num_layers, rule="beit"):
     ``rule`` only matters for ``mask_token``: layer 0 for BEiT-style code, the last layer for
     MAE (whose rule lists only ``cls_token`` and ``pos_embed`` by exact name).
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    mask_token_first = _rule(rule).mask_token_first
     last = num_layers + 1
     if name in ("cls_token", "pos_embed"):
         return 0
     if name == "mask_token":
-        return 0 if rule == "beit" else last
+        return 0 if mask_token_first else last
     if name.startswith("patch_embed"):
         return 0
     if name.startswith("rel_pos_bias"):
@@ -92,11 +104,10 @@ def assign_param_groups(named_params, weight_decay, layer_decay=None, no_weight_
     every trainable parameter. This is the shape-only core of :func:`param_groups`; it needs no
     model, so the assignment can be checked against names and shapes alone.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    always_by_layer = _rule(rule).always_by_layer
     skip = set(no_weight_decay_list or ())
     # BEiT-style code only builds an assigner for layer_decay < 1; MAE always does (same values).
-    use_layers = layer_decay is not None and (rule == "mae" or layer_decay < 1.0)
+    use_layers = layer_decay is not None and (always_by_layer or layer_decay < 1.0)
     if use_layers:
         if num_layers is None:
             raise ValueError("layer decay needs num_layers (the number of blocks)")

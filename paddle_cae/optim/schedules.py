@@ -7,9 +7,16 @@ Two lr schedules exist (SPEC h.1):
 
 Either way a group's lr is ``lr * lr_scale``; :func:`apply_lr` writes that into an optimizer.
 """
+import logging
 import math
 
 import numpy as np
+
+logger = logging.getLogger("paddle_cae")
+
+# ``--lr_schedule`` values: whether the lr is read from a per-iteration array (BEiT's code: CAE,
+# BootMAE) or evaluated at a fractional epoch (MAE's code)
+PER_ITERATION = {"mae": False, "beit": True}
 
 
 def peak_lr(lr, blr, effective_batch, scaled_by_batch=False, scaled_by=""):
@@ -94,3 +101,49 @@ def apply_lr(optimizer, lr, weight_decay=None):
             if group.get("weight_decay", 0.0) > 0:
                 group["weight_decay"] = float(weight_decay)
     return lr
+
+
+class LearningRateSchedule:
+    """Per-update learning rate and weight decay.
+
+    ``mae``: half-cycle cosine at a fractional epoch (MAE). ``beit``: the per-iteration
+    ``cosine_scheduler`` array of BEiT/CAE/BootMAE, with an optional cosine weight decay."""
+
+    def __init__(self, kind, lr, min_lr, warmup_epochs, epochs, updates_per_epoch,
+                 weight_decay, weight_decay_end=None, warmup_steps=-1):
+        if kind not in PER_ITERATION:
+            raise ValueError(f"lr schedule must be one of {tuple(PER_ITERATION)}, got {kind!r}")
+        self.kind = kind
+        self.per_iteration = PER_ITERATION[kind]
+        self.lr, self.min_lr = lr, min_lr
+        self.warmup_epochs, self.epochs = warmup_epochs, epochs
+        self.updates_per_epoch = updates_per_epoch
+        self.weight_decay = weight_decay
+        self.weight_decay_end = weight_decay_end
+        if self.per_iteration:
+            total = epochs * updates_per_epoch
+            warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * updates_per_epoch
+            if warmup_iters > total:
+                logger.warning("warm-up (%d updates) is longer than the whole run (%d updates): "
+                               "the run warms up over all of it", warmup_iters, total)
+                warmup_epochs, warmup_steps = 0, total
+            self.lr_values = cosine_scheduler(lr, min_lr, epochs, updates_per_epoch, warmup_epochs,
+                                              warmup_steps=warmup_steps)
+        if weight_decay_end is not None:
+            self.wd_values = cosine_scheduler(weight_decay, weight_decay_end, epochs,
+                                              updates_per_epoch)
+        else:
+            self.wd_values = None
+
+    def at(self, epoch, update_in_epoch):
+        """(lr, weight decay) for the ``update_in_epoch``-th optimizer update of ``epoch``."""
+        index = epoch * self.updates_per_epoch + update_in_epoch
+        if self.per_iteration:
+            lr = float(self.lr_values[min(index, len(self.lr_values) - 1)])
+        else:
+            lr = mae_lr_at(epoch + update_in_epoch / self.updates_per_epoch, self.lr, self.min_lr,
+                           self.warmup_epochs, self.epochs)
+        wd = None
+        if self.wd_values is not None:
+            wd = float(self.wd_values[min(index, len(self.wd_values) - 1)])
+        return lr, wd
