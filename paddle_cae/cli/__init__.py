@@ -1,5 +1,7 @@
-"""Console commands of an installed package (``pip install .``): the same programs as the
-repository's ``main_*.py`` scripts.
+"""The entrypoints: ``start`` (what every training entrypoint does first), ``pretrain``,
+``classify`` (fine-tuning and linear probing) and ``infer``, and below the console commands of
+an installed package (``pip install .``), the same programs as the repository's ``main_*.py``
+scripts.
 
     paddle-cae-pretrain   = python main_pretrain.py
     paddle-cae-finetune   = python main_finetune.py
@@ -14,32 +16,32 @@ import sys
 from ..startup import prepare_process
 
 
-def pretrain():
+def pretrain_command():
     prepare_process()
     from .pretrain import main
 
     return main(sys.argv[1:])
 
 
-def finetune():
+def finetune_command():
     prepare_process()
     from .classify import main
 
     return main(sys.argv[1:], phase="finetune")
 
 
-def linprobe():
+def linprobe_command():
     prepare_process()
     from .classify import main
 
     return main(sys.argv[1:], phase="linprobe")
 
 
-def infer():
+def infer_command():
     prepare_process()
     from .infer import main
 
     return main(sys.argv[1:])
 
 
-__all__ = ["finetune", "infer", "linprobe", "pretrain"]
+__all__ = ["finetune_command", "infer_command", "linprobe_command", "pretrain_command"]
