@@ -38,6 +38,7 @@ CASES = {
     "residual_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,)]),
     "residual_scale_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,), (C,)]),
     "layer_norm": (lambda x, w, b: fused.layer_norm(x, w, b, 1e-6), [(B, N, C), (C,), (C,)]),
+    "attention": (lambda q, k, v: fused.attention(q, k, v, 0.3), [(B, H, N, D)] * 3),
 }
 
 
@@ -272,3 +273,54 @@ def test_switched_off_the_models_are_built_from_the_reference_layers(monkeypatch
     assert type(model.encoder.blocks[0]) is Block
     assert type(model.regresser.regressor_blocks[0].mlp_cross) is Mlp
     assert type(model.regresser.regressor_blocks[0].cross_attn).__name__ == "CrossAttention"
+
+
+def test_attention_kernel_runs_on_the_wheels_mkl_and_matches_the_composed_kernels(monkeypatch):
+    """Where the Paddle wheel ships MKL, the attention core runs as one kernel (per-head sgemm
+    products around the softmax kernel) and gives what the composed ops give: matmul, scaled
+    softmax kernel, matmul, head merge kernel."""
+    import os
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    mkl = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
+    rng = np.random.default_rng(3)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((2, 3, 11, 8)).astype("float32"),
+                                stop_gradient=False) for _ in range(3))
+    ext = fused._load()
+    assert fused._has_gemm(ext, q) == os.path.isfile(mkl)
+    if not os.path.isfile(mkl):
+        pytest.skip("this Paddle wheel ships no MKL")
+    out, prob = ext.cae_attention(q, k, v, 0.25)
+    scores = fused.scaled_softmax(paddle.matmul(q, k, transpose_y=True), 0.25)
+    ref = fused.merge_heads(paddle.matmul(scores, v))
+    np.testing.assert_allclose(prob.numpy(), scores.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    g = paddle.to_tensor(rng.standard_normal(out.shape).astype("float32"))
+    got = paddle.grad([out], [q, k, v], [g])
+    want = paddle.grad([ref], [q, k, v], [g])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_allocator_tuning_is_applied_with_the_kernels_and_can_be_switched_off():
+    """Loading the kernels keeps freed tensor memory mapped (glibc mallopt); with
+    PADDLE_CAE_MALLOC_TUNING=0 malloc is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from paddle_cae.ops import fused; fused.extension_available(); "
+            "print(fused.tune_allocator())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen = {}
+    for value in ("1", "0"):
+        env = dict(os.environ, PYTHONPATH=root, PADDLE_CAE_MALLOC_TUNING=value,
+                   PADDLE_CAE_FUSED_OPS="1")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen[value] = out.stdout.strip().splitlines()[-1]
+    import platform
+
+    assert seen["0"] == "False"
+    assert seen["1"] == str(platform.libc_ver()[0] == "glibc")

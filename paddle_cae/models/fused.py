@@ -31,6 +31,7 @@ class _kernels:
     split_heads = functools.partial(fused_ops.split_heads, by_env=False)
     scaled_softmax = functools.partial(fused_ops.scaled_softmax, by_env=False)
     merge_heads = functools.partial(fused_ops.merge_heads, by_env=False)
+    attention = functools.partial(fused_ops.attention, by_env=False)
 
 
 def fused_enabled():
@@ -91,7 +92,9 @@ def _attend(attn, x):
     q_scale, s_scale = (attn.scale, 1.0) if attn.style == "beit" else (1.0, attn.scale)
     q, k, v = _kernels.split_heads(paddle.matmul(x, attn.qkv.weight), attn.qkv_bias_vector(),
                                    attn.num_heads, q_scale)
-    bias = attn.relative_bias() if attn.relative_position_bias_table is not None else None
+    if attn.relative_position_bias_table is None:
+        return _kernels.attention(q, k, v, s_scale)
+    bias = attn.relative_bias()
     scores = _kernels.scaled_softmax(paddle.matmul(q, k, transpose_y=True), s_scale, bias)
     return _kernels.merge_heads(paddle.matmul(scores, v))
 

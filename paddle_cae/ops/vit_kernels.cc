@@ -6,6 +6,8 @@
 // is float32 rounding: exp and the normal CDF are this file's own vectorizable versions (within
 // a couple of ulp), row sums of softmax are vectorized reductions, and the reductions into
 // bias and norm-weight gradients accumulate in double.
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -393,6 +395,147 @@ std::vector<paddle::Tensor> ScaledSoftmaxBiasBackward(const paddle::Tensor& y,
   }
   return {dx, dbias};
 }
+
+// ------------------------------------------------------------------ attention core
+// out [B, N, H*D] = merge_heads(softmax(q k^T * scale) v) for q, k, v [B, H, N, D]; P (the
+// softmax, [B, H, N, N]) is kept for the backward pass. The same operations as the reference
+// (two matmuls around the scaled softmax above, then the head merge), but each (batch, head)
+// pair's products are one single-threaded MKL sgemm on one OpenMP thread, the softmax runs on
+// the scores while they are in cache, and the second product writes straight into the merged
+// layout. Paddle's batched matmul ran these small products (e.g. 197 x 32 x 197) at a quarter
+// of the speed MKL reaches on them. MKL is the library the Paddle CPU wheel ships
+// (paddle/libs/libmklml_intel.so, found through this library's runpath).
+namespace {
+using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*,
+                         int, float, float*, int);
+using SetThreadsLocalFn = int (*)(int);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
+struct Mkl {
+  SgemmFn sgemm = nullptr;
+  SetThreadsLocalFn set_threads_local = nullptr;
+};
+
+const Mkl& mkl() {
+  static const Mkl lib = [] {
+    Mkl m;
+    void* handle = dlopen("libmklml_intel.so", RTLD_LAZY | RTLD_LOCAL);
+    if (handle) {
+      m.sgemm = reinterpret_cast<SgemmFn>(dlsym(handle, "cblas_sgemm"));
+      m.set_threads_local = reinterpret_cast<SetThreadsLocalFn>(
+          dlsym(handle, "MKL_Set_Num_Threads_Local"));  // C API (by value)
+    }
+    return m;
+  }();
+  return lib;
+}
+
+// MKL single-threaded on this OpenMP thread for the scope (each thread runs its own products)
+class MklSequential {
+ public:
+  MklSequential() : prev_(mkl().set_threads_local ? mkl().set_threads_local(1) : 0) {}
+  ~MklSequential() {
+    if (mkl().set_threads_local) mkl().set_threads_local(prev_);
+  }
+
+ private:
+  int prev_;
+};
+}  // namespace
+
+std::vector<paddle::Tensor> GemmAvailable(const paddle::Tensor& x) {
+  auto out = paddle::empty({1}, paddle::DataType::FLOAT32, x.place());
+  out.data<float>()[0] = (mkl().sgemm && mkl().set_threads_local) ? 1.0f : 0.0f;
+  return {out};
+}
+
+std::vector<paddle::Tensor> AttentionForward(const paddle::Tensor& q, const paddle::Tensor& k,
+                                             const paddle::Tensor& v, float scale) {
+  check_f32(q, "q");
+  check_f32(k, "k");
+  check_f32(v, "v");
+  const Mkl& m = mkl();
+  PD_CHECK(m.sgemm && m.set_threads_local, "attention: MKL (libmklml_intel.so) not found");
+  const auto s = q.shape();
+  const int B = s[0], H = s[1], N = s[2], D = s[3];
+  auto out = empty({B, N, static_cast<int64_t>(H) * D}, q);
+  auto prob = empty({B, H, N, N}, q);
+  const float* qp = q.data<float>();
+  const float* kp = k.data<float>();
+  const float* vp = v.data<float>();
+  float* op = out.data<float>();
+  float* pp = prob.data<float>();
+#pragma omp parallel
+  {
+    MklSequential sequential;
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < static_cast<int64_t>(B) * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t off = bh * N * D;
+      float* p = pp + bh * N * N;
+      m.sgemm(kRowMajor, kNoTrans, kTrans, N, N, D, 1.0f, qp + off, D, kp + off, D, 0.0f, p, N);
+      for (int64_t r = 0; r < N; ++r) softmax_row(p + r * N, nullptr, scale, N, p + r * N);
+      m.sgemm(kRowMajor, kNoTrans, kNoTrans, N, D, N, 1.0f, p, N, vp + off, D, 0.0f,
+              op + b * N * H * D + h * D, H * D);
+    }
+  }
+  return {out, prob};
+}
+
+std::vector<paddle::Tensor> AttentionBackward(const paddle::Tensor& q, const paddle::Tensor& k,
+                                              const paddle::Tensor& v, const paddle::Tensor& prob,
+                                              const paddle::Tensor& dout, float scale) {
+  const Mkl& m = mkl();
+  const auto s = q.shape();
+  const int B = s[0], H = s[1], N = s[2], D = s[3];
+  auto dq = empty(s, q), dk = empty(s, q), dv = empty(s, q);
+  const float* qp = q.data<float>();
+  const float* kp = k.data<float>();
+  const float* vp = v.data<float>();
+  const float* pp = prob.data<float>();
+  const float* gp = dout.data<float>();
+  float* dqp = dq.data<float>();
+  float* dkp = dk.data<float>();
+  float* dvp = dv.data<float>();
+#pragma omp parallel
+  {
+    MklSequential sequential;
+    std::vector<float> ds(static_cast<size_t>(N) * N);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < static_cast<int64_t>(B) * H; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t off = bh * N * D;
+      const float* p = pp + bh * N * N;
+      const float* g = gp + b * N * H * D + h * D;  // this head's columns of the merged grad
+      // out = P v:  dV = P^T dO,  dP = dO v^T
+      m.sgemm(kRowMajor, kTrans, kNoTrans, N, D, N, 1.0f, p, N, g, H * D, 0.0f, dvp + off, D);
+      m.sgemm(kRowMajor, kNoTrans, kTrans, N, N, D, 1.0f, g, H * D, vp + off, D, 0.0f,
+              ds.data(), N);
+      // scores: dS = P * (dP - <dP, P>) * scale, row by row (the scaled softmax's backward)
+      for (int64_t r = 0; r < N; ++r)
+        softmax_grad_row(p + r * N, ds.data() + r * N, scale, N, nullptr, ds.data() + r * N);
+      // S = q k^T:  dq = dS k,  dk = dS^T q
+      m.sgemm(kRowMajor, kNoTrans, kNoTrans, N, D, N, 1.0f, ds.data(), N, kp + off, D, 0.0f,
+              dqp + off, D);
+      m.sgemm(kRowMajor, kTrans, kNoTrans, N, D, N, 1.0f, ds.data(), N, qp + off, D, 0.0f,
+              dkp + off, D);
+    }
+  }
+  return {dq, dk, dv};
+}
+
+PD_BUILD_OP(cae_gemm_available).Inputs({"X"}).Outputs({"Out"}).SetKernelFn(PD_KERNEL(GemmAvailable));
+
+PD_BUILD_OP(cae_attention)
+    .Inputs({"Q", "K", "V"})
+    .Outputs({"Out", "Prob"})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(AttentionForward));
+PD_BUILD_GRAD_OP(cae_attention)
+    .Inputs({"Q", "K", "V", "Prob", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Q"), paddle::Grad("K"), paddle::Grad("V")})
+    .Attrs({"scale: float"})
+    .SetKernelFn(PD_KERNEL(AttentionBackward));
 
 // ------------------------------------------------------------------------- bias + GELU
 std::vector<paddle::Tensor> BiasGeluForward(const paddle::Tensor& h, const paddle::Tensor& bias) {
