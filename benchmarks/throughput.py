@@ -460,12 +460,12 @@ def _op_name(name):
     the fused kernels' 'CustomOpGradNode: cae_x_grad' (3.x) / 'RunCustomOpNode: ...' (2.6) ->
     'cae_x_grad'."""
     name = name.strip()
+    if name.startswith("Global_"):
+        name = name[len("Global_"):]
     if ": " in name and name.split(": ", 1)[0] in ("CustomOpGradNode", "RunCustomOpNode"):
         name = name.split(": ", 1)[1]
     if name.endswith(" dygraph"):
         name = name[:-len(" dygraph")]
-    if name.startswith("Global_"):
-        name = name[len("Global_"):]
     return name
 
 

@@ -31,7 +31,11 @@ class _kernels:
     split_heads = functools.partial(fused_ops.split_heads, by_env=False)
     scaled_softmax = functools.partial(fused_ops.scaled_softmax, by_env=False)
     merge_heads = functools.partial(fused_ops.merge_heads, by_env=False)
-    attention = functools.partial(fused_ops.attention, by_env=False)
+
+    @staticmethod
+    def attention(q, k, v, scale):
+        # looked up on each call: the FLOP counter (runtime/flops.py) wraps it
+        return fused_ops.attention(q, k, v, scale, by_env=False)
 
 
 def fused_enabled():

@@ -334,14 +334,23 @@ def add_scaled(a, b, gain):
     return a + gain * b
 
 
+def kernels_for(tensor):
+    """The kernel module for tensors like ``tensor`` (float32, CPU, dynamic graph, switch on,
+    built), or None: for callers that choose their path once, when they are constructed (the
+    optimizer), and pass it back as ``ext``."""
+    return _use(tensor)
+
+
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
-                  bias_correction1, bias_correction2):
+                  bias_correction1, bias_correction2, ext=None):
     """One in-place AdamW update in a single multi-threaded pass, when the kernels apply;
     returns False (and changes nothing) otherwise. Arithmetic of the plain path of
     :class:`paddle_cae.optim.AdamW`, every scalar rounded to float32 as Paddle's scalar ops do:
     ``p *= 1 - lr*wd; m += (1-b1)(g - m); v = v*b2 + g*g*(1-b2);
-    p += m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)``."""
-    ext = _use(param, grad, exp_avg, exp_avg_sq)
+    p += m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)``. ``ext``: the module chosen by
+    :func:`kernels_for` (the caller guarantees float32 CPU tensors); else it is looked up."""
+    if ext is None:
+        ext = _use(param, grad, exp_avg, exp_avg_sq)
     if ext is None:
         return False
     ext.cae_adamw_update(param, grad, exp_avg, exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
