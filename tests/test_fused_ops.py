@@ -324,3 +324,21 @@ def test_allocator_tuning_is_applied_with_the_kernels_and_can_be_switched_off():
 
     assert seen["0"] == "False"
     assert seen["1"] == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_kernels_share_mkls_openmp_runtime_where_the_wheel_ships_it():
+    """The kernels are linked to the OpenMP runtime of the wheel's MKL (libiomp5) when there is
+    one, so that the process runs one thread pool, not two competing for the cores."""
+    import os
+    import shutil
+    import subprocess
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("no readelf here")
+    lib = os.path.join(fused._build_dir(), fused._NAME, fused._NAME + ".so")
+    assert os.path.isfile(lib), lib
+    needed = subprocess.run([readelf, "-d", lib], capture_output=True, text=True).stdout
+    iomp = os.path.isfile(os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so"))
+    assert ("[libiomp5.so]" in needed) == iomp
+    assert ("[libgomp.so.1]" in needed) == (not iomp)

@@ -83,12 +83,30 @@ def _cxx_flags():
     return ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] + isa_target()[1]
 
 
+def _openmp_ldflags():
+    """Link the kernels' OpenMP to the runtime MKL uses in this Paddle wheel (Intel's
+    libiomp5 in paddle/libs, which also serves GCC's GOMP entry points) when it ships one;
+    otherwise GCC's libgomp. With two OpenMP runtimes in the process, each keeps its own
+    threads: MKL's spin after every matmul while the kernels' threads want the same cores
+    (a kernel run right after a matmul took 20 ms instead of 0.8 on the 2-core machine)."""
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    if os.path.isfile(os.path.join(libs, "libiomp5.so")):
+        return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
+    return ["-fopenmp"]
+
+
+def _ldflags():
+    return _openmp_ldflags() + ["-ldl"]
+
+
 def _build_dir():
-    """Keyed by Paddle's version, the source and the compiler flags (incl. the ISA)."""
+    """Keyed by Paddle's version, the source and the compiler and linker flags (incl. the
+    ISA and the OpenMP runtime)."""
     base = os.environ.get("PADDLE_CAE_OPS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "paddle_cae", "ops")
     with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read() + " ".join(_cxx_flags()).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(f.read() + " ".join(_cxx_flags() + _ldflags()).encode()
+                              ).hexdigest()[:10]
     return os.path.join(base, f"paddle{paddle.__version__}-{digest}-{isa_target()[0]}")
 
 
@@ -172,7 +190,7 @@ def _quiet_load(build_dir):
             warnings.simplefilter("ignore")
             return load(name=_NAME, sources=[_SOURCE],
                         extra_cxx_cflags=_cxx_flags(),
-                        extra_ldflags=["-fopenmp", "-ldl"],
+                        extra_ldflags=_ldflags(),
                         build_directory=build_dir, verbose=False)
     finally:
         if paddle_logger is not None:
