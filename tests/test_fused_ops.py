@@ -57,6 +57,8 @@ def test_fused_op_matches_reference(name, monkeypatch):
 @pytest.mark.parametrize("name,kwargs", [
     ("vit_base_patch16", {}),  # timm attention
     ("cae_base_patch16_224", {}),  # BEiT attention, q/v bias, relative position bias, gammas
+    ("vit_base_patch16", {"drop_path_rate": 0.5}),  # drop path in training (same draws)
+    ("cae_base_patch16_224", {"drop_path_rate": 0.5}),
 ])
 def test_block_matches_reference(name, kwargs, monkeypatch):
     """The same weights built with the fused layers and with the reference layers (the switch
@@ -77,6 +79,7 @@ def test_block_matches_reference(name, kwargs, monkeypatch):
         else:
             model.set_state_dict(state)
         model.train()
+        paddle.seed(7)  # the same drop-path draws in both
         loss = (model(x) ** 2).sum()
         loss.backward()
         grads = [p.grad.numpy().copy() for p in model.parameters() if p.grad is not None]
@@ -342,3 +345,30 @@ def test_kernels_share_mkls_openmp_runtime_where_the_wheel_ships_it():
     iomp = os.path.isfile(os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so"))
     assert ("[libiomp5.so]" in needed) == iomp
     assert ("[libgomp.so.1]" in needed) == (not iomp)
+
+
+@pytest.mark.parametrize("with_gamma", [False, True])
+def test_residual_drop_path_kernel_matches_the_droppath_formula(with_gamma, monkeypatch):
+    """res + gamma * (h + bias) / keep * mask in one kernel: the forward and the gradients of
+    res and h bit-identical to the reference operators, the column sums within rounding."""
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(s).astype("float32") for s in [(3, 5, C), (3, 5, C), (C,)]]
+    if with_gamma:
+        arrays.append(rng.standard_normal(C).astype("float32"))
+    mask = np.array([1.0, 0.0, 1.0], "float32").reshape(3, 1, 1)
+    g = rng.standard_normal((3, 5, C)).astype("float32")
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
+        xs = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
+        gamma = xs[3] if with_gamma else None
+        out = fused.residual_drop_path(xs[0], xs[1], xs[2], gamma, paddle.to_tensor(mask), 0.9)
+        grads = paddle.grad([out], xs, [paddle.to_tensor(g)])
+        results.append([out.numpy()] + [t.numpy() for t in grads])
+    (out_f, *grads_f), (out_r, *grads_r) = results
+    np.testing.assert_array_equal(out_f, out_r)
+    np.testing.assert_array_equal(grads_f[0], grads_r[0])  # res
+    np.testing.assert_array_equal(grads_f[1], grads_r[1])  # h
+    assert not grads_f[1][1].any()  # the dropped sample's branch gets no gradient
+    for a, b in zip(grads_f[2:], grads_r[2:]):  # bias, gamma: sums over rows
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())

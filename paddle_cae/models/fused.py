@@ -28,6 +28,7 @@ class _kernels:
     layer_norm = functools.partial(fused_ops.layer_norm, by_env=False)
     bias_gelu = functools.partial(fused_ops.bias_gelu, by_env=False)
     residual_bias = functools.partial(fused_ops.residual_bias, by_env=False)
+    residual_drop_path = functools.partial(fused_ops.residual_drop_path, by_env=False)
     split_heads = functools.partial(fused_ops.split_heads, by_env=False)
     scaled_softmax = functools.partial(fused_ops.scaled_softmax, by_env=False)
     merge_heads = functools.partial(fused_ops.merge_heads, by_env=False)
@@ -83,9 +84,10 @@ class FusedBlock(Block):
         return self._residual(x, y, mlp.fc2.bias, self.gamma_2)
 
     def _residual(self, x, y, bias, gamma):
-        if self.training and isinstance(self.drop_path, DropPath):
-            y = y + bias
-            return x + self.drop_path(y if gamma is None else gamma * y)
+        drop = self.drop_path
+        if self.training and isinstance(drop, DropPath) and drop.drop_prob > 0.0:
+            return _kernels.residual_drop_path(x, y, bias, gamma, drop.sample_mask(y),
+                                               1.0 - drop.drop_prob)
         return _kernels.residual_bias(x, y, bias, gamma)
 
 

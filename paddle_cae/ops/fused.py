@@ -318,6 +318,41 @@ def residual_bias(res, h, bias, gamma=None, *, by_env=True):
     return res + (y if gamma is None else gamma * y)
 
 
+_true_division = []
+
+
+def _scalar_division_is_true_division():
+    """Whether this Paddle computes ``tensor / python_float`` as a float32 division (3.x) or
+    as a multiplication by the float32 reciprocal (2.6): decided once, by computing it."""
+    if not _true_division:
+        import numpy as np
+
+        values = np.random.default_rng(0).standard_normal(4096).astype("float32")
+        got = (paddle.to_tensor(values) / 0.9).numpy()
+        _true_division.append(bool(np.array_equal(got, values / np.float32(0.9))))
+    return _true_division[0]
+
+
+def residual_drop_path(res, h, bias, gamma, mask, keep, *, by_env=True):
+    """``res + drop_path(h + bias)`` (``gamma * (h + bias)`` with a layer scale) for a drawn
+    per-sample ``mask`` [B, 1, ...] of 0 / 1 and keep probability ``keep``.
+
+    Reference: ``y = h + bias; y = gamma * y; res + y / keep * mask``, the DropPath formula
+    (models/layers.py)."""
+    ext = _use(res, h, bias, mask, by_env=by_env) if gamma is None else \
+        _use(res, h, bias, gamma, mask, by_env=by_env)
+    if ext is not None and list(res.shape) == list(h.shape) and \
+            int(mask.numel()) == int(h.shape[0]):
+        args = (float(keep), float(1.0 / keep), _scalar_division_is_true_division())
+        flat = mask.reshape([-1])
+        if gamma is None:
+            return ext.cae_residual_drop(res, h, bias, flat, *args)
+        return ext.cae_residual_scale_drop(res, h, bias, gamma, flat, *args)
+    y = h + bias
+    y = y if gamma is None else gamma * y
+    return res + y / keep * mask
+
+
 def layer_norm(x, weight, bias, eps, *, by_env=True):
     """LayerNorm over the last axis. Reference: ``F.layer_norm``."""
     ext = _use(x, weight, bias, by_env=by_env)

@@ -680,6 +680,143 @@ std::vector<paddle::Tensor> ResidualScaleBiasBackward(const paddle::Tensor& res,
   return residual_backward(h, bias, &gamma, dout);
 }
 
+// ------------------------------------------------------- bias + layer scale + drop path
+// out = res + drop_path(gamma * (h + bias)), drop path as the reference DropPath computes it:
+// y / keep * mask[sample] with the sample's 0/1 mask drawn by the caller. `true_div`: this
+// Paddle divides a tensor by a Python float (3.x); otherwise it multiplies by the float32
+// reciprocal `inv_keep` (2.6). Same float32 operations in the same order as the reference.
+namespace {
+inline float drop_scale(float y, float keep, float inv_keep, bool true_div) {
+  return true_div ? y / keep : y * inv_keep;
+}
+
+paddle::Tensor residual_drop_forward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                     const paddle::Tensor& bias, const paddle::Tensor* gamma,
+                                     const paddle::Tensor& mask, float keep, float inv_keep,
+                                     bool true_div) {
+  check_f32(h, "h");
+  check_f32(mask, "mask");
+  auto out = empty(h.shape(), h);
+  const int64_t C = h.shape().back(), rows = h.numel() / C, per = rows / mask.numel();
+  const float* x = res.data<float>();
+  const float* hp = h.data<float>();
+  const float* b = bias.data<float>();
+  const float* gm = gamma ? gamma->data<float>() : nullptr;
+  const float* mk = mask.data<float>();
+  float* o = out.data<float>();
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i0 = r * C;
+    const float m = mk[r / per];
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      float y = hp[i0 + c] + b[c];
+      if (gm) y = gm[c] * y;
+      o[i0 + c] = x[i0 + c] + drop_scale(y, keep, inv_keep, true_div) * m;
+    }
+  }
+  return out;
+}
+
+std::vector<paddle::Tensor> residual_drop_backward(const paddle::Tensor& h,
+                                                   const paddle::Tensor& bias,
+                                                   const paddle::Tensor* gamma,
+                                                   const paddle::Tensor& mask,
+                                                   const paddle::Tensor& dout, float keep,
+                                                   float inv_keep, bool true_div) {
+  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
+  auto db = empty(bias.shape(), bias);
+  const int64_t C = h.shape().back(), rows = h.numel() / C, per = rows / mask.numel();
+  const float* g = dout.data<float>();
+  const float* hp = h.data<float>();
+  const float* b = bias.data<float>();
+  const float* gm = gamma ? gamma->data<float>() : nullptr;
+  const float* mk = mask.data<float>();
+  float* a = dres.data<float>();
+  float* d = dh.data<float>();
+  ColumnPartials sum_b(C), sum_g(gm ? C : 0);
+#pragma omp parallel
+  {
+    double* pb = sum_b.mine();
+    double* pg = sum_g.mine();
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i0 = r * C;
+      const float m = mk[r / per];
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = i0 + c;
+        const float gs = drop_scale(g[i] * m, keep, inv_keep, true_div);
+        a[i] = g[i];
+        if (gm) {
+          pg[c] += static_cast<double>(gs) * (hp[i] + b[c]);
+          d[i] = gs * gm[c];
+        } else {
+          d[i] = gs;
+        }
+        pb[c] += d[i];
+      }
+    }
+  }
+  sum_b.reduce(db.data<float>());
+  if (!gm) return {dres, dh, db};
+  auto dg = empty(gamma->shape(), *gamma);
+  sum_g.reduce(dg.data<float>());
+  return {dres, dh, db, dg};
+}
+}  // namespace
+
+std::vector<paddle::Tensor> ResidualDropForward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                                const paddle::Tensor& bias,
+                                                const paddle::Tensor& mask, float keep,
+                                                float inv_keep, bool true_div) {
+  return {residual_drop_forward(res, h, bias, nullptr, mask, keep, inv_keep, true_div)};
+}
+
+std::vector<paddle::Tensor> ResidualDropBackward(const paddle::Tensor& res, const paddle::Tensor& h,
+                                                 const paddle::Tensor& bias,
+                                                 const paddle::Tensor& mask,
+                                                 const paddle::Tensor& dout, float keep,
+                                                 float inv_keep, bool true_div) {
+  return residual_drop_backward(h, bias, nullptr, mask, dout, keep, inv_keep, true_div);
+}
+
+std::vector<paddle::Tensor> ResidualScaleDropForward(
+    const paddle::Tensor& res, const paddle::Tensor& h, const paddle::Tensor& bias,
+    const paddle::Tensor& gamma, const paddle::Tensor& mask, float keep, float inv_keep,
+    bool true_div) {
+  return {residual_drop_forward(res, h, bias, &gamma, mask, keep, inv_keep, true_div)};
+}
+
+std::vector<paddle::Tensor> ResidualScaleDropBackward(
+    const paddle::Tensor& res, const paddle::Tensor& h, const paddle::Tensor& bias,
+    const paddle::Tensor& gamma, const paddle::Tensor& mask, const paddle::Tensor& dout,
+    float keep, float inv_keep, bool true_div) {
+  return residual_drop_backward(h, bias, &gamma, mask, dout, keep, inv_keep, true_div);
+}
+
+PD_BUILD_OP(cae_residual_drop)
+    .Inputs({"Res", "H", "Bias", "Mask"})
+    .Outputs({"Out"})
+    .Attrs({"keep: float", "inv_keep: float", "true_div: bool"})
+    .SetKernelFn(PD_KERNEL(ResidualDropForward));
+PD_BUILD_GRAD_OP(cae_residual_drop)
+    .Inputs({"Res", "H", "Bias", "Mask", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Res"), paddle::Grad("H"), paddle::Grad("Bias")})
+    .Attrs({"keep: float", "inv_keep: float", "true_div: bool"})
+    .SetKernelFn(PD_KERNEL(ResidualDropBackward));
+
+PD_BUILD_OP(cae_residual_scale_drop)
+    .Inputs({"Res", "H", "Bias", "Gamma", "Mask"})
+    .Outputs({"Out"})
+    .Attrs({"keep: float", "inv_keep: float", "true_div: bool"})
+    .SetKernelFn(PD_KERNEL(ResidualScaleDropForward));
+PD_BUILD_GRAD_OP(cae_residual_scale_drop)
+    .Inputs({"Res", "H", "Bias", "Gamma", "Mask", paddle::Grad("Out")})
+    .Outputs({paddle::Grad("Res"), paddle::Grad("H"), paddle::Grad("Bias"), paddle::Grad("Gamma")})
+    .Attrs({"keep: float", "inv_keep: float", "true_div: bool"})
+    .SetKernelFn(PD_KERNEL(ResidualScaleDropBackward));
+
 // ------------------------------------------------------------------------- layer norm
 std::vector<paddle::Tensor> LayerNormForward(const paddle::Tensor& x, const paddle::Tensor& w,
                                              const paddle::Tensor& b, float eps) {
