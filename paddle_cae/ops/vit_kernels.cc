@@ -578,43 +578,62 @@ std::vector<paddle::Tensor> BiasGeluBackward(const paddle::Tensor& h, const padd
 
 // ------------------------------------------------------------- residual + (h + bias)
 namespace {
-// out = res + (h + bias), or res + gamma * (h + bias) with a layer-scale gamma
+// out = res + (h + bias), or res + gamma * (h + bias) with a layer-scale gamma; with a
+// per-sample 0/1 `mask` (drop path, see below) the branch is y / keep * mask[sample] first.
+inline float drop_scale(float y, float keep, float inv_keep, bool true_div) {
+  return true_div ? y / keep : y * inv_keep;
+}
+
+struct DropPath {
+  const paddle::Tensor* mask = nullptr;
+  float keep = 1.0f, inv_keep = 1.0f;
+  bool true_div = true;
+};
+
 paddle::Tensor residual_forward(const paddle::Tensor& res, const paddle::Tensor& h,
-                                const paddle::Tensor& bias, const paddle::Tensor* gamma) {
+                                const paddle::Tensor& bias, const paddle::Tensor* gamma,
+                                const DropPath& drop = DropPath()) {
   check_f32(h, "h");
   auto out = empty(h.shape(), h);
   const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const int64_t per = drop.mask ? rows / drop.mask->numel() : rows;
   const float* x = res.data<float>();
   const float* hp = h.data<float>();
   const float* b = bias.data<float>();
   const float* gm = gamma ? gamma->data<float>() : nullptr;
-  float* o = out.data<float>();
+  const float* mk = drop.mask ? drop.mask->data<float>() : nullptr;
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i0 = r * C;
-    if (gm) {
+    const float m = mk ? mk[r / per] : 1.0f;
+    float* o = out.data<float>() + i0;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[i0 + c] = x[i0 + c] + gm[c] * (hp[i0 + c] + b[c]);
-    } else {
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[i0 + c] = x[i0 + c] + (hp[i0 + c] + b[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      float y = hp[i0 + c] + b[c];
+      if (gm) y = gm[c] * y;
+      if (mk) y = drop_scale(y, drop.keep, drop.inv_keep, drop.true_div) * m;
+      o[c] = x[i0 + c] + y;
     }
   }
   return out;
 }
 
-// dres = dout; dh = dout [* gamma]; dbias = column sums of dh; dgamma = column sums of
-// dout * (h + bias) (only with gamma), in one pass with per-thread double partials.
+// dres = dout; the branch's gradient gs = dout (drop path: (dout * mask) / keep); dh = gs
+// [* gamma]; dbias = column sums of dh; dgamma = column sums of gs * (h + bias) (only with
+// gamma), in one pass with per-thread double partials.
 std::vector<paddle::Tensor> residual_backward(const paddle::Tensor& h, const paddle::Tensor& bias,
                                               const paddle::Tensor* gamma,
-                                              const paddle::Tensor& dout) {
+                                              const paddle::Tensor& dout,
+                                              const DropPath& drop = DropPath()) {
   auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
   auto db = empty(bias.shape(), bias);
   const int64_t C = h.shape().back(), rows = h.numel() / C;
+  const int64_t per = drop.mask ? rows / drop.mask->numel() : rows;
   const float* g = dout.data<float>();
   const float* hp = h.data<float>();
   const float* b = bias.data<float>();
   const float* gm = gamma ? gamma->data<float>() : nullptr;
+  const float* mk = drop.mask ? drop.mask->data<float>() : nullptr;
   float* a = dres.data<float>();
   float* d = dh.data<float>();
   ColumnPartials sum_b(C), sum_g(gm ? C : 0);
@@ -625,24 +644,20 @@ std::vector<paddle::Tensor> residual_backward(const paddle::Tensor& h, const pad
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t i0 = r * C;
-      if (gm) {
+      const float m = mk ? mk[r / per] : 1.0f;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = i0 + c;
-          const float di = g[i] * gm[c];
-          a[i] = g[i];
-          d[i] = di;
-          pb[c] += di;
-          pg[c] += static_cast<double>(g[i]) * (hp[i] + b[c]);
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t i = i0 + c;
+        const float gs = mk ? drop_scale(g[i] * m, drop.keep, drop.inv_keep, drop.true_div)
+                            : g[i];
+        a[i] = g[i];
+        if (gm) {
+          pg[c] += static_cast<double>(gs) * (hp[i] + b[c]);
+          d[i] = gs * gm[c];
+        } else {
+          d[i] = gs;
         }
-      } else {
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const int64_t i = i0 + c;
-          a[i] = g[i];
-          d[i] = g[i];
-          pb[c] += g[i];
-        }
+        pb[c] += d[i];
       }
     }
   }
@@ -686,83 +701,14 @@ std::vector<paddle::Tensor> ResidualScaleBiasBackward(const paddle::Tensor& res,
 // Paddle divides a tensor by a Python float (3.x); otherwise it multiplies by the float32
 // reciprocal `inv_keep` (2.6). Same float32 operations in the same order as the reference.
 namespace {
-inline float drop_scale(float y, float keep, float inv_keep, bool true_div) {
-  return true_div ? y / keep : y * inv_keep;
-}
-
-paddle::Tensor residual_drop_forward(const paddle::Tensor& res, const paddle::Tensor& h,
-                                     const paddle::Tensor& bias, const paddle::Tensor* gamma,
-                                     const paddle::Tensor& mask, float keep, float inv_keep,
-                                     bool true_div) {
-  check_f32(h, "h");
+DropPath drop_of(const paddle::Tensor& mask, float keep, float inv_keep, bool true_div) {
   check_f32(mask, "mask");
-  auto out = empty(h.shape(), h);
-  const int64_t C = h.shape().back(), rows = h.numel() / C, per = rows / mask.numel();
-  const float* x = res.data<float>();
-  const float* hp = h.data<float>();
-  const float* b = bias.data<float>();
-  const float* gm = gamma ? gamma->data<float>() : nullptr;
-  const float* mk = mask.data<float>();
-  float* o = out.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t i0 = r * C;
-    const float m = mk[r / per];
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      float y = hp[i0 + c] + b[c];
-      if (gm) y = gm[c] * y;
-      o[i0 + c] = x[i0 + c] + drop_scale(y, keep, inv_keep, true_div) * m;
-    }
-  }
-  return out;
-}
-
-std::vector<paddle::Tensor> residual_drop_backward(const paddle::Tensor& h,
-                                                   const paddle::Tensor& bias,
-                                                   const paddle::Tensor* gamma,
-                                                   const paddle::Tensor& mask,
-                                                   const paddle::Tensor& dout, float keep,
-                                                   float inv_keep, bool true_div) {
-  auto dres = empty(h.shape(), h), dh = empty(h.shape(), h);
-  auto db = empty(bias.shape(), bias);
-  const int64_t C = h.shape().back(), rows = h.numel() / C, per = rows / mask.numel();
-  const float* g = dout.data<float>();
-  const float* hp = h.data<float>();
-  const float* b = bias.data<float>();
-  const float* gm = gamma ? gamma->data<float>() : nullptr;
-  const float* mk = mask.data<float>();
-  float* a = dres.data<float>();
-  float* d = dh.data<float>();
-  ColumnPartials sum_b(C), sum_g(gm ? C : 0);
-#pragma omp parallel
-  {
-    double* pb = sum_b.mine();
-    double* pg = sum_g.mine();
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t i0 = r * C;
-      const float m = mk[r / per];
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t i = i0 + c;
-        const float gs = drop_scale(g[i] * m, keep, inv_keep, true_div);
-        a[i] = g[i];
-        if (gm) {
-          pg[c] += static_cast<double>(gs) * (hp[i] + b[c]);
-          d[i] = gs * gm[c];
-        } else {
-          d[i] = gs;
-        }
-        pb[c] += d[i];
-      }
-    }
-  }
-  sum_b.reduce(db.data<float>());
-  if (!gm) return {dres, dh, db};
-  auto dg = empty(gamma->shape(), *gamma);
-  sum_g.reduce(dg.data<float>());
-  return {dres, dh, db, dg};
+  DropPath d;
+  d.mask = &mask;
+  d.keep = keep;
+  d.inv_keep = inv_keep;
+  d.true_div = true_div;
+  return d;
 }
 }  // namespace
 
@@ -770,7 +716,7 @@ std::vector<paddle::Tensor> ResidualDropForward(const paddle::Tensor& res, const
                                                 const paddle::Tensor& bias,
                                                 const paddle::Tensor& mask, float keep,
                                                 float inv_keep, bool true_div) {
-  return {residual_drop_forward(res, h, bias, nullptr, mask, keep, inv_keep, true_div)};
+  return {residual_forward(res, h, bias, nullptr, drop_of(mask, keep, inv_keep, true_div))};
 }
 
 std::vector<paddle::Tensor> ResidualDropBackward(const paddle::Tensor& res, const paddle::Tensor& h,
@@ -778,21 +724,21 @@ std::vector<paddle::Tensor> ResidualDropBackward(const paddle::Tensor& res, cons
                                                  const paddle::Tensor& mask,
                                                  const paddle::Tensor& dout, float keep,
                                                  float inv_keep, bool true_div) {
-  return residual_drop_backward(h, bias, nullptr, mask, dout, keep, inv_keep, true_div);
+  return residual_backward(h, bias, nullptr, dout, drop_of(mask, keep, inv_keep, true_div));
 }
 
 std::vector<paddle::Tensor> ResidualScaleDropForward(
     const paddle::Tensor& res, const paddle::Tensor& h, const paddle::Tensor& bias,
     const paddle::Tensor& gamma, const paddle::Tensor& mask, float keep, float inv_keep,
     bool true_div) {
-  return {residual_drop_forward(res, h, bias, &gamma, mask, keep, inv_keep, true_div)};
+  return {residual_forward(res, h, bias, &gamma, drop_of(mask, keep, inv_keep, true_div))};
 }
 
 std::vector<paddle::Tensor> ResidualScaleDropBackward(
     const paddle::Tensor& res, const paddle::Tensor& h, const paddle::Tensor& bias,
     const paddle::Tensor& gamma, const paddle::Tensor& mask, const paddle::Tensor& dout,
     float keep, float inv_keep, bool true_div) {
-  return residual_drop_backward(h, bias, &gamma, mask, dout, keep, inv_keep, true_div);
+  return residual_backward(h, bias, &gamma, dout, drop_of(mask, keep, inv_keep, true_div));
 }
 
 PD_BUILD_OP(cae_residual_drop)
