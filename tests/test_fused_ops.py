@@ -372,3 +372,29 @@ def test_residual_drop_path_kernel_matches_the_droppath_formula(with_gamma, monk
     assert not grads_f[1][1].any()  # the dropped sample's branch gets no gradient
     for a, b in zip(grads_f[2:], grads_r[2:]):  # bias, gamma: sums over rows
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_gradient_finiteness_check_in_one_kernel(bad, monkeypatch):
+    """The loss scaler's check finds an inf / NaN in any gradient with the kernel (one call for
+    all tensors) as the reference path does, and still unscales."""
+    from paddle_cae.runtime.amp import found_inf_and_unscale_
+
+    rng = np.random.default_rng(6)
+    arrays = [rng.standard_normal(s).astype("float32") for s in [(5, 7), (300,), (2, 3, 4)]]
+    if bad is not None:
+        arrays[1][217] = bad
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", enabled)
+        grads = [paddle.to_tensor(a) for a in arrays]
+        if enabled == "1":
+            assert bool(fused.non_finite(grads).numpy()[0]) == (bad is not None)
+        found = found_inf_and_unscale_(grads, scale=4.0)
+        assert found.dtype == paddle.bool and list(found.shape) == [1]
+        results.append((bool(found.numpy()[0]), [g.numpy() for g in grads]))
+    assert results[0][0] == results[1][0] == (bad is not None)
+    np.testing.assert_array_equal(results[0][1][0], arrays[0] / 4.0)
+    if bad is None:  # (a skipped step's gradients are discarded: the multi-tensor op zeroes them)
+        for a, b in zip(results[0][1], results[1][1]):
+            np.testing.assert_array_equal(a, b)

@@ -412,6 +412,18 @@ def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
     return True
 
 
+def non_finite(tensors):
+    """A bool tensor [1]: True when any of ``tensors`` holds an inf or NaN, from one kernel
+    call over all of them; None where the kernels do not apply (the caller then tests each
+    tensor with Paddle's ops: ``logical_not(all(isfinite(t).all() for t)))``)."""
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    ext = _use(*tensors)
+    if ext is None:
+        return None
+    return ext.cae_non_finite(list(tensors)) > 0.0
+
+
 def ema_update_(ema, online, keep, take):
     """In place ``ema = ema * keep + online * take`` (float32 products, as Paddle computes
     that expression) in one multi-threaded pass, when the kernels apply; returns False (and

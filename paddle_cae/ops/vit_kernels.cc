@@ -1009,6 +1009,29 @@ PD_BUILD_OP(cae_add_scaled)
     .Attrs({"gain: float"})
     .SetKernelFn(PD_KERNEL(AddScaled));
 
+// ------------------------------------------------- finiteness of a list of gradients
+// out[0] = 1 when any element of any tensor is inf or NaN, else 0 (x - x is 0 exactly for
+// every finite x and NaN otherwise); one multi-threaded pass per tensor, no per-tensor ops.
+std::vector<paddle::Tensor> NonFinite(const std::vector<paddle::Tensor>& xs) {
+  PD_CHECK(!xs.empty(), "non_finite: no tensors");
+  auto out = paddle::empty({1}, paddle::DataType::FLOAT32, xs[0].place());
+  int bad = 0;
+  for (const auto& x : xs) {
+    check_f32(x, "x");
+    const float* p = x.data<float>();
+    const int64_t n = x.numel();
+    int found = 0;
+#pragma omp parallel for simd reduction(| : found) schedule(static)
+    for (int64_t i = 0; i < n; ++i) found |= (p[i] - p[i]) != 0.0f;
+    bad |= found;
+    if (bad) break;
+  }
+  out.data<float>()[0] = bad ? 1.0f : 0.0f;
+  return {out};
+}
+
+PD_BUILD_OP(cae_non_finite).Inputs({paddle::Vec("X")}).Outputs({"Out"}).SetKernelFn(PD_KERNEL(NonFinite));
+
 // ------------------------------------------------------------- EMA teacher (in place)
 // ema = ema * keep + online * take, each product rounded to float32 (no fused multiply-add),
 // as Paddle's `ema * keep + online * take`.

@@ -185,8 +185,10 @@ def found_inf_and_unscale_(grads, scale=1.0):
             flags.append(found.reshape([1]))
         # the kernel also divides when a gradient is not finite; the step is skipped then
         return flags[0] if len(flags) == 1 else paddle.stack(flags).any().reshape([1])
-    flags = [paddle.isfinite(g).all() for g in grads]
-    found = paddle.logical_not(paddle.stack(flags).all()).reshape([1])
+    found = fused_ops.non_finite(grads)  # one kernel call for all (CPU float32)
+    if found is None:
+        flags = [paddle.isfinite(g).all() for g in grads]
+        found = paddle.logical_not(paddle.stack(flags).all()).reshape([1])
     if scale != 1.0:
         # unscale unconditionally: a skipped step discards the gradients anyway
         inv = 1.0 / scale
