@@ -398,3 +398,27 @@ def test_gradient_finiteness_check_in_one_kernel(bad, monkeypatch):
     if bad is None:  # (a skipped step's gradients are discarded: the multi-tensor op zeroes them)
         for a, b in zip(results[0][1], results[1][1]):
             np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_norm_from_one_kernel_matches_the_per_tensor_sums(monkeypatch):
+    """The global gradient norm (clipping, logging) from the one-call squared sums agrees with
+    Paddle's per-tensor float32 sums to float32 rounding."""
+    from paddle_cae.runtime.amp import grad_norm_tensor
+
+    rng = np.random.default_rng(8)
+    shapes = [(64, 48), (3000,), (2, 3, 4), (1,)]
+    arrays = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3)).astype("float32")
+              for s in shapes]
+    grads = [paddle.to_tensor(a) for a in arrays]
+    sums = fused.sums_of_squares(grads).numpy()
+    exact = np.array([np.sum(a.astype(np.float64) ** 2) for a in arrays])
+    np.testing.assert_allclose(sums, exact, rtol=1e-6)
+    norms = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", enabled)
+        params = [paddle.create_parameter(list(a.shape), "float32") for a in arrays]
+        for p, a in zip(params, arrays):
+            (p * paddle.to_tensor(a)).sum().backward()  # grad = a
+        norms.append(float(grad_norm_tensor(params)))
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)
+    assert norms[0] == pytest.approx(float(np.sqrt(exact.sum())), rel=1e-6)

@@ -424,6 +424,19 @@ def non_finite(tensors):
     return ext.cae_non_finite(list(tensors)) > 0.0
 
 
+def sums_of_squares(tensors):
+    """[T] float32: ``(t * t).sum()`` of every tensor, from one kernel call (the squares in
+    float32 as the reference, each sum accumulated in double: within float32 rounding of
+    Paddle's own float32 reduction, more accurate); None where the kernels do not apply.
+    Reference: ``paddle.stack([(t * t).sum() for t in tensors])``."""
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    ext = _use(*tensors)
+    if ext is None:
+        return None
+    return ext.cae_sums_of_squares(list(tensors))
+
+
 def ema_update_(ema, online, keep, take):
     """In place ``ema = ema * keep + online * take`` (float32 products, as Paddle computes
     that expression) in one multi-threaded pass, when the kernels apply; returns False (and

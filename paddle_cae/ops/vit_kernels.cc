@@ -1030,6 +1030,33 @@ std::vector<paddle::Tensor> NonFinite(const std::vector<paddle::Tensor>& xs) {
   return {out};
 }
 
+// out[t] = sum of x_t * x_t over tensor t (each square rounded to float32 as Paddle's
+// g * g; the sum accumulated in double, then rounded): the squared gradient norms.
+std::vector<paddle::Tensor> SumsOfSquares(const std::vector<paddle::Tensor>& xs) {
+  PD_CHECK(!xs.empty(), "sums_of_squares: no tensors");
+  auto out = paddle::empty({static_cast<int64_t>(xs.size())}, paddle::DataType::FLOAT32,
+                           xs[0].place());
+  float* o = out.data<float>();
+  for (size_t t = 0; t < xs.size(); ++t) {
+    check_f32(xs[t], "x");
+    const float* p = xs[t].data<float>();
+    const int64_t n = xs[t].numel();
+    double acc = 0.0;
+#pragma omp parallel for simd reduction(+ : acc) schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const float sq = p[i] * p[i];
+      acc += sq;
+    }
+    o[t] = static_cast<float>(acc);
+  }
+  return {out};
+}
+
+PD_BUILD_OP(cae_sums_of_squares)
+    .Inputs({paddle::Vec("X")})
+    .Outputs({"Out"})
+    .SetKernelFn(PD_KERNEL(SumsOfSquares));
+
 PD_BUILD_OP(cae_non_finite).Inputs({paddle::Vec("X")}).Outputs({"Out"}).SetKernelFn(PD_KERNEL(NonFinite));
 
 // ------------------------------------------------------------- EMA teacher (in place)
