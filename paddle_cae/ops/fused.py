@@ -412,13 +412,18 @@ def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
     return True
 
 
+def _use_all(tensors):
+    """The extension for a list of whole tensors (one call over all of them), or None."""
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    return _use(*tensors)
+
+
 def non_finite(tensors):
     """A bool tensor [1]: True when any of ``tensors`` holds an inf or NaN, from one kernel
     call over all of them; None where the kernels do not apply (the caller then tests each
     tensor with Paddle's ops: ``logical_not(all(isfinite(t).all() for t)))``)."""
-    if not tensors or any(not t.is_contiguous() for t in tensors):
-        return None
-    ext = _use(*tensors)
+    ext = _use_all(tensors)
     if ext is None:
         return None
     return ext.cae_non_finite(list(tensors)) > 0.0
@@ -429,9 +434,7 @@ def sums_of_squares(tensors):
     float32 as the reference, each sum accumulated in double: within float32 rounding of
     Paddle's own float32 reduction, more accurate); None where the kernels do not apply.
     Reference: ``paddle.stack([(t * t).sum() for t in tensors])``."""
-    if not tensors or any(not t.is_contiguous() for t in tensors):
-        return None
-    ext = _use(*tensors)
+    ext = _use_all(tensors)
     if ext is None:
         return None
     return ext.cae_sums_of_squares(list(tensors))
