@@ -6,7 +6,7 @@ The variant is chosen once, where a model is built: :func:`block_class`, :func:`
 reference layers: the pure-Paddle operators a GPU runs). A fused layer still computes with the
 kernels only for float32 CPU tensors in dynamic graph mode (``fused_ops.applies``); for anything
 else (GPU, AMP, ``paddle.jit.to_static`` / export, no C++ compiler) its forward is the
-reference's ``super().forward``.
+reference's forward.
 """
 import functools
 
@@ -51,7 +51,7 @@ class FusedMlp(Mlp):
         if isinstance(self.drop, nn.Identity) and self.fc1.bias is not None \
                 and fused_ops.applies(x):
             return self.fc2(_kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias))
-        return super().forward(x)
+        return Mlp.forward(self, x)  # not super(): Paddle 2.6's to_static cannot convert it
 
 
 class FusedBlock(Block):
@@ -73,7 +73,7 @@ class FusedBlock(Block):
 
     def forward(self, x, rel_pos_bias=None):
         if not self.kernels_apply(x, rel_pos_bias):
-            return super().forward(x, rel_pos_bias)
+            return Block.forward(self, x, rel_pos_bias)  # (to_static on Paddle 2.6: no super())
         attn, mlp = self.attn, self.mlp
         h = _kernels.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
         y = paddle.matmul(_attend(attn, h), attn.proj.weight)
