@@ -12,6 +12,17 @@ fine-tuning and pretraining, LARS for the linear probe), clearing the gradients,
 model's ``after_optimizer_step`` hook (BootMAE's teacher EMA). Data is random and already in
 memory. Images/s = batch / median step time after ``--warmup`` steps.
 
+The step is the recipe's (``--recipe``, default: the model's official recipe in configs/, see
+RECIPES): its drop path, layer scale, masked-patch count, ``norm_pix_loss``, gradient clipping
+and, for fine-tuning, Mixup / CutMix soft targets with label smoothing (mixed inside the step,
+as the official training loop does). ``--recipe none`` times the bare model defaults instead.
+CAE's targets come from the DALL-E tokenizer in the step, or with ``--no_tokenizer`` from
+precomputed token ids (the step without the frozen tokenizer).
+
+``--profile [N]`` profiles one more step after the timed ones (paddle.profiler, host side) and
+prints its N most expensive operators (forward ops and backward nodes, the fused kernels
+included) with their share of that step's wall time.
+
 MFU = model FLOP/s / peak FLOP/s. Model FLOPs are 2 x the multiply-adds of every matmul and
 convolution of the forward (attention included), traced from the shapes of one forward
 (paddle_cae/runtime/flops.py); a training step counts 3x for everything that is
@@ -65,6 +76,16 @@ def parse_args(argv=None):
                    help="AdamW's fused kernel path (matches the plain one to ~1e-6)")
     p.add_argument("--explicit_attention", action="store_true",
                    help="use the explicit (reference) attention path")
+    p.add_argument("--recipe", default="auto",
+                   help="auto (the model's official recipe, see RECIPES), none (bare model "
+                        "defaults) or a YAML config whose drop_path, layer_scale_init_value, "
+                        "norm_pix_loss, num_mask_patches, clip_grad, mixup, cutmix, smoothing, "
+                        "layer_decay, opt_betas and weight_decay the step takes")
+    p.add_argument("--no_tokenizer", action="store_true",
+                   help="CAE: precomputed target token ids instead of the DALL-E tokenizer in "
+                        "the step")
+    p.add_argument("--profile", type=int, nargs="?", const=15, default=0, metavar="N",
+                   help="profile one extra step and print its N (default 15) top operators")
     p.add_argument("--model_kwargs", type=json.loads, default={},
                    help='JSON dict of constructor overrides, e.g. \'{"depth": 2}\'')
     p.add_argument("--peak_size", type=int, default=4096, help="side of the peak matmul")
@@ -105,6 +126,7 @@ def _sync(paddle):
 
 CPU_PEAK = {"best_cpu_s": float("inf")}
 CPU_TIMES = []
+PROFILE = []  # (wall s, operator rows) of the --profile step
 
 
 def matmul_peak_gflops(paddle, size=4096, repeats=4):
@@ -126,36 +148,106 @@ def matmul_peak_gflops(paddle, size=4096, repeats=4):
     return 2.0 * size ** 3 / best / 1e9
 
 
+# ------------------------------------------------------------------------------ recipes
+# The official recipe whose step is timed (``--recipe auto``): (phase, model-name prefix) ->
+# config; the first match wins. What the step takes from it: see recipe_settings.
+RECIPES = (
+    ("pretrain", "mae_", "configs/pretrain/mae_vit_base_patch16_800e.yaml"),
+    ("pretrain", "cae_", "configs/pretrain/cae_base_300e.yaml"),
+    ("pretrain", "bootmae_", "configs/pretrain/bootmae_base_800e.yaml"),
+    ("finetune", "cae_", "configs/finetune/cae_base_patch16_224.yaml"),
+    ("finetune", "bootmae_", "configs/finetune/bootmae_base_patch16_224.yaml"),
+    ("finetune", "", "configs/finetune/mae_vit_base_patch16.yaml"),
+)
+RECIPE_KEYS = ("drop_path", "layer_scale_init_value", "norm_pix_loss", "num_mask_patches",
+               "min_mask_patches_per_block", "max_mask_patches_per_block", "clip_grad", "mixup",
+               "cutmix", "smoothing", "layer_decay", "opt_betas", "weight_decay", "global_pool")
+
+
+def recipe_path(recipe, phase, model):
+    """The YAML file of ``--recipe`` (None for 'none' and phases without one)."""
+    if recipe == "none":
+        return None
+    if recipe != "auto":
+        if not os.path.isfile(recipe):
+            raise SystemExit(f"--recipe: file '{recipe}' not found (expected auto, none or a "
+                             "YAML config)")
+        return recipe
+    for rphase, prefix, path in RECIPES:
+        if rphase == phase and model.startswith(prefix):
+            return os.path.join(ROOT, path)
+    return None
+
+
+def recipe_settings(path):
+    """{key: value} of the RECIPE_KEYS the config at ``path`` sets ({} for None)."""
+    if path is None:
+        return {}
+    from paddle_cae.runtime.config import read_yaml
+
+    values = {k: v for k, v, _ in read_yaml(path)}
+    return {k: values[k] for k in RECIPE_KEYS if values.get(k) is not None}
+
+
+def recipe_model_kwargs(recipe, phase):
+    """Constructor arguments the recipe sets: drop path, layer scale, norm-pix loss, pooling."""
+    kwargs = {}
+    if recipe.get("drop_path"):
+        kwargs["drop_path_rate"] = float(recipe["drop_path"])
+    if "layer_scale_init_value" in recipe:
+        kwargs["init_values"] = float(recipe["layer_scale_init_value"]) or None
+    if phase == "pretrain" and "norm_pix_loss" in recipe:
+        kwargs["norm_pix_loss"] = bool(recipe["norm_pix_loss"])
+    if phase == "finetune" and "global_pool" in recipe:
+        kwargs["global_pool"] = bool(recipe["global_pool"])
+    return kwargs
+
+
+def _mask_count(recipe, key, default, num_patches):
+    """A recipe's patch count (given for 196 patches) scaled to ``num_patches``."""
+    count = int(recipe.get(key, default))
+    return max(1, min(num_patches - 1, int(round(count * num_patches / 196.0))))
+
+
 # ------------------------------------------------------------------------------ batches
-def pretrain_batch(paddle, model, name, batch_size, input_size, rng):
+def pretrain_batch(paddle, model, name, batch_size, input_size, rng, recipe=None,
+                   no_tokenizer=False):
+    """Random images with the masking inputs the method of ``name`` feeds its model (the
+    recipe's mask counts), finished by the method's per-batch step (BootMAE's roll)."""
     import numpy as np
 
+    from paddle_cae.data import masking
+    from paddle_cae.methods import method_for
+
+    method = method_for(name)
+    recipe = recipe or {}
     images = paddle.to_tensor(rng.standard_normal((batch_size, 3, input_size, input_size))
                               .astype("float32"))
-    grid = input_size // 16
+    grid = input_size // model.input_patch_size()
+    n = grid * grid
     batch = {"images": images, "epoch": 0, "batch_seed": 0}
-    kind = type(model).__name__
-    if "Masked" in kind and hasattr(model, "mask_num"):  # BootMAE
-        from paddle_cae.data.masking import bootmae_mask_generator, bootmae_shuffle_from_mask
-
-        gen = bootmae_mask_generator(grid, num_masking_patches=min(120, grid * grid // 2),
-                                     rng=rng)
-        masks = np.stack([gen() for _ in range(batch_size)])
-        order, _ = bootmae_shuffle_from_mask(masks, model.mask_num, rng=rng)
-        batch["idx_shuffle"] = paddle.to_tensor(order)
-    elif getattr(model, "needs_tokenizer", False):  # CAE
-        from paddle_cae.data.masking import BlockMaskGenerator
-
-        gen = BlockMaskGenerator(grid, num_masking_patches=int(round(0.4 * grid * grid)),
-                                 rng=rng)
-        batch["bool_masked_pos"] = paddle.to_tensor(np.stack([gen() for _ in range(batch_size)]))
-        tok = input_size // 2
-        batch["tokenizer_images"] = paddle.to_tensor(
-            rng.uniform(0.1, 0.9, (batch_size, 3, tok, tok)).astype("float32"))
-    else:  # MAE
-        batch["noise"] = paddle.to_tensor(rng.uniform(size=(batch_size, grid * grid))
-                                          .astype("float32"))
-    return batch
+    if method.masks_in_model:  # MAE: the per-sample noise its model sorts
+        batch["noise"] = paddle.to_tensor(rng.uniform(size=(batch_size, n)).astype("float32"))
+        return method.finish_batch(batch, 0)
+    count = _mask_count(recipe, "num_mask_patches", method.default_mask_patches, n)
+    min_block = min(count, int(recipe.get("min_mask_patches_per_block", 16)))
+    gen = method.block_mask_generator(grid, count, min_block,
+                                      recipe.get("max_mask_patches_per_block"))
+    masks = np.stack([np.asarray(gen(rng=rng), dtype=bool).reshape(-1) for _ in range(batch_size)])
+    batch["bool_masked_pos"] = paddle.to_tensor(masks)
+    if hasattr(model, "mask_num"):  # the order the data pipeline hands over (before the roll)
+        order, _ = masking.bootmae_shuffle_from_mask(masks.reshape(-1, grid, grid).astype("int64"),
+                                                     model.mask_num, rng=rng, roll=0)
+        batch["order"] = order
+    if method.needs_tokenizer:
+        if no_tokenizer:
+            vocab = getattr(model, "vocab_size", None) or 8192
+            batch["target_ids"] = paddle.to_tensor(rng.integers(0, vocab, (batch_size, n)))
+        else:
+            tok = input_size // 2
+            batch["tokenizer_images"] = paddle.to_tensor(
+                rng.uniform(0.1, 0.9, (batch_size, 3, tok, tok)).astype("float32"))
+    return method.finish_batch(batch, 0)
 
 
 # ------------------------------------------------------------------------------- builders
@@ -165,6 +257,7 @@ def build(args, paddle, env):
     import paddle.nn.functional as F
 
     from paddle_cae.engine.stepper import Stepper
+    from paddle_cae.methods import method_for
     from paddle_cae.models.registry import create_model, model_task
     from paddle_cae.optim import build_optimizer
     from paddle_cae.optim.param_groups import param_groups
@@ -172,7 +265,10 @@ def build(args, paddle, env):
 
     rng = np.random.default_rng(args.seed + env["rank"])
     local_batch = args.batch_size // env["world"]
-    kwargs = dict(args.model_kwargs)
+    recipe = recipe_settings(recipe_path(args.recipe, args.phase, args.model))
+    args.recipe_settings = recipe
+    kwargs = recipe_model_kwargs(recipe, args.phase)
+    kwargs.update(args.model_kwargs)
     if args.input_size != 224:
         kwargs["img_size"] = args.input_size
     with paddle.utils.unique_name.guard():
@@ -186,7 +282,8 @@ def build(args, paddle, env):
     if args.phase == "pretrain" and model_task(args.model) != "pretrain":
         raise SystemExit(f"{args.model} is not a pretraining model")
     tokenizer_note = None
-    if args.phase == "pretrain" and getattr(model, "needs_tokenizer", False):
+    if args.phase == "pretrain" and method_for(args.model).needs_tokenizer \
+            and not args.no_tokenizer:
         from paddle_cae.models.dalle import dalle_encoder
 
         vocab = getattr(model, "vocab_size", None) or 8192
@@ -197,7 +294,8 @@ def build(args, paddle, env):
     model.train()
 
     if args.phase == "pretrain":
-        batch = pretrain_batch(paddle, model, args.model, local_batch, args.input_size, rng)
+        batch = pretrain_batch(paddle, model, args.model, local_batch, args.input_size, rng,
+                               recipe, args.no_tokenizer)
 
         def forward():
             return model(batch)["loss"]
@@ -205,9 +303,17 @@ def build(args, paddle, env):
         images = paddle.to_tensor(rng.standard_normal(
             (local_batch, 3, args.input_size, args.input_size)).astype("float32"))
         labels = paddle.to_tensor(rng.integers(0, 1000, (local_batch,)))
+        mixup = None
+        if args.phase == "finetune" and (recipe.get("mixup", 0) > 0 or
+                                         recipe.get("cutmix", 0) > 0):
+            from paddle_cae.data.mixup import Mixup
+
+            mixup = Mixup(float(recipe.get("mixup", 0)), float(recipe.get("cutmix", 0)),
+                          label_smoothing=float(recipe.get("smoothing", 0.0)),
+                          num_classes=1000, rng=np.random.RandomState(args.seed))
 
         def forward():
-            return F.cross_entropy(net(images), labels)
+            return classification_loss(net)
 
     if args.phase == "linprobe":
         for name, p in model.named_parameters():
@@ -216,9 +322,13 @@ def build(args, paddle, env):
         optimizer = build_optimizer("lars", [{"params": trainable, "weight_decay": 0.0}],
                                     lr=0.1)
     else:
-        groups = param_groups(model, 0.05, layer_decay=0.75 if args.phase == "finetune" else None)
-        optimizer = build_optimizer("adamw", groups, lr=1e-4, betas=(0.9, 0.95),
-                                    weight_decay=0.05, fused=args.fused_adamw)
+        wd = float(recipe.get("weight_decay", 0.05))
+        layer_decay = float(recipe.get("layer_decay", 0.75)) if args.phase == "finetune" \
+            else None
+        groups = param_groups(model, wd, layer_decay=layer_decay)
+        optimizer = build_optimizer("adamw", groups, lr=1e-4,
+                                    betas=tuple(recipe.get("opt_betas", (0.9, 0.95))),
+                                    weight_decay=wd, fused=args.fused_adamw)
 
     net = model
     if env["world"] > 1:
@@ -233,7 +343,24 @@ def build(args, paddle, env):
             return call_model(batch)["loss"]
 
     precision = Precision(parse_amp_flag(args.amp))
-    stepper = Stepper(net, optimizer, precision, accum_iter=1, clip_grad=None)
+    clip = recipe.get("clip_grad") if args.phase != "linprobe" else None
+    stepper = Stepper(net, optimizer, precision, accum_iter=1,
+                      clip_grad=float(clip) if clip else None)
+
+    def classification_loss(network):
+        """Cross entropy of the classifier: against Mixup / CutMix soft targets (mixed here,
+        as the official training loop does) when the recipe mixes, else hard labels with
+        the recipe's label smoothing."""
+        from paddle_cae.engine.losses import (label_smoothing_cross_entropy,
+                                              soft_target_cross_entropy)
+
+        if mixup is not None:
+            mixed, targets = mixup(images, labels)
+            return soft_target_cross_entropy(network(mixed), targets)
+        if recipe.get("smoothing"):
+            return label_smoothing_cross_entropy(network(images), labels,
+                                                 float(recipe["smoothing"]))
+        return F.cross_entropy(network(images), labels)
 
     def step():
         with stepper.autocast():
@@ -254,7 +381,7 @@ def build(args, paddle, env):
     def _plain_forward():
         if args.phase == "pretrain":
             return model(batch)["loss"]
-        return F.cross_entropy(model(images), labels)
+        return classification_loss(model)
 
     return model, step, flops, tokenizer_note
 
@@ -273,6 +400,8 @@ def run_training(args, paddle, env):
         _sync(paddle)
         times.append(time.perf_counter() - t)
         CPU_TIMES.append(time.process_time() - cpu)
+    if args.profile:
+        PROFILE.append(profile_step(paddle, step, args.profile))
     return times, per_step_flops, count, note
 
 
@@ -320,7 +449,98 @@ def run_inference(args, paddle, env):
         _sync(paddle)
         times.append(time.perf_counter() - t)
         CPU_TIMES.append(time.process_time() - cpu)
+    if args.profile:
+        PROFILE.append(profile_step(paddle, run, args.profile))
     return times, count.forward, count, None
+
+
+# -------------------------------------------------------------------------------- profile
+def _op_name(name):
+    """One name per operator on Paddle 2.6 and 3.x: forward ops 'matmul dygraph' -> 'matmul',
+    backward nodes 'Global_MatmulGradNode' (3.x) / 'MatmulGradNode' (2.6) -> 'MatmulGradNode',
+    the fused kernels' 'CustomOpGradNode: cae_x_grad' (3.x) / 'RunCustomOpNode: ...' (2.6) ->
+    'cae_x_grad'."""
+    name = name.strip()
+    if name.startswith("Global_"):
+        name = name[len("Global_"):]
+    if ": " in name and name.split(": ", 1)[0] in ("CustomOpGradNode", "RunCustomOpNode"):
+        name = name.split(": ", 1)[1]
+    if name.endswith(" dygraph"):
+        name = name[:-len(" dygraph")]
+    return name
+
+
+def profile_step(paddle, step, top):
+    """Run ``step`` once under paddle.profiler (host side) and return (step wall seconds,
+    [(operator, calls, seconds)] sorted by time, every operator). Operator times are the
+    top-level operator events (a backward node includes the kernels it runs); what is not in
+    any operator (Python, autograd bookkeeping) is the step time minus their sum."""
+    import paddle.profiler as profiler
+    from paddle.profiler.profiler_statistic import StatisticData
+
+    prof = profiler.Profiler(targets=[profiler.ProfilerTarget.CPU],
+                             on_trace_ready=lambda _: None)
+    restore = _record_custom_ops(profiler)
+    try:
+        prof.start()
+        t = time.perf_counter()
+        step()
+        _sync(paddle)
+        wall = time.perf_counter() - t
+        prof.step()
+        prof.stop()
+    finally:
+        restore()
+    result = prof.profiler_result
+    stats = StatisticData(result.get_data(), result.get_extra_info())
+    ops = {}
+    summary = stats.event_summary
+    for name, item in list(summary.items.items()) + list(summary.userdefined_items.items()):
+        key = _op_name(name)
+        calls, ns = ops.get(key, (0, 0))
+        ops[key] = (calls + item.call, ns + item.cpu_time)
+    rows = sorted(((k, c, ns / 1e9) for k, (c, ns) in ops.items()), key=lambda r: -r[2])
+    return wall, rows
+
+
+def _record_custom_ops(profiler):
+    """The forward calls of the fused kernels (paddle_cae/ops) are not operator events of the
+    profiler (their backward nodes are): wrap each in a named record while profiling. Returns
+    the function that unwraps them."""
+    from paddle_cae.ops import fused
+
+    ext = fused._load() if fused.extension_available() else None
+    if ext is None:
+        return lambda: None
+    saved = {name: getattr(ext, name) for name in dir(ext) if name.startswith("cae_")}
+
+    def recorded(name, fn):
+        def call(*a, **k):
+            with profiler.RecordEvent(name):
+                return fn(*a, **k)
+        return call
+
+    for name, fn in saved.items():
+        setattr(ext, name, recorded(name, fn))
+
+    def restore():
+        for name, fn in saved.items():
+            setattr(ext, name, fn)
+    return restore
+
+
+def format_profile(wall, rows, top):
+    lines = [f"profile of one step: {wall:.3f} s wall (profiler on); top {top} operators",
+             "| operator | calls | ms | share of step |", "|---|---|---|---|"]
+    for name, calls, sec in rows[:top]:
+        lines.append(f"| {name} | {calls} | {1e3 * sec:.1f} | {100 * sec / wall:.1f}% |")
+    rest = sum(sec for _, _, sec in rows[top:])
+    covered = sum(sec for _, _, sec in rows)
+    lines.append(f"| {len(rows) - top if len(rows) > top else 0} other operators | | {1e3 * rest:.1f} "
+                 f"| {100 * rest / wall:.1f}% |")
+    lines.append(f"| outside operators (Python, autograd) | | {1e3 * max(0.0, wall - covered):.1f} "
+                 f"| {100 * max(0.0, wall - covered) / wall:.1f}% |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- main
@@ -455,6 +675,7 @@ def main(argv=None):
         "batch_size": args.batch_size, "input_size": args.input_size, "amp": args.amp,
         "nproc": env["world"], "threads_per_proc": int(os.environ.get("OMP_NUM_THREADS", 1)),
         "to_static": args.to_static, "fused_adamw": args.fused_adamw,
+        "recipe": getattr(args, "recipe_settings", None), "no_tokenizer": args.no_tokenizer,
         "attention": os.environ.get("PADDLE_CAE_ATTENTION", "default"),
         "images_per_s": args.batch_size / median, "step_s_median": median,
         "step_s_all": [round(t, 4) for t in times], "peak_mem_mb": mem,
@@ -477,6 +698,12 @@ def main(argv=None):
               f"MFU {100 * result['mfu_cpu_time']:.1f}%")
     if note:
         print(f"note: {note}")
+    if PROFILE:
+        wall, rows = PROFILE[0]
+        print(format_profile(wall, rows, args.profile))
+        result["profile"] = {"step_s": wall, "top": [
+            {"op": name, "calls": calls, "s": sec, "share": sec / wall}
+            for name, calls, sec in rows[:args.profile]]}
     if args.json:
         print(json.dumps(result))
     return 0

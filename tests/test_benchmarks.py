@@ -152,3 +152,61 @@ def test_create_predictor_fp32_matches_dynamic(tmp_path):
     predictor = inference.create_predictor(str(tmp_path), bf16=False, threads=1)
     out = inference.run_predictor(predictor, x)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def _throughput_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "throughput_bench", os.path.join(ROOT, "benchmarks", "throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_steps_follow_the_recipes():
+    """The timed steps take the official recipes' settings: CAE masks 98 patches with drop path
+    0.1, layer scale 0.1 and clipping at 3.0; MAE's loss is on normalised pixels; fine-tuning
+    uses drop path 0.1 and Mixup 0.8 / CutMix 1.0 with label smoothing 0.1."""
+    tp = _throughput_module()
+
+    def settings(phase, model):
+        return tp.recipe_settings(tp.recipe_path("auto", phase, model))
+
+    cae = settings("pretrain", "cae_base_patch16_224_8k_vocab")
+    assert (cae["num_mask_patches"], cae["drop_path"], cae["clip_grad"]) == (98, 0.1, 3.0)
+    assert tp.recipe_model_kwargs(cae, "pretrain") == {"drop_path_rate": 0.1, "init_values": 0.1}
+    mae = settings("pretrain", "mae_vit_base_patch16")
+    assert tp.recipe_model_kwargs(mae, "pretrain") == {"norm_pix_loss": True}
+    assert "clip_grad" not in mae
+    ft = settings("finetune", "vit_base_patch16")
+    assert (ft["mixup"], ft["cutmix"], ft["smoothing"]) == (0.8, 1.0, 0.1)
+    assert tp.recipe_model_kwargs(ft, "finetune") == {"drop_path_rate": 0.1, "global_pool": True}
+    assert tp.recipe_settings(tp.recipe_path("none", "pretrain", "mae_vit_base_patch16")) == {}
+
+    # the CAE batch masks the recipe's 98 of 196 patches; --no_tokenizer brings token ids
+    tiny = dict(embed_dim=24, depth=1, num_heads=3, decoder_embed_dim=24, decoder_num_heads=3,
+                regressor_depth=1, decoder_depth=1)
+    model = create_model("cae_base_patch16_224_8k_vocab", **tiny)
+    import numpy as np
+
+    batch = tp.pretrain_batch(paddle, model, "cae", 2, 224, np.random.default_rng(0), cae,
+                              no_tokenizer=True)
+    assert batch["bool_masked_pos"].astype("int32").flatten(1).sum(axis=1).numpy().tolist() == [98, 98]
+    assert list(batch["target_ids"].shape) == [2, 196] and "tokenizer_images" not in batch
+
+
+def test_throughput_profile_on_recipe_step():
+    """--profile prints the top operators of one recipe step (CAE: tokenizer, drop path,
+    clipping) with their share of the step; the fused kernels' forward calls are counted."""
+    kwargs = {"embed_dim": 24, "depth": 1, "num_heads": 3, "decoder_embed_dim": 24,
+              "decoder_num_heads": 3, "regressor_depth": 1, "decoder_depth": 1}
+    r = run_script("--model", "cae_base_patch16_224_8k_vocab", "--model_kwargs",
+                   json.dumps(kwargs), "--profile", "200", "--steps", "1")
+    assert r["recipe"]["clip_grad"] == 3.0 and r["recipe"]["drop_path"] == 0.1
+    top = r["profile"]["top"]
+    ops = [row["op"] for row in top]
+    assert "conv2d" in ops and "matmul" in ops  # the tokenizer and the transformer
+    assert "cae_split_heads" in ops if r["fused_kernels"] else "cae_split_heads" not in ops
+    shares = [row["share"] for row in top]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1.0

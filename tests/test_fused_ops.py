@@ -38,6 +38,7 @@ CASES = {
     "residual_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,)]),
     "residual_scale_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,), (C,)]),
     "layer_norm": (lambda x, w, b: fused.layer_norm(x, w, b, 1e-6), [(B, N, C), (C,), (C,)]),
+    "attention": (lambda q, k, v: fused.attention(q, k, v, 0.3), [(B, H, N, D)] * 3),
 }
 
 
@@ -56,6 +57,8 @@ def test_fused_op_matches_reference(name, monkeypatch):
 @pytest.mark.parametrize("name,kwargs", [
     ("vit_base_patch16", {}),  # timm attention
     ("cae_base_patch16_224", {}),  # BEiT attention, q/v bias, relative position bias, gammas
+    ("vit_base_patch16", {"drop_path_rate": 0.5}),  # drop path in training (same draws)
+    ("cae_base_patch16_224", {"drop_path_rate": 0.5}),
 ])
 def test_block_matches_reference(name, kwargs, monkeypatch):
     """The same weights built with the fused layers and with the reference layers (the switch
@@ -76,6 +79,7 @@ def test_block_matches_reference(name, kwargs, monkeypatch):
         else:
             model.set_state_dict(state)
         model.train()
+        paddle.seed(7)  # the same drop-path draws in both
         loss = (model(x) ** 2).sum()
         loss.backward()
         grads = [p.grad.numpy().copy() for p in model.parameters() if p.grad is not None]
@@ -272,3 +276,149 @@ def test_switched_off_the_models_are_built_from_the_reference_layers(monkeypatch
     assert type(model.encoder.blocks[0]) is Block
     assert type(model.regresser.regressor_blocks[0].mlp_cross) is Mlp
     assert type(model.regresser.regressor_blocks[0].cross_attn).__name__ == "CrossAttention"
+
+
+def test_attention_kernel_runs_on_the_wheels_mkl_and_matches_the_composed_kernels(monkeypatch):
+    """Where the Paddle wheel ships MKL, the attention core runs as one kernel (per-head sgemm
+    products around the softmax kernel) and gives what the composed ops give: matmul, scaled
+    softmax kernel, matmul, head merge kernel."""
+    import os
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    mkl = os.path.join(os.path.dirname(paddle.__file__), "libs", "libmklml_intel.so")
+    rng = np.random.default_rng(3)
+    q, k, v = (paddle.to_tensor(rng.standard_normal((2, 3, 11, 8)).astype("float32"),
+                                stop_gradient=False) for _ in range(3))
+    ext = fused._load()
+    assert fused._has_gemm(ext, q) == os.path.isfile(mkl)
+    if not os.path.isfile(mkl):
+        pytest.skip("this Paddle wheel ships no MKL")
+    out, prob = ext.cae_attention(q, k, v, 0.25)
+    scores = fused.scaled_softmax(paddle.matmul(q, k, transpose_y=True), 0.25)
+    ref = fused.merge_heads(paddle.matmul(scores, v))
+    np.testing.assert_allclose(prob.numpy(), scores.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
+    g = paddle.to_tensor(rng.standard_normal(out.shape).astype("float32"))
+    got = paddle.grad([out], [q, k, v], [g])
+    want = paddle.grad([ref], [q, k, v], [g])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_allocator_tuning_is_applied_with_the_kernels_and_can_be_switched_off():
+    """Loading the kernels keeps freed tensor memory mapped (glibc mallopt); with
+    PADDLE_CAE_MALLOC_TUNING=0 malloc is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from paddle_cae.ops import fused; fused.extension_available(); "
+            "print(fused.tune_allocator())")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    seen = {}
+    for value in ("1", "0"):
+        env = dict(os.environ, PYTHONPATH=root, PADDLE_CAE_MALLOC_TUNING=value,
+                   PADDLE_CAE_FUSED_OPS="1")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        seen[value] = out.stdout.strip().splitlines()[-1]
+    import platform
+
+    assert seen["0"] == "False"
+    assert seen["1"] == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_kernels_share_mkls_openmp_runtime_where_the_wheel_ships_it():
+    """The kernels are linked to the OpenMP runtime of the wheel's MKL (libiomp5) when there is
+    one, so that the process runs one thread pool, not two competing for the cores."""
+    import os
+    import shutil
+    import subprocess
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("no readelf here")
+    lib = os.path.join(fused._build_dir(), fused._NAME, fused._NAME + ".so")
+    assert os.path.isfile(lib), lib
+    needed = subprocess.run([readelf, "-d", lib], capture_output=True, text=True).stdout
+    iomp = os.path.isfile(os.path.join(os.path.dirname(paddle.__file__), "libs", "libiomp5.so"))
+    assert ("[libiomp5.so]" in needed) == iomp
+    assert ("[libgomp.so.1]" in needed) == (not iomp)
+
+
+@pytest.mark.parametrize("with_gamma", [False, True])
+def test_residual_drop_path_kernel_matches_the_droppath_formula(with_gamma, monkeypatch):
+    """res + gamma * (h + bias) / keep * mask in one kernel: the forward and the gradients of
+    res and h bit-identical to the reference operators, the column sums within rounding."""
+    rng = np.random.default_rng(4)
+    arrays = [rng.standard_normal(s).astype("float32") for s in [(3, 5, C), (3, 5, C), (C,)]]
+    if with_gamma:
+        arrays.append(rng.standard_normal(C).astype("float32"))
+    mask = np.array([1.0, 0.0, 1.0], "float32").reshape(3, 1, 1)
+    g = rng.standard_normal((3, 5, C)).astype("float32")
+    results = []
+    for enabled in (True, False):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
+        xs = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
+        gamma = xs[3] if with_gamma else None
+        out = fused.residual_drop_path(xs[0], xs[1], xs[2], gamma, paddle.to_tensor(mask), 0.9)
+        grads = paddle.grad([out], xs, [paddle.to_tensor(g)])
+        results.append([out.numpy()] + [t.numpy() for t in grads])
+    (out_f, *grads_f), (out_r, *grads_r) = results
+    np.testing.assert_array_equal(out_f, out_r)
+    np.testing.assert_array_equal(grads_f[0], grads_r[0])  # res
+    np.testing.assert_array_equal(grads_f[1], grads_r[1])  # h
+    assert not grads_f[1][1].any()  # the dropped sample's branch gets no gradient
+    for a, b in zip(grads_f[2:], grads_r[2:]):  # bias, gamma: sums over rows
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_gradient_finiteness_check_in_one_kernel(bad, monkeypatch):
+    """The loss scaler's check finds an inf / NaN in any gradient with the kernel (one call for
+    all tensors) as the reference path does, and still unscales."""
+    from paddle_cae.runtime.amp import found_inf_and_unscale_
+
+    rng = np.random.default_rng(6)
+    arrays = [rng.standard_normal(s).astype("float32") for s in [(5, 7), (300,), (2, 3, 4)]]
+    if bad is not None:
+        arrays[1][217] = bad
+    results = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", enabled)
+        grads = [paddle.to_tensor(a) for a in arrays]
+        if enabled == "1":
+            assert bool(fused.non_finite(grads).numpy()[0]) == (bad is not None)
+        found = found_inf_and_unscale_(grads, scale=4.0)
+        assert found.dtype == paddle.bool and list(found.shape) == [1]
+        results.append((bool(found.numpy()[0]), [g.numpy() for g in grads]))
+    assert results[0][0] == results[1][0] == (bad is not None)
+    np.testing.assert_array_equal(results[0][1][0], arrays[0] / 4.0)
+    if bad is None:  # (a skipped step's gradients are discarded: the multi-tensor op zeroes them)
+        for a, b in zip(results[0][1], results[1][1]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_norm_from_one_kernel_matches_the_per_tensor_sums(monkeypatch):
+    """The global gradient norm (clipping, logging) from the one-call squared sums agrees with
+    Paddle's per-tensor float32 sums to float32 rounding."""
+    from paddle_cae.runtime.amp import grad_norm_tensor
+
+    rng = np.random.default_rng(8)
+    shapes = [(64, 48), (3000,), (2, 3, 4), (1,)]
+    arrays = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3)).astype("float32")
+              for s in shapes]
+    grads = [paddle.to_tensor(a) for a in arrays]
+    sums = fused.sums_of_squares(grads).numpy()
+    exact = np.array([np.sum(a.astype(np.float64) ** 2) for a in arrays])
+    np.testing.assert_allclose(sums, exact, rtol=1e-6)
+    norms = []
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", enabled)
+        params = [paddle.create_parameter(list(a.shape), "float32") for a in arrays]
+        for p, a in zip(params, arrays):
+            (p * paddle.to_tensor(a)).sum().backward()  # grad = a
+        norms.append(float(grad_norm_tensor(params)))
+    assert norms[0] == pytest.approx(norms[1], rel=1e-6)
+    assert norms[0] == pytest.approx(float(np.sqrt(exact.sum())), rel=1e-6)

@@ -170,6 +170,38 @@ def test_adamw_fused_multi_tensor_and_plain_paths_agree():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_adamw_chooses_its_cpu_kernel_when_constructed(monkeypatch):
+    """The fused-kernel switch and the tensors' place are read once, when the optimizer is
+    built: a step looks nothing up again (and the switch changed later does not matter)."""
+    from paddle_cae.ops import fused as fused_ops
+
+    if not fused_ops.extension_available():
+        pytest.skip("fused kernels not built here")
+    shapes = [(4, 3), (3,)]
+    grads = _grad_sequence(shapes, steps=2, seed=5)
+    results = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", switch)
+        params = _params(shapes, seed=4)
+        opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
+        assert (opt._kernel is not None) == (switch == "1")
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0" if switch == "1" else "1")
+
+        def no_lookup(*a, **k):
+            raise AssertionError("the kernel choice was looked up during a step")
+
+        monkeypatch.setattr(fused_ops, "_use", no_lookup)
+        monkeypatch.setattr(fused_ops, "usable", no_lookup)
+        for g in grads:
+            _set_grads(params, g)
+            opt.step()
+            opt.clear_grad()
+        monkeypatch.undo()
+        results[switch] = [p.numpy() for p in params]
+    for a, b in zip(results["1"], results["0"]):  # kernel vs multi-tensor path: ~1e-6
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_adamw_zero_lr_leaves_params_but_advances_moments():
     (p,) = _params([(4, 4)])
     before = p.numpy()

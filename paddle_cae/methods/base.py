@@ -52,6 +52,7 @@ class Method:
                              imagenet_default_mean_and_std=False)
     model_flags = {}          # command-line flag -> pretraining constructor argument
     needs_tokenizer = False   # targets from a frozen tokenizer (the DALL-E encoder)
+    masks_in_model = False    # the model draws its own mask (no mask generator in the pipeline)
     imagenet_stats_only = False   # the pipeline always normalises with ImageNet mean/std
     lr_scaled_by_batch = False    # an absolute --lr is also scaled by effective batch / 256
     pretrain_lr_schedule = "beit"
@@ -119,6 +120,8 @@ class Method:
         """The block or random mask generator the config describes (None: masks in the model)."""
         from ..data import masking
 
+        if self.masks_in_model:
+            return None
         window = window_size_of(args)
         num_patches = window[0] * window[1]
         kind = str(_get(args, "mask_generator", "block")).lower()

@@ -14,13 +14,11 @@ class MAEMethod(Method):
     linprobe_defaults = dict(Method.linprobe_defaults, imagenet_default_mean_and_std=True)
     model_flags = {"input_size": "img_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"}
     imagenet_stats_only = True   # MAE's pipeline has no mean/std switch
+    masks_in_model = True        # the model masks a random subset, from per-sample noise
     pretrain_lr_schedule = "mae"
     group_rule = "mae"
     pretrain_asks_no_weight_decay = False   # timm's add_weight_decay: only 1-D tensors and biases
     pretrain_only_prefixes = ("decoder", "mask_token")
-
-    def mask_generator(self, args):
-        return None  # MAE masks inside the model, from per-sample noise
 
     def pretrain_transform(self, args, mask_generator=None):
         scale = (float(_get(args, "crop_min_size", 0.2)), float(_get(args, "crop_max_size", 1.0)))

@@ -3,7 +3,8 @@ model overrides them, so the training loops call them unconditionally (no ``hasa
 
 PretrainingModel
     ``forward(batch)`` returns ``{"loss": total, "<part>": value, ...}`` (DESIGN.md). Hooks:
-    ``set_tokenizer`` (models whose targets come from a frozen tokenizer: ``needs_tokenizer``),
+    ``set_tokenizer`` (models whose targets come from a frozen tokenizer: the method's
+    ``needs_tokenizer``),
     ``on_epoch_start(epoch)`` and ``after_optimizer_step()`` (schedules, momentum teachers),
     ``extra_state()`` / ``load_extra_state(state)`` (what a training checkpoint carries beside the
     trainable weights), ``reconstruction_image(batch, outputs)`` (a picture for the logs, or None),
@@ -35,7 +36,6 @@ class _Model(nn.Layer):
 
 
 class PretrainingModel(_Model):
-    needs_tokenizer = False
 
     def set_tokenizer(self, tokenizer):
         raise TypeError(f"{type(self).__name__} takes no tokenizer")

@@ -229,7 +229,6 @@ class ContextAutoencoderViT(PretrainingModel):
     # training checkpoints written before the tokenizer stopped being a sub-layer hold its
     # weights under this prefix; they are not part of the model
     stale_checkpoint_prefixes = ("_tokenizer.",)
-    needs_tokenizer = True
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0,

@@ -76,15 +76,18 @@ def fixed_sincos_table(layer, dim, grid, layout="moco"):
 
 
 def _mean_and_std(patches, axis, eps, unbiased):
+    # squares as c * c: the values and gradients of c ** 2, without Paddle's slow CPU pow
     mean = patches.mean(axis=axis, keepdim=True)
     if unbiased:
         # written out: paddle.var warns about dtype promotion on every call
         count = 1
         for a in ([axis] if isinstance(axis, int) else axis):
             count *= patches.shape[a]
-        var = ((patches - mean) ** 2).sum(axis=axis, keepdim=True) / (count - 1)
+        centered = patches - mean
+        var = (centered * centered).sum(axis=axis, keepdim=True) / (count - 1)
     else:
-        var = ((patches - mean) ** 2).mean(axis=axis, keepdim=True)
+        centered = patches - mean
+        var = (centered * centered).mean(axis=axis, keepdim=True)
     return mean, paddle.sqrt(var + eps)
 
 

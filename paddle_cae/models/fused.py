@@ -6,7 +6,7 @@ The variant is chosen once, where a model is built: :func:`block_class`, :func:`
 reference layers: the pure-Paddle operators a GPU runs). A fused layer still computes with the
 kernels only for float32 CPU tensors in dynamic graph mode (``fused_ops.applies``); for anything
 else (GPU, AMP, ``paddle.jit.to_static`` / export, no C++ compiler) its forward is the
-reference's ``super().forward``.
+reference's forward.
 """
 import functools
 
@@ -28,9 +28,15 @@ class _kernels:
     layer_norm = functools.partial(fused_ops.layer_norm, by_env=False)
     bias_gelu = functools.partial(fused_ops.bias_gelu, by_env=False)
     residual_bias = functools.partial(fused_ops.residual_bias, by_env=False)
+    residual_drop_path = functools.partial(fused_ops.residual_drop_path, by_env=False)
     split_heads = functools.partial(fused_ops.split_heads, by_env=False)
     scaled_softmax = functools.partial(fused_ops.scaled_softmax, by_env=False)
     merge_heads = functools.partial(fused_ops.merge_heads, by_env=False)
+
+    @staticmethod
+    def attention(q, k, v, scale):
+        # looked up on each call: the FLOP counter (runtime/flops.py) wraps it
+        return fused_ops.attention(q, k, v, scale, by_env=False)
 
 
 def fused_enabled():
@@ -45,7 +51,7 @@ class FusedMlp(Mlp):
         if isinstance(self.drop, nn.Identity) and self.fc1.bias is not None \
                 and fused_ops.applies(x):
             return self.fc2(_kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias))
-        return super().forward(x)
+        return Mlp.forward(self, x)  # not super(): Paddle 2.6's to_static cannot convert it
 
 
 class FusedBlock(Block):
@@ -67,7 +73,7 @@ class FusedBlock(Block):
 
     def forward(self, x, rel_pos_bias=None):
         if not self.kernels_apply(x, rel_pos_bias):
-            return super().forward(x, rel_pos_bias)
+            return Block.forward(self, x, rel_pos_bias)  # (to_static on Paddle 2.6: no super())
         attn, mlp = self.attn, self.mlp
         h = _kernels.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
         y = paddle.matmul(_attend(attn, h), attn.proj.weight)
@@ -78,9 +84,10 @@ class FusedBlock(Block):
         return self._residual(x, y, mlp.fc2.bias, self.gamma_2)
 
     def _residual(self, x, y, bias, gamma):
-        if self.training and isinstance(self.drop_path, DropPath):
-            y = y + bias
-            return x + self.drop_path(y if gamma is None else gamma * y)
+        drop = self.drop_path
+        if self.training and isinstance(drop, DropPath) and drop.drop_prob > 0.0:
+            return _kernels.residual_drop_path(x, y, bias, gamma, drop.sample_mask(y),
+                                               1.0 - drop.drop_prob)
         return _kernels.residual_bias(x, y, bias, gamma)
 
 
@@ -91,7 +98,9 @@ def _attend(attn, x):
     q_scale, s_scale = (attn.scale, 1.0) if attn.style == "beit" else (1.0, attn.scale)
     q, k, v = _kernels.split_heads(paddle.matmul(x, attn.qkv.weight), attn.qkv_bias_vector(),
                                    attn.num_heads, q_scale)
-    bias = attn.relative_bias() if attn.relative_position_bias_table is not None else None
+    if attn.relative_position_bias_table is None:
+        return _kernels.attention(q, k, v, s_scale)
+    bias = attn.relative_bias()
     scores = _kernels.scaled_softmax(paddle.matmul(q, k, transpose_y=True), s_scale, bias)
     return _kernels.merge_heads(paddle.matmul(scores, v))
 

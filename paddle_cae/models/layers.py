@@ -116,10 +116,12 @@ class DropPath(nn.Layer):
     def forward(self, x):
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep = 1.0 - self.drop_prob
+        return x / (1.0 - self.drop_prob) * self.sample_mask(x)
+
+    def sample_mask(self, x):
+        """[B, 1, ...] of 0 / 1: which samples keep their branch (one uniform draw each)."""
         shape = [x.shape[0]] + [1] * (x.ndim - 1)
-        mask = paddle.floor(keep + paddle.rand(shape, dtype=x.dtype))
-        return x / keep * mask
+        return paddle.floor((1.0 - self.drop_prob) + paddle.rand(shape, dtype=x.dtype))
 
     def extra_repr(self):
         return f"drop_prob={self.drop_prob}"

@@ -22,6 +22,7 @@ The extension is compiled with the system C++ compiler, for the CPU's vector ins
 one folder per Paddle version, source, flags and instruction set) the first time it is needed
 (about 30 s) and loaded from there afterwards; concurrent first uses wait on a file lock.
 """
+import ctypes
 import hashlib
 import logging
 import math
@@ -82,12 +83,30 @@ def _cxx_flags():
     return ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] + isa_target()[1]
 
 
+def _openmp_ldflags():
+    """Link the kernels' OpenMP to the runtime MKL uses in this Paddle wheel (Intel's
+    libiomp5 in paddle/libs, which also serves GCC's GOMP entry points) when it ships one;
+    otherwise GCC's libgomp. With two OpenMP runtimes in the process, each keeps its own
+    threads: MKL's spin after every matmul while the kernels' threads want the same cores
+    (a kernel run right after a matmul took 20 ms instead of 0.8 on the 2-core machine)."""
+    libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
+    if os.path.isfile(os.path.join(libs, "libiomp5.so")):
+        return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
+    return ["-fopenmp"]
+
+
+def _ldflags():
+    return _openmp_ldflags() + ["-ldl"]
+
+
 def _build_dir():
-    """Keyed by Paddle's version, the source and the compiler flags (incl. the ISA)."""
+    """Keyed by Paddle's version, the source and the compiler and linker flags (incl. the
+    ISA and the OpenMP runtime)."""
     base = os.environ.get("PADDLE_CAE_OPS_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "paddle_cae", "ops")
     with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read() + " ".join(_cxx_flags()).encode()).hexdigest()[:10]
+        digest = hashlib.sha1(f.read() + " ".join(_cxx_flags() + _ldflags()).encode()
+                              ).hexdigest()[:10]
     return os.path.join(base, f"paddle{paddle.__version__}-{digest}-{isa_target()[0]}")
 
 
@@ -110,11 +129,44 @@ def _load():
                     _module = _quiet_load(build_dir)
                 finally:
                     fcntl.flock(lock_file, fcntl.LOCK_UN)
+            tune_allocator()
         except Exception as err:  # no compiler, no headers, read-only home ...
             _failed = True
             logger.warning("fused CPU kernels unavailable (%s: %s); using the Paddle reference "
                            "ops", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
     return _module
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_allocator_tuned = []
+
+
+def tune_allocator():
+    """Keep freed tensor memory in the process's heap for the next tensor (glibc malloc).
+
+    Paddle's CPU allocator takes every tensor from malloc and gives it back when the tensor
+    dies. glibc serves blocks above 128 KiB-32 MiB (a training step's activations and
+    gradients) by mmap and returns them to the system on free, so the next tensor's first
+    write page-faults every 4 KiB page again: an elementwise op on a 3 MB tensor took 1.5 ms
+    instead of 0.08. Here malloc is told never to mmap (``M_MMAP_MAX`` 0) and to return heap
+    memory only beyond 1 GiB of free space at its top (``M_TRIM_THRESHOLD``): the same
+    arithmetic, the pages stay mapped. Called when the fused kernels are loaded (the CPU fast
+    variant); ``PADDLE_CAE_MALLOC_TUNING=0`` leaves malloc alone. Returns True when applied
+    (False off glibc, or when switched off)."""
+    if _allocator_tuned:
+        return _allocator_tuned[0]
+    applied = False
+    if os.environ.get("PADDLE_CAE_MALLOC_TUNING", "1").strip().lower() not in ("0", "false",
+                                                                             "no", "off"):
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):  # not glibc (or no libc symbols in the process)
+            mallopt = None
+        if mallopt is not None:
+            applied = bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30)) and bool(mallopt(_M_MMAP_MAX, 0))
+    _allocator_tuned.append(applied)
+    return applied
 
 
 def _quiet_load(build_dir):
@@ -138,7 +190,7 @@ def _quiet_load(build_dir):
             warnings.simplefilter("ignore")
             return load(name=_NAME, sources=[_SOURCE],
                         extra_cxx_cflags=_cxx_flags(),
-                        extra_ldflags=["-fopenmp"],
+                        extra_ldflags=_ldflags(),
                         build_directory=build_dir, verbose=False)
     finally:
         if paddle_logger is not None:
@@ -222,6 +274,30 @@ def scaled_softmax(x, scale=1.0, bias=None, *, by_env=True):
     return F.softmax(x, axis=-1)
 
 
+_gemm = []
+
+
+def _has_gemm(ext, like):
+    """Whether the kernels found MKL's sgemm (the Paddle CPU wheel's libmklml_intel.so)."""
+    if not _gemm:
+        _gemm.append(bool(ext.cae_gemm_available(like).numpy()[0] == 1.0))
+    return _gemm[0]
+
+
+def attention(q, k, v, scale=1.0, *, by_env=True):
+    """softmax(q k^T * scale) v with the heads merged: q, k, v [B, h, N, d] -> [B, N, h*d].
+
+    Reference: ``merge_heads(paddle.matmul(scaled_softmax(paddle.matmul(q, k,
+    transpose_y=True), scale), v))``. The kernel forms each (batch, head) pair's two products
+    with MKL's sgemm, one pair per thread; the softmax is the same kernel code."""
+    ext = _use(q, k, v, by_env=by_env)
+    if ext is not None and q.ndim == 4 and _has_gemm(ext, q):
+        out, _ = ext.cae_attention(q, k, v, float(scale))
+        return out
+    scores = scaled_softmax(paddle.matmul(q, k, transpose_y=True), scale, by_env=by_env)
+    return merge_heads(paddle.matmul(scores, v), by_env=by_env)
+
+
 def bias_gelu(h, bias, *, by_env=True):
     """gelu(h + bias), exact erf form. Reference: ``F.gelu(h + bias)``."""
     ext = _use(h, bias, by_env=by_env)
@@ -240,6 +316,41 @@ def residual_bias(res, h, bias, gamma=None, *, by_env=True):
         return ext.cae_residual_scale_bias(res, h, bias, gamma)
     y = h + bias
     return res + (y if gamma is None else gamma * y)
+
+
+_true_division = []
+
+
+def _scalar_division_is_true_division():
+    """Whether this Paddle computes ``tensor / python_float`` as a float32 division (3.x) or
+    as a multiplication by the float32 reciprocal (2.6): decided once, by computing it."""
+    if not _true_division:
+        import numpy as np
+
+        values = np.random.default_rng(0).standard_normal(4096).astype("float32")
+        got = (paddle.to_tensor(values) / 0.9).numpy()
+        _true_division.append(bool(np.array_equal(got, values / np.float32(0.9))))
+    return _true_division[0]
+
+
+def residual_drop_path(res, h, bias, gamma, mask, keep, *, by_env=True):
+    """``res + drop_path(h + bias)`` (``gamma * (h + bias)`` with a layer scale) for a drawn
+    per-sample ``mask`` [B, 1, ...] of 0 / 1 and keep probability ``keep``.
+
+    Reference: ``y = h + bias; y = gamma * y; res + y / keep * mask``, the DropPath formula
+    (models/layers.py)."""
+    ext = _use(res, h, bias, mask, by_env=by_env) if gamma is None else \
+        _use(res, h, bias, gamma, mask, by_env=by_env)
+    if ext is not None and list(res.shape) == list(h.shape) and \
+            int(mask.numel()) == int(h.shape[0]):
+        args = (float(keep), float(1.0 / keep), _scalar_division_is_true_division())
+        flat = mask.reshape([-1])
+        if gamma is None:
+            return ext.cae_residual_drop(res, h, bias, flat, *args)
+        return ext.cae_residual_scale_drop(res, h, bias, gamma, flat, *args)
+    y = h + bias
+    y = y if gamma is None else gamma * y
+    return res + y / keep * mask
 
 
 def layer_norm(x, weight, bias, eps, *, by_env=True):
@@ -276,20 +387,57 @@ def add_scaled(a, b, gain):
     return a + gain * b
 
 
+def kernels_for(tensor):
+    """The kernel module for tensors like ``tensor`` (float32, CPU, dynamic graph, switch on,
+    built), or None: for callers that choose their path once, when they are constructed (the
+    optimizer), and pass it back as ``ext``."""
+    return _use(tensor)
+
+
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
-                  bias_correction1, bias_correction2):
+                  bias_correction1, bias_correction2, ext=None):
     """One in-place AdamW update in a single multi-threaded pass, when the kernels apply;
     returns False (and changes nothing) otherwise. Arithmetic of the plain path of
     :class:`paddle_cae.optim.AdamW`, every scalar rounded to float32 as Paddle's scalar ops do:
     ``p *= 1 - lr*wd; m += (1-b1)(g - m); v = v*b2 + g*g*(1-b2);
-    p += m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)``."""
-    ext = _use(param, grad, exp_avg, exp_avg_sq)
+    p += m / (sqrt(v) / sqrt(bc2) + eps) * (-lr / bc1)``. ``ext``: the module chosen by
+    :func:`kernels_for` (the caller guarantees float32 CPU tensors); else it is looked up."""
+    if ext is None:
+        ext = _use(param, grad, exp_avg, exp_avg_sq)
     if ext is None:
         return False
     ext.cae_adamw_update(param, grad, exp_avg, exp_avg_sq, 1.0 - lr * weight_decay, 1.0 - beta1,
                    beta2, 1.0 - beta2, math.sqrt(bias_correction2), eps,
                    -lr / bias_correction1, weight_decay != 0.0)
     return True
+
+
+def _use_all(tensors):
+    """The extension for a list of whole tensors (one call over all of them), or None."""
+    if not tensors or any(not t.is_contiguous() for t in tensors):
+        return None
+    return _use(*tensors)
+
+
+def non_finite(tensors):
+    """A bool tensor [1]: True when any of ``tensors`` holds an inf or NaN, from one kernel
+    call over all of them; None where the kernels do not apply (the caller then tests each
+    tensor with Paddle's ops: ``logical_not(all(isfinite(t).all() for t)))``)."""
+    ext = _use_all(tensors)
+    if ext is None:
+        return None
+    return ext.cae_non_finite(list(tensors)) > 0.0
+
+
+def sums_of_squares(tensors):
+    """[T] float32: ``(t * t).sum()`` of every tensor, from one kernel call (the squares in
+    float32 as the reference, each sum accumulated in double: within float32 rounding of
+    Paddle's own float32 reduction, more accurate); None where the kernels do not apply.
+    Reference: ``paddle.stack([(t * t).sum() for t in tensors])``."""
+    ext = _use_all(tensors)
+    if ext is None:
+        return None
+    return ext.cae_sums_of_squares(list(tensors))
 
 
 def ema_update_(ema, online, keep, take):

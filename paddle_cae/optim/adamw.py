@@ -61,6 +61,11 @@ class AdamW(GroupOptimizer):
         self.fused = bool(fused) and _HAS_FUSED
         # None: wherever the project's CPU kernel does not apply (GPU, PADDLE_CAE_FUSED_OPS=0)
         self.multi_tensor = multi_tensor
+        # the project's CPU AdamW kernel, chosen once here from the first float32 parameter
+        # (switch, place, build), not looked up again on every update
+        first = next((p for g in self.param_groups for p in g["params"]
+                      if p.dtype == paddle.float32), None)
+        self._kernel = None if self.fused or first is None else fused_ops.kernels_for(first)
         self._zero_pows = None
         self._zero_pow_lists = {}
 
@@ -70,7 +75,7 @@ class AdamW(GroupOptimizer):
             return False
         if param.dtype != paddle.float32:
             return False
-        return bool(self.multi_tensor) or not fused_ops.usable(param)
+        return bool(self.multi_tensor) or self._kernel is None or not param.place.is_cpu_place()
 
     @paddle.no_grad()
     def step(self):
@@ -148,8 +153,11 @@ class AdamW(GroupOptimizer):
             self._fused_update(param, grad, exp_avg, exp_avg_sq, lr, wd, eps, beta1, beta2,
                                bias_correction1, bias_correction2)
             return
-        if fused_ops.adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps,
-                                   bias_correction1, bias_correction2):
+        if self._kernel is not None and param.dtype == paddle.float32 and \
+                grad.dtype == paddle.float32 and param.place.is_cpu_place() and \
+                fused_ops.adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2,
+                                        eps, bias_correction1, bias_correction2,
+                                        ext=self._kernel):
             return  # the same arithmetic in one multi-threaded pass (paddle_cae/ops)
         if wd != 0.0:
             param.scale_(1.0 - lr * wd)

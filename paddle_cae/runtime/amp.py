@@ -185,8 +185,10 @@ def found_inf_and_unscale_(grads, scale=1.0):
             flags.append(found.reshape([1]))
         # the kernel also divides when a gradient is not finite; the step is skipped then
         return flags[0] if len(flags) == 1 else paddle.stack(flags).any().reshape([1])
-    flags = [paddle.isfinite(g).all() for g in grads]
-    found = paddle.logical_not(paddle.stack(flags).all()).reshape([1])
+    found = fused_ops.non_finite(grads)  # one kernel call for all (CPU float32)
+    if found is None:
+        flags = [paddle.isfinite(g).all() for g in grads]
+        found = paddle.logical_not(paddle.stack(flags).all()).reshape([1])
     if scale != 1.0:
         # unscale unconditionally: a skipped step discards the gradients anyway
         inv = 1.0 / scale
@@ -216,8 +218,11 @@ def grad_norm_tensor(parameters):
         return paddle.sqrt(paddle.concat(squares).sum())
     # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but Paddle's
     # CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
-    squares = [(g * g).sum() for g in (g.astype("float32") for g in grads)]
-    return paddle.sqrt(paddle.stack(squares).sum())
+    grads = [g if g.dtype == paddle.float32 else g.astype("float32") for g in grads]
+    squares = fused_ops.sums_of_squares(grads)  # one kernel call for all (CPU float32)
+    if squares is None:
+        squares = paddle.stack([(g * g).sum() for g in grads])
+    return paddle.sqrt(squares.sum())
 
 
 def global_grad_norm(parameters):

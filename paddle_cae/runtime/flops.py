@@ -3,7 +3,8 @@
 While :func:`count_flops` is active, the functions every model of this package multiplies
 matrices through are wrapped: ``F.linear`` (``nn.Linear`` and the explicit q/k/v projections),
 the convolution kernel behind ``nn.Conv2D`` and ``F.conv2d``, ``paddle.matmul`` / ``paddle.bmm``
-(attention scores and weighted values) and ``F.scaled_dot_product_attention``. One
+(attention scores and weighted values), ``F.scaled_dot_product_attention`` and the fused CPU
+attention core (``paddle_cae.ops.fused.attention``). One
 multiply-add is 2 FLOPs; elementwise work (norms, activations, softmax) is not counted, as is
 usual for model FLOP utilisation. A call made inside another counted call (the matmuls inside
 scaled_dot_product_attention) is not counted twice.
@@ -44,7 +45,10 @@ class FlopCount:
 
     def add(self, kind, macs, out):
         flops = 2 * int(macs)
-        grad = isinstance(out, paddle.Tensor) and not out.stop_gradient
+        # under no_grad nothing is back-propagated (a custom op's output may still say
+        # stop_gradient False there)
+        grad = isinstance(out, paddle.Tensor) and not out.stop_gradient and \
+            paddle.is_grad_enabled()
         if grad:
             self.trainable += flops
         else:
@@ -127,6 +131,14 @@ def count_flops():
     patch(paddle, "matmul", matmul_macs, "matmul")
     patch(paddle, "bmm", bmm_macs, "matmul")
     patch(F, "scaled_dot_product_attention", sdpa_macs, "attention")
+    # the fused CPU attention core (paddle_cae/ops): q, k, v [B, H, N, D], both products
+    from ..ops import fused as fused_ops
+
+    def fused_attention_macs(out, q, k, v, *a, **kw):
+        b, h, nq, d = q.shape
+        return int(b) * int(h) * int(nq) * int(k.shape[2]) * (int(d) + int(v.shape[-1]))
+
+    patch(fused_ops, "attention", fused_attention_macs, "attention")
     try:
         yield count
     finally:
