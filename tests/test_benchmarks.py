@@ -190,7 +190,7 @@ def test_throughput_steps_follow_the_recipes():
     model = create_model("cae_base_patch16_224_8k_vocab", **tiny)
     import numpy as np
 
-    batch = tp.pretrain_batch(paddle, model, "cae", 2, 224, np.random.default_rng(0), cae,
+    batch = tp.pretrain_batch(paddle, model, "cae_base_patch16_224_8k_vocab", 2, 224, np.random.default_rng(0), cae,
                               no_tokenizer=True)
     assert batch["bool_masked_pos"].astype("int32").flatten(1).sum(axis=1).numpy().tolist() == [98, 98]
     assert list(batch["target_ids"].shape) == [2, 196] and "tokenizer_images" not in batch
