@@ -108,12 +108,8 @@ class AdamW(GroupOptimizer):
         step = items[0][2]["step"]
         beta1, beta2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-        c1 = (1.0 - float(np.float32(beta1))) / (1.0 - beta1)
-        c2 = (1.0 - float(np.float32(beta2))) / (1.0 - beta2)
-        sqrt_bc2 = math.sqrt(c2 * bc2)
-        lr_t = lr * sqrt_bc2 / (bc1 * c1)
-        coeff = lr * wd / lr_t if lr_t != 0.0 else 0.0
+        lr_t, eps_t, coeff = _paddle_kernel_scalars(lr, wd, eps, beta1, beta2,
+                                                    1.0 - beta1 ** step, 1.0 - beta2 ** step)
         n = len(items)
         if n not in self._zero_pow_lists:
             # beta powers of 0: the kernel applies no correction of its own (0 * beta stays 0)
@@ -126,8 +122,7 @@ class AdamW(GroupOptimizer):
         m2 = [s["exp_avg_sq"] for _, _, s in items]
         lr_tensor = paddle.full([1], lr_t, dtype="float32")  # a fill kernel, no host copy
         try:
-            _fused_adam(params, grads, lr_tensor, m1, m2, pow1, pow2, beta1, beta2,
-                        eps * sqrt_bc2, coeff)
+            _fused_adam(params, grads, lr_tensor, m1, m2, pow1, pow2, beta1, beta2, eps_t, coeff)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
             logger.warning("multi-tensor AdamW unavailable (%s: %s); using the per-tensor path",
                            type(err).__name__, str(err).splitlines()[0][:200])
@@ -170,22 +165,31 @@ class AdamW(GroupOptimizer):
                       bias_correction1, bias_correction2):
         if self._zero_pows is None:
             self._zero_pows = (paddle.zeros([1], "float32"), paddle.zeros([1], "float32"))
-        # The kernel forms (1 - beta) from float32 betas: 1 - float32(0.999) is 1.3e-5 off in
-        # relative terms, so its moments are c * (PyTorch's moments); undo that in lr and eps.
-        c1 = (1.0 - float(np.float32(beta1))) / (1.0 - beta1)
-        c2 = (1.0 - float(np.float32(beta2))) / (1.0 - beta2)
-        sqrt_bc2 = math.sqrt(c2 * bias_correction2)
-        lr_t = lr * sqrt_bc2 / (bias_correction1 * c1)
-        # the kernel decays by lr_t * coeff: choose coeff so that this is lr * wd
-        coeff = lr * wd / lr_t if lr_t != 0.0 else 0.0
+        lr_t, eps_t, coeff = _paddle_kernel_scalars(lr, wd, eps, beta1, beta2, bias_correction1,
+                                                    bias_correction2)
         lr_tensor = paddle.full([1], lr_t, dtype="float32")
         beta1_pow, beta2_pow = self._zero_pows
         args_3x = (param, grad, lr_tensor, exp_avg, exp_avg_sq, None, beta1_pow, beta2_pow, None,
-                   None, beta1, beta2, eps * sqrt_bc2, 1.0, coeff, coeff != 0.0, False, 1000,
+                   None, beta1, beta2, eps_t, 1.0, coeff, coeff != 0.0, False, 1000,
                    False, False, False)
         # Paddle 2.6 has neither moment2_max (6th) nor amsgrad (last)
         args_26 = args_3x[:5] + args_3x[6:-1]
         _call_with_signature(_C_ops.adamw_, _ADAMW_SIGNATURE, args_3x, args_26)
+
+
+def _paddle_kernel_scalars(lr, wd, eps, beta1, beta2, bias_correction1, bias_correction2):
+    """(lr, eps, decay coefficient) to hand Paddle's adamw_ / fused_adam_ kernels, which get
+    beta powers of 0 (no correction of their own), so that they make PyTorch's AdamW step.
+
+    The kernels form (1 - beta) from float32 betas: 1 - float32(0.999) is 1.3e-5 off in
+    relative terms, so their moments are c * (PyTorch's moments); that is undone in lr and eps.
+    They decay by lr_t * coeff: coeff is chosen so that this is lr * wd."""
+    c1 = (1.0 - float(np.float32(beta1))) / (1.0 - beta1)
+    c2 = (1.0 - float(np.float32(beta2))) / (1.0 - beta2)
+    sqrt_bc2 = math.sqrt(c2 * bias_correction2)
+    lr_t = lr * sqrt_bc2 / (bias_correction1 * c1)
+    coeff = lr * wd / lr_t if lr_t != 0.0 else 0.0
+    return lr_t, eps * sqrt_bc2, coeff
 
 
 def _fused_adam(params, grads, lr, m1, m2, pow1, pow2, beta1, beta2, eps, coeff):
