@@ -79,9 +79,18 @@ def test_accumulating_two_batches_equals_one_batch_twice_as_large(tmp_path):
     for i, moments in big_ckpt["optimizer"]["state"].items():
         other = acc_ckpt["optimizer"]["state"][i]
         np.testing.assert_allclose(other["exp_avg"], moments["exp_avg"], rtol=1e-4, atol=1e-9)
-    # Adam normalises each gradient, so entries whose true gradient is zero (the key bias
-    # cancels in the softmax) move by a rounding-noise amount: compare at lr scale
-    assert_states_close(big_ckpt["model"], acc_ckpt["model"], atol=2e-5)
+    # Adam normalises each gradient, so entries whose true gradient is zero move by an amount
+    # set by rounding noise (anything up to the lr, and the noise depends on the summation
+    # order, i.e. on the thread count): the key third of every qkv bias, which cancels in the
+    # softmax. Those are only bounded by the lr; everything else moves alike.
+    lr = 1e-2 * 16 / 256
+    big_model, acc_model = dict(big_ckpt["model"]), dict(acc_ckpt["model"])
+    for key in [k for k in big_model if k.endswith("attn.qkv.bias")]:
+        third = big_model[key].shape[0] // 3
+        for part, (x, y) in enumerate(zip(np.split(big_model.pop(key), 3), np.split(acc_model.pop(key), 3))):
+            atol = 2 * lr if part == 1 else 2e-5
+            np.testing.assert_allclose(y, x, atol=atol, rtol=1e-4, err_msg=f"{key}[{part * third}:]")
+    assert_states_close(big_model, acc_model, atol=2e-5)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
