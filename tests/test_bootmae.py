@@ -359,3 +359,31 @@ def test_bootmae_base_can_be_built_lazily_to_count_or_shard_it():
     with paddle.LazyGuard():
         model = create_model("bootmae_base")
     assert trainable_count(model) == 115_373_251
+
+
+def test_fused_decoder_blocks_match_the_reference_blocks(monkeypatch):
+    """With the CPU kernels the decoders are built from FusedDecodeBlock: the same loss and
+    gradients as the reference DecodeBlock (float32 rounding apart)."""
+    from paddle_cae.models.bootmae import DecodeBlock, FusedDecodeBlock
+    from paddle_cae.ops import fused as fused_ops
+
+    if not fused_ops.usable(paddle.zeros([1])):
+        pytest.skip("fused CPU kernels unavailable here")
+    paddle.seed(0)
+    fused = tiny()
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    reference = tiny()
+    monkeypatch.delenv("PADDLE_CAE_FUSED_OPS")
+    assert type(fused.decode_blocks[0]) is FusedDecodeBlock
+    assert type(reference.decode_blocks_1[0]) is DecodeBlock
+    reference.set_state_dict(fused.state_dict())
+    reference.set_teacher_state_dict(fused.teacher_state_dict())
+    images, order = paddle.randn([2, 3, 32, 32]), random_order(2, 16)
+    outs = [m(images, idx_shuffle=order) for m in (fused, reference)]
+    for key in ("loss", "pred_pixel", "pred_feature"):
+        np.testing.assert_allclose(outs[0][key].numpy(), outs[1][key].numpy(), rtol=1e-4, atol=1e-5)
+    for out in outs:
+        out["loss"].backward()
+    for (name, p), q in zip(fused.named_parameters(), reference.parameters()):
+        if p.grad is not None:
+            np.testing.assert_allclose(p.grad.numpy(), q.grad.numpy(), rtol=1e-3, atol=1e-6, err_msg=name)

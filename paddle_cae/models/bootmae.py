@@ -27,7 +27,8 @@ from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PretrainingModel
 from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
                      gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
-from .fused import block_stack, cross_attention_class, mlp_class
+from .fused import (block_stack, cross_attention_class, fused_attend, fused_block_applies,
+                    fused_enabled, fused_kernels, mlp_class)
 from .layers import (Attention, CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
                      lazy_init_active, layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
 from .mae import images_from_batch, zero_filled_parameters
@@ -133,6 +134,26 @@ class DecodeBlock(nn.Layer):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.c_attn(self.norm3(x), self.norm4(fea)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class FusedDecodeBlock(DecodeBlock):
+    """The decoder block with the fused CPU kernels (models/fused.py): LayerNorms, the
+    self-attention core, bias + residual and bias + GELU; the cross-attention is the fused
+    cross-attention class already. Same arithmetic as :class:`DecodeBlock` up to float32
+    rounding; the reference forward wherever the kernels do not apply."""
+
+    def forward(self, x, fea):
+        if not fused_block_applies(self, x):
+            return DecodeBlock.forward(self, x, fea)
+        attn, mlp, k = self.attn, self.mlp, fused_kernels
+        h = k.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
+        x = k.residual_bias(x, paddle.matmul(fused_attend(attn, h), attn.proj.weight), attn.proj.bias)
+        c = self.c_attn(k.layer_norm(x, self.norm3.weight, self.norm3.bias, self.norm3._epsilon),
+                        k.layer_norm(fea, self.norm4.weight, self.norm4.bias, self.norm4._epsilon))
+        x = x + c
+        h = k.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2._epsilon)
+        h = k.bias_gelu(paddle.matmul(h, mlp.fc1.weight), mlp.fc1.bias)
+        return k.residual_bias(x, paddle.matmul(h, mlp.fc2.weight), mlp.fc2.bias)
 
 
 class PatchDeEmbed(nn.Layer):
@@ -254,10 +275,12 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
             self.de_pos_embed = fixed_sincos_table(self, decode_dim, grid, layout="moco")
 
             # ---------------------------------------------------------- pixel decoder
+            decode_block = FusedDecodeBlock if fused_enabled() else DecodeBlock
+
             def decoder(width):
                 return nn.LayerList([
-                    DecodeBlock(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
-                                drop_rate, attn_drop_rate, 0.0, eps, attn_head_dim)
+                    decode_block(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                                 drop_rate, attn_drop_rate, 0.0, eps, attn_head_dim)
                     for _ in range(decoder_depth)
                 ])
 

@@ -18,7 +18,7 @@ from .common import drop_path_rates
 from .layers import Block, DropPath, Mlp
 
 __all__ = ["FusedMlp", "FusedBlock", "fused_enabled", "block_class", "block_stack", "mlp_class",
-           "cross_attention_class"]
+           "cross_attention_class", "fused_kernels", "fused_attend", "fused_block_applies"]
 
 
 class _kernels:
@@ -63,13 +63,7 @@ class FusedBlock(Block):
     mlp_class = FusedMlp
 
     def kernels_apply(self, x, rel_pos_bias=None):
-        attn, mlp = self.attn, self.mlp
-        if rel_pos_bias is not None or not attn.use_sdpa:
-            return False
-        if self.training and not all(isinstance(m, nn.Identity) for m in (
-                attn.attn_drop, attn.proj_drop, mlp.drop)):
-            return False
-        return mlp.fc1.bias is not None and fused_ops.applies(x)
+        return rel_pos_bias is None and fused_block_applies(self, x)
 
     def forward(self, x, rel_pos_bias=None):
         if not self.kernels_apply(x, rel_pos_bias):
@@ -89,6 +83,19 @@ class FusedBlock(Block):
             return _kernels.residual_drop_path(x, y, bias, gamma, drop.sample_mask(y),
                                                1.0 - drop.drop_prob)
         return _kernels.residual_bias(x, y, bias, gamma)
+
+
+def fused_block_applies(block, x):
+    """Whether a block with ``attn`` and ``mlp`` sub-layers can run on the kernels for input
+    ``x``: the attention's sdpa path, no active dropout, an MLP bias, and a float32 CPU tensor
+    in dynamic graph mode."""
+    attn, mlp = block.attn, block.mlp
+    if not attn.use_sdpa:
+        return False
+    if block.training and not all(isinstance(m, nn.Identity) for m in (
+            attn.attn_drop, attn.proj_drop, mlp.drop)):
+        return False
+    return mlp.fc1.bias is not None and fused_ops.applies(x)
 
 
 def _attend(attn, x):
@@ -146,3 +153,8 @@ def mlp_class():
 def cross_attention_class(base):
     """``base`` (a CrossAttentionBase subclass), or its fused variant."""
     return _fused_cross_attention(base) if fused_enabled() else base
+
+
+# for the fused variants of method-specific blocks (BootMAE's decoder block)
+fused_kernels = _kernels
+fused_attend = _attend
