@@ -225,7 +225,7 @@ def pretrain_batch(paddle, model, name, batch_size, input_size, rng, recipe=None
                               .astype("float32"))
     grid = input_size // model.input_patch_size()
     n = grid * grid
-    batch = {"images": images, "epoch": 0, "batch_seed": 0}
+    batch = {"images": images}
     if method.masks_in_model:  # MAE: the per-sample noise its model sorts
         batch["noise"] = paddle.to_tensor(rng.uniform(size=(batch_size, n)).astype("float32"))
         return method.finish_batch(batch, 0)

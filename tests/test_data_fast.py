@@ -60,8 +60,8 @@ def test_uint8_hand_over_gives_the_reference_float_tensors_and_masks(tmp_path, m
     b = collate_samples([ref[i] for i in range(4)])
     assert a["images"].dtype == np.uint8 and b["images"].dtype == np.float32
     assert a["images"].nbytes * 4 == b["images"].nbytes
-    converted = model_batch(_to_paddle(a), 0, 0)
-    expected = model_batch(_to_paddle(b), 0, 0)
+    converted = model_batch(_to_paddle(a))
+    expected = model_batch(_to_paddle(b))
     assert sorted(converted) == sorted(expected)
     for key, value in expected.items():
         if isinstance(value, paddle.Tensor):

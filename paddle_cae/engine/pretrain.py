@@ -4,11 +4,11 @@ A pretraining model takes a batch dict and returns ``{"loss": total, <parts>...}
 batch the engine builds holds, when the data pipeline made them:
 
     images [B, 3, H, W]          bool_masked_pos [B, N]     tokenizer_images [B, 3, h, w]
-    noise [B, N] (MAE masking)   order [B, N] (BootMAE)     epoch (int)
-    batch_seed (int, the same on every rank for one global batch)
+    noise [B, N] (MAE masking)   order [B, N] (BootMAE)
 
 then the method's ``finish_batch(batch, batch_seed)`` makes the draws taken once per global
-batch (BootMAE: the roll that turns ``order`` into ``idx_shuffle``).
+batch, from a seed that is the same on every rank for one global batch (BootMAE: the roll that
+turns ``order`` into ``idx_shuffle``). The epoch reaches models through ``on_epoch_start``.
 
 Models declare optional hooks instead of the engine knowing them:
 ``on_epoch_start(epoch)`` (epoch schedules: BootMAE's feature-loss ramp and teacher momentum),
@@ -45,19 +45,16 @@ logger = logging.getLogger("paddle_cae")
 BATCH_KEYS = ("images", "bool_masked_pos", "tokenizer_images", "noise", "order", "target_ids")
 
 
-def model_batch(batch, epoch, batch_seed):
+def model_batch(batch):
     """The model's inputs from a loader batch. Images handed over as uint8 (with their
     conversion spec) become the pipeline's float32 tensors here, on the device."""
-    out = {k: v for k, v in to_model_floats(batch).items() if k in BATCH_KEYS}
-    out["epoch"] = epoch
-    out["batch_seed"] = batch_seed
-    return out
+    return {k: v for k, v in to_model_floats(batch).items() if k in BATCH_KEYS}
 
 
-def training_inputs(method, batch, epoch, batch_seed):
+def training_inputs(method, batch, batch_seed):
     """A loader batch -> what the pretraining model takes: :func:`model_batch`, then the
     method's per-batch step (:meth:`paddle_cae.methods.Method.finish_batch`)."""
-    return method.finish_batch(model_batch(batch, epoch, batch_seed), batch_seed)
+    return method.finish_batch(model_batch(batch), batch_seed)
 
 
 def scalar_parts(outputs, extra=None):
@@ -141,7 +138,7 @@ class PretrainRun(TrainingRun):
                                      start_index=start_batch, batch_size=global_batch)
         for i, batch in enumerate(iterator, start=start_batch):
             self.begin_batch(epoch, i)
-            inputs = training_inputs(self.method, batch, epoch, derive_seed(args.seed, epoch, i))
+            inputs = training_inputs(self.method, batch, derive_seed(args.seed, epoch, i))
             with self.stepper.autocast():
                 outputs = model(inputs)
             try:
