@@ -27,8 +27,8 @@ from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PretrainingModel
 from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
                      gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
-from .fused import (block_stack, cross_attention_class, fused_attend, fused_block_applies,
-                    fused_enabled, fused_kernels, mlp_class)
+from .fused import (block_stack, cross_attention_class, fused_attention_branch, fused_block_applies,
+                    fused_enabled, fused_kernels, fused_mlp_branch, mlp_class)
 from .layers import (Attention, CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
                      lazy_init_active, layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
 from .mae import images_from_batch, zero_filled_parameters
@@ -145,15 +145,11 @@ class FusedDecodeBlock(DecodeBlock):
     def forward(self, x, fea):
         if not fused_block_applies(self, x):
             return DecodeBlock.forward(self, x, fea)
-        attn, mlp, k = self.attn, self.mlp, fused_kernels
-        h = k.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
-        x = k.residual_bias(x, paddle.matmul(fused_attend(attn, h), attn.proj.weight), attn.proj.bias)
-        c = self.c_attn(k.layer_norm(x, self.norm3.weight, self.norm3.bias, self.norm3._epsilon),
-                        k.layer_norm(fea, self.norm4.weight, self.norm4.bias, self.norm4._epsilon))
-        x = x + c
-        h = k.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2._epsilon)
-        h = k.bias_gelu(paddle.matmul(h, mlp.fc1.weight), mlp.fc1.bias)
-        return k.residual_bias(x, paddle.matmul(h, mlp.fc2.weight), mlp.fc2.bias)
+        k = fused_kernels
+        x = k.residual_bias(x, fused_attention_branch(self, x), self.attn.proj.bias)
+        x = x + self.c_attn(k.layer_norm(x, self.norm3.weight, self.norm3.bias, self.norm3._epsilon),
+                            k.layer_norm(fea, self.norm4.weight, self.norm4.bias, self.norm4._epsilon))
+        return k.residual_bias(x, fused_mlp_branch(self, x), self.mlp.fc2.bias)
 
 
 class PatchDeEmbed(nn.Layer):

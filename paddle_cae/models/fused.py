@@ -18,7 +18,8 @@ from .common import drop_path_rates
 from .layers import Block, DropPath, Mlp
 
 __all__ = ["FusedMlp", "FusedBlock", "fused_enabled", "block_class", "block_stack", "mlp_class",
-           "cross_attention_class", "fused_kernels", "fused_attend", "fused_block_applies"]
+           "cross_attention_class", "fused_kernels", "fused_attention_branch", "fused_mlp_branch",
+           "fused_block_applies"]
 
 
 class _kernels:
@@ -68,14 +69,8 @@ class FusedBlock(Block):
     def forward(self, x, rel_pos_bias=None):
         if not self.kernels_apply(x, rel_pos_bias):
             return Block.forward(self, x, rel_pos_bias)  # (to_static on Paddle 2.6: no super())
-        attn, mlp = self.attn, self.mlp
-        h = _kernels.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1._epsilon)
-        y = paddle.matmul(_attend(attn, h), attn.proj.weight)
-        x = self._residual(x, y, attn.proj.bias, self.gamma_1)
-        h = _kernels.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2._epsilon)
-        h = _kernels.bias_gelu(paddle.matmul(h, mlp.fc1.weight), mlp.fc1.bias)
-        y = paddle.matmul(h, mlp.fc2.weight)
-        return self._residual(x, y, mlp.fc2.bias, self.gamma_2)
+        x = self._residual(x, fused_attention_branch(self, x), self.attn.proj.bias, self.gamma_1)
+        return self._residual(x, fused_mlp_branch(self, x), self.mlp.fc2.bias, self.gamma_2)
 
     def _residual(self, x, y, bias, gamma):
         drop = self.drop_path
@@ -96,6 +91,23 @@ def fused_block_applies(block, x):
             attn.attn_drop, attn.proj_drop, mlp.drop)):
         return False
     return mlp.fc1.bias is not None and fused_ops.applies(x)
+
+
+def fused_attention_branch(block, x):
+    """``attn(norm1(x))`` of a pre-norm block on the kernels, without the output projection's
+    bias (the residual kernel adds it)."""
+    norm = block.norm1
+    h = _kernels.layer_norm(x, norm.weight, norm.bias, norm._epsilon)
+    return paddle.matmul(_attend(block.attn, h), block.attn.proj.weight)
+
+
+def fused_mlp_branch(block, x):
+    """``mlp(norm2(x))`` of a pre-norm block on the kernels, without fc2's bias (the residual
+    kernel adds it)."""
+    norm, mlp = block.norm2, block.mlp
+    h = _kernels.layer_norm(x, norm.weight, norm.bias, norm._epsilon)
+    h = _kernels.bias_gelu(paddle.matmul(h, mlp.fc1.weight), mlp.fc1.bias)
+    return paddle.matmul(h, mlp.fc2.weight)
 
 
 def _attend(attn, x):
@@ -157,4 +169,3 @@ def cross_attention_class(base):
 
 # for the fused variants of method-specific blocks (BootMAE's decoder block)
 fused_kernels = _kernels
-fused_attend = _attend
