@@ -422,3 +422,168 @@ def test_gradient_norm_from_one_kernel_matches_the_per_tensor_sums(monkeypatch):
         norms.append(float(grad_norm_tensor(params)))
     assert norms[0] == pytest.approx(norms[1], rel=1e-6)
     assert norms[0] == pytest.approx(float(np.sqrt(exact.sum())), rel=1e-6)
+
+
+def _conv_reference(x, w, b, relu_in, epilogue, res=None, gain=1.0):
+    """The reference formulation in NCHW with Paddle's own operators."""
+    import paddle.nn.functional as F
+
+    t = F.conv2d(F.relu(x) if relu_in else x, w, padding=(w.shape[-1] - 1) // 2)
+    t = t + b.reshape([1, -1, 1, 1])
+    if epilogue == "relu":
+        return F.relu(t)
+    if epilogue == "residual":
+        return res + gain * t
+    return t
+
+
+def _gemm_kernels():
+    ext = fused._load()
+    if not fused._has_gemm(ext, paddle.zeros([1])):
+        pytest.skip("this Paddle wheel ships no MKL")
+    return ext
+
+
+@pytest.mark.parametrize("k,relu_in,epilogue,nchw", [
+    (3, True, "relu", False), (3, False, "bias", False), (1, False, "bias", False),
+    (1, True, "residual", False), (1, False, "residual", False), (7, False, "bias", True),
+    (3, True, "relu", True),
+])
+def test_tokenizer_conv_kernel_matches_paddles_convolution(k, relu_in, epilogue, nchw):
+    """Every convolution form of the DALL-E encoder on the kernels, against F.conv2d + bias
+    (+ ReLU / residual), on odd sizes whose rows do not fill the tiles evenly."""
+    ext = _gemm_kernels()
+    rng = np.random.default_rng(k)
+    b_, c, o, h, w_ = 3, 5, 6, 9, 13
+    x = rng.standard_normal((b_, c, h, w_)).astype("float32")  # NCHW
+    wt = paddle.to_tensor((rng.standard_normal((o, c, k, k)) / k).astype("float32"))
+    bias = paddle.to_tensor(rng.standard_normal(o).astype("float32"))
+    res = rng.standard_normal((b_, o, h, w_)).astype("float32")
+    want = _conv_reference(paddle.to_tensor(x), wt, bias, relu_in, epilogue,
+                           paddle.to_tensor(res), 0.25).numpy()
+    # the kernels' layout: channel-major [C, B, H, W]
+    xin = paddle.to_tensor(x if nchw else x.transpose(1, 0, 2, 3).copy())
+    res_cm = paddle.to_tensor(res.transpose(1, 0, 2, 3).copy()) if epilogue == "residual" else None
+    got = fused.tokenizer_conv(ext, xin, wt, bias, nchw=nchw, relu_in=relu_in,
+                               epilogue=epilogue, residual=res_cm, gain=0.25).numpy()
+    assert got.shape == (o, b_, h, w_)
+    np.testing.assert_allclose(got.transpose(1, 0, 2, 3), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+
+
+def test_tokenizer_pool_and_argmax_kernels_match_paddle():
+    import paddle.nn.functional as F
+
+    ext = _gemm_kernels()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 4, 7, 10)).astype("float32")  # NCHW, an odd height
+    pooled = fused.tokenizer_pool(ext, paddle.to_tensor(x.transpose(1, 0, 2, 3).copy())).numpy()
+    want = F.max_pool2d(paddle.to_tensor(x), kernel_size=2).numpy()
+    np.testing.assert_array_equal(pooled.transpose(1, 0, 2, 3), want)
+
+    v = 37
+    wt = paddle.to_tensor(rng.standard_normal((v, 4, 1, 1)).astype("float32"))
+    bias = paddle.to_tensor(rng.standard_normal(v).astype("float32"))
+    logits = _conv_reference(paddle.to_tensor(x), wt, bias, True, "bias").numpy()
+    ids = fused.tokenizer_argmax(ext, paddle.to_tensor(x.transpose(1, 0, 2, 3).copy()), wt, bias)
+    assert ids.dtype == paddle.int64 and list(ids.shape) == [2, 70]
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]).reshape(2, -1) > 1e-4  # no near-tie to break by rounding
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(ids.numpy()[clear], logits.argmax(1).reshape(2, -1)[clear])
+
+
+def test_tokenizer_on_the_kernels_gives_the_reference_tokens_and_flop_count(monkeypatch):
+    """get_codebook_indices of an encoder built with the kernels (release structure, small
+    widths) equals the reference forward + argmax, and the FLOP counter sees the same frozen
+    FLOPs on both paths."""
+    from paddle_cae.models.dalle import DalleEncoder
+    from paddle_cae.runtime.flops import count_flops
+
+    _gemm_kernels()
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    paddle.seed(0)
+    enc = DalleEncoder(n_hid=8, n_blk_per_group=2, vocab_size=32)
+    rng = np.random.default_rng(0)
+    for name, p in enc.named_parameters():
+        if name.endswith(".b"):
+            p.set_value(paddle.to_tensor(0.1 * rng.standard_normal(p.shape).astype("float32")))
+    img = paddle.rand([3, 3, 40, 48])
+    calls = []
+    monkeypatch.setattr(fused, "tokenizer_argmax",
+                        lambda *a, _f=fused.tokenizer_argmax: calls.append(1) or _f(*a))
+    with count_flops() as kernel_count:
+        ids = enc.get_codebook_indices(img)
+    assert calls, "the kernels were not used"
+    with paddle.no_grad():
+        logits = enc(img).numpy()  # the reference layers
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    reference_enc = DalleEncoder(n_hid=8, n_blk_per_group=2, vocab_size=32)
+    reference_enc.set_state_dict(enc.state_dict())
+    with count_flops() as reference_count:
+        reference_ids = reference_enc.get_codebook_indices(img)
+    assert len(calls) == 1
+    np.testing.assert_array_equal(ids.numpy(), reference_ids.numpy())
+    np.testing.assert_array_equal(ids.numpy(), logits.argmax(1).reshape(3, -1))
+    assert kernel_count.frozen == reference_count.frozen > 0
+    assert kernel_count.trainable == reference_count.trainable == 0
+
+
+def test_clipping_scales_all_gradients_in_one_kernel_call(monkeypatch):
+    from paddle_cae.runtime.amp import clip_grads_
+
+    rng = np.random.default_rng(2)
+    grads0 = [rng.standard_normal(s).astype("float32") for s in ((5, 7), (13,), (3, 4, 2))]
+    coef = paddle.to_tensor(np.float32(0.3712))
+    ts = [paddle.to_tensor(g) for g in grads0]
+    assert fused.scale_all_(ts, coef)
+    for t, g in zip(ts, grads0):
+        np.testing.assert_array_equal(t.numpy(), paddle.to_tensor(g).multiply_(coef).numpy())
+
+    def clipped(enabled):
+        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
+        params = []
+        for g in grads0:
+            p = paddle.create_parameter(list(g.shape), "float32")
+            (p * paddle.to_tensor(g)).sum().backward()  # p.grad = g
+            params.append(p)
+        norm = clip_grads_(params, 1.5)
+        return float(norm), [p.grad.numpy() for p in params]
+
+    norm_k, grads_k = clipped(True)
+    norm_r, grads_r = clipped(False)
+    np.testing.assert_allclose(norm_k, norm_r, rtol=1e-6)
+    assert norm_k > 1.5
+    for a, b in zip(grads_k, grads_r):
+        np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-7)
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    assert not fused.scale_all_([paddle.to_tensor(grads0[0])], coef)
+
+
+def test_layer_norms_of_models_run_on_the_kernel_with_the_same_values(monkeypatch):
+    from paddle_cae.models.fused import FusedLayerNorm
+    from paddle_cae.models.layers import layer_norm
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    assert type(layer_norm(6)) is paddle.nn.LayerNorm
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    norm = layer_norm(6, 1e-6)
+    assert isinstance(norm, FusedLayerNorm) and isinstance(norm, paddle.nn.LayerNorm)
+    reference = paddle.nn.LayerNorm(6, epsilon=1e-6)
+    rng = np.random.default_rng(4)
+    for layer in (norm, reference):
+        layer.weight.set_value(paddle.to_tensor(rng.standard_normal(6).astype("float32")))
+        layer.bias.set_value(paddle.to_tensor(rng.standard_normal(6).astype("float32")))
+    reference.set_state_dict(norm.state_dict())
+    x = rng.standard_normal((3, 5, 6)).astype("float32")
+    up = paddle.to_tensor(rng.standard_normal((3, 5, 6)).astype("float32"))
+    results = []
+    for layer in (norm, reference):
+        xt = paddle.to_tensor(x, stop_gradient=False)
+        y = layer(xt)
+        (y * up).sum().backward()
+        results.append([y.numpy(), xt.grad.numpy(), layer.weight.grad.numpy(),
+                        layer.bias.grad.numpy()])
+        layer.clear_gradients()
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

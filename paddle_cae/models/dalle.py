@@ -130,6 +130,8 @@ class DalleEncoder(nn.Layer):
         for p in self.parameters():
             p.stop_gradient = True
         self.eval()
+        # the tokenizer kernels of paddle_cae/ops (CPU float32 only) are chosen once, here
+        self._kernels = fused_ops.enabled_by_env()
 
     def arch(self):
         return dict(group_count=self.group_count, n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group,
@@ -146,9 +148,38 @@ class DalleEncoder(nn.Layer):
     @paddle.no_grad()
     def get_codebook_indices(self, images_mapped):
         """Token ids int64 [B, h*w] (argmax over the vocabulary, grid flattened row-major)."""
+        ext = fused_ops.tokenizer_kernels(images_mapped) if self._kernels and \
+            images_mapped.ndim == 4 and images_mapped.dtype == paddle.float32 else None
+        if ext is not None:
+            return self._kernel_codebook_indices(ext, images_mapped)
         logits = self.forward(images_mapped)                        # [B, vocab, h, w]
         tokens = paddle.argmax(logits, axis=1)                      # [B, h, w]
         return tokens.reshape([tokens.shape[0], -1]).astype("int64")  # [B, h*w]
+
+    def _kernel_codebook_indices(self, ext, x):
+        """:meth:`get_codebook_indices` on the CPU kernels (paddle_cae/ops): the same layers,
+        activations channel-major [C, B, H, W], each ReLU done inside the convolution that
+        follows it (or after the one before), bias and residual added in the product's tile."""
+        if x.shape[1] != self.input_channels:
+            raise ValueError(f"DalleEncoder expects images [B, {self.input_channels}, H, W], got {list(x.shape)}")
+        first = self.blocks.input
+        h = fused_ops.tokenizer_conv(ext, x, first.w, first.b, nchw=True)
+        for g in range(1, self.group_count + 1):
+            for name, layer in getattr(self.blocks, f"group_{g}").named_children():
+                if name == "pool":
+                    h = fused_ops.tokenizer_pool(ext, h)
+                    continue
+                ident = layer.id_path
+                skip = h if isinstance(ident, nn.Identity) else \
+                    fused_ops.tokenizer_conv(ext, h, ident.w, ident.b)
+                convs = [getattr(layer.res_path, f"conv_{i}") for i in range(1, 5)]
+                r = fused_ops.tokenizer_conv(ext, h, convs[0].w, convs[0].b, relu_in=True, epilogue="relu")
+                for conv in convs[1:3]:
+                    r = fused_ops.tokenizer_conv(ext, r, conv.w, conv.b, epilogue="relu")
+                h = fused_ops.tokenizer_conv(ext, r, convs[3].w, convs[3].b, epilogue="residual",
+                                             residual=skip, gain=layer.post_gain)
+        head = self.blocks.output.conv
+        return fused_ops.tokenizer_argmax(ext, h, head.w, head.b)
 
 
 # ---------------------------------------------------------------------------------- weights

@@ -17,9 +17,9 @@ from ..ops import fused as fused_ops
 from .common import drop_path_rates
 from .layers import Block, DropPath, Mlp
 
-__all__ = ["FusedMlp", "FusedBlock", "fused_enabled", "block_class", "block_stack", "mlp_class",
-           "cross_attention_class", "fused_kernels", "fused_attention_branch", "fused_mlp_branch",
-           "fused_block_applies"]
+__all__ = ["FusedLayerNorm", "FusedMlp", "FusedBlock", "fused_enabled", "block_class",
+           "block_stack", "layer_norm_class", "mlp_class", "cross_attention_class",
+           "fused_kernels", "fused_attention_branch", "fused_mlp_branch", "fused_block_applies"]
 
 
 class _kernels:
@@ -43,6 +43,16 @@ class _kernels:
 def fused_enabled():
     """True unless ``PADDLE_CAE_FUSED_OPS`` turns the fused kernels off (read at build time)."""
     return fused_ops.enabled_by_env()
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters) computed by the LayerNorm kernel and its backward
+    where the kernels apply; Paddle's own elsewhere."""
+
+    def forward(self, x):
+        if self.weight is not None and self.bias is not None and fused_ops.applies(x):
+            return _kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
+        return nn.LayerNorm.forward(self, x)  # (to_static on Paddle 2.6: no super())
 
 
 class FusedMlp(Mlp):
@@ -156,6 +166,10 @@ def block_stack(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=N
         block(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, rate, **block_kwargs)
         for rate in drop_path_rates(drop_path_rate, depth)
     ])
+
+
+def layer_norm_class():
+    return FusedLayerNorm if fused_enabled() else nn.LayerNorm
 
 
 def mlp_class():

@@ -26,7 +26,11 @@ from .common import LN_EPS
 
 
 def layer_norm(dim, eps=LN_EPS):
-    return nn.LayerNorm(dim, epsilon=eps)
+    """A LayerNorm over the last axis: the fused-kernel variant when the kernels are switched
+    on where the model is built (models/fused.py), else ``nn.LayerNorm``."""
+    from .fused import layer_norm_class  # (fused.py builds on this module)
+
+    return layer_norm_class()(dim, epsilon=eps)
 
 
 # ----------------------------------------------------------------------------- init

@@ -440,6 +440,17 @@ def sums_of_squares(tensors):
     return ext.cae_sums_of_squares(list(tensors))
 
 
+def scale_all_(tensors, coef):
+    """In place ``t *= coef`` for every tensor (``coef`` a float32 tensor of one element),
+    from one kernel call; returns False (and changes nothing) where the kernels do not apply.
+    Reference: ``t.multiply_(coef)`` for each."""
+    ext = _use_all(list(tensors) + [coef])
+    if ext is None:
+        return False
+    ext.cae_scale_all(list(tensors), coef.reshape([1]))
+    return True
+
+
 def ema_update_(ema, online, keep, take):
     """In place ``ema = ema * keep + online * take`` (float32 products, as Paddle computes
     that expression) in one multi-threaded pass, when the kernels apply; returns False (and
@@ -450,3 +461,44 @@ def ema_update_(ema, online, keep, take):
         return False
     ext.cae_ema_update(ema, online, float(keep), float(take))
     return True
+
+
+# ----------------------------------------------------- frozen convolutional tokenizer
+# Activations in the channel-major layout [C, B, H, W] (the kernels' im2col tiles gather from
+# it); see vit_kernels.cc. Only where nothing needs a gradient and MKL's sgemm was found.
+_TOKENIZER_EPILOGUES = {"bias": 0, "relu": 1, "residual": 2}
+
+
+def tokenizer_kernels(x):
+    """The kernel module when the tokenizer kernels apply to images like ``x`` (float32 CPU,
+    dynamic graph, built, MKL found, no gradient wanted), else None. The environment switch
+    is not read: the tokenizer chose its variant when it was built."""
+    ext = _use(x, by_env=False)
+    if ext is None or (not x.stop_gradient and paddle.is_grad_enabled()) or not _has_gemm(ext, x):
+        return None
+    return ext
+
+
+def tokenizer_conv(ext, x, weight, bias, *, nchw=False, relu_in=False, epilogue="bias",
+                   residual=None, gain=1.0):
+    """A 'same'-padded, stride-1 convolution with the [O, C, k, k] ``weight`` (odd k) of
+    ``x`` ([B, C, H, W] when ``nchw``, else [C, B, H, W]) into [O, B, H, W].
+
+    Reference, in NCHW: ``t = F.conv2d(relu(x) if relu_in else x, weight, padding=(k-1)//2)
+    + bias[c]``, then ``t`` ('bias'), ``relu(t)`` ('relu') or ``residual + gain * t``
+    ('residual')."""
+    res = residual if residual is not None else bias
+    return ext.cae_tokenizer_conv(x, weight, bias, res, bool(nchw), bool(relu_in),
+                                  _TOKENIZER_EPILOGUES[epilogue], float(gain))
+
+
+def tokenizer_argmax(ext, x, weight, bias):
+    """Token ids int64 [B, H*W] of x [C, B, H, W]: reference ``paddle.argmax(F.conv2d(relu(x),
+    weight) + bias[c], axis=1)`` for 1x1 ``weight`` [V, C, 1, 1], flattened row-major."""
+    return ext.cae_tokenizer_argmax(x, weight, bias)
+
+
+def tokenizer_pool(ext, x):
+    """2x2 max-pool with stride 2 of x [C, B, H, W]. Reference: ``F.max_pool2d(x, 2)`` per
+    channel plane."""
+    return ext.cae_tokenizer_pool(x)

@@ -246,8 +246,9 @@ def clip_grads_(parameters, max_norm):
                                          paddle.zeros([1], dtype="bool"))
         return norm
     with paddle.no_grad():
-        for g in grads:
-            g.multiply_(coef.astype(g.dtype))
+        if not fused_ops.scale_all_(grads, coef):  # one kernel call for all (CPU float32)
+            for g in grads:
+                g.multiply_(coef.astype(g.dtype))
     return norm
 
 

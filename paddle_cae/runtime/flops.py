@@ -3,8 +3,9 @@
 While :func:`count_flops` is active, the functions every model of this package multiplies
 matrices through are wrapped: ``F.linear`` (``nn.Linear`` and the explicit q/k/v projections),
 the convolution kernel behind ``nn.Conv2D`` and ``F.conv2d``, ``paddle.matmul`` / ``paddle.bmm``
-(attention scores and weighted values), ``F.scaled_dot_product_attention`` and the fused CPU
-attention core (``paddle_cae.ops.fused.attention``). One
+(attention scores and weighted values), ``F.scaled_dot_product_attention``, the fused CPU
+attention core (``paddle_cae.ops.fused.attention``) and the tokenizer's CPU convolutions
+(``tokenizer_conv``, ``tokenizer_argmax``). One
 multiply-add is 2 FLOPs; elementwise work (norms, activations, softmax) is not counted, as is
 usual for model FLOP utilisation. A call made inside another counted call (the matmuls inside
 scaled_dot_product_attention) is not counted twice.
@@ -139,6 +140,17 @@ def count_flops():
         return int(b) * int(h) * int(nq) * int(k.shape[2]) * (int(d) + int(v.shape[-1]))
 
     patch(fused_ops, "attention", fused_attention_macs, "attention")
+
+    # the frozen tokenizer's convolutions on the CPU kernels: out [O, B, H, W] (ids [B, H*W]
+    # for the head) from weights [O, C, k, k]
+    def tokenizer_conv_macs(out, ext, x, weight, *a, **kw):
+        return _numel(out.shape) * _numel(weight.shape[1:])
+
+    def tokenizer_head_macs(out, ext, x, weight, *a, **kw):
+        return _numel(out.shape) * _numel(weight.shape)
+
+    patch(fused_ops, "tokenizer_conv", tokenizer_conv_macs, "conv")
+    patch(fused_ops, "tokenizer_argmax", tokenizer_head_macs, "conv")
     try:
         yield count
     finally:
