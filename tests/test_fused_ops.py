@@ -39,6 +39,8 @@ CASES = {
     "residual_scale_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,), (C,)]),
     "layer_norm": (lambda x, w, b: fused.layer_norm(x, w, b, 1e-6), [(B, N, C), (C,), (C,)]),
     "attention": (lambda q, k, v: fused.attention(q, k, v, 0.3), [(B, H, N, D)] * 3),
+    "heads": (lambda x: fused.heads(x, H), [(B, N, C)]),
+    "linear": (fused.linear, [(B, N, C), (C, 2 * C), (2 * C,)]),
 }
 
 

@@ -25,7 +25,7 @@ import paddle.nn.functional as F
 from .base import PretrainingModel
 from .common import (LN_EPS, drop_path_rates, ema_update_, fixed_sincos_table, gather_tokens,
                      norm_eps_from)
-from .fused import block_stack, cross_attention_class, mlp_class
+from .fused import block_stack, cross_attention_class, linear_class, mlp_class
 from .layers import (CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
                      layer_norm, trunc_normal_, xavier_uniform_, zeros_)
 from ..runtime.amp import fp32_region
@@ -76,9 +76,9 @@ class CrossAttention(CrossAttentionBase):
         self.v = nn.Linear(dim, inner, bias_attr=False)
 
     def forward(self, x_q, x_k, x_v):
-        q = F.linear(x_q, self.q.weight, self.q_bias)  # [B, Nq, h*d]
-        k = F.linear(x_k, self.k.weight)  # [B, Nk, h*d]
-        v = F.linear(x_v, self.v.weight, self.v_bias)  # [B, Nk, h*d]
+        q = self._linear(x_q, self.q.weight, self.q_bias)  # [B, Nq, h*d]
+        k = self._linear(x_k, self.k.weight)  # [B, Nk, h*d]
+        v = self._linear(x_v, self.v.weight, self.v_bias)  # [B, Nk, h*d]
         return self.attend(q, k, v)  # [B, Nq, D]
 
 
@@ -205,7 +205,7 @@ class Decoder(nn.Layer):
                                           init_values=init_values, attn_style="beit",
                                           norm_eps=norm_eps)
         self.norm = layer_norm(embed_dim, norm_eps)
-        self.head = nn.Linear(embed_dim, num_classes)
+        self.head = linear_class()(embed_dim, num_classes)
 
     def forward(self, latent, pos_masked):
         x = latent + pos_masked  # [B, M, Dd]

@@ -17,8 +17,8 @@ from ..ops import fused as fused_ops
 from .common import drop_path_rates
 from .layers import Block, DropPath, Mlp
 
-__all__ = ["FusedLayerNorm", "FusedMlp", "FusedBlock", "fused_enabled", "block_class",
-           "block_stack", "layer_norm_class", "mlp_class", "cross_attention_class",
+__all__ = ["FusedLayerNorm", "FusedLinear", "FusedMlp", "FusedBlock", "fused_enabled", "block_class",
+           "block_stack", "layer_norm_class", "linear_class", "mlp_class", "cross_attention_class",
            "fused_kernels", "fused_attention_branch", "fused_mlp_branch", "fused_block_applies"]
 
 
@@ -33,6 +33,8 @@ class _kernels:
     split_heads = functools.partial(fused_ops.split_heads, by_env=False)
     scaled_softmax = functools.partial(fused_ops.scaled_softmax, by_env=False)
     merge_heads = functools.partial(fused_ops.merge_heads, by_env=False)
+    heads = functools.partial(fused_ops.heads, by_env=False)
+    linear = functools.partial(fused_ops.linear, by_env=False)
 
     @staticmethod
     def attention(q, k, v, scale):
@@ -55,13 +57,24 @@ class FusedLayerNorm(nn.LayerNorm):
         return nn.LayerNorm.forward(self, x)  # (to_static on Paddle 2.6: no super())
 
 
+class FusedLinear(nn.Linear):
+    """``nn.Linear`` (same parameters) whose bias is added by the bias-add kernel where the
+    kernels apply (its backward sums the bias gradient on all threads)."""
+
+    def forward(self, x):
+        if self.bias is not None and fused_ops.applies(x):
+            return _kernels.linear(x, self.weight, self.bias)
+        return nn.Linear.forward(self, x)  # (to_static on Paddle 2.6: no super())
+
+
 class FusedMlp(Mlp):
     """gelu(x W1 + b1) in one fused pass (same arithmetic, see paddle_cae/ops)."""
 
     def forward(self, x):
         if isinstance(self.drop, nn.Identity) and self.fc1.bias is not None \
                 and fused_ops.applies(x):
-            return self.fc2(_kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias))
+            h = _kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias)
+            return _kernels.linear(h, self.fc2.weight, self.fc2.bias)
         return Mlp.forward(self, x)  # not super(): Paddle 2.6's to_static cannot convert it
 
 
@@ -135,8 +148,15 @@ def _attend(attn, x):
 
 
 class _FusedCrossAttention:
-    """Softmax and head merge of a :class:`~paddle_cae.models.layers.CrossAttentionBase`
-    subclass by the fused kernels (each falls back to the reference operators itself)."""
+    """Head split, softmax, head merge and biased projections of a
+    :class:`~paddle_cae.models.layers.CrossAttentionBase` subclass by the fused kernels (each
+    falls back to the reference operators itself)."""
+
+    def _heads(self, x):
+        return _kernels.heads(x, self.num_heads)
+
+    def _linear(self, x, weight, bias=None):
+        return _kernels.linear(x, weight, bias)
 
     def softmax(self, attn):
         return _kernels.scaled_softmax(attn, 1.0)
@@ -170,6 +190,10 @@ def block_stack(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=N
 
 def layer_norm_class():
     return FusedLayerNorm if fused_enabled() else nn.LayerNorm
+
+
+def linear_class():
+    return FusedLinear if fused_enabled() else nn.Linear
 
 
 def mlp_class():

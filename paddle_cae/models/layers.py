@@ -356,6 +356,9 @@ class CrossAttentionBase(nn.Layer):
     def _projections(self, dim, inner, **kwargs):
         raise NotImplementedError
 
+    def _linear(self, x, weight, bias=None):  # a projection (weight [in, out])
+        return F.linear(x, weight, bias)
+
     def _heads(self, x):  # [B, N, h*d] -> [B, h, N, d]
         b, n, _ = x.shape
         return x.reshape([b, n, self.num_heads, self.head_dim]).transpose([0, 2, 1, 3])
@@ -365,7 +368,8 @@ class CrossAttentionBase(nn.Layer):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         attn = paddle.matmul(q * self.scale, k, transpose_y=True)  # [B, h, Nq, Nk]
         attn = self.attn_drop(self.softmax(attn))
-        return self.proj_drop(self.proj(self.merge_heads(paddle.matmul(attn, v))))
+        out = self.merge_heads(paddle.matmul(attn, v))
+        return self.proj_drop(self._linear(out, self.proj.weight, self.proj.bias))
 
     def softmax(self, attn):
         return F.softmax(attn, axis=-1)

@@ -298,6 +298,27 @@ def attention(q, k, v, scale=1.0, *, by_env=True):
     return merge_heads(paddle.matmul(scores, v), by_env=by_env)
 
 
+def heads(x, num_heads, *, by_env=True):
+    """[B, N, h*d] -> [B, h, N, d]. Reference: reshape to [B, N, h, d], transpose to
+    [B, h, N, d]."""
+    ext = _use(x, by_env=by_env)
+    if ext is not None and x.ndim == 3:
+        return ext.cae_heads(x, int(num_heads))
+    b, n, c = x.shape
+    return x.reshape([b, n, num_heads, c // num_heads]).transpose([0, 2, 1, 3])
+
+
+def linear(x, weight, bias=None, *, by_env=True):
+    """``F.linear(x, weight, bias)`` (weight [in, out]); on the kernels ``x @ weight`` then
+    the bias-add kernel, whose backward sums the bias gradient on all threads."""
+    if bias is None:
+        return paddle.matmul(x, weight)
+    ext = _use(x, weight, bias, by_env=by_env)
+    if ext is not None:
+        return ext.cae_bias_add(paddle.matmul(x, weight), bias)
+    return F.linear(x, weight, bias)
+
+
 def bias_gelu(h, bias, *, by_env=True):
     """gelu(h + bias), exact erf form. Reference: ``F.gelu(h + bias)``."""
     ext = _use(h, bias, by_env=by_env)
