@@ -589,3 +589,22 @@ def test_layer_norms_of_models_run_on_the_kernel_with_the_same_values(monkeypatc
         layer.clear_gradients()
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_under_an_autocast_is_the_reference_linear(monkeypatch):
+    """Where the product is not float32 (an autocast), the bias is not added by the float32
+    kernel: the same dtype and values as F.linear."""
+    import paddle.nn.functional as F
+
+    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
+    rng = np.random.default_rng(6)
+    x, w, b = (paddle.to_tensor(rng.standard_normal(s).astype("float32"))
+               for s in ((4, 8), (8, 6), (6,)))
+    try:
+        with paddle.amp.auto_cast(level="O1", dtype="bfloat16"):
+            got = fused.linear(x, w, b)
+            want = F.linear(x, w, b)
+    except (RuntimeError, ValueError, NotImplementedError) as err:  # no bf16 matmul here
+        pytest.skip(f"no bfloat16 autocast on this CPU build: {err}")
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.astype("float32").numpy(), want.astype("float32").numpy())

@@ -310,12 +310,13 @@ def heads(x, num_heads, *, by_env=True):
 
 def linear(x, weight, bias=None, *, by_env=True):
     """``F.linear(x, weight, bias)`` (weight [in, out]); on the kernels ``x @ weight`` then
-    the bias-add kernel, whose backward sums the bias gradient on all threads."""
-    if bias is None:
-        return paddle.matmul(x, weight)
-    ext = _use(x, weight, bias, by_env=by_env)
-    if ext is not None:
-        return ext.cae_bias_add(paddle.matmul(x, weight), bias)
+    the bias-add kernel, whose backward sums the bias gradient on all threads. Reference (also
+    without a bias, and where the product is not float32): ``F.linear``."""
+    if bias is not None and _use(x, weight, bias, by_env=by_env) is not None:
+        y = paddle.matmul(x, weight)
+        ext = _use(y, bias, by_env=by_env)  # (not float32 under an autocast)
+        if ext is not None:
+            return ext.cae_bias_add(y, bias)
     return F.linear(x, weight, bias)
 
 
