@@ -254,3 +254,17 @@ def test_a_pretraining_image_folder_loads_the_resampler_before_workers_fork(tmp_
     assert not resample._state["tried"]
     ImageFolder(str(tmp_path), transform=MAEPretrainTransform(16))
     assert resample._state["tried"]
+
+
+def test_reference_resized_crop_gives_pil_pixels_with_and_without_the_c_code(monkeypatch, fresh_state):
+    from paddle_cae.data.transforms import resized_crop
+
+    img = _image(np.random.RandomState(10), 150, 110)
+    want = img.crop((7, 3, 7 + 120, 3 + 90)).resize((64, 48), Image.BICUBIC)
+    for switch in ("1", "0"):
+        monkeypatch.setenv("PADDLE_CAE_FAST_RESIZE", switch)
+        resample.reset()
+        got = resized_crop(img, 3, 7, 90, 120, (48, 64), Image.BICUBIC)
+        assert got.mode == "RGB" and got.size == (64, 48)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), switch
+    assert resample.library() is None  # the second round ran PIL's code
