@@ -242,36 +242,55 @@ static void hpass_vec_ps(const uint8_t *src, int64_t row_stride, const int ps, i
                          int64_t plane, int tmp_stride) {
     const int groups = kpad / 4;
     const int64_t wstride = (int64_t)kpad * 4; /* int32 per column */
+    const int64_t gstep = 4 * ps;               /* bytes per group of 4 taps */
     int c4 = out_w & ~3;
-    for (int r = 0; r < nrows; r++) {
-        const uint8_t *line = src + (int64_t)(row0 + r) * row_stride;
-        uint8_t *t = tmp + (int64_t)r * tmp_stride;
+    /* two rows at a time (each weight vector loaded once for both), four columns at a time
+     * (one reduction of their four 128-bit blocks) */
+    for (int r = 0; r < nrows; r += 2) {
+        const uint8_t *line0 = src + (int64_t)(row0 + r) * row_stride;
+        const uint8_t *line1 = r + 1 < nrows ? line0 + row_stride : line0; /* odd count: row twice */
+        uint8_t *t0 = tmp + (int64_t)r * tmp_stride;
         int c = 0;
         for (; c < c4; c += 4) {
-            __m512i acc[4];
-            for (int q = 0; q < 4; q++) {
-                const uint8_t *p = line + (int64_t)start[c + q] * ps;
-                const int32_t *k = wide + (c + q) * wstride;
-                __m512i a = _mm512_mullo_epi32(load4px(p, ps), _mm512_load_si512(k));
-                for (int g = 1; g < groups; g++)
-                    a = _mm512_add_epi32(a, _mm512_mullo_epi32(load4px(p + 4 * g * ps, ps),
-                                                               _mm512_load_si512(k + 16 * g)));
-                acc[q] = a;
+            const int64_t o0 = (int64_t)start[c] * ps, o1 = (int64_t)start[c + 1] * ps,
+                          o2 = (int64_t)start[c + 2] * ps, o3 = (int64_t)start[c + 3] * ps;
+            const int32_t *k0 = wide + c * wstride, *k1 = k0 + wstride, *k2 = k1 + wstride, *k3 = k2 + wstride;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+            for (int g = 0; g < groups; g++) {
+                const int64_t off = g * gstep;
+                __m512i w;
+                w = _mm512_load_si512(k0 + 16 * g);
+                a0 = _mm512_add_epi32(a0, _mm512_mullo_epi32(load4px(line0 + o0 + off, ps), w));
+                b0 = _mm512_add_epi32(b0, _mm512_mullo_epi32(load4px(line1 + o0 + off, ps), w));
+                w = _mm512_load_si512(k1 + 16 * g);
+                a1 = _mm512_add_epi32(a1, _mm512_mullo_epi32(load4px(line0 + o1 + off, ps), w));
+                b1 = _mm512_add_epi32(b1, _mm512_mullo_epi32(load4px(line1 + o1 + off, ps), w));
+                w = _mm512_load_si512(k2 + 16 * g);
+                a2 = _mm512_add_epi32(a2, _mm512_mullo_epi32(load4px(line0 + o2 + off, ps), w));
+                b2 = _mm512_add_epi32(b2, _mm512_mullo_epi32(load4px(line1 + o2 + off, ps), w));
+                w = _mm512_load_si512(k3 + 16 * g);
+                a3 = _mm512_add_epi32(a3, _mm512_mullo_epi32(load4px(line0 + o3 + off, ps), w));
+                b3 = _mm512_add_epi32(b3, _mm512_mullo_epi32(load4px(line1 + o3 + off, ps), w));
             }
-            store4(t + c, plane, finish16(reduce4(acc[0], acc[1], acc[2], acc[3])));
+            store4(t0 + c, plane, finish16(reduce4(a0, a1, a2, a3)));
+            if (r + 1 < nrows) store4(t0 + tmp_stride + c, plane, finish16(reduce4(b0, b1, b2, b3)));
         }
-        for (; c < out_w; c++) {
-            const uint8_t *p = line + (int64_t)start[c] * ps;
-            const int32_t *k = wide + c * wstride;
-            __m512i a = _mm512_setzero_si512();
-            for (int g = 0; g < groups; g++)
-                a = _mm512_add_epi32(a, _mm512_mullo_epi32(load4px(p + 4 * g * ps, ps), _mm512_load_si512(k + 16 * g)));
-            __m512i z = _mm512_setzero_si512();
-            uint8_t px[16];
-            _mm_storeu_si128((__m128i *)px, finish16(reduce4(a, z, z, z)));
-            t[c] = px[0];
-            t[c + plane] = px[1];
-            t[c + 2 * plane] = px[2];
+        for (int rr = r; rr < r + 2 && rr < nrows; rr++) {
+            const uint8_t *line = src + (int64_t)(row0 + rr) * row_stride;
+            uint8_t *t = tmp + (int64_t)rr * tmp_stride;
+            for (int cc = c; cc < out_w; cc++) {
+                const uint8_t *p = line + (int64_t)start[cc] * ps;
+                const int32_t *k = wide + cc * wstride;
+                __m512i a = _mm512_setzero_si512();
+                for (int g = 0; g < groups; g++)
+                    a = _mm512_add_epi32(a, _mm512_mullo_epi32(load4px(p + g * gstep, ps), _mm512_load_si512(k + 16 * g)));
+                __m512i z = _mm512_setzero_si512();
+                uint8_t px[16];
+                _mm_storeu_si128((__m128i *)px, finish16(reduce4(a, z, z, z)));
+                t[cc] = px[0];
+                t[cc + plane] = px[1];
+                t[cc + 2 * plane] = px[2];
+            }
         }
     }
 }
