@@ -7,6 +7,9 @@ that takes the image *file* and
 * draws every random number the reference draws, in the same order from the same per-sample
   generators (crop box, flip, masks, MAE's noise): the crop box only needs the image size,
   which the JPEG header gives before any pixel is decoded;
+* crops, resizes and mirrors with the exact C resampler (:mod:`.resample`: Pillow's pixels
+  without the crop copy, the mirrored image or the HWC -> CHW copy), PIL where it is not
+  available;
 * hands the pixel arrays over as uint8 ``[3, H, W]`` (4x less to collate, copy and send
   through shared memory than float32), each with a small description of the float conversion
   the reference applies (key suffixes :data:`NORM_SUFFIX`, :data:`MAP_SUFFIX`);
