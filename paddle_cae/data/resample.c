@@ -108,7 +108,10 @@ typedef struct {
     size_t cap;
 } buf_t;
 
-static __thread buf_t tb_first, tb_count, tb_vstart, tb_weight, tb_wide, tb_tmp, tb_dwork, tb_vbounds, tb_vweight;
+static __thread buf_t tb_first, tb_count, tb_weight, tb_tmp, tb_dwork, tb_vbounds, tb_vweight;
+#if defined(PC_AVX512) || defined(PC_AVX2)
+static __thread buf_t tb_wide, tb_vstart;
+#endif
 
 static void *grow(buf_t *b, size_t bytes) {
     if (bytes <= b->cap) return b->p;
@@ -468,6 +471,7 @@ static int hpass(const uint8_t *src, int64_t row_stride, int ps, int src_w, int 
     }
 #endif
     (void)vec;
+    (void)last_row_is_end;
     if (vrows < nrows)
         hpass_scalar(src, row_stride, ps, vrows, nrows - vrows, start, count, w, kh, out_w,
                      out + (int64_t)vrows * out_stride, plane, out_stride);
