@@ -250,17 +250,16 @@ def test_works_in_a_forked_worker(lib, tmp_path):
     assert np.array_equal(got, pil_crop_resize(img, (10, 5, 110, 80), (56, 48), Image.BICUBIC))
 
 
-def test_a_pretraining_image_folder_loads_the_resampler_before_workers_fork(tmp_path, fresh_state):
+def test_an_image_folder_with_a_transform_loads_the_resampler_before_workers_fork(tmp_path,
+                                                                                 fresh_state):
     from paddle_cae.data.datasets import ImageFolder
     from paddle_cae.data.transforms import MAEPretrainTransform
 
     (tmp_path / "a").mkdir()
     _image(np.random.RandomState(9), 40, 30).save(tmp_path / "a" / "x.png")
     ImageFolder(str(tmp_path), transform=None)
-    assert not resample._state["tried"]  # no pretraining pipeline: nothing to load
+    assert not resample._state["tried"]  # no transform: nothing to crop
     ImageFolder(str(tmp_path), transform=MAEPretrainTransform(16), handover="float32")
-    assert not resample._state["tried"]
-    ImageFolder(str(tmp_path), transform=MAEPretrainTransform(16))
     assert resample._state["tried"]
 
 

@@ -104,9 +104,10 @@ class ImageFolder:
         self.samples = self._scan()
         self.targets = [label for _, label in self.samples]
         self.known_bad = set()  # indices whose file failed to load; filled here and by the loader
-        if self.fast_pipeline() is not None:
-            # build / load the exact C resampler here, so forked DataLoader workers inherit it
-            # (and a fallback is logged once, not once per worker)
+        if self.transform is not None:
+            # build / load the exact C resampler (the fast path's and RandomResizedCrop's crop +
+            # resize) here, so forked DataLoader workers inherit it and a fallback is logged
+            # once, not once per worker
             resample.library()
 
     @property
