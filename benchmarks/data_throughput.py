@@ -18,7 +18,8 @@ from other processes on a shared machine hits all alike):
   same algorithms on both sides (they cost the same either way).
 * package: ``paddle_cae.data.datasets.ImageFolder`` with the method's pretraining transform as
   ``main_pretrain.py`` builds it (uint8 hand-over, the conversion to float32 happens in the
-  training step on the device; same pixels as official), and in their own columns with
+  training step on the device; same pixels as official; crop + resize by the package's exact C
+  resampler, ``paddle_cae/data/resample.c``, where it is built), and in their own columns with
   ``fast_decode`` (reduced JPEG decoding when the crop stays downsampled: few crops of
   ImageNet-sized images qualify) and ``fast_decode=0.5`` (also when the reduced crop is at
   least half the output size: changes the images more). The worker columns use the default.
@@ -266,6 +267,11 @@ def main(argv=None):
     print(f"data: {len(files)} files in {args.data_path}/train; {count} images per pipeline, best of "
           f"{args.rounds} rounds per batch, batch {args.batch_size}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"{os.cpu_count()} cores")
+    from paddle_cae.data import resample
+
+    lib = resample.library()
+    print("crop + resize: " + (f"exact C resampler ({os.path.basename(resample.build_dir())})" if lib else
+                               f"PIL ({resample.unavailable_reason()})"))
     rows = []
     for kind in args.methods:
         package = package_dataset(kind, args.data_path, args.input_size, False)

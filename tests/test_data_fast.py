@@ -149,9 +149,9 @@ class _RecordingSource(ImageSource):
     def __init__(self, img):
         self.img, self.size, self.flipped, self.calls = img, img.size, False, []
 
-    def decode(self, crop_w, crop_h, out_w, out_h, ratio=0.0):
+    def decode(self, crop_w, crop_h, out_w, out_h, ratio=0.0, apply_flip=True):
         self.calls.append((crop_w, crop_h))
-        img = self.img.transpose(Image.FLIP_LEFT_RIGHT) if self.flipped else self.img
+        img = self.img.transpose(Image.FLIP_LEFT_RIGHT) if self.flipped and apply_flip else self.img
         return img, 1.0
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from . import resample
 from .fastpath import HANDOVERS, ImageSource, UnreadableImage, decode_ratio, fast_twin
 from .transforms import _get, in_sample_rng, restart_sample_rng
 
@@ -103,6 +104,11 @@ class ImageFolder:
         self.samples = self._scan()
         self.targets = [label for _, label in self.samples]
         self.known_bad = set()  # indices whose file failed to load; filled here and by the loader
+        if self.transform is not None:
+            # build / load the exact C resampler (the fast path's and RandomResizedCrop's crop +
+            # resize) here, so forked DataLoader workers inherit it and a fallback is logged
+            # once, not once per worker
+            resample.library()
 
     @property
     def class_names(self):

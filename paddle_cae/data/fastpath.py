@@ -7,6 +7,9 @@ that takes the image *file* and
 * draws every random number the reference draws, in the same order from the same per-sample
   generators (crop box, flip, masks, MAE's noise): the crop box only needs the image size,
   which the JPEG header gives before any pixel is decoded;
+* crops, resizes and mirrors with the exact C resampler (:mod:`.resample`: Pillow's pixels
+  without the crop copy, the mirrored image or the HWC -> CHW copy), PIL where it is not
+  available;
 * hands the pixel arrays over as uint8 ``[3, H, W]`` (4x less to collate, copy and send
   through shared memory than float32), each with a small description of the float conversion
   the reference applies (key suffixes :data:`NORM_SUFFIX`, :data:`MAP_SUFFIX`);
@@ -28,6 +31,7 @@ import copy
 import numpy as np
 from PIL import Image
 
+from . import resample
 from .transforms import (BootMAEPretrainTransform, CAEPretrainTransform, MAEPretrainTransform, MapPixels,
                          Normalize, RandomHorizontalFlip, RandomResizedCrop, RandomResizedCropTwoViews,
                          ToTensor, _resolve_interpolation)
@@ -75,11 +79,12 @@ class ImageSource:
         self.size = self.img.size
         self.flipped = False
 
-    def decode(self, crop_w, crop_h, out_w, out_h, ratio=0.0):
+    def decode(self, crop_w, crop_h, out_w, out_h, ratio=0.0, apply_flip=True):
         """(RGB image, scale): the pixels, decoded at 1/scale of the file's size. Reduced
         decoding only for JPEG with ``ratio`` > 0 (:func:`decode_ratio`), when
         :func:`draft_scale` allows it for a ``crop_w`` x ``crop_h`` crop resized to
-        ``out_w`` x ``out_h``. ``flipped`` is applied."""
+        ``out_w`` x ``out_h``. ``flipped`` is applied unless ``apply_flip`` is False (the
+        caller mirrors while resampling)."""
         img = self.img
         scale = 1.0
         try:
@@ -94,31 +99,49 @@ class ImageSource:
         except Exception as err:  # noqa: BLE001  any decoder error means "unreadable"
             self.img.close()
             raise UnreadableImage(f"{type(err).__name__}: {err}") from err
-        if self.flipped:
+        if self.flipped and apply_flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
         return img, scale
 
 
-def _views(source, params, outputs, ratio):
+def _views(source, params, outputs, ratio, flip_out=False):
     """The crop ``params`` (top, left, h, w; drawn on the (flipped) image) resized to each
-    output (size (h, w), filter). Full decode: crop, then resize, as the reference does (a
-    box given to ``resize`` would let the filter read pixels outside it). Reduced decode: the
-    box in the reduced image's coordinates, resized directly."""
+    output (size (h, w), filter), mirrored with ``flip_out``, as uint8 ``[3, h, w]`` arrays.
+    Full decode: crop, then resize, as the reference does (a box given to ``resize`` would
+    let the filter read pixels outside it). Reduced decode: the box in the reduced image's
+    coordinates, resized directly. The exact C resampler (:mod:`.resample`, mirrors
+    included) where it is available, else PIL."""
     top, left, h, w = params
     out_h, out_w = outputs[0][0]
-    img, scale = source.decode(w, h, out_w, out_h, ratio)
+    fast = resample.library() is not None
+    img, scale = source.decode(w, h, out_w, out_h, ratio, apply_flip=not fast)
+    mirror = source.flipped and fast  # still to be mirrored
     if scale == 1.0:
-        region = img.crop((left, top, left + w, top + h))
-        return [region.resize((ow, oh), f) for (oh, ow), f in outputs]
-    # pixel j of a 1/s decode covers pixels [j s, (j + 1) s) of the file; a mirrored decode
-    # is shifted by its rounded-up width
-    shift = img.size[0] - source.size[0] / scale if source.flipped else 0.0
-    box = (left / scale + shift, top / scale, (left + w) / scale + shift, (top + h) / scale)
-    return [img.resize((ow, oh), f, box=box) for (oh, ow), f in outputs]
+        box, span = (left, top, left + w, top + h), None
+    else:
+        # pixel j of a 1/s decode covers pixels [j s, (j + 1) s) of the file; a mirrored
+        # decode is shifted by its rounded-up width
+        shift = img.size[0] - source.size[0] / scale if source.flipped else 0.0
+        box, span = None, (left / scale + shift, top / scale, (left + w) / scale + shift, (top + h) / scale)
+    views = []
+    for (oh, ow), f in outputs:
+        arr = None
+        if fast:
+            arr = (resample.crop_resize(img, box, (ow, oh), f, mirror, flip_out) if span is None
+                   else resample.resize_box(img, span, (ow, oh), f, mirror, flip_out))
+        if arr is None:
+            src = img.transpose(Image.FLIP_LEFT_RIGHT) if mirror else img
+            view = (src.crop(box).resize((ow, oh), f) if span is None
+                    else src.resize((ow, oh), f, box=span))
+            arr = u8_chw(view.transpose(Image.FLIP_LEFT_RIGHT) if flip_out else view)
+        views.append(arr)
+    return views
 
 
 def u8_chw(img):
-    """PIL RGB image -> uint8 ``[3, H, W]`` (one copy)."""
+    """PIL RGB image -> uint8 ``[3, H, W]`` (one copy); an array is returned as it is."""
+    if isinstance(img, np.ndarray):
+        return img
     return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
 
 
@@ -134,8 +157,8 @@ class _CropFlipU8:
         params = crop.get_params(source, crop.scale, crop.ratio)
         outputs = [(crop.size, _resolve_interpolation(crop.interpolation))]
         flip = self.flip.draw()
-        view, = _views(source, params, outputs, self.ratio)
-        return u8_chw(view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view)
+        view, = _views(source, params, outputs, self.ratio, flip_out=flip)
+        return view
 
     def __repr__(self):
         return f"{self.crop!r} + {self.flip!r} -> uint8 (fast_decode ratio {self.ratio})"

@@ -63,6 +63,35 @@ def _randint(rng, low, high):
     return rng.randint(low, high)
 
 
+def _samplers(rng):
+    """(uniform, randint) bound to ``rng``: :func:`_uniform` and :func:`_randint` with the
+    type dispatch done once."""
+    if isinstance(rng, np.random.Generator):
+        return (lambda low, high: low + (high - low) * float(rng.random()),
+                lambda low, high: int(rng.integers(low, high + 1)))
+    if _is_numpy_rng(rng):
+        return (lambda low, high: low + (high - low) * float(rng.random()),
+                lambda low, high: int(rng.randint(low, high + 1)))
+    return rng.uniform, rng.randint
+
+
+def _popcount(x):
+    return bin(x).count("1")
+
+
+if hasattr(int, "bit_count"):  # Python >= 3.10
+    _popcount = int.bit_count  # noqa: F811
+
+
+def _rows_to_mask(rows, width):
+    """int8 ``[H, W]`` from one int per row (bit j = column j)."""
+    if width <= 63:
+        bits = np.array(rows, dtype=np.int64)[:, None] >> np.arange(width, dtype=np.int64)
+        return (bits & 1).astype(np.int8)
+    return np.array([[(r >> j) & 1 for j in range(width)] for r in rows], dtype=np.int8).reshape(
+        len(rows), width)
+
+
 def _random_array(rng, n):
     if _is_numpy_rng(rng):
         return np.asarray(rng.random(n), dtype=np.float64)
@@ -182,7 +211,8 @@ class BlockMaskGenerator:
         ``calls`` (blocks tried), ``attempts`` and ``random_fill`` (cells set by the
         fallback, normally 0)."""
         rng = _resolve_rng(rng, random if self.rng is None else self.rng)
-        mask = np.zeros((self.height, self.width), dtype=np.int8)
+        uniform, randint = _samplers(rng)
+        rows = [0] * self.height  # the mask, one bit per cell (bit j = column j)
         info = {"blocks": 0, "calls": 0, "attempts": 0, "random_fill": 0}
         count = 0
         failed = 0  # consecutive attempts that added nothing
@@ -190,12 +220,13 @@ class BlockMaskGenerator:
         while count < self.num_masking_patches:
             budget = self.max_failed_attempts - failed
             if not can_fit or budget <= 0:
+                mask = _rows_to_mask(rows, self.width)
                 info["random_fill"] = self._fill_at_random(mask, self.num_masking_patches - count, rng)
-                break
+                return mask, info
             if self.max_attempts is not None:
                 budget = min(budget, self.max_attempts)
             max_new = min(self.num_masking_patches - count, self.max_num_patches)
-            delta, used = self._place_block(mask, max_new, budget, rng)
+            delta, used = self._place_block(rows, max_new, budget, uniform, randint)
             info["calls"] += 1
             info["attempts"] += used
             if delta > 0:
@@ -204,23 +235,28 @@ class BlockMaskGenerator:
                 failed = 0
             else:
                 failed += used
-        return mask, info
+        return _rows_to_mask(rows, self.width), info
 
-    def _place_block(self, mask, max_new, budget, rng):
+    def _place_block(self, rows, max_new, budget, uniform, randint):
         """Try up to ``budget`` rectangles; mark the first that adds 1..max_new cells.
-        Returns (cells added, attempts used)."""
+        Returns (cells added, attempts used). ``rows``: the mask as one int per row."""
+        height, width, low = self.height, self.width, self.min_num_patches
+        log_low, log_high = self.log_aspect_ratio
         for attempt in range(1, budget + 1):
-            target_area = _uniform(rng, self.min_num_patches, max_new)
-            aspect_ratio = math.exp(_uniform(rng, *self.log_aspect_ratio))
+            target_area = uniform(low, max_new)
+            aspect_ratio = math.exp(uniform(log_low, log_high))
             h = int(round(math.sqrt(target_area * aspect_ratio)))
             w = int(round(math.sqrt(target_area / aspect_ratio)))
-            if w < self.width and h < self.height:
-                top = _randint(rng, 0, self.height - h)
-                left = _randint(rng, 0, self.width - w)
-                window = mask[top:top + h, left:left + w]
-                new = h * w - int(window.sum())
+            if w < width and h < height:
+                top = randint(0, height - h)
+                left = randint(0, width - w)
+                bits = ((1 << w) - 1) << left
+                new = h * w
+                for i in range(top, top + h):
+                    new -= _popcount(rows[i] & bits)
                 if 0 < new <= max_new:
-                    window[...] = 1
+                    for i in range(top, top + h):
+                        rows[i] |= bits
                     return new, attempt
         return 0, budget
 

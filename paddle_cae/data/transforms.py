@@ -155,10 +155,19 @@ class Compose:
 
 
 def resized_crop(img, top, left, height, width, size, interpolation):
-    """Crop the box (top, left, height, width) and resize it to ``size`` (h, w)."""
+    """Crop the box (top, left, height, width) and resize it to ``size`` (h, w): PIL's
+    ``crop`` then ``resize``, computed by the exact C resampler (:mod:`.resample`, the same
+    pixels) for RGB images where it is available."""
     out_h, out_w = _pair(size)
-    box = img.crop((left, top, left + width, top + height))
-    return box.resize((out_w, out_h), _resolve_interpolation(interpolation))
+    box = (left, top, left + width, top + height)
+    resample_filter = _resolve_interpolation(interpolation)
+    if img.mode == "RGB":
+        from . import resample
+
+        chw = resample.crop_resize(img, box, (out_w, out_h), resample_filter)
+        if chw is not None:
+            return Image.fromarray(np.ascontiguousarray(chw.transpose(1, 2, 0)), "RGB")
+    return img.crop(box).resize((out_w, out_h), resample_filter)
 
 
 class RandomResizedCrop:
