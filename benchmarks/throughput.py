@@ -100,7 +100,10 @@ def _setup_threads(args):
     total = args.threads or int(os.environ.get("PADDLE_CAE_BENCH_TOTAL_THREADS", "0") or 0) \
         or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
     args.threads = total
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, total // max(1, args.nproc))))
+    # a data-parallel worker gets its share (set by _relaunch); the parent that launches them
+    # measures the matmul peak, the MFU denominator, on all the threads
+    share = max(1, total // max(1, args.nproc)) if _launched() else total
+    os.environ.setdefault("OMP_NUM_THREADS", str(share))
 
 
 # --------------------------------------------------------------------------- measurements
