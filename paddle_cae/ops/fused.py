@@ -79,8 +79,10 @@ def isa_target(cpuinfo="/proc/cpuinfo"):
 
 def _cxx_flags():
     # -ffp-contract=off: no fused multiply-adds, a * b + c rounds twice as in the Paddle ops;
-    # -fno-trapping-math: both sides of a select may be computed, so the math vectorizes
-    return ["-O3", "-fopenmp", "-fno-trapping-math", "-ffp-contract=off"] + isa_target()[1]
+    # -fno-trapping-math: both sides of a select may be computed, so the math vectorizes;
+    # -fno-math-errno: sqrt need not set errno, so it vectorizes (same correctly rounded result)
+    return ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"] + \
+        isa_target()[1]
 
 
 def _openmp_ldflags():
