@@ -274,15 +274,9 @@ std::vector<paddle::Tensor> BiasAddBackward(const paddle::Tensor& h, const paddl
 }
 
 // ------------------------------------------------------------------ split heads (one)
-// x [B, N, H * D] -> [B, H, N, D] (reshape + transpose); backward: the head merge
-std::vector<paddle::Tensor> HeadsForward(const paddle::Tensor& x, int heads) {
-  check_f32(x, "x");
-  const auto s = x.shape();
-  PD_CHECK(s.size() == 3 && heads > 0 && s[2] % heads == 0, "heads: expected [B, N, H * D]");
-  const int64_t B = s[0], N = s[1], H = heads, D = s[2] / heads;
-  auto out = empty({B, H, N, D}, x);
-  const float* src = x.data<float>();
-  float* dst = out.data<float>();
+// [B, N, H * D] -> [B, H, N, D] (reshape + transpose): the head split of one tensor, and the
+// backward of the head merge
+void split_merged_heads(const float* src, int64_t B, int64_t N, int64_t H, int64_t D, float* dst) {
 #pragma omp parallel for schedule(static)
   for (int64_t bn = 0; bn < B * N; ++bn) {
     const int64_t bb = bn / N, n = bn % N;
@@ -292,6 +286,15 @@ std::vector<paddle::Tensor> HeadsForward(const paddle::Tensor& x, int heads) {
       for (int64_t d = 0; d < D; ++d) o[d] = in[d];
     }
   }
+}
+
+std::vector<paddle::Tensor> HeadsForward(const paddle::Tensor& x, int heads) {
+  check_f32(x, "x");
+  const auto s = x.shape();
+  PD_CHECK(s.size() == 3 && heads > 0 && s[2] % heads == 0, "heads: expected [B, N, H * D]");
+  const int64_t B = s[0], N = s[1], H = heads, D = s[2] / heads;
+  auto out = empty({B, H, N, D}, x);
+  split_merged_heads(x.data<float>(), B, N, H, D, out.data<float>());
   return {out};
 }
 
@@ -327,17 +330,7 @@ std::vector<paddle::Tensor> MergeHeadsBackward(const paddle::Tensor& x, const pa
   const auto s = x.shape();
   const int64_t B = s[0], H = s[1], N = s[2], D = s[3];
   auto dx = empty({B, H, N, D}, x);
-  const float* src = dout.data<float>();
-  float* dst = dx.data<float>();
-#pragma omp parallel for schedule(static)
-  for (int64_t bn = 0; bn < B * N; ++bn) {
-    const int64_t bb = bn / N, n = bn % N;
-    for (int64_t hh = 0; hh < H; ++hh) {
-      const float* in = src + bn * H * D + hh * D;
-      float* o = dst + ((bb * H + hh) * N + n) * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = in[d];
-    }
-  }
+  split_merged_heads(dout.data<float>(), B, N, H, D, dx.data<float>());
   return {dx};
 }
 
