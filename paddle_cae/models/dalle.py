@@ -137,22 +137,25 @@ class DalleEncoder(nn.Layer):
         return dict(group_count=self.group_count, n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group,
                     input_channels=self.input_channels, vocab_size=self.vocab_size)
 
-    def forward(self, x):
-        """x: mapped images [B, C, H, W] float32 -> logits [B, vocab, H/8, W/8]."""
+    def _check_input(self, x):
         if x.ndim != 4 or x.shape[1] != self.input_channels:
             raise ValueError(f"DalleEncoder expects images [B, {self.input_channels}, H, W], got {list(x.shape)}")
         if x.dtype != paddle.float32:
             raise ValueError(f"DalleEncoder expects float32 input, got {x.dtype}")
+
+    def forward(self, x):
+        """x: mapped images [B, C, H, W] float32 -> logits [B, vocab, H/8, W/8]."""
+        self._check_input(x)
         return self.blocks(x)
 
     @paddle.no_grad()
     def get_codebook_indices(self, images_mapped):
         """Token ids int64 [B, h*w] (argmax over the vocabulary, grid flattened row-major)."""
-        ext = fused_ops.tokenizer_kernels(images_mapped) if self._kernels and \
-            images_mapped.ndim == 4 and images_mapped.dtype == paddle.float32 else None
+        self._check_input(images_mapped)
+        ext = fused_ops.tokenizer_kernels(images_mapped) if self._kernels else None
         if ext is not None:
             return self._kernel_codebook_indices(ext, images_mapped)
-        logits = self.forward(images_mapped)                        # [B, vocab, h, w]
+        logits = self.blocks(images_mapped)                         # [B, vocab, h, w]
         tokens = paddle.argmax(logits, axis=1)                      # [B, h, w]
         return tokens.reshape([tokens.shape[0], -1]).astype("int64")  # [B, h*w]
 
@@ -160,8 +163,6 @@ class DalleEncoder(nn.Layer):
         """:meth:`get_codebook_indices` on the CPU kernels (paddle_cae/ops): the same layers,
         activations channel-major [C, B, H, W], each ReLU done inside the convolution that
         follows it (or after the one before), bias and residual added in the product's tile."""
-        if x.shape[1] != self.input_channels:
-            raise ValueError(f"DalleEncoder expects images [B, {self.input_channels}, H, W], got {list(x.shape)}")
         first = self.blocks.input
         h = fused_ops.tokenizer_conv(ext, x, first.w, first.b, nchw=True)
         for g in range(1, self.group_count + 1):

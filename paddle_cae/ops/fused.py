@@ -386,11 +386,11 @@ def layer_norm(x, weight, bias, eps, *, by_env=True):
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
-def _no_grad_use(*tensors):
+def _no_grad_use(*tensors, by_env=True):
     """The extension, for ops without a backward: only when no input needs a gradient."""
     if any(not t.stop_gradient for t in tensors) and paddle.is_grad_enabled():
         return None
-    return _use(*tensors)
+    return _use(*tensors, by_env=by_env)
 
 
 def channel_bias(x, bias):
@@ -497,10 +497,8 @@ def tokenizer_kernels(x):
     """The kernel module when the tokenizer kernels apply to images like ``x`` (float32 CPU,
     dynamic graph, built, MKL found, no gradient wanted), else None. The environment switch
     is not read: the tokenizer chose its variant when it was built."""
-    ext = _use(x, by_env=False)
-    if ext is None or (not x.stop_gradient and paddle.is_grad_enabled()) or not _has_gemm(ext, x):
-        return None
-    return ext
+    ext = _no_grad_use(x, by_env=False)
+    return ext if ext is not None and _has_gemm(ext, x) else None
 
 
 def tokenizer_conv(ext, x, weight, bias, *, nchw=False, relu_in=False, epilogue="bias",

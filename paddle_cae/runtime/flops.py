@@ -144,7 +144,7 @@ def count_flops():
     # the frozen tokenizer's convolutions on the CPU kernels: out [O, B, H, W] (ids [B, H*W]
     # for the head) from weights [O, C, k, k]
     def tokenizer_conv_macs(out, ext, x, weight, *a, **kw):
-        return _numel(out.shape) * _numel(weight.shape[1:])
+        return conv_macs(out, x, weight)
 
     def tokenizer_head_macs(out, ext, x, weight, *a, **kw):
         return _numel(out.shape) * _numel(weight.shape)
