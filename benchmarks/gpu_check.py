@@ -136,11 +136,12 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
 
     from paddle_cae.engine.stepper import Stepper
     from paddle_cae.methods import method_for
+    from paddle_cae.fast import accelerate, accelerate_optimizer
     from paddle_cae.models.registry import create_model
     from paddle_cae.optim import build_optimizer
     from paddle_cae.optim.param_groups import param_groups
     from paddle_cae.runtime.amp import Precision
-    from paddle_cae.runtime.flops import count_flops
+    from paddle_cae.fast.flops import count_flops
     from throughput import pretrain_batch
 
     rng = np.random.default_rng(seed)
@@ -158,11 +159,12 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
 
         vocab = getattr(model, "vocab_size", None) or 8192
         with paddle.utils.unique_name.guard("tokenizer_"):
-            model.set_tokenizer(dalle_encoder(vocab_size=vocab) if vocab != 8192
-                                else dalle_encoder())
-    model.train()
+            model.set_tokenizer(accelerate(dalle_encoder(vocab_size=vocab) if vocab != 8192
+                                           else dalle_encoder()))
+    accelerate(model).train()
     groups = param_groups(model, 0.05, layer_decay=0.75 if phase == "finetune" else None)
-    optimizer = build_optimizer("adamw", groups, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    optimizer = accelerate_optimizer(build_optimizer("adamw", groups, lr=1e-4, betas=(0.9, 0.95),
+                                                     weight_decay=0.05))
     precision = Precision(amp_dtype)
     stepper = Stepper(model, optimizer, precision, clip_grad=None if phase == "pretrain" else 5.0)
     if phase == "pretrain":
@@ -290,6 +292,7 @@ def main(argv=None):
     started = time.time()
 
     import paddle
+    from paddle_cae.fast import switches
 
     gpu = on_gpu(paddle)
     if args.dry_run:
@@ -302,7 +305,7 @@ def main(argv=None):
               "paddle": paddle.__version__, "python": platform.python_version(),
               "device": (paddle.device.cuda.get_device_name() if gpu and not args.dry_run
                          else "cpu"),
-              "fused_cpu_kernels": os.environ.get("PADDLE_CAE_FUSED_OPS", "1")}
+              "fused_cpu_kernels": switches.fused_ops()}
     dtypes = [None] if args.dry_run else ["float16", "bfloat16"]
     report["matmul_peak_tflops"] = peaks = {}
     for dtype in dtypes:

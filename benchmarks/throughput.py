@@ -25,7 +25,7 @@ included) with their share of that step's wall time.
 
 MFU = model FLOP/s / peak FLOP/s. Model FLOPs are 2 x the multiply-adds of every matmul and
 convolution of the forward (attention included), traced from the shapes of one forward
-(paddle_cae/runtime/flops.py); a training step counts 3x for everything that is
+(paddle_cae/fast/flops.py); a training step counts 3x for everything that is
 back-propagated and 1x for frozen parts (tokenizer, teacher, frozen encoder). The peak is the
 best of a few large square fp32 matmuls, measured before and after the timed steps with the same
 threads (the better of the two counts: other load on the machine can only lower it).
@@ -97,7 +97,9 @@ def parse_args(argv=None):
 
 def _setup_threads(args):
     """Must run before paddle is imported (it pins OMP_NUM_THREADS=1 when unset)."""
-    total = args.threads or int(os.environ.get("PADDLE_CAE_BENCH_TOTAL_THREADS", "0") or 0) \
+    from paddle_cae.fast import switches  # (imports no paddle)
+
+    total = args.threads or switches.bench_total_threads() \
         or int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or (os.cpu_count() or 1)
     args.threads = total
     # a data-parallel worker gets its share (set by _relaunch); the parent that launches them
@@ -284,6 +286,9 @@ def build(args, paddle, env):
             model = create_model(args.model, num_classes=1000, **kwargs)
     if args.phase == "pretrain" and model_task(args.model) != "pretrain":
         raise SystemExit(f"{args.model} is not a pretraining model")
+    from paddle_cae.fast import accelerate, accelerate_optimizer
+
+    accelerate(model)
     tokenizer_note = None
     if args.phase == "pretrain" and method_for(args.model).needs_tokenizer \
             and not args.no_tokenizer:
@@ -292,7 +297,7 @@ def build(args, paddle, env):
         vocab = getattr(model, "vocab_size", None) or 8192
         with paddle.utils.unique_name.guard("tokenizer_"):
             tokenizer = dalle_encoder(vocab_size=vocab) if vocab != 8192 else dalle_encoder()
-        model.set_tokenizer(tokenizer)
+        model.set_tokenizer(accelerate(tokenizer))
         tokenizer_note = "DALL-E release architecture, random weights"
     model.train()
 
@@ -332,6 +337,7 @@ def build(args, paddle, env):
         optimizer = build_optimizer("adamw", groups, lr=1e-4,
                                     betas=tuple(recipe.get("opt_betas", (0.9, 0.95))),
                                     weight_decay=wd, fused=args.fused_adamw)
+    accelerate_optimizer(optimizer)
 
     net = model
     if env["world"] > 1:
@@ -373,7 +379,7 @@ def build(args, paddle, env):
             model.after_optimizer_step()
 
     def flops():
-        from paddle_cae.runtime.flops import count_flops
+        from paddle_cae.fast.flops import count_flops
 
         with count_flops() as c:
             with stepper.autocast():
@@ -412,7 +418,7 @@ def run_inference(args, paddle, env):
     import numpy as np
 
     from paddle_cae.models.registry import create_model
-    from paddle_cae.runtime.flops import count_flops
+    from paddle_cae.fast.flops import count_flops
 
     rng = np.random.default_rng(args.seed)
     kwargs = dict(args.model_kwargs)
@@ -420,7 +426,9 @@ def run_inference(args, paddle, env):
         kwargs["img_size"] = args.input_size
     with paddle.utils.unique_name.guard():
         model = create_model(args.model, num_classes=1000, **kwargs)
-    model.eval()
+    from paddle_cae.fast import accelerate
+
+    accelerate(model).eval()
     x_np = rng.standard_normal((args.batch_size, 3, args.input_size, args.input_size)) \
         .astype("float32")
     x = paddle.to_tensor(x_np)
@@ -510,7 +518,7 @@ def _record_custom_ops(profiler):
     """The forward calls of the fused kernels (paddle_cae/ops) are not operator events of the
     profiler (their backward nodes are): wrap each in a named record while profiling. Returns
     the function that unwraps them."""
-    from paddle_cae.ops import fused
+    from paddle_cae.fast import ops as fused
 
     ext = fused._load() if fused.extension_available() else None
     if ext is None:
@@ -588,7 +596,7 @@ def _relaunch(args, argv, peak, paddle):
 
 
 def _fused_kernels_state():
-    from paddle_cae.ops import fused
+    from paddle_cae.fast import ops as fused
 
     return bool(fused.extension_available())
 
@@ -616,6 +624,7 @@ def main(argv=None):
         os.environ["PADDLE_CAE_ATTENTION"] = "explicit"
     import paddle
 
+    from paddle_cae.fast import switches
     from paddle_cae.models.registry import model_task
 
     paddle.seed(args.seed)
@@ -679,7 +688,7 @@ def main(argv=None):
         "nproc": env["world"], "threads_per_proc": int(os.environ.get("OMP_NUM_THREADS", 1)),
         "to_static": args.to_static, "fused_adamw": args.fused_adamw,
         "recipe": getattr(args, "recipe_settings", None), "no_tokenizer": args.no_tokenizer,
-        "attention": os.environ.get("PADDLE_CAE_ATTENTION", "default"),
+        "attention": switches.attention_mode(),
         "images_per_s": args.batch_size / median, "step_s_median": median,
         "step_s_all": [round(t, 4) for t in times], "peak_mem_mb": mem,
         "model_tflops_per_step": flops / 1e12,

@@ -19,6 +19,7 @@ from .convert import CheckpointError
 from .data.imagenet_classes import NUM_CLASSES as IMAGENET_CLASSES
 from .data.imagenet_classes import imagenet_class_names
 from .engine.evaluate import predictions
+from .fast import accelerate
 from .inference.predict import image_paths, preprocessing, to_batch, topk_predictions
 from .loading.classifier import build_classifier
 from .loading.pretrained import load_pretrained, read_weights_file, strict_load
@@ -113,6 +114,7 @@ def load_checkpoint(path, model_name=None, model=None, model_args=None):
         size = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else 224
         model.preprocess_config = {"input_size": size}
     model.checkpoint_kind = kind or "external"
+    accelerate(model)
     model.eval()
     return model
 

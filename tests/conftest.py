@@ -12,9 +12,9 @@ if str(ROOT) not in sys.path:
 
 
 def pytest_sessionstart(session):
-    """Build the fused CPU kernels (paddle_cae/ops, ~30 s the first time on a machine) before
+    """Build the fused CPU kernels (paddle_cae/fast) before
     any test runs, so that no timed subprocess of a test pays for the compilation."""
-    from paddle_cae.ops import fused
+    from paddle_cae.fast import ops as fused
 
     fused.extension_available()
 
@@ -25,3 +25,15 @@ def _package_logs_reach_caplog():
     propagation; let every test start with messages reaching pytest's log capture again."""
     logging.getLogger("paddle_cae").propagate = True
     yield
+
+
+@pytest.fixture(autouse=True)
+def _reference_steps_after_each_test():
+    """A test that installs the fast step operations (gradient-list and EMA kernels, as
+    ``paddle_cae.fast.accelerate_optimizer`` does for a run) leaves the reference ones behind."""
+    yield
+    from paddle_cae.models import common
+    from paddle_cae.runtime import amp
+
+    amp.use_gradient_ops(None)
+    common.use_ema_tensor_update(None)

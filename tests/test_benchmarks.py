@@ -10,7 +10,7 @@ import pytest
 
 from paddle_cae.models.registry import create_model
 from paddle_cae.inference import predictor as inference
-from paddle_cae.runtime.flops import count_flops
+from paddle_cae.fast.flops import count_flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,10 +128,12 @@ def test_cpu_bf16_detection(tmp_path):
 
 
 def test_resolve_bf16_auto_and_env(monkeypatch):
+    from paddle_cae.fast import switches
+
     monkeypatch.delenv("PADDLE_CAE_INFER_BF16", raising=False)
-    assert inference.resolve_bf16(None, flags={"amx_bf16"}) is True
+    assert inference.resolve_bf16(None, flags={"amx_bf16"}, auto=switches.infer_bf16()) is True
     monkeypatch.setenv("PADDLE_CAE_INFER_BF16", "0")
-    assert inference.resolve_bf16(None, flags={"amx_bf16"}) is False
+    assert inference.resolve_bf16(None, flags={"amx_bf16"}, auto=switches.infer_bf16()) is False
 
 
 def test_create_predictor_fp32_matches_dynamic(tmp_path):

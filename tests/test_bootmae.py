@@ -362,18 +362,17 @@ def test_bootmae_base_can_be_built_lazily_to_count_or_shard_it():
 
 
 def test_fused_decoder_blocks_match_the_reference_blocks(monkeypatch):
-    """With the CPU kernels the decoders are built from FusedDecodeBlock: the same loss and
-    gradients as the reference DecodeBlock (float32 rounding apart)."""
-    from paddle_cae.models.bootmae import DecodeBlock, FusedDecodeBlock
-    from paddle_cae.ops import fused as fused_ops
+    """Accelerated, the decoders run FusedDecodeBlock: the same loss and gradients as the
+    reference DecodeBlock (float32 rounding apart)."""
+    from paddle_cae.fast import accelerate, ops as fused_ops
+    from paddle_cae.fast.layers import FusedDecodeBlock
+    from paddle_cae.models.bootmae import DecodeBlock
 
     if not fused_ops.usable(paddle.zeros([1])):
         pytest.skip("fused CPU kernels unavailable here")
     paddle.seed(0)
-    fused = tiny()
-    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
+    fused = accelerate(tiny(), environ={"PADDLE_CAE_FUSED_OPS": "1"})
     reference = tiny()
-    monkeypatch.delenv("PADDLE_CAE_FUSED_OPS")
     assert type(fused.decode_blocks[0]) is FusedDecodeBlock
     assert type(reference.decode_blocks_1[0]) is DecodeBlock
     reference.set_state_dict(fused.state_dict())

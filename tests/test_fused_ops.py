@@ -1,13 +1,15 @@
-"""The fused CPU kernels (paddle_cae/ops) against their pure-Paddle reference formulations:
+"""The fused CPU kernels (paddle_cae/fast) against their pure-Paddle reference formulations:
 values and gradients agree to float32 rounding, and a ViT block gives the same loss and
 gradients either way."""
 import numpy as np
 import paddle
 import pytest
 
+from paddle_cae.fast import accelerate, ops as fused
+from paddle_cae.fast.layers import FusedBlock
+from paddle_cae.fast.optim import FastGradientOps
 from paddle_cae.models.registry import create_model
-from paddle_cae.models.fused import FusedBlock
-from paddle_cae.ops import fused
+from paddle_cae.runtime import amp
 
 pytestmark = pytest.mark.skipif(not fused.extension_available(),
                                 reason="fused kernels could not be built here")
@@ -63,14 +65,15 @@ def test_fused_op_matches_reference(name, monkeypatch):
     ("cae_base_patch16_224", {"drop_path_rate": 0.5}),
 ])
 def test_block_matches_reference(name, kwargs, monkeypatch):
-    """The same weights built with the fused layers and with the reference layers (the switch
-    is read when a model is built) give the same loss and gradients."""
+    """The same weights on the fused layers (accelerate) and on the reference layers give the
+    same loss and gradients."""
     x = paddle.randn([2, 3, 32, 32])
     results, state = [], None
     for enabled in (True, False):
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
         model = create_model(name, img_size=32, embed_dim=24, depth=2, num_heads=3,
                              num_classes=5, **kwargs)
+        accelerate(model)
         assert isinstance(model.blocks[0], FusedBlock) == enabled
         if state is None:
             for layer in model.sublayers():
@@ -182,7 +185,7 @@ def test_cdf_coefficients_in_the_kernel_source_are_the_generated_ones():
     import os
     import re
 
-    from paddle_cae.ops import cdf_coefficients
+    from paddle_cae.fast import cdf_coefficients
 
     with open(os.path.join(os.path.dirname(fused.__file__), "vit_kernels.cc")) as f:
         source = f.read()
@@ -220,11 +223,14 @@ def test_tokenizer_ops_are_bit_identical_and_only_used_without_gradients(monkeyp
     enc = DalleEncoder(group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16)
     for p in enc.parameters():  # non-zero biases
         p.set_value(paddle.to_tensor(rng.standard_normal(p.shape).astype("float32")))
+    reference = DalleEncoder(group_count=2, n_hid=8, n_blk_per_group=1, vocab_size=16)
+    reference.set_state_dict(enc.state_dict())
+    accelerate(enc)
+    assert type(enc.blocks.input).__name__ == "FastConv2d"
     img = paddle.rand([2, 3, 16, 16])
     with paddle.no_grad():
         logits_fused = enc(img).numpy()
-        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
-        logits_ref = enc(img).numpy()
+        logits_ref = reference(img).numpy()
     np.testing.assert_array_equal(logits_fused, logits_ref)
 
 
@@ -243,14 +249,14 @@ def test_ema_kernel_is_bit_identical_to_the_paddle_expression(monkeypatch):
     np.testing.assert_array_equal(untouched.numpy(), ema0)
 
 
-def test_the_switches_are_read_when_a_model_is_built_not_in_its_forward(monkeypatch):
-    from paddle_cae.models import layers
+def test_the_switches_are_read_when_a_model_is_accelerated_not_in_its_forward(monkeypatch):
+    from paddle_cae.fast import switches
     from paddle_cae.models.layers import CrossAttentionBase, Mlp
     from tests.test_cae import random_batch, tiny_cae
 
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
     paddle.seed(0)
-    model = tiny_cae()
+    model = accelerate(tiny_cae())
     block = model.regresser.regressor_blocks[0]
     assert isinstance(model.encoder.blocks[0], FusedBlock)
     assert type(block.mlp_cross) is not Mlp and isinstance(block.mlp_cross, Mlp)
@@ -262,19 +268,19 @@ def test_the_switches_are_read_when_a_model_is_built_not_in_its_forward(monkeypa
     def read(*_):
         raise AssertionError("an environment switch was read in a forward")
 
-    monkeypatch.setattr(fused, "enabled_by_env", read)
-    monkeypatch.setattr(layers, "sdpa_enabled", read)
+    for name in ("fused_ops", "explicit_attention", "attention_mode"):
+        monkeypatch.setattr(switches, name, read)
     with paddle.no_grad():
         after = model(images, mask, target_ids=ids)["loss"].numpy()
     np.testing.assert_array_equal(before, after)
 
 
-def test_switched_off_the_models_are_built_from_the_reference_layers(monkeypatch):
+def test_switched_off_the_models_keep_the_reference_layers(monkeypatch):
     from paddle_cae.models.layers import Block, Mlp
     from tests.test_cae import tiny_cae
 
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
-    model = tiny_cae()
+    model = accelerate(tiny_cae())
     assert type(model.encoder.blocks[0]) is Block
     assert type(model.regresser.regressor_blocks[0].mlp_cross) is Mlp
     assert type(model.regresser.regressor_blocks[0].cross_attn).__name__ == "CrossAttention"
@@ -314,7 +320,7 @@ def test_allocator_tuning_is_applied_with_the_kernels_and_can_be_switched_off():
     import subprocess
     import sys
 
-    code = ("from paddle_cae.ops import fused; fused.extension_available(); "
+    code = ("from paddle_cae.fast import ops as fused; fused.extension_available(); "
             "print(fused.tune_allocator())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     seen = {}
@@ -389,6 +395,7 @@ def test_gradient_finiteness_check_in_one_kernel(bad, monkeypatch):
     results = []
     for enabled in ("1", "0"):
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", enabled)
+        amp.use_gradient_ops(FastGradientOps() if enabled == "1" else None)
         grads = [paddle.to_tensor(a) for a in arrays]
         if enabled == "1":
             assert bool(fused.non_finite(grads).numpy()[0]) == (bad is not None)
@@ -417,7 +424,7 @@ def test_gradient_norm_from_one_kernel_matches_the_per_tensor_sums(monkeypatch):
     np.testing.assert_allclose(sums, exact, rtol=1e-6)
     norms = []
     for enabled in ("1", "0"):
-        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", enabled)
+        amp.use_gradient_ops(FastGradientOps() if enabled == "1" else None)
         params = [paddle.create_parameter(list(a.shape), "float32") for a in arrays]
         for p, a in zip(params, arrays):
             (p * paddle.to_tensor(a)).sum().backward()  # grad = a
@@ -500,12 +507,11 @@ def test_tokenizer_on_the_kernels_gives_the_reference_tokens_and_flop_count(monk
     widths) equals the reference forward + argmax, and the FLOP counter sees the same frozen
     FLOPs on both paths."""
     from paddle_cae.models.dalle import DalleEncoder
-    from paddle_cae.runtime.flops import count_flops
+    from paddle_cae.fast.flops import count_flops
 
     _gemm_kernels()
-    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
     paddle.seed(0)
-    enc = DalleEncoder(n_hid=8, n_blk_per_group=2, vocab_size=32)
+    enc = accelerate(DalleEncoder(n_hid=8, n_blk_per_group=2, vocab_size=32))
     rng = np.random.default_rng(0)
     for name, p in enc.named_parameters():
         if name.endswith(".b"):
@@ -519,7 +525,6 @@ def test_tokenizer_on_the_kernels_gives_the_reference_tokens_and_flop_count(monk
     assert calls, "the kernels were not used"
     with paddle.no_grad():
         logits = enc(img).numpy()  # the reference layers
-    monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
     reference_enc = DalleEncoder(n_hid=8, n_blk_per_group=2, vocab_size=32)
     reference_enc.set_state_dict(enc.state_dict())
     with count_flops() as reference_count:
@@ -543,7 +548,7 @@ def test_clipping_scales_all_gradients_in_one_kernel_call(monkeypatch):
         np.testing.assert_array_equal(t.numpy(), paddle.to_tensor(g).multiply_(coef).numpy())
 
     def clipped(enabled):
-        monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
+        amp.use_gradient_ops(FastGradientOps() if enabled else None)
         params = []
         for g in grads0:
             p = paddle.create_parameter(list(g.shape), "float32")
@@ -563,13 +568,12 @@ def test_clipping_scales_all_gradients_in_one_kernel_call(monkeypatch):
 
 
 def test_layer_norms_of_models_run_on_the_kernel_with_the_same_values(monkeypatch):
-    from paddle_cae.models.fused import FusedLayerNorm
-    from paddle_cae.models.layers import layer_norm
+    from paddle_cae.fast.layers import FusedLayerNorm
 
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
-    assert type(layer_norm(6)) is paddle.nn.LayerNorm
+    assert type(accelerate(paddle.nn.LayerNorm(6))) is paddle.nn.LayerNorm
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
-    norm = layer_norm(6, 1e-6)
+    norm = accelerate(paddle.nn.LayerNorm(6, epsilon=1e-6))
     assert isinstance(norm, FusedLayerNorm) and isinstance(norm, paddle.nn.LayerNorm)
     reference = paddle.nn.LayerNorm(6, epsilon=1e-6)
     rng = np.random.default_rng(4)
@@ -608,3 +612,57 @@ def test_linear_under_an_autocast_is_the_reference_linear(monkeypatch):
         pytest.skip(f"no bfloat16 autocast on this CPU build: {err}")
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got.astype("float32").numpy(), want.astype("float32").numpy())
+
+
+def _count_kernel_calls(monkeypatch):
+    """Wrap every op of the built extension so that its calls are counted by name."""
+    import collections
+
+    ext = fused._load()
+    calls = collections.Counter()
+    for name in dir(ext):
+        if name.startswith("cae_"):
+            def counted(*args, _name=name, _fn=getattr(ext, name)):
+                calls[_name] += 1
+                return _fn(*args)
+
+            monkeypatch.setattr(ext, name, counted)
+    return calls
+
+
+def _method_models():
+    """(name, tiny model, its training loss on a random batch) for every family."""
+    from tests.test_bootmae import random_order, tiny as tiny_bootmae
+    from tests.test_cae import random_batch, tiny_cae
+    from tests.test_mae import tiny as tiny_mae
+
+    vit = create_model("vit_base_patch16", img_size=32, embed_dim=24, depth=2, num_heads=3,
+                       num_classes=5)
+    images = paddle.randn([2, 3, 32, 32])
+    cae = tiny_cae()
+    return [
+        ("vit", vit, lambda m: (m(images) ** 2).sum()),
+        ("mae", tiny_mae(), lambda m: m(images)["loss"]),
+        ("cae", cae, lambda m: m(*random_batch(m)[:2], target_ids=random_batch(m)[2])["loss"]),
+        ("bootmae", tiny_bootmae(), lambda m: m(images, idx_shuffle=random_order(2, 16))["loss"]),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["vit", "mae", "cae", "bootmae"])
+def test_accelerated_models_run_on_the_kernels(index, monkeypatch):
+    """After accelerate() no layer with a fast subclass is left on its reference class, and a
+    training step of every family calls the block kernels (no silent fall-back to the
+    reference path)."""
+    from paddle_cae.fast.layers import FAST_CLASSES
+
+    paddle.seed(0)
+    name, model, loss_of = _method_models()[index]
+    accelerate(model, environ={"PADDLE_CAE_FUSED_OPS": "1"})
+    left = [type(layer).__name__ for layer in model.sublayers() if type(layer) in FAST_CLASSES]
+    assert not left, f"{name}: reference layers left after accelerate: {left}"
+    model.train()
+    calls = _count_kernel_calls(monkeypatch)
+    loss_of(model).backward()
+    for kernel in ("cae_layer_norm", "cae_split_heads", "cae_bias_gelu", "cae_residual"):
+        used = sum(n for k, n in calls.items() if k.startswith(kernel))
+        assert used > 0, f"{name}: {kernel}* not called ({dict(calls)})"

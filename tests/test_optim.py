@@ -170,10 +170,12 @@ def test_adamw_fused_multi_tensor_and_plain_paths_agree():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_adamw_chooses_its_cpu_kernel_when_constructed(monkeypatch):
+def test_adamw_chooses_its_cpu_kernel_when_accelerated(monkeypatch):
     """The fused-kernel switch and the tensors' place are read once, when the optimizer is
-    built: a step looks nothing up again (and the switch changed later does not matter)."""
-    from paddle_cae.ops import fused as fused_ops
+    accelerated: a step looks nothing up again (and the switch changed later does not
+    matter); switched off, the optimizer stays the reference AdamW (multi-tensor path)."""
+    from paddle_cae.fast import accelerate_optimizer, ops as fused_ops
+    from paddle_cae.fast.optim import FastAdamW
 
     if not fused_ops.extension_available():
         pytest.skip("fused kernels not built here")
@@ -183,8 +185,9 @@ def test_adamw_chooses_its_cpu_kernel_when_constructed(monkeypatch):
     for switch in ("1", "0"):
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", switch)
         params = _params(shapes, seed=4)
-        opt = AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05)
-        assert (opt._kernel is not None) == (switch == "1")
+        opt = accelerate_optimizer(AdamW(params, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05))
+        assert (type(opt) is FastAdamW) == (switch == "1")
+        assert (getattr(opt, "_kernel", None) is not None) == (switch == "1")
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0" if switch == "1" else "1")
 
         def no_lookup(*a, **k):

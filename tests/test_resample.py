@@ -1,4 +1,4 @@
-"""The exact C crop + resize (paddle_cae/data/resample.c) against Pillow, bit for bit, and its
+"""The exact C crop + resize (paddle_cae/fast/resample.c) against Pillow, bit for bit, and its
 fallbacks."""
 import logging
 import multiprocessing
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from paddle_cae.data import resample
-from paddle_cae.data.resample import FILTERS, crop_resize, pil_crop_resize, resize_box
+from paddle_cae.fast import resample
+from paddle_cae.fast.resample import FILTERS, crop_resize, pil_crop_resize, resize_box
 
 NAMES = {Image.LANCZOS: "lanczos", Image.BILINEAR: "bilinear", Image.BICUBIC: "bicubic",
          Image.BOX: "box", Image.HAMMING: "hamming"}
@@ -230,7 +230,7 @@ def test_the_fast_pipeline_gives_the_reference_pixels_without_the_c_code(monkeyp
 
 def _child(queue, box, size, f):
     img = Image.open(queue.get()).convert("RGB")
-    queue.put((resample._state["lib"] is not None, crop_resize(img, box, size, f)))
+    queue.put((resample.NATIVE.tried and resample.library() is not None, crop_resize(img, box, size, f)))
 
 
 def test_works_in_a_forked_worker(lib, tmp_path):
@@ -258,9 +258,9 @@ def test_an_image_folder_with_a_transform_loads_the_resampler_before_workers_for
     (tmp_path / "a").mkdir()
     _image(np.random.RandomState(9), 40, 30).save(tmp_path / "a" / "x.png")
     ImageFolder(str(tmp_path), transform=None)
-    assert not resample._state["tried"]  # no transform: nothing to crop
+    assert not resample.NATIVE.tried  # no transform: nothing to crop
     ImageFolder(str(tmp_path), transform=MAEPretrainTransform(16), handover="float32")
-    assert resample._state["tried"]
+    assert resample.NATIVE.tried
 
 
 def test_reference_resized_crop_gives_pil_pixels_with_and_without_the_c_code(monkeypatch, fresh_state):

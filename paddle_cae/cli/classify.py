@@ -17,6 +17,7 @@ from ..engine.evaluate import build_eval_loader, evaluate
 from ..engine.finetune import ClassificationLoss, ClassifierRun
 from ..engine.pretrain import write_config_snapshot
 from ..engine.stepper import NonFiniteLossError
+from ..fast import accelerate, accelerate_optimizer
 from ..loading.classifier import build_classifier, classifier_config, encoder_of, transform_method
 from ..loading.pretrained import PretrainedLoadError, load_pretrained, strict_load
 from ..optim import build_optimizer, param_groups
@@ -208,20 +209,20 @@ def run(argv=None, phase="finetune"):
 
     if args.eval:
         config = config_from_resume(args) or classifier_config(args, args.nb_classes or len(val_set.classes))
-        model = build_classifier(config, for_training=False)
+        model = accelerate(build_classifier(config, for_training=False))
         return evaluate_only(args, env, model, precision, val_set)
 
     train_set = build_dataset("train", args.data_path, train_transform(args))
     if train_set.classes != val_set.classes:
         raise ValueError(f"{train_set.root} and {val_set.root} have different class folders")
     config = classifier_config(args, resolve_num_classes(args, train_set))
-    model = build_classifier(config)
+    model = accelerate(build_classifier(config))
     load_initial_weights(args, model)
     if phase == "linprobe":
         trainable = freeze_for_probe(model)
         logger.info("linear probe: %d trainable tensors (%s), encoder frozen", len(trainable),
                     ", ".join(trainable))
-    optimizer = build_run_optimizer(args, model)
+    optimizer = accelerate_optimizer(build_run_optimizer(args, model))
     loss_fn = ClassificationLoss(config["num_classes"], getattr(args, "smoothing", 0.0),
                                  getattr(args, "mixup", 0.0), getattr(args, "cutmix", 0.0),
                                  getattr(args, "mixup_prob", 1.0), getattr(args, "mixup_switch_prob", 0.5))

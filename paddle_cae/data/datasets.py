@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import resample
+from ..fast import resample
 from .fastpath import HANDOVERS, ImageSource, UnreadableImage, decode_ratio, fast_twin
 from .transforms import _get, in_sample_rng, restart_sample_rng
 

@@ -31,7 +31,7 @@ import copy
 import numpy as np
 from PIL import Image
 
-from . import resample
+from ..fast import resample
 from .transforms import (BootMAEPretrainTransform, CAEPretrainTransform, MAEPretrainTransform, MapPixels,
                          Normalize, RandomHorizontalFlip, RandomResizedCrop, RandomResizedCropTwoViews,
                          ToTensor, _resolve_interpolation)

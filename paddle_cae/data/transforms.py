@@ -162,7 +162,7 @@ def resized_crop(img, top, left, height, width, size, interpolation):
     box = (left, top, left + width, top + height)
     resample_filter = _resolve_interpolation(interpolation)
     if img.mode == "RGB":
-        from . import resample
+        from ..fast import resample
 
         chw = resample.crop_resize(img, box, (out_w, out_h), resample_filter)
         if chw is not None:

@@ -6,8 +6,8 @@ bfloat16 oneDNN kernels. bf16 is only worth it (and only numerically safe to pic
 default) where the CPU computes bf16 dot products natively, i.e. it reports ``amx_bf16`` or
 ``avx512_bf16`` in /proc/cpuinfo; elsewhere oneDNN would emulate it and run slower than
 fp32. ``bf16=None`` (auto) enables it exactly on such CPUs; bf16 changes the numbers (ViT-B
-logits move by a few 1e-2, top-1 rarely), so pass ``bf16=False`` or set
-``PADDLE_CAE_INFER_BF16=0`` for fp32 numerics.
+logits move by a few 1e-2, top-1 rarely), so pass ``bf16=False`` for fp32 numerics (a caller
+that honours ``PADDLE_CAE_INFER_BF16=0`` passes ``auto_bf16=paddle_cae.fast.switches.infer_bf16()``).
 
 On a GPU build with a visible GPU the predictor runs on the GPU instead (fp32; oneDNN options
 do not apply).
@@ -54,14 +54,13 @@ def _gpu_available():
     return paddle.device.is_compiled_with_cuda() and paddle.device.cuda.device_count() > 0
 
 
-def resolve_bf16(bf16=None, flags=None):
+def resolve_bf16(bf16=None, flags=None, auto=True):
     """Whether a predictor will use bf16: ``True``/``False`` as given (True on a CPU without
-    native bf16 raises); ``None`` -> on when the CPU has native bf16, unless the environment
-    sets ``PADDLE_CAE_INFER_BF16=0``."""
+    native bf16 raises); ``None`` -> on when the CPU has native bf16, unless ``auto`` is
+    False."""
     native = cpu_has_bf16(flags)
     if bf16 is None:
-        env = os.environ.get("PADDLE_CAE_INFER_BF16", "").strip().lower()
-        return native and env not in ("0", "false", "no", "off")
+        return native and bool(auto)
     if bf16 and not native:
         raise RuntimeError("bf16 inference needs a CPU with amx_bf16 or avx512_bf16; this one "
                            "has neither (see /proc/cpuinfo)")
@@ -69,10 +68,10 @@ def resolve_bf16(bf16=None, flags=None):
 
 
 def create_predictor(model_dir, bf16=None, threads=None, use_gpu=None, ir_optim=True,
-                     onednn=True):
+                     onednn=True, auto_bf16=True):
     """A ``paddle.inference`` predictor for the export in ``model_dir`` (folder or prefix).
 
-    bf16: True / False / None (auto: see :func:`resolve_bf16`). threads: CPU math threads
+    bf16: True / False / None (auto, unless ``auto_bf16`` is False: see :func:`resolve_bf16`). threads: CPU math threads
     (default: ``OMP_NUM_THREADS`` or all cores). ``onednn=False`` / ``ir_optim=False`` give the
     plain reference kernels (the numerics of the dynamic graph). Returns the predictor; its
     ``.bf16`` attribute tells whether bf16 was enabled."""
@@ -91,7 +90,7 @@ def create_predictor(model_dir, bf16=None, threads=None, use_gpu=None, ir_optim=
         config.set_cpu_math_library_num_threads(int(threads))
         if onednn:
             config.enable_mkldnn()
-            use_bf16 = resolve_bf16(bf16)
+            use_bf16 = resolve_bf16(bf16, auto=auto_bf16)
             if use_bf16:
                 config.enable_mkldnn_bfloat16()
         elif bf16:

@@ -27,10 +27,9 @@ from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PretrainingModel
 from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
                      gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
-from .fused import (block_stack, cross_attention_class, fused_attention_branch, fused_block_applies,
-                    fused_enabled, fused_kernels, fused_mlp_branch, mlp_class)
-from .layers import (Attention, CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
-                     lazy_init_active, layer_norm, normal_, trunc_normal_, xavier_uniform_, zeros_)
+from .layers import (Attention, CrossAttentionBase, DropPath, Mlp, PatchEmbed, block_stack,
+                     init_linears_and_norms, lazy_init_active, normal_, trunc_normal_,
+                     xavier_uniform_, zeros_)
 from .mae import images_from_batch, zero_filled_parameters
 from .registry import register_model
 
@@ -118,15 +117,15 @@ class DecodeBlock(nn.Layer):
     def __init__(self, dim, c_dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None,
                  drop=0.0, attn_drop=0.0, drop_path=0.0, norm_eps=1e-6, attn_head_dim=None):
         super().__init__()
-        self.norm1 = layer_norm(dim, norm_eps)
+        self.norm1 = nn.LayerNorm(dim, epsilon=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
                               attn_head_dim=attn_head_dim, style="beit")
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = layer_norm(dim, norm_eps)
-        self.mlp = mlp_class()(dim, int(dim * mlp_ratio), drop=drop)
-        self.norm3 = layer_norm(dim, norm_eps)
-        self.norm4 = layer_norm(c_dim, norm_eps)
-        cross_attention = cross_attention_class(CrossAttention)
+        self.norm2 = nn.LayerNorm(dim, epsilon=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.norm3 = nn.LayerNorm(dim, epsilon=norm_eps)
+        self.norm4 = nn.LayerNorm(c_dim, epsilon=norm_eps)
+        cross_attention = CrossAttention
         self.c_attn = cross_attention(dim, c_dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
                                       attn_head_dim=attn_head_dim)
 
@@ -134,22 +133,6 @@ class DecodeBlock(nn.Layer):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         x = x + self.drop_path(self.c_attn(self.norm3(x), self.norm4(fea)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-
-class FusedDecodeBlock(DecodeBlock):
-    """The decoder block with the fused CPU kernels (models/fused.py): LayerNorms, the
-    self-attention core, bias + residual and bias + GELU; the cross-attention is the fused
-    cross-attention class already. Same arithmetic as :class:`DecodeBlock` up to float32
-    rounding; the reference forward wherever the kernels do not apply."""
-
-    def forward(self, x, fea):
-        if not fused_block_applies(self, x):
-            return DecodeBlock.forward(self, x, fea)
-        k = fused_kernels
-        x = k.residual_bias(x, fused_attention_branch(self, x), self.attn.proj.bias)
-        x = x + self.c_attn(k.layer_norm(x, self.norm3.weight, self.norm3.bias, self.norm3._epsilon),
-                            k.layer_norm(fea, self.norm4.weight, self.norm4.bias, self.norm4._epsilon))
-        return k.residual_bias(x, fused_mlp_branch(self, x), self.mlp.fc2.bias)
 
 
 class PatchDeEmbed(nn.Layer):
@@ -263,7 +246,7 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         with zero_filled_parameters():  # initialize_weights sets every value
             # ---------------------------------------------------------------- encoder
             _add_encoder(self, **encoder_cfg)
-            self.norm = layer_norm(embed_dim, eps)
+            self.norm = nn.LayerNorm(embed_dim, epsilon=eps)
             grid = self.patch_embed.grid_size
             self.grid_size = grid
             self.num_patches = self.patch_embed.num_patches
@@ -271,17 +254,16 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
             self.de_pos_embed = fixed_sincos_table(self, decode_dim, grid, layout="moco")
 
             # ---------------------------------------------------------- pixel decoder
-            decode_block = FusedDecodeBlock if fused_enabled() else DecodeBlock
 
             def decoder(width):
                 return nn.LayerList([
-                    decode_block(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
+                    DecodeBlock(width, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale,
                                  drop_rate, attn_drop_rate, 0.0, eps, attn_head_dim)
                     for _ in range(decoder_depth)
                 ])
 
             self.decode_blocks = decoder(decode_dim)
-            self.decode_norm = layer_norm(decode_dim, eps)
+            self.decode_norm = nn.LayerNorm(decode_dim, epsilon=eps)
             self.down = nn.Linear(embed_dim, decode_dim)
             self.mask_token = self.create_parameter(
                 [1, 1, decode_dim], default_initializer=nn.initializer.Constant(0.0))
@@ -292,7 +274,7 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
             self.down_1 = nn.Linear(embed_dim, embed_dim)
             self.mask_token_1 = self.create_parameter(
                 [1, 1, embed_dim], default_initializer=nn.initializer.Constant(0.0))
-            self.decode_norm_1 = layer_norm(embed_dim, eps)
+            self.decode_norm_1 = nn.LayerNorm(embed_dim, epsilon=eps)
             self.lm_head_1 = nn.Linear(embed_dim, embed_dim)
         self.initialize_weights()
 

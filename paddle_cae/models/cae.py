@@ -25,9 +25,8 @@ import paddle.nn.functional as F
 from .base import PretrainingModel
 from .common import (LN_EPS, drop_path_rates, ema_update_, fixed_sincos_table, gather_tokens,
                      norm_eps_from)
-from .fused import block_stack, cross_attention_class, linear_class, mlp_class
-from .layers import (CrossAttentionBase, DropPath, PatchEmbed, init_linears_and_norms,
-                     layer_norm, trunc_normal_, xavier_uniform_, zeros_)
+from .layers import (CrossAttentionBase, DropPath, Mlp, PatchEmbed, block_stack,
+                     init_linears_and_norms, trunc_normal_, xavier_uniform_, zeros_)
 from ..runtime.amp import fp32_region
 from .registry import register_model
 
@@ -85,9 +84,9 @@ class CrossAttention(CrossAttentionBase):
 def add_input_norms(layer, dim, norm_eps):
     """The LayerNorms of a cross-attention's query, key and value inputs, under the official
     names ``norm1_q``, ``norm1_k``, ``norm1_v``."""
-    layer.norm1_q = layer_norm(dim, norm_eps)
-    layer.norm1_k = layer_norm(dim, norm_eps)
-    layer.norm1_v = layer_norm(dim, norm_eps)
+    layer.norm1_q = nn.LayerNorm(dim, epsilon=norm_eps)
+    layer.norm1_k = nn.LayerNorm(dim, epsilon=norm_eps)
+    layer.norm1_v = nn.LayerNorm(dim, epsilon=norm_eps)
 
 
 class RegressorBlock(nn.Layer):
@@ -104,12 +103,12 @@ class RegressorBlock(nn.Layer):
                  norm_eps=LN_EPS):
         super().__init__()
         add_input_norms(self, dim, norm_eps)
-        self.norm2_cross = layer_norm(dim, norm_eps)
-        cross_attention = cross_attention_class(CrossAttention)
+        self.norm2_cross = nn.LayerNorm(dim, epsilon=norm_eps)
+        cross_attention = CrossAttention
         self.cross_attn = cross_attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
                                           attn_head_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.mlp_cross = mlp_class()(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp_cross = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         trainable = init_values is not None and init_values > 0
         init = nn.initializer.Constant(float(init_values) if trainable else 1.0)
         self.gamma_1_cross = self.create_parameter([dim], default_initializer=init)
@@ -147,7 +146,7 @@ class CAEEncoder(nn.Layer):
                                   drop_rate, attn_drop_rate, drop_path_rate,
                                   init_values=init_values, attn_head_dim=attn_head_dim,
                                   attn_style="beit", norm_eps=norm_eps)
-        self.norm = layer_norm(embed_dim, norm_eps)
+        self.norm = nn.LayerNorm(embed_dim, epsilon=norm_eps)
 
     def forward(self, images, bool_masked_pos=None, ids_keep=None):
         """images [B, C, H, W] -> [B, 1 + n, D] for the n kept patches (raster order).
@@ -180,7 +179,7 @@ class LatentRegresser(nn.Layer):
                            attn_drop_rate, dpr[i], init_values=init_values, norm_eps=norm_eps)
             for i in range(depth)
         ])
-        self.norm = layer_norm(embed_dim, norm_eps)
+        self.norm = nn.LayerNorm(embed_dim, epsilon=norm_eps)
 
     def forward(self, x_masked, x_visible, pos_masked, pos_visible):
         """x_masked [B, M, Dd] queries, x_visible [B, N-M, Dd] -> [B, M, Dd]."""
@@ -204,8 +203,8 @@ class Decoder(nn.Layer):
                                           qk_scale, drop_rate, attn_drop_rate, drop_path_rate,
                                           init_values=init_values, attn_style="beit",
                                           norm_eps=norm_eps)
-        self.norm = layer_norm(embed_dim, norm_eps)
-        self.head = linear_class()(embed_dim, num_classes)
+        self.norm = nn.LayerNorm(embed_dim, epsilon=norm_eps)
+        self.head = nn.Linear(embed_dim, num_classes)
 
     def forward(self, latent, pos_masked):
         x = latent + pos_masked  # [B, M, Dd]
@@ -272,7 +271,7 @@ class ContextAutoencoderViT(PretrainingModel):
 
         if decoder_embed_dim != embed_dim:
             self.encoder_to_regresser = nn.Linear(embed_dim, decoder_embed_dim)
-            self.encoder_to_regresser_norm = layer_norm(decoder_embed_dim, norm_eps)
+            self.encoder_to_regresser_norm = nn.LayerNorm(decoder_embed_dim, epsilon=norm_eps)
         else:
             self.encoder_to_regresser = self.encoder_to_regresser_norm = None
 

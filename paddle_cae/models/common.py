@@ -16,7 +16,6 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ..ops import fused as fused_ops
 from .pos_embed import sincos_pos_embed
 
 LN_EPS = 1e-6  # the LayerNorm epsilon of every official model (partial(nn.LayerNorm, eps=1e-6))
@@ -110,6 +109,22 @@ def denormalize_patches(pred, patches, axis=-1, eps=1e-6, unbiased=True):
     return pred * std + mean
 
 
+def _no_tensor_update(ema, online, keep, take):
+    return False
+
+
+_ema_tensor_update = [_no_tensor_update]
+
+
+def use_ema_tensor_update(update=None):
+    """Install ``update(ema, online, keep, take) -> bool`` (in place ``ema = ema * keep +
+    online * take``, True when done) for the EMA updates that follow; None: the reference.
+    Returns the previous one."""
+    previous = _ema_tensor_update[0]
+    _ema_tensor_update[0] = _no_tensor_update if update is None else update
+    return previous
+
+
 def _state(holder):
     return holder.state_dict() if isinstance(holder, nn.Layer) else holder
 
@@ -120,8 +135,9 @@ def ema_update_(ema, online, decay):
 
     ``ema`` and ``online`` are layers (their state_dicts: parameters and buffers) or dicts
     name -> tensor. Floating entries are averaged in the EMA entry's own precision with
-    ``decay`` a Python float (timm's ModelEma arithmetic; the fused CPU kernel where it
-    applies, bit-identical); integer entries are copied."""
+    ``decay`` a Python float (timm's ModelEma arithmetic); integer entries are copied. A
+    per-tensor update installed by :func:`use_ema_tensor_update` is tried first (it must give
+    the same values, and returns False where it does not apply)."""
     online = _state(online)
     keep = float(decay)
     take = 1.0 - keep
@@ -133,7 +149,7 @@ def ema_update_(ema, online, decay):
             raise ValueError(f"EMA update: '{key}' has shape {list(value.shape)} online but "
                              f"{list(ema_value.shape)} in the EMA copy")
         if paddle.is_floating_point(ema_value):
-            if not fused_ops.ema_update_(ema_value, value, keep, take):
+            if not _ema_tensor_update[0](ema_value, value, keep, take):
                 paddle.assign(ema_value * keep + value.astype(ema_value.dtype) * take, ema_value)
         else:
             paddle.assign(value.astype(ema_value.dtype), ema_value)

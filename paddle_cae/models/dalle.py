@@ -21,7 +21,6 @@ import paddle.nn.functional as F
 
 from ..io import CheckpointError, TorchModuleStub, module_state_dict, read_weights, save_checkpoint
 from ..io.weights import key_mismatch
-from ..ops import fused as fused_ops
 from .registry import register_model
 
 __all__ = [
@@ -62,9 +61,8 @@ class Conv2d(nn.Layer):
                                        default_initializer=nn.initializer.Constant(0.0))
 
     def forward(self, x):
-        # the bias is added apart from the convolution (as F.conv2d does internally), so that
-        # the frozen tokenizer can use a multi-threaded kernel for it
-        return fused_ops.channel_bias(F.conv2d(x, self.w, padding=self.padding), self.b)
+        # the bias is added apart from the convolution, as F.conv2d does internally
+        return F.conv2d(x, self.w, padding=self.padding) + self.b.reshape([1, -1, 1, 1])
 
 
 class EncoderBlock(nn.Layer):
@@ -84,7 +82,7 @@ class EncoderBlock(nn.Layer):
         )
 
     def forward(self, x):
-        return fused_ops.add_scaled(self.id_path(x), self.res_path(x), self.post_gain)
+        return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
 class DalleEncoder(nn.Layer):
@@ -130,8 +128,6 @@ class DalleEncoder(nn.Layer):
         for p in self.parameters():
             p.stop_gradient = True
         self.eval()
-        # the tokenizer kernels of paddle_cae/ops (CPU float32 only) are chosen once, here
-        self._kernels = fused_ops.enabled_by_env()
 
     def arch(self):
         return dict(group_count=self.group_count, n_hid=self.n_hid, n_blk_per_group=self.n_blk_per_group,
@@ -152,35 +148,9 @@ class DalleEncoder(nn.Layer):
     def get_codebook_indices(self, images_mapped):
         """Token ids int64 [B, h*w] (argmax over the vocabulary, grid flattened row-major)."""
         self._check_input(images_mapped)
-        ext = fused_ops.tokenizer_kernels(images_mapped) if self._kernels else None
-        if ext is not None:
-            return self._kernel_codebook_indices(ext, images_mapped)
         logits = self.blocks(images_mapped)                         # [B, vocab, h, w]
         tokens = paddle.argmax(logits, axis=1)                      # [B, h, w]
         return tokens.reshape([tokens.shape[0], -1]).astype("int64")  # [B, h*w]
-
-    def _kernel_codebook_indices(self, ext, x):
-        """:meth:`get_codebook_indices` on the CPU kernels (paddle_cae/ops): the same layers,
-        activations channel-major [C, B, H, W], each ReLU done inside the convolution that
-        follows it (or after the one before), bias and residual added in the product's tile."""
-        first = self.blocks.input
-        h = fused_ops.tokenizer_conv(ext, x, first.w, first.b, nchw=True)
-        for g in range(1, self.group_count + 1):
-            for name, layer in getattr(self.blocks, f"group_{g}").named_children():
-                if name == "pool":
-                    h = fused_ops.tokenizer_pool(ext, h)
-                    continue
-                ident = layer.id_path
-                skip = h if isinstance(ident, nn.Identity) else \
-                    fused_ops.tokenizer_conv(ext, h, ident.w, ident.b)
-                convs = [getattr(layer.res_path, f"conv_{i}") for i in range(1, 5)]
-                r = fused_ops.tokenizer_conv(ext, h, convs[0].w, convs[0].b, relu_in=True, epilogue="relu")
-                for conv in convs[1:3]:
-                    r = fused_ops.tokenizer_conv(ext, r, conv.w, conv.b, epilogue="relu")
-                h = fused_ops.tokenizer_conv(ext, r, convs[3].w, convs[3].b, epilogue="residual",
-                                             residual=skip, gain=layer.post_gain)
-        head = self.blocks.output.conv
-        return fused_ops.tokenizer_argmax(ext, h, head.w, head.b)
 
 
 # ---------------------------------------------------------------------------------- weights

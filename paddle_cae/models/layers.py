@@ -10,27 +10,17 @@ Two attention flavours exist in the reference code and both are kept exactly:
   queries are scaled before the product; optional relative position bias.
 
 This module is the reference formulation, plus the ``F.scaled_dot_product_attention`` ("sdpa")
-call where it rounds like the reference. The variants that run the custom CPU kernels of
-paddle_cae/ops ("fused") are subclasses in ``models/fused.py``, chosen where a model is built.
+call where it rounds like the reference.
 """
 import inspect
 import math
-import os
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .common import LN_EPS
-
-
-def layer_norm(dim, eps=LN_EPS):
-    """A LayerNorm over the last axis: the fused-kernel variant when the kernels are switched
-    on where the model is built (models/fused.py), else ``nn.LayerNorm``."""
-    from .fused import layer_norm_class  # (fused.py builds on this module)
-
-    return layer_norm_class()(dim, epsilon=eps)
+from .common import LN_EPS, drop_path_rates
 
 
 # ----------------------------------------------------------------------------- init
@@ -219,9 +209,8 @@ class Attention(nn.Layer):
         self.attn_drop = nn.Dropout(attn_drop) if attn_drop > 0 else nn.Identity()
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
-        # decided once, here: sdpa unless PADDLE_CAE_ATTENTION=explicit asks for the step-by-step
-        # reference (set the attribute to change one layer)
-        self.use_sdpa = sdpa_enabled()
+        # False: the step-by-step reference (:meth:`forward_explicit`) for every input
+        self.use_sdpa = True
 
     def qkv_projection(self, x):
         if self.q_bias is None:
@@ -306,18 +295,16 @@ class Attention(nn.Layer):
 class Block(nn.Layer):
     """Pre-norm transformer block with optional layer-scale gammas (CAE)."""
 
-    mlp_class = Mlp  # the fused subclass swaps in its MLP (same parameters)
-
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
                  attn_drop=0.0, drop_path=0.0, init_values=None, window_size=None,
                  attn_head_dim=None, attn_style="timm", norm_eps=LN_EPS):
         super().__init__()
-        self.norm1 = layer_norm(dim, norm_eps)
+        self.norm1 = nn.LayerNorm(dim, epsilon=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop,
                               window_size, attn_head_dim, style=attn_style)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = layer_norm(dim, norm_eps)
-        self.mlp = self.mlp_class(dim, int(dim * mlp_ratio), drop=drop)
+        self.norm2 = nn.LayerNorm(dim, epsilon=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
         if init_values is not None and init_values > 0:
             init = nn.initializer.Constant(float(init_values))
             self.gamma_1 = self.create_parameter([dim], default_initializer=init)
@@ -331,6 +318,17 @@ class Block(nn.Layer):
             return x + self.drop_path(self.mlp(self.norm2(x)))
         x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rel_pos_bias))
         return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+def block_stack(depth, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_scale=None, drop=0.0,
+                attn_drop=0.0, drop_path_rate=0.0, **block_kwargs):
+    """``depth`` transformer blocks, their drop-path rates rising linearly from 0 to
+    ``drop_path_rate``; ``block_kwargs`` go to every block (init_values, window_size,
+    attn_head_dim, attn_style, norm_eps)."""
+    return nn.LayerList([
+        Block(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, rate, **block_kwargs)
+        for rate in drop_path_rates(drop_path_rate, depth)
+    ])
 
 
 class CrossAttentionBase(nn.Layer):
@@ -448,12 +446,6 @@ def sdpa_arguments(q, bias, scale, head_dim, same_rounding, training):
     if half and bias is None and default_scale and q.place.is_gpu_place():
         return {"training": training}
     return None
-
-
-def sdpa_enabled():
-    """False when ``PADDLE_CAE_ATTENTION=explicit`` asks for the step-by-step reference
-    attention (read when a layer is built)."""
-    return os.environ.get("PADDLE_CAE_ATTENTION", "").strip().lower() != "explicit"
 
 
 def _is_power_of_two(value):

@@ -17,8 +17,7 @@ import paddle.nn as nn
 from .base import PretrainingModel
 from .common import (denormalize_patches, fixed_sincos_table, gather_tokens, norm_eps_from,
                      normalize_patches, to_uint8_hwc)
-from .fused import block_stack
-from .layers import PatchEmbed, init_linears_and_norms, layer_norm, normal_, xavier_uniform_
+from .layers import PatchEmbed, block_stack, init_linears_and_norms, normal_, xavier_uniform_
 from .registry import register_model
 
 __all__ = ["MaskedAutoencoderViT", "images_from_batch", "zero_filled_parameters",
@@ -77,7 +76,7 @@ class MaskedAutoencoderViT(PretrainingModel):
             self.pos_embed = fixed_sincos_table(self, embed_dim, grid, layout="mae")
             self.blocks = block_stack(depth, embed_dim, num_heads, mlp_ratio, qkv_bias=True,
                                       attn_style="timm", norm_eps=eps)
-            self.norm = layer_norm(embed_dim, eps)
+            self.norm = nn.LayerNorm(embed_dim, epsilon=eps)
 
             # ----------------------------------------------------------- decoder
             self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
@@ -87,7 +86,7 @@ class MaskedAutoencoderViT(PretrainingModel):
             self.decoder_blocks = block_stack(decoder_depth, decoder_embed_dim, decoder_num_heads,
                                               mlp_ratio, qkv_bias=True, attn_style="timm",
                                               norm_eps=eps)
-            self.decoder_norm = layer_norm(decoder_embed_dim, eps)
+            self.decoder_norm = nn.LayerNorm(decoder_embed_dim, epsilon=eps)
             patch = self.patch_embed.patch_size[0]
             self.decoder_pred = nn.Linear(decoder_embed_dim, patch * patch * in_chans)
         self.num_patches = num_patches

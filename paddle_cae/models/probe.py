@@ -12,7 +12,6 @@ import paddle.nn as nn
 from .base import Classifier
 from .cae import CrossAttention, add_input_norms
 from .common import LN_EPS
-from .fused import cross_attention_class
 from .layers import normal_, trunc_normal_, zeros_
 from .vit import LinearProbeHead
 
@@ -21,7 +20,7 @@ class AttentiveBlock(nn.Layer):
     def __init__(self, dim, num_heads, qkv_bias=True, norm_eps=LN_EPS):
         super().__init__()
         add_input_norms(self, dim, norm_eps)
-        self.cross_attn = cross_attention_class(CrossAttention)(dim, num_heads, qkv_bias=qkv_bias)
+        self.cross_attn = CrossAttention(dim, num_heads, qkv_bias=qkv_bias)
 
     def forward(self, query, tokens):
         """query [B, 1, D], tokens [B, 1 + N, D] -> [B, 1, D] (positions are zero)."""

@@ -18,8 +18,7 @@ import paddle.nn as nn
 
 from .base import Classifier
 from .common import LN_EPS, fixed_sincos_table, norm_eps_from
-from .fused import block_stack
-from .layers import (PatchEmbed, TorchBatchNorm1D, init_linears_and_norms, layer_norm,
+from .layers import (PatchEmbed, TorchBatchNorm1D, block_stack, init_linears_and_norms,
                      lazy_init_active, normal_, trunc_normal_, zeros_)
 from .registry import register_model
 
@@ -74,9 +73,9 @@ class VisionTransformer(Classifier):
         # mean pooling: the final norm becomes fc_norm on the pooled patch tokens
         if global_pool:
             self.norm = None
-            self.fc_norm = layer_norm(embed_dim, norm_eps)
+            self.fc_norm = nn.LayerNorm(embed_dim, epsilon=norm_eps)
         else:
-            self.norm = layer_norm(embed_dim, norm_eps)
+            self.norm = nn.LayerNorm(embed_dim, epsilon=norm_eps)
             self.fc_norm = None
         self.lin_probe = bool(lin_probe)
         if lin_probe:

@@ -10,18 +10,14 @@ step, as PyTorch does:
     v <- b2 * v + (1 - b2) * g * g
     p <- p - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
 
-On the CPU in float32 the plain path runs as one multi-threaded kernel
-(``paddle_cae.ops.fused.adamw_update_``) with the same float32 arithmetic; it differs only where
-Paddle's own CPU sqrt is not correctly rounded (last bit of the parameters).
-
-Where the per-tensor arithmetic would issue a dozen kernel launches per parameter (GPU tensors,
-or ``PADDLE_CAE_FUSED_OPS=0``), ``multi_tensor`` (on by default there) updates all parameters of
+Where the per-tensor arithmetic would issue a dozen kernel launches per parameter,
+``multi_tensor`` (on by default) updates all parameters of
 a group that share a step count with ONE call of Paddle's multi-tensor ``fused_adam_`` kernel,
 using the same folding of the float64 corrections as ``fused=True`` below (so it agrees with
 the plain path to ~1e-6, as that one does). If the kernel is missing or refuses the call, the
 plain path runs (with a warning, once).
 
-``fused=True`` feeds Paddle's fused kernel instead (about 3x faster on CPU): zero beta powers
+``fused=True`` feeds Paddle's fused kernel instead: zero beta powers
 so it applies no correction of its own, the corrections folded into its step size and epsilon,
 and its float32 ``1 - beta`` factors compensated. It matches the plain path to ~1e-6 over the
 first steps; over long runs its second moment averages with ``float32(beta2)`` (a 1.3e-8
@@ -33,7 +29,6 @@ import math
 import numpy as np
 import paddle
 
-from ..ops import fused as fused_ops
 from .base import GroupOptimizer
 
 try:  # the fused kernel is an internal API; the plain path needs none of it
@@ -59,13 +54,8 @@ class AdamW(GroupOptimizer):
         super().__init__(params, lr, {"betas": tuple(betas), "eps": float(eps),
                                       "weight_decay": float(weight_decay)})
         self.fused = bool(fused) and _HAS_FUSED
-        # None: wherever the project's CPU kernel does not apply (GPU, PADDLE_CAE_FUSED_OPS=0)
+        # None: on wherever the per-tensor path is not preferred (see _multi_tensor_for)
         self.multi_tensor = multi_tensor
-        # the project's CPU AdamW kernel, chosen once here from the first float32 parameter
-        # (switch, place, build), not looked up again on every update
-        first = next((p for g in self.param_groups for p in g["params"]
-                      if p.dtype == paddle.float32), None)
-        self._kernel = None if self.fused or first is None else fused_ops.kernels_for(first)
         self._zero_pows = None
         self._zero_pow_lists = {}
 
@@ -73,9 +63,7 @@ class AdamW(GroupOptimizer):
     def _multi_tensor_for(self, param):
         if self.fused or self.multi_tensor is False or not _HAS_MULTI:
             return False
-        if param.dtype != paddle.float32:
-            return False
-        return bool(self.multi_tensor) or self._kernel is None or not param.place.is_cpu_place()
+        return param.dtype == paddle.float32
 
     @paddle.no_grad()
     def step(self):
@@ -94,10 +82,7 @@ class AdamW(GroupOptimizer):
                 if not self._multi_tensor_for(p) or grad.dtype != paddle.float32:
                     self._update(p, grad, group, state)
                     continue
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = paddle.zeros_like(p)
-                    state["exp_avg_sq"] = paddle.zeros_like(p)
+                _init_state(state, p)
                 buckets.setdefault(state["step"], []).append((p, grad, state))
             for items in buckets.values():
                 self._multi_update(items, group)
@@ -133,10 +118,7 @@ class AdamW(GroupOptimizer):
                 self._update(p, g, group, state)
 
     def _update(self, param, grad, group, state):
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = paddle.zeros_like(param)
-            state["exp_avg_sq"] = paddle.zeros_like(param)
+        _init_state(state, param)
         state["step"] += 1
         step = state["step"]
         beta1, beta2 = group["betas"]
@@ -144,16 +126,16 @@ class AdamW(GroupOptimizer):
         bias_correction1 = 1.0 - beta1 ** step
         bias_correction2 = 1.0 - beta2 ** step
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        self._apply(param, grad, exp_avg, exp_avg_sq, lr, wd, eps, beta1, beta2,
+                    bias_correction1, bias_correction2)
+
+    def _apply(self, param, grad, exp_avg, exp_avg_sq, lr, wd, eps, beta1, beta2,
+               bias_correction1, bias_correction2):
+        """One parameter's update from its step's scalars (the moments updated in place)."""
         if self.fused and param.dtype == paddle.float32 and grad.dtype == paddle.float32:
             self._fused_update(param, grad, exp_avg, exp_avg_sq, lr, wd, eps, beta1, beta2,
                                bias_correction1, bias_correction2)
             return
-        if self._kernel is not None and param.dtype == paddle.float32 and \
-                grad.dtype == paddle.float32 and param.place.is_cpu_place() and \
-                fused_ops.adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2,
-                                        eps, bias_correction1, bias_correction2,
-                                        ext=self._kernel):
-            return  # the same arithmetic in one multi-threaded pass (paddle_cae/ops)
         if wd != 0.0:
             param.scale_(1.0 - lr * wd)
         exp_avg.lerp_(grad, 1.0 - beta1)
@@ -175,6 +157,14 @@ class AdamW(GroupOptimizer):
         # Paddle 2.6 has neither moment2_max (6th) nor amsgrad (last)
         args_26 = args_3x[:5] + args_3x[6:-1]
         _call_with_signature(_C_ops.adamw_, _ADAMW_SIGNATURE, args_3x, args_26)
+
+
+def _init_state(state, param):
+    """A parameter's state at its first update: step 0, zero moments."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = paddle.zeros_like(param)
+        state["exp_avg_sq"] = paddle.zeros_like(param)
 
 
 def _paddle_kernel_scalars(lr, wd, eps, beta1, beta2, bias_correction1, bias_correction2):

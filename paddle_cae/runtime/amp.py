@@ -16,8 +16,6 @@ import logging
 
 import paddle
 
-from ..ops import fused as fused_ops
-
 try:  # the multi-tensor operators are internal APIs; the loops below need none of them
     from paddle import _C_ops
 except ImportError:  # pragma: no cover
@@ -161,11 +159,50 @@ class DynamicLossScaler:
         self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
+class GradientOps:
+    """The whole-gradient-list operations of a step, by their reference formulations: the
+    hook a faster implementation replaces once per run (:func:`use_gradient_ops`). Each
+    returns None / False where it does not apply and the reference code below then runs."""
+
+    def takes(self, tensors):
+        """True when these ops handle ``tensors`` (then no multi-tensor Paddle operator is
+        used for them)."""
+        return False
+
+    def non_finite(self, tensors):
+        """A bool tensor [1]: any inf/NaN in ``tensors``, from one call; or None."""
+        return None
+
+    def sums_of_squares(self, tensors):
+        """[T] float32 ``(t * t).sum()`` of every tensor, from one call; or None."""
+        return None
+
+    def scale_all_(self, tensors, coef):
+        """In place ``t *= coef`` for every tensor (coef a [1] tensor); False when not done."""
+        return False
+
+
+_gradient_ops = [GradientOps()]
+
+
+def use_gradient_ops(ops=None):
+    """Install ``ops`` (a :class:`GradientOps`; None: the reference) for the steps that follow;
+    returns the previous one."""
+    previous = _gradient_ops[0]
+    _gradient_ops[0] = GradientOps() if ops is None else ops
+    return previous
+
+
+def gradient_ops():
+    return _gradient_ops[0]
+
+
 def _multi_tensor_path(tensors):
-    """True where the per-tensor loops would each issue a kernel launch (GPU tensors, or the
-    project's CPU kernels off): then the one-call multi-tensor operators are used."""
+    """True where the per-tensor loops would each issue a kernel launch (the installed
+    gradient ops do not take these tensors): then the one-call multi-tensor operators are
+    used."""
     return _C_ops is not None and hasattr(_C_ops, "check_finite_and_unscale_") and \
-        not fused_ops.usable(tensors[0])
+        not _gradient_ops[0].takes(tensors)
 
 
 def found_inf_and_unscale_(grads, scale=1.0):
@@ -185,7 +222,7 @@ def found_inf_and_unscale_(grads, scale=1.0):
             flags.append(found.reshape([1]))
         # the kernel also divides when a gradient is not finite; the step is skipped then
         return flags[0] if len(flags) == 1 else paddle.stack(flags).any().reshape([1])
-    found = fused_ops.non_finite(grads)  # one kernel call for all (CPU float32)
+    found = _gradient_ops[0].non_finite(grads)
     if found is None:
         flags = [paddle.isfinite(g).all() for g in grads]
         found = paddle.logical_not(paddle.stack(flags).all()).reshape([1])
@@ -219,7 +256,7 @@ def grad_norm_tensor(parameters):
     # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but Paddle's
     # CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
     grads = [g if g.dtype == paddle.float32 else g.astype("float32") for g in grads]
-    squares = fused_ops.sums_of_squares(grads)  # one kernel call for all (CPU float32)
+    squares = _gradient_ops[0].sums_of_squares(grads)
     if squares is None:
         squares = paddle.stack([(g * g).sum() for g in grads])
     return paddle.sqrt(squares.sum())
@@ -246,7 +283,7 @@ def clip_grads_(parameters, max_norm):
                                          paddle.zeros([1], dtype="bool"))
         return norm
     with paddle.no_grad():
-        if not fused_ops.scale_all_(grads, coef):  # one kernel call for all (CPU float32)
+        if not _gradient_ops[0].scale_all_(grads, coef):
             for g in grads:
                 g.multiply_(coef.astype(g.dtype))
     return norm

@@ -4,6 +4,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from paddle_cae.fast import accelerate
 from paddle_cae.models.cae import ContextAutoencoderViT
 from paddle_cae.models.dalle import load_dalle_encoder, map_pixels
 
@@ -19,12 +20,12 @@ def _tokenizer(fx):
     if not ref or not path.exists():
         return None
     arch = {k: v for k, v in ref.get("model_args", {}).items() if k not in TOKENIZER_RUNTIME_ARGS}
-    return load_dalle_encoder(path, **arch)
+    return accelerate(load_dalle_encoder(path, **arch))
 
 
 def run_cae_pretrain(fx):
     paddle.seed(0)
-    model = ContextAutoencoderViT(**fx.model_args)
+    model = accelerate(ContextAutoencoderViT(**fx.model_args))
     fx.load_into(model)
     model.train()  # as the reference (drop-path 0 in the fixture)
 

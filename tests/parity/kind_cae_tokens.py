@@ -4,6 +4,7 @@ import numpy as np
 import paddle
 
 from paddle_cae.data.masking import BlockMaskGenerator
+from paddle_cae.fast import accelerate
 from paddle_cae.models.dalle import load_dalle_encoder, map_pixels
 
 DRAWS = 2000
@@ -111,7 +112,7 @@ def run_block_mask_stats(fx):
 # -------------------------------------------------------------------------- DALL-E encoder
 def run_dalle_encoder(fx):
     arch = {k: v for k, v in fx.model_args.items() if k not in DALLE_RUNTIME_ARGS}
-    model = load_dalle_encoder(fx.dir / "checkpoint.pth", **arch)
+    model = accelerate(load_dalle_encoder(fx.dir / "checkpoint.pth", **arch))
     official = fx.official_state()  # the converter's reading, checked against weights.npz
     loaded = model.state_dict()
     assert sorted(loaded) == sorted(official), f"{fx.name}: parameter names differ from the official keys"

@@ -6,6 +6,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from paddle_cae.engine.losses import label_smoothing_cross_entropy
+from paddle_cae.fast import accelerate
 from paddle_cae.models.vit import LinearProbeHead, classifier_from_official_args
 
 _FAMILY = {"mae_vit_finetune": "mae", "cae_finetune": "cae", "bootmae_finetune_cls": "bootmae"}
@@ -18,7 +19,7 @@ def _images(fx):
 
 def run_finetune_classifier(fx):
     paddle.seed(0)
-    model = classifier_from_official_args(_FAMILY[fx.kind], **fx.model_args)
+    model = accelerate(classifier_from_official_args(_FAMILY[fx.kind], **fx.model_args))
     fx.load_into(model)
     model.train()
     images, _ = _images(fx)

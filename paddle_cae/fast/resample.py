@@ -19,54 +19,41 @@ The pixels are read without a copy through Pillow's Arrow export (Pillow >= 11.2
 bytes a pixel); with an older Pillow from ``np.asarray(img)`` (3 bytes a pixel).
 """
 import ctypes
-import hashlib
 import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 
 import numpy as np
 from PIL import Image
 
+from . import native, switches
+
 logger = logging.getLogger("paddle_cae")
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resample.c")
+_SOURCE = native.source_path("resample.c")
 _ABI = 1
-_ENV = "PADDLE_CAE_FAST_RESIZE"
 # Pillow's filter numbers (PIL.Image.Resampling) the C code implements
 FILTERS = (Image.LANCZOS, Image.BILINEAR, Image.BICUBIC, Image.BOX, Image.HAMMING)
 
-_lock = threading.Lock()
-_state = {"lib": None, "tried": False, "reason": None, "order": 0}
+_ISAS = (("avx512", {"avx512f", "avx512bw", "avx512vl", "avx2", "sse4_1"},
+          ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-msse4.1"]),
+         ("avx2", {"avx2", "sse4_1"}, ["-mavx2", "-msse4.1"]))
+_order = [0]  # the pass order of this Pillow (pass_order), found when the library loads
 
 
 def enabled_by_env():
     """The ``PADDLE_CAE_FAST_RESIZE`` switch (on unless 0 / false / no / off)."""
-    return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-_ISAS = (("avx512", {"avx512f", "avx512bw", "avx512vl", "avx2", "sse4_1"},
-          ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx2", "-msse4.1"]),
-         ("avx2", {"avx2", "sse4_1"}, ["-mavx2", "-msse4.1"]),
-         ("generic", set(), []))
+    return switches.fast_resize()
 
 
 def _isa():
     """(name, compiler flags) of the best vector code path this CPU runs; the environment
     variable ``PADDLE_CAE_RESAMPLE_ISA`` (avx512, avx2, generic) may choose a lesser one
     (tests of every code path)."""
-    from .._cpu_math import cpu_flags
-
-    flags = cpu_flags()
-    wanted = os.environ.get("PADDLE_CAE_RESAMPLE_ISA", "").strip().lower()
-    usable = [(name, cflags) for name, needed, cflags in _ISAS if needed <= flags]
-    for name, cflags in usable:
-        if name == wanted:
-            return name, list(cflags)
-    return usable[0][0], list(usable[0][1])
+    return native.best_isa(_ISAS, switches.resample_isa())
 
 
 def _cflags():
@@ -80,42 +67,30 @@ def _compiler():
 
 
 def build_dir():
-    base = os.environ.get("PADDLE_CAE_OPS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                "paddle_cae", "ops")
-    with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read() + " ".join([_compiler()] + _cflags()).encode()).hexdigest()[:10]
-    return os.path.join(base, f"resample-{digest}-{_isa()[0]}")
+    return native.build_dir("resample", [_SOURCE], [_compiler()] + _cflags(), _isa()[0])
 
 
 def _build(folder):
     """The path of the compiled library, built into ``folder`` if it is not there yet."""
-    import fcntl
-
     lib = os.path.join(folder, "libpc_resample.so")
-    if os.path.isfile(lib):
-        return lib
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, ".lock"), "w") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
+
+    def compile_library():
+        cc = _compiler()
+        if shutil.which(cc) is None:
+            raise RuntimeError(f"no C compiler '{cc}' (set CC)")
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
         try:
-            if not os.path.isfile(lib):
-                cc = _compiler()
-                if shutil.which(cc) is None:
-                    raise RuntimeError(f"no C compiler '{cc}' (set CC)")
-                fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
-                os.close(fd)
-                try:
-                    run = subprocess.run([cc] + _cflags() + [_SOURCE, "-o", tmp, "-lm"],
-                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                    if run.returncode != 0:
-                        raise RuntimeError(f"{cc} failed on {_SOURCE}: {run.stdout.strip()[-500:]}")
-                    os.replace(tmp, lib)
-                finally:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
+            run = subprocess.run([cc] + _cflags() + [_SOURCE, "-o", tmp, "-lm"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"{cc} failed on {_SOURCE}: {run.stdout.strip()[-500:]}")
+            os.replace(tmp, lib)
         finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-    return lib
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    return native.build_once(folder, lib, compile_library)
 
 
 def _bind(path):
@@ -133,41 +108,31 @@ def _bind(path):
     return lib
 
 
+def _check(lib):
+    _order[0] = pass_order(lib)
+    mismatch = self_check(lib)
+    return f"differs from Pillow {Image.__version__}: {mismatch}" if mismatch else ""
+
+
+NATIVE = native.NativeLibrary(
+    "exact fast crop+resize", lambda: _bind(_build(build_dir())), check=_check,
+    off_reason=lambda: None if enabled_by_env() else "PADDLE_CAE_FAST_RESIZE=0",
+    fallback="the loader uses PIL's crop + resize")
+
+
 def library():
     """The loaded, self-checked library, or None (see :func:`unavailable_reason`)."""
-    if _state["tried"]:
-        return _state["lib"]
-    with _lock:
-        if _state["tried"]:
-            return _state["lib"]
-        lib, reason = None, None
-        if not enabled_by_env():
-            reason = f"{_ENV}=0"
-        else:
-            try:
-                lib = _bind(_build(build_dir()))
-                _state["order"] = pass_order(lib)
-                mismatch = self_check(lib)
-                if mismatch:
-                    lib, reason = None, f"differs from Pillow {Image.__version__}: {mismatch}"
-            except Exception as err:  # noqa: BLE001  no compiler, read-only home, ...
-                lib, reason = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        _state.update(lib=lib, tried=True, reason=reason)
-        if reason is not None:
-            log = logger.info if reason == f"{_ENV}=0" else logger.warning
-            log("exact fast crop+resize off (%s); the loader uses PIL's crop + resize", reason)
-        return lib
+    return NATIVE.get()
 
 
 def unavailable_reason():
     """Why :func:`library` is None (None when it is available or not tried yet)."""
-    return _state["reason"]
+    return NATIVE.reason
 
 
 def reset():
     """Forget the loaded library (tests; the next call loads and checks again)."""
-    with _lock:
-        _state.update(lib=None, tried=False, reason=None)
+    NATIVE.reset()
 
 
 # --------------------------------------------------------------------------- pixel access
@@ -235,7 +200,7 @@ def _resample(img, region, span, size, resample, mirror_src, mirror_out, lib, sc
     img.load()
     addr, stride, ps, keep = _pixels(lib, img, packed)
     out = np.empty((3, out_h, out_w), np.uint8)
-    order = _state["order"] if order is None else order
+    order = _order[0] if order is None else order
     rc = lib.pc_resample(addr, w, h, stride, ps, left, top, right - left, bottom - top,
                          int(bool(mirror_src)), b0, b1, b2, b3, out_w, out_h, int(resample),
                          int(bool(mirror_out)), int(order), out.ctypes.data, int(bool(scalar)))
@@ -304,7 +269,7 @@ def self_check(lib, seed=12345):
 __all__ = ["crop_resize", "resize_box", "pil_crop_resize", "library", "enabled_by_env", "unavailable_reason",
            "self_check", "FILTERS"]
 
-if __name__ == "__main__":  # python -m paddle_cae.data.resample: build and check
+if __name__ == "__main__":  # python -m paddle_cae.fast.resample: build and check
     logging.basicConfig(level=logging.INFO)
     lib = library()
     print(f"library: {'ok' if lib else 'unavailable'} ({unavailable_reason() or build_dir()}); "

@@ -23,11 +23,9 @@ one folder per Paddle version, source, flags and instruction set) the first time
 (about 30 s) and loaded from there afterwards; concurrent first uses wait on a file lock.
 """
 import ctypes
-import hashlib
 import logging
 import math
 import os
-import threading
 import warnings
 
 from ..startup import quiet_paddle_import_warnings
@@ -39,23 +37,19 @@ quiet_paddle_import_warnings()
 import paddle  # noqa: E402
 import paddle.nn.functional as F
 
-from .._cpu_math import cpu_flags
+from . import native, switches
 
 logger = logging.getLogger("paddle_cae")
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vit_kernels.cc")
+_SOURCES = [native.source_path("vit_kernels.cc")]
 _NAME = "paddle_cae_vit_kernels"
-_lock = threading.Lock()
-_module = None
-_failed = False
 
 
 def enabled_by_env():
-    """The ``PADDLE_CAE_FUSED_OPS`` switch (on unless 0 / false / no / off). The model layers
-    read it once, when they are built (paddle_cae/models/fused.py); the functions here read it
-    on each call."""
-    return os.environ.get("PADDLE_CAE_FUSED_OPS", "1").strip().lower() not in ("0", "false",
-                                                                                 "no", "off")
+    """The ``PADDLE_CAE_FUSED_OPS`` switch (on unless 0 / false / no / off): read by
+    :func:`paddle_cae.fast.accelerate` when a run is built; the functions here read it on each
+    call unless the caller passes ``by_env=False`` (the accelerated layers and steps do)."""
+    return switches.fused_ops()
 
 
 # instruction sets the kernels are compiled for, best first: (name, /proc/cpuinfo flags, gcc flags)
@@ -68,13 +62,8 @@ _ISAS = (
 
 def isa_target(cpuinfo="/proc/cpuinfo"):
     """(name, compiler flags) of the best vector instruction set this CPU has ('generic', []
-    when none is known, or off x86). The build folder is keyed by the name, so a cache shared
-    by different machines never runs code built for instructions a machine lacks."""
-    flags = cpu_flags(cpuinfo)
-    for name, needed, cflags in _ISAS:
-        if all(f in flags for f in needed):
-            return name, list(cflags)
-    return "generic", []
+    when none is known, or off x86)."""
+    return native.best_isa(_ISAS, cpuinfo=cpuinfo)
 
 
 def _cxx_flags():
@@ -89,8 +78,7 @@ def _openmp_ldflags():
     """Link the kernels' OpenMP to the runtime MKL uses in this Paddle wheel (Intel's
     libiomp5 in paddle/libs, which also serves GCC's GOMP entry points) when it ships one;
     otherwise GCC's libgomp. With two OpenMP runtimes in the process, each keeps its own
-    threads: MKL's spin after every matmul while the kernels' threads want the same cores
-    (a kernel run right after a matmul took 20 ms instead of 0.8 on the 2-core machine)."""
+    threads: MKL's spin after every matmul while the kernels' threads want the same cores."""
     libs = os.path.join(os.path.dirname(paddle.__file__), "libs")
     if os.path.isfile(os.path.join(libs, "libiomp5.so")):
         return [f"-L{libs}", "-liomp5", f"-Wl,-rpath,{libs}"]
@@ -102,41 +90,33 @@ def _ldflags():
 
 
 def _build_dir():
-    """Keyed by Paddle's version, the source and the compiler and linker flags (incl. the
+    """Keyed by Paddle's version, the sources and the compiler and linker flags (incl. the
     ISA and the OpenMP runtime)."""
-    base = os.environ.get("PADDLE_CAE_OPS_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "paddle_cae", "ops")
-    with open(_SOURCE, "rb") as f:
-        digest = hashlib.sha1(f.read() + " ".join(_cxx_flags() + _ldflags()).encode()
-                              ).hexdigest()[:10]
-    return os.path.join(base, f"paddle{paddle.__version__}-{digest}-{isa_target()[0]}")
+    return native.build_dir(f"paddle{paddle.__version__}", _SOURCES, _cxx_flags() + _ldflags(),
+                            isa_target()[0])
+
+
+def _build_and_import():
+    build_dir = _build_dir()
+    lib_dir = os.path.join(build_dir, _NAME)
+    native.build_once(build_dir, os.path.join(lib_dir, _NAME + ".so"),
+                      lambda: _quiet_paddle_build(build_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from paddle.utils.cpp_extension import extension_utils
+    # import the library directly; paddle's load() would start a setup.py each time
+    module = extension_utils._import_module_from_library(_NAME, lib_dir, False)
+    tune_allocator()
+    return module
+
+
+_NATIVE = native.NativeLibrary("fused CPU kernels", _build_and_import,
+                               fallback="using the Paddle reference ops")
 
 
 def _load():
     """The compiled extension module, or None when it cannot be built here."""
-    global _module, _failed
-    if _module is not None or _failed:
-        return _module
-    with _lock:
-        if _module is not None or _failed:
-            return _module
-        try:
-            import fcntl
-
-            build_dir = _build_dir()
-            os.makedirs(build_dir, exist_ok=True)
-            with open(os.path.join(build_dir, ".lock"), "w") as lock_file:
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
-                try:
-                    _module = _quiet_load(build_dir)
-                finally:
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
-            tune_allocator()
-        except Exception as err:  # no compiler, no headers, read-only home ...
-            _failed = True
-            logger.warning("fused CPU kernels unavailable (%s: %s); using the Paddle reference "
-                           "ops", type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-    return _module
+    return _NATIVE.get()
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -159,8 +139,7 @@ def tune_allocator():
     if _allocator_tuned:
         return _allocator_tuned[0]
     applied = False
-    if os.environ.get("PADDLE_CAE_MALLOC_TUNING", "1").strip().lower() not in ("0", "false",
-                                                                             "no", "off"):
+    if switches.malloc_tuning():
         try:
             mallopt = ctypes.CDLL(None).mallopt
         except (OSError, AttributeError):  # not glibc (or no libc symbols in the process)
@@ -171,8 +150,8 @@ def tune_allocator():
     return applied
 
 
-def _quiet_load(build_dir):
-    """paddle's loader logs at INFO and warns about ccache on every call: keep the package's
+def _quiet_paddle_build(build_dir):
+    """Paddle's builder logs at INFO and warns about ccache on every call: keep the package's
     output clean (a failed build still raises)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -183,17 +162,10 @@ def _quiet_load(build_dir):
     if paddle_logger is not None:
         paddle_logger.setLevel(logging.WARNING)
     try:
-        # built before (the folder is keyed by the source's hash and Paddle's version):
-        # import the library directly; paddle's load() would start a setup.py each time
-        lib_dir = os.path.join(build_dir, _NAME)
-        if os.path.isfile(os.path.join(lib_dir, _NAME + ".so")):
-            return extension_utils._import_module_from_library(_NAME, lib_dir, False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return load(name=_NAME, sources=[_SOURCE],
-                        extra_cxx_cflags=_cxx_flags(),
-                        extra_ldflags=_ldflags(),
-                        build_directory=build_dir, verbose=False)
+            load(name=_NAME, sources=_SOURCES, extra_cxx_cflags=_cxx_flags(),
+                 extra_ldflags=_ldflags(), build_directory=build_dir, verbose=False)
     finally:
         if paddle_logger is not None:
             paddle_logger.setLevel(level)
@@ -393,29 +365,29 @@ def _no_grad_use(*tensors, by_env=True):
     return _use(*tensors, by_env=by_env)
 
 
-def channel_bias(x, bias):
+def channel_bias(x, bias, *, by_env=True):
     """NCHW ``x + bias[c]`` (a convolution's bias). Reference: ``x + bias.reshape([1, C, 1, 1])``,
     the add ``F.conv2d`` does itself. Fused only where nothing needs a gradient (the frozen
     tokenizer)."""
-    ext = _no_grad_use(x, bias)
+    ext = _no_grad_use(x, bias, by_env=by_env)
     if ext is not None and x.ndim == 4:
         return ext.cae_channel_bias(x, bias)
     return x + bias.reshape([1, -1] + [1] * (x.ndim - 2))
 
 
-def add_scaled(a, b, gain):
+def add_scaled(a, b, gain, *, by_env=True):
     """``a + gain * b``. Reference: exactly that. Fused only where nothing needs a gradient."""
-    ext = _no_grad_use(a, b)
+    ext = _no_grad_use(a, b, by_env=by_env)
     if ext is not None and list(a.shape) == list(b.shape):
         return ext.cae_add_scaled(a, b, float(gain))
     return a + gain * b
 
 
-def kernels_for(tensor):
+def kernels_for(tensor, *, by_env=True):
     """The kernel module for tensors like ``tensor`` (float32, CPU, dynamic graph, switch on,
-    built), or None: for callers that choose their path once, when they are constructed (the
-    optimizer), and pass it back as ``ext``."""
-    return _use(tensor)
+    built), or None: for callers that choose their path once (the optimizer, by
+    :func:`paddle_cae.fast.accelerate_optimizer`) and pass it back as ``ext``."""
+    return _use(tensor, by_env=by_env)
 
 
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, beta2, eps,
@@ -436,50 +408,50 @@ def adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, weight_decay, beta1, bet
     return True
 
 
-def _use_all(tensors):
+def _use_all(tensors, by_env=True):
     """The extension for a list of whole tensors (one call over all of them), or None."""
     if not tensors or any(not t.is_contiguous() for t in tensors):
         return None
-    return _use(*tensors)
+    return _use(*tensors, by_env=by_env)
 
 
-def non_finite(tensors):
+def non_finite(tensors, *, by_env=True):
     """A bool tensor [1]: True when any of ``tensors`` holds an inf or NaN, from one kernel
     call over all of them; None where the kernels do not apply (the caller then tests each
     tensor with Paddle's ops: ``logical_not(all(isfinite(t).all() for t)))``)."""
-    ext = _use_all(tensors)
+    ext = _use_all(tensors, by_env)
     if ext is None:
         return None
     return ext.cae_non_finite(list(tensors)) > 0.0
 
 
-def sums_of_squares(tensors):
+def sums_of_squares(tensors, *, by_env=True):
     """[T] float32: ``(t * t).sum()`` of every tensor, from one kernel call (the squares in
     float32 as the reference, each sum accumulated in double: within float32 rounding of
     Paddle's own float32 reduction, more accurate); None where the kernels do not apply.
     Reference: ``paddle.stack([(t * t).sum() for t in tensors])``."""
-    ext = _use_all(tensors)
+    ext = _use_all(tensors, by_env)
     if ext is None:
         return None
     return ext.cae_sums_of_squares(list(tensors))
 
 
-def scale_all_(tensors, coef):
+def scale_all_(tensors, coef, *, by_env=True):
     """In place ``t *= coef`` for every tensor (``coef`` a float32 tensor of one element),
     from one kernel call; returns False (and changes nothing) where the kernels do not apply.
     Reference: ``t.multiply_(coef)`` for each."""
-    ext = _use_all(list(tensors) + [coef])
+    ext = _use_all(list(tensors) + [coef], by_env)
     if ext is None:
         return False
     ext.cae_scale_all(list(tensors), coef.reshape([1]))
     return True
 
 
-def ema_update_(ema, online, keep, take):
+def ema_update_(ema, online, keep, take, *, by_env=True):
     """In place ``ema = ema * keep + online * take`` (float32 products, as Paddle computes
     that expression) in one multi-threaded pass, when the kernels apply; returns False (and
     changes nothing) otherwise."""
-    ext = _use(ema, online)
+    ext = _use(ema, online, by_env=by_env)
     if ext is None or ema.numel() != online.numel() or not ema.is_contiguous() \
             or not online.is_contiguous():
         return False

@@ -4,7 +4,7 @@ While :func:`count_flops` is active, the functions every model of this package m
 matrices through are wrapped: ``F.linear`` (``nn.Linear`` and the explicit q/k/v projections),
 the convolution kernel behind ``nn.Conv2D`` and ``F.conv2d``, ``paddle.matmul`` / ``paddle.bmm``
 (attention scores and weighted values), ``F.scaled_dot_product_attention``, the fused CPU
-attention core (``paddle_cae.ops.fused.attention``) and the tokenizer's CPU convolutions
+attention core (``paddle_cae.fast.ops.attention``) and the tokenizer's CPU convolutions
 (``tokenizer_conv``, ``tokenizer_argmax``). One
 multiply-add is 2 FLOPs; elementwise work (norms, activations, softmax) is not counted, as is
 usual for model FLOP utilisation. A call made inside another counted call (the matmuls inside
@@ -133,7 +133,7 @@ def count_flops():
     patch(paddle, "bmm", bmm_macs, "matmul")
     patch(F, "scaled_dot_product_attention", sdpa_macs, "attention")
     # the fused CPU attention core (paddle_cae/ops): q, k, v [B, H, N, D], both products
-    from ..ops import fused as fused_ops
+    from . import ops as fused_ops
 
     def fused_attention_macs(out, q, k, v, *a, **kw):
         b, h, nq, d = q.shape
