@@ -515,10 +515,10 @@ def profile_step(paddle, step, top):
 
 
 def _record_custom_ops(profiler):
-    """The forward calls of the fused kernels (paddle_cae/ops) are not operator events of the
+    """The forward calls of the fused kernels (paddle_cae/fast/kernels) are not operator events of the
     profiler (their backward nodes are): wrap each in a named record while profiling. Returns
     the function that unwraps them."""
-    from paddle_cae.fast import ops as fused
+    from paddle_cae.fast.kernels import extension as fused
 
     ext = fused._load() if fused.extension_available() else None
     if ext is None:
@@ -596,7 +596,7 @@ def _relaunch(args, argv, peak, paddle):
 
 
 def _fused_kernels_state():
-    from paddle_cae.fast import ops as fused
+    from paddle_cae.fast.kernels import extension as fused
 
     return bool(fused.extension_available())
 

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
 def pytest_sessionstart(session):
     """Build the fused CPU kernels (paddle_cae/fast) before
     any test runs, so that no timed subprocess of a test pays for the compilation."""
-    from paddle_cae.fast import ops as fused
+    from paddle_cae.fast.kernels import extension as fused
 
     fused.extension_available()
 

@@ -364,7 +364,8 @@ def test_bootmae_base_can_be_built_lazily_to_count_or_shard_it():
 def test_fused_decoder_blocks_match_the_reference_blocks(monkeypatch):
     """Accelerated, the decoders run FusedDecodeBlock: the same loss and gradients as the
     reference DecodeBlock (float32 rounding apart)."""
-    from paddle_cae.fast import accelerate, ops as fused_ops
+    from paddle_cae.fast import accelerate
+    from paddle_cae.fast.kernels import extension as fused_ops
     from paddle_cae.fast.layers import FusedDecodeBlock
     from paddle_cae.models.bootmae import DecodeBlock
 

@@ -31,7 +31,7 @@ def test_a_value_chosen_by_the_user_is_kept(tmp_path):
 
 
 def test_isa_target_of_the_fused_kernels(tmp_path):
-    from paddle_cae.fast.ops import isa_target
+    from paddle_cae.fast.kernels.extension import isa_target
 
     def target(flags):
         path = tmp_path / "cpuinfo"

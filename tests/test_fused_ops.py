@@ -5,7 +5,8 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_cae.fast import accelerate, ops as fused
+from paddle_cae.fast import accelerate
+from paddle_cae.fast.kernels import block, extension as fused, optimizer, tokenizer
 from paddle_cae.fast.layers import FusedBlock
 from paddle_cae.fast.optim import FastGradientOps
 from paddle_cae.models.registry import create_model
@@ -31,18 +32,18 @@ def run(fn, arrays, monkeypatch, enabled):
 
 
 CASES = {
-    "split_heads_timm": (lambda a, b: fused.split_heads(a, b, H, 1.0), [(B, N, 3 * C), (3 * C,)]),
-    "split_heads_beit": (lambda a, b: fused.split_heads(a, b, H, 0.3), [(B, N, 3 * C), (3 * C,)]),
-    "merge_heads": (fused.merge_heads, [(B, H, N, D)]),
-    "softmax": (lambda a: fused.scaled_softmax(a, 0.125), [(B, H, N, N)]),
-    "softmax_bias": (lambda a, b: fused.scaled_softmax(a, 0.3, b), [(B, H, N, N), (H, N, N)]),
-    "bias_gelu": (fused.bias_gelu, [(B, N, 4 * C), (4 * C,)]),
-    "residual_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,)]),
-    "residual_scale_bias": (fused.residual_bias, [(B, N, C), (B, N, C), (C,), (C,)]),
-    "layer_norm": (lambda x, w, b: fused.layer_norm(x, w, b, 1e-6), [(B, N, C), (C,), (C,)]),
-    "attention": (lambda q, k, v: fused.attention(q, k, v, 0.3), [(B, H, N, D)] * 3),
-    "heads": (lambda x: fused.heads(x, H), [(B, N, C)]),
-    "linear": (fused.linear, [(B, N, C), (C, 2 * C), (2 * C,)]),
+    "split_heads_timm": (lambda a, b: block.split_heads(a, b, H, 1.0), [(B, N, 3 * C), (3 * C,)]),
+    "split_heads_beit": (lambda a, b: block.split_heads(a, b, H, 0.3), [(B, N, 3 * C), (3 * C,)]),
+    "merge_heads": (block.merge_heads, [(B, H, N, D)]),
+    "softmax": (lambda a: block.scaled_softmax(a, 0.125), [(B, H, N, N)]),
+    "softmax_bias": (lambda a, b: block.scaled_softmax(a, 0.3, b), [(B, H, N, N), (H, N, N)]),
+    "bias_gelu": (block.bias_gelu, [(B, N, 4 * C), (4 * C,)]),
+    "residual_bias": (block.residual_bias, [(B, N, C), (B, N, C), (C,)]),
+    "residual_scale_bias": (block.residual_bias, [(B, N, C), (B, N, C), (C,), (C,)]),
+    "layer_norm": (lambda x, w, b: block.layer_norm(x, w, b, 1e-6), [(B, N, C), (C,), (C,)]),
+    "attention": (lambda q, k, v: block.attention(q, k, v, 0.3), [(B, H, N, D)] * 3),
+    "heads": (lambda x: block.heads(x, H), [(B, N, C)]),
+    "linear": (block.linear, [(B, N, C), (C, 2 * C), (2 * C,)]),
 }
 
 
@@ -118,7 +119,7 @@ def test_adamw_kernel_matches_plain_path(monkeypatch):
             g = paddle.to_tensor(g)
             bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
             if use_kernel:
-                assert fused.adamw_update_(p, g, m, v, lr, wd, b1, b2, eps, bc1, bc2)
+                assert optimizer.adamw_update_(p, g, m, v, lr, wd, b1, b2, eps, bc1, bc2)
             else:
                 p.scale_(1.0 - lr * wd)
                 m.lerp_(g, 1.0 - b1)
@@ -131,7 +132,7 @@ def test_adamw_kernel_matches_plain_path(monkeypatch):
     # parameters: at most a few ulp apart (Paddle's CPU sqrt is not correctly rounded)
     np.testing.assert_allclose(pk, pr, rtol=1e-6, atol=1e-7)
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
-    assert not fused.adamw_update_(paddle.to_tensor(p0), paddle.to_tensor(grads[0]),
+    assert not optimizer.adamw_update_(paddle.to_tensor(p0), paddle.to_tensor(grads[0]),
                                    paddle.zeros([4096]), paddle.zeros([4096]), lr, wd, b1, b2,
                                    eps, 0.1, 0.001)
 
@@ -149,7 +150,7 @@ def test_gelu_and_its_gradient_against_double_precision(monkeypatch):
     z = np.concatenate([np.linspace(-12, 12, 200001), np.linspace(-1e-3, 1e-3, 2001),
                         [-90.0, -40.0, 0.0, 40.0, 90.0]]).astype(np.float32)
     x = paddle.to_tensor(z.reshape(1, -1), stop_gradient=False)
-    y = fused.bias_gelu(x, paddle.zeros([z.size]))
+    y = block.bias_gelu(x, paddle.zeros([z.size]))
     y.sum().backward()
     zd = z.astype(np.float64)
     cdf = np.array([0.5 * (1.0 + erf(v / sqrt(2.0))) for v in zd])
@@ -168,7 +169,7 @@ def test_softmax_exp_against_double_precision(monkeypatch):
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.uniform(-100, 5, (64, 197)), rng.uniform(-3, 3, (64, 197))])
     x = x.astype(np.float32).reshape(1, 2, 64, 197)
-    y = fused.scaled_softmax(paddle.to_tensor(x), 1.0).numpy().astype(np.float64)
+    y = block.scaled_softmax(paddle.to_tensor(x), 1.0).numpy().astype(np.float64)
     # the float32 differences x - max are the exp arguments in every implementation
     shifted = (x - x.max(-1, keepdims=True)).astype(np.float64)
     e = np.exp(shifted)
@@ -180,14 +181,14 @@ def test_softmax_exp_against_double_precision(monkeypatch):
 
 
 def test_cdf_coefficients_in_the_kernel_source_are_the_generated_ones():
-    """vit_kernels.cc holds, to float32, the coefficients paddle_cae/ops/cdf_coefficients.py
+    """block.cc holds, to float32, the coefficients paddle_cae/fast/kernels/cdf_coefficients.py
     derives (Taylor series of erf; Chebyshev fit of erfc(a) exp(a^2))."""
     import os
     import re
 
-    from paddle_cae.fast import cdf_coefficients
+    from paddle_cae.fast.kernels import cdf_coefficients
 
-    with open(os.path.join(os.path.dirname(fused.__file__), "vit_kernels.cc")) as f:
+    with open(os.path.join(os.path.dirname(fused.__file__), "block.cc")) as f:
         source = f.read()
     body = source[source.index("inline float normal_cdf("):source.index("constexpr float kInv")]
 
@@ -208,15 +209,15 @@ def test_tokenizer_ops_are_bit_identical_and_only_used_without_gradients(monkeyp
     x = paddle.to_tensor(rng.standard_normal((2, 5, 6, 7)).astype("float32"))
     b = paddle.to_tensor(rng.standard_normal(5).astype("float32"))
     y = paddle.to_tensor(rng.standard_normal((2, 5, 6, 7)).astype("float32"))
-    fused_out = [fused.channel_bias(x, b).numpy(), fused.add_scaled(x, y, 0.0625).numpy()]
+    fused_out = [tokenizer.channel_bias(x, b).numpy(), tokenizer.add_scaled(x, y, 0.0625).numpy()]
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
-    reference = [fused.channel_bias(x, b).numpy(), fused.add_scaled(x, y, 0.0625).numpy()]
+    reference = [tokenizer.channel_bias(x, b).numpy(), tokenizer.add_scaled(x, y, 0.0625).numpy()]
     for got, want in zip(fused_out, reference):
         np.testing.assert_array_equal(got, want)
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1")
     # a tensor that needs a gradient takes the differentiable reference path
     x.stop_gradient = False
-    fused.add_scaled(x, y, 0.5).sum().backward()
+    tokenizer.add_scaled(x, y, 0.5).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), np.ones((2, 5, 6, 7), np.float32))
     # the whole tokenizer: the same tokens and logits either way
     paddle.seed(0)
@@ -240,12 +241,12 @@ def test_ema_kernel_is_bit_identical_to_the_paddle_expression(monkeypatch):
     online = paddle.to_tensor(rng.standard_normal(5000).astype("float32"))
     keep = 0.9993
     ema = paddle.to_tensor(ema0)
-    assert fused.ema_update_(ema, online, keep, 1.0 - keep)
+    assert optimizer.ema_update_(ema, online, keep, 1.0 - keep)
     reference = paddle.to_tensor(ema0) * keep + online * (1.0 - keep)
     np.testing.assert_array_equal(ema.numpy(), reference.numpy())
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
     untouched = paddle.to_tensor(ema0)
-    assert not fused.ema_update_(untouched, online, keep, 1.0 - keep)
+    assert not optimizer.ema_update_(untouched, online, keep, 1.0 - keep)
     np.testing.assert_array_equal(untouched.numpy(), ema0)
 
 
@@ -302,8 +303,8 @@ def test_attention_kernel_runs_on_the_wheels_mkl_and_matches_the_composed_kernel
     if not os.path.isfile(mkl):
         pytest.skip("this Paddle wheel ships no MKL")
     out, prob = ext.cae_attention(q, k, v, 0.25)
-    scores = fused.scaled_softmax(paddle.matmul(q, k, transpose_y=True), 0.25)
-    ref = fused.merge_heads(paddle.matmul(scores, v))
+    scores = block.scaled_softmax(paddle.matmul(q, k, transpose_y=True), 0.25)
+    ref = block.merge_heads(paddle.matmul(scores, v))
     np.testing.assert_allclose(prob.numpy(), scores.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-6, atol=1e-6)
     g = paddle.to_tensor(rng.standard_normal(out.shape).astype("float32"))
@@ -320,7 +321,7 @@ def test_allocator_tuning_is_applied_with_the_kernels_and_can_be_switched_off():
     import subprocess
     import sys
 
-    code = ("from paddle_cae.fast import ops as fused; fused.extension_available(); "
+    code = ("from paddle_cae.fast.kernels import extension as fused; fused.extension_available(); "
             "print(fused.tune_allocator())")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     seen = {}
@@ -370,7 +371,7 @@ def test_residual_drop_path_kernel_matches_the_droppath_formula(with_gamma, monk
         monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "1" if enabled else "0")
         xs = [paddle.to_tensor(a, stop_gradient=False) for a in arrays]
         gamma = xs[3] if with_gamma else None
-        out = fused.residual_drop_path(xs[0], xs[1], xs[2], gamma, paddle.to_tensor(mask), 0.9)
+        out = block.residual_drop_path(xs[0], xs[1], xs[2], gamma, paddle.to_tensor(mask), 0.9)
         grads = paddle.grad([out], xs, [paddle.to_tensor(g)])
         results.append([out.numpy()] + [t.numpy() for t in grads])
     (out_f, *grads_f), (out_r, *grads_r) = results
@@ -398,7 +399,7 @@ def test_gradient_finiteness_check_in_one_kernel(bad, monkeypatch):
         amp.use_gradient_ops(FastGradientOps() if enabled == "1" else None)
         grads = [paddle.to_tensor(a) for a in arrays]
         if enabled == "1":
-            assert bool(fused.non_finite(grads).numpy()[0]) == (bad is not None)
+            assert bool(optimizer.non_finite(grads).numpy()[0]) == (bad is not None)
         found = found_inf_and_unscale_(grads, scale=4.0)
         assert found.dtype == paddle.bool and list(found.shape) == [1]
         results.append((bool(found.numpy()[0]), [g.numpy() for g in grads]))
@@ -419,7 +420,7 @@ def test_gradient_norm_from_one_kernel_matches_the_per_tensor_sums(monkeypatch):
     arrays = [(rng.standard_normal(s) * 10.0 ** rng.integers(-3, 3)).astype("float32")
               for s in shapes]
     grads = [paddle.to_tensor(a) for a in arrays]
-    sums = fused.sums_of_squares(grads).numpy()
+    sums = optimizer.sums_of_squares(grads).numpy()
     exact = np.array([np.sum(a.astype(np.float64) ** 2) for a in arrays])
     np.testing.assert_allclose(sums, exact, rtol=1e-6)
     norms = []
@@ -473,7 +474,7 @@ def test_tokenizer_conv_kernel_matches_paddles_convolution(k, relu_in, epilogue,
     # the kernels' layout: channel-major [C, B, H, W]
     xin = paddle.to_tensor(x if nchw else x.transpose(1, 0, 2, 3).copy())
     res_cm = paddle.to_tensor(res.transpose(1, 0, 2, 3).copy()) if epilogue == "residual" else None
-    got = fused.tokenizer_conv(ext, xin, wt, bias, nchw=nchw, relu_in=relu_in,
+    got = tokenizer.tokenizer_conv(ext, xin, wt, bias, nchw=nchw, relu_in=relu_in,
                                epilogue=epilogue, residual=res_cm, gain=0.25).numpy()
     assert got.shape == (o, b_, h, w_)
     np.testing.assert_allclose(got.transpose(1, 0, 2, 3), want, rtol=1e-5,
@@ -486,7 +487,7 @@ def test_tokenizer_pool_and_argmax_kernels_match_paddle():
     ext = _gemm_kernels()
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 4, 7, 10)).astype("float32")  # NCHW, an odd height
-    pooled = fused.tokenizer_pool(ext, paddle.to_tensor(x.transpose(1, 0, 2, 3).copy())).numpy()
+    pooled = tokenizer.tokenizer_pool(ext, paddle.to_tensor(x.transpose(1, 0, 2, 3).copy())).numpy()
     want = F.max_pool2d(paddle.to_tensor(x), kernel_size=2).numpy()
     np.testing.assert_array_equal(pooled.transpose(1, 0, 2, 3), want)
 
@@ -494,7 +495,7 @@ def test_tokenizer_pool_and_argmax_kernels_match_paddle():
     wt = paddle.to_tensor(rng.standard_normal((v, 4, 1, 1)).astype("float32"))
     bias = paddle.to_tensor(rng.standard_normal(v).astype("float32"))
     logits = _conv_reference(paddle.to_tensor(x), wt, bias, True, "bias").numpy()
-    ids = fused.tokenizer_argmax(ext, paddle.to_tensor(x.transpose(1, 0, 2, 3).copy()), wt, bias)
+    ids = tokenizer.tokenizer_argmax(ext, paddle.to_tensor(x.transpose(1, 0, 2, 3).copy()), wt, bias)
     assert ids.dtype == paddle.int64 and list(ids.shape) == [2, 70]
     top2 = np.sort(logits, axis=1)[:, -2:]
     clear = (top2[:, 1] - top2[:, 0]).reshape(2, -1) > 1e-4  # no near-tie to break by rounding
@@ -518,8 +519,8 @@ def test_tokenizer_on_the_kernels_gives_the_reference_tokens_and_flop_count(monk
             p.set_value(paddle.to_tensor(0.1 * rng.standard_normal(p.shape).astype("float32")))
     img = paddle.rand([3, 3, 40, 48])
     calls = []
-    monkeypatch.setattr(fused, "tokenizer_argmax",
-                        lambda *a, _f=fused.tokenizer_argmax: calls.append(1) or _f(*a))
+    monkeypatch.setattr(tokenizer, "tokenizer_argmax",
+                        lambda *a, _f=tokenizer.tokenizer_argmax: calls.append(1) or _f(*a))
     with count_flops() as kernel_count:
         ids = enc.get_codebook_indices(img)
     assert calls, "the kernels were not used"
@@ -543,7 +544,7 @@ def test_clipping_scales_all_gradients_in_one_kernel_call(monkeypatch):
     grads0 = [rng.standard_normal(s).astype("float32") for s in ((5, 7), (13,), (3, 4, 2))]
     coef = paddle.to_tensor(np.float32(0.3712))
     ts = [paddle.to_tensor(g) for g in grads0]
-    assert fused.scale_all_(ts, coef)
+    assert optimizer.scale_all_(ts, coef)
     for t, g in zip(ts, grads0):
         np.testing.assert_array_equal(t.numpy(), paddle.to_tensor(g).multiply_(coef).numpy())
 
@@ -564,7 +565,7 @@ def test_clipping_scales_all_gradients_in_one_kernel_call(monkeypatch):
     for a, b in zip(grads_k, grads_r):
         np.testing.assert_allclose(a, b, rtol=2e-7, atol=1e-7)
     monkeypatch.setenv("PADDLE_CAE_FUSED_OPS", "0")
-    assert not fused.scale_all_([paddle.to_tensor(grads0[0])], coef)
+    assert not optimizer.scale_all_([paddle.to_tensor(grads0[0])], coef)
 
 
 def test_layer_norms_of_models_run_on_the_kernel_with_the_same_values(monkeypatch):
@@ -606,7 +607,7 @@ def test_linear_under_an_autocast_is_the_reference_linear(monkeypatch):
                for s in ((4, 8), (8, 6), (6,)))
     try:
         with paddle.amp.auto_cast(level="O1", dtype="bfloat16"):
-            got = fused.linear(x, w, b)
+            got = block.linear(x, w, b)
             want = F.linear(x, w, b)
     except (RuntimeError, ValueError, NotImplementedError) as err:  # no bf16 matmul here
         pytest.skip(f"no bfloat16 autocast on this CPU build: {err}")

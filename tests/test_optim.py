@@ -174,7 +174,8 @@ def test_adamw_chooses_its_cpu_kernel_when_accelerated(monkeypatch):
     """The fused-kernel switch and the tensors' place are read once, when the optimizer is
     accelerated: a step looks nothing up again (and the switch changed later does not
     matter); switched off, the optimizer stays the reference AdamW (multi-tensor path)."""
-    from paddle_cae.fast import accelerate_optimizer, ops as fused_ops
+    from paddle_cae.fast import accelerate_optimizer
+    from paddle_cae.fast.kernels import extension as fused_ops
     from paddle_cae.fast.optim import FastAdamW
 
     if not fused_ops.extension_available():

@@ -28,9 +28,11 @@ check_env() {  # $1: venv folder
   "$venv/bin/python" - <<'PY'
 import os, paddle_cae
 from paddle_cae.data.imagenet_classes import imagenet_class_names
-from paddle_cae.ops import fused
+from paddle_cae.fast.kernels import extension
 root = os.path.dirname(paddle_cae.__file__)
-assert os.path.isfile(os.path.join(root, "ops", "vit_kernels.cc")), "vit_kernels.cc not installed"
+for name in ("block.cc", "optimizer.cc", "tokenizer.cc", "common.h"):
+    assert os.path.isfile(os.path.join(root, "fast", "kernels", name)), f"{name} not installed"
+assert os.path.isfile(os.path.join(root, "fast", "resample.c")), "resample.c not installed"
 assert len(imagenet_class_names()) == 1000
 print("import ok:", root)
 PY

@@ -4,7 +4,7 @@ While :func:`count_flops` is active, the functions every model of this package m
 matrices through are wrapped: ``F.linear`` (``nn.Linear`` and the explicit q/k/v projections),
 the convolution kernel behind ``nn.Conv2D`` and ``F.conv2d``, ``paddle.matmul`` / ``paddle.bmm``
 (attention scores and weighted values), ``F.scaled_dot_product_attention``, the fused CPU
-attention core (``paddle_cae.fast.ops.attention``) and the tokenizer's CPU convolutions
+attention core (``paddle_cae.fast.kernels.block.attention``) and the tokenizer's CPU convolutions
 (``tokenizer_conv``, ``tokenizer_argmax``). One
 multiply-add is 2 FLOPs; elementwise work (norms, activations, softmax) is not counted, as is
 usual for model FLOP utilisation. A call made inside another counted call (the matmuls inside
@@ -132,14 +132,14 @@ def count_flops():
     patch(paddle, "matmul", matmul_macs, "matmul")
     patch(paddle, "bmm", bmm_macs, "matmul")
     patch(F, "scaled_dot_product_attention", sdpa_macs, "attention")
-    # the fused CPU attention core (paddle_cae/ops): q, k, v [B, H, N, D], both products
-    from . import ops as fused_ops
+    # the fused CPU attention core (fast/kernels/block.py): q, k, v [B, H, N, D], both products
+    from .kernels import block as block_ops, tokenizer as tokenizer_ops
 
     def fused_attention_macs(out, q, k, v, *a, **kw):
         b, h, nq, d = q.shape
         return int(b) * int(h) * int(nq) * int(k.shape[2]) * (int(d) + int(v.shape[-1]))
 
-    patch(fused_ops, "attention", fused_attention_macs, "attention")
+    patch(block_ops, "attention", fused_attention_macs, "attention")
 
     # the frozen tokenizer's convolutions on the CPU kernels: out [O, B, H, W] (ids [B, H*W]
     # for the head) from weights [O, C, k, k]
@@ -149,8 +149,8 @@ def count_flops():
     def tokenizer_head_macs(out, ext, x, weight, *a, **kw):
         return _numel(out.shape) * _numel(weight.shape)
 
-    patch(fused_ops, "tokenizer_conv", tokenizer_conv_macs, "conv")
-    patch(fused_ops, "tokenizer_argmax", tokenizer_head_macs, "conv")
+    patch(tokenizer_ops, "tokenizer_conv", tokenizer_conv_macs, "conv")
+    patch(tokenizer_ops, "tokenizer_argmax", tokenizer_head_macs, "conv")
     try:
         yield count
     finally:

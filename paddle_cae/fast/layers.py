@@ -1,5 +1,5 @@
 """The fast layers: subclasses of the reference layers (paddle_cae/models) with the same
-parameters under the same names, computed by the fused CPU kernels (:mod:`paddle_cae.fast.ops`).
+parameters under the same names, computed by the fused CPU kernels (:mod:`paddle_cae.fast.kernels`).
 
 A model is built from the reference layers; :func:`paddle_cae.fast.accelerate` then swaps each
 layer's class for its fast subclass from :data:`FAST_CLASSES` (state dicts and optimizer state
@@ -20,7 +20,7 @@ from ..models.bootmae import CrossAttention as BootCrossAttention, DecodeBlock
 from ..models.cae import CrossAttention as CAECrossAttention, Decoder as CAEDecoder
 from ..models.dalle import Conv2d, DalleEncoder, EncoderBlock
 from ..models.layers import Block, DropPath, Mlp
-from . import ops as fused_ops
+from .kernels import block as block_ops, extension, tokenizer as tokenizer_ops
 
 __all__ = ["FusedLayerNorm", "FusedLinear", "FusedMlp", "FusedBlock", "FusedDecodeBlock",
            "FusedCAECrossAttention", "FusedBootMAECrossAttention", "FastConv2d",
@@ -31,22 +31,22 @@ class _kernels:
     """The kernels for layers swapped in by ``accelerate`` (the environment switch was read
     then and is not read again; each op still checks dtype, place and graph mode and computes
     the reference formulation where the kernel does not apply)."""
-    layer_norm = functools.partial(fused_ops.layer_norm, by_env=False)
-    bias_gelu = functools.partial(fused_ops.bias_gelu, by_env=False)
-    residual_bias = functools.partial(fused_ops.residual_bias, by_env=False)
-    residual_drop_path = functools.partial(fused_ops.residual_drop_path, by_env=False)
-    split_heads = functools.partial(fused_ops.split_heads, by_env=False)
-    scaled_softmax = functools.partial(fused_ops.scaled_softmax, by_env=False)
-    merge_heads = functools.partial(fused_ops.merge_heads, by_env=False)
-    heads = functools.partial(fused_ops.heads, by_env=False)
-    linear = functools.partial(fused_ops.linear, by_env=False)
-    channel_bias = functools.partial(fused_ops.channel_bias, by_env=False)
-    add_scaled = functools.partial(fused_ops.add_scaled, by_env=False)
+    layer_norm = functools.partial(block_ops.layer_norm, by_env=False)
+    bias_gelu = functools.partial(block_ops.bias_gelu, by_env=False)
+    residual_bias = functools.partial(block_ops.residual_bias, by_env=False)
+    residual_drop_path = functools.partial(block_ops.residual_drop_path, by_env=False)
+    split_heads = functools.partial(block_ops.split_heads, by_env=False)
+    scaled_softmax = functools.partial(block_ops.scaled_softmax, by_env=False)
+    merge_heads = functools.partial(block_ops.merge_heads, by_env=False)
+    heads = functools.partial(block_ops.heads, by_env=False)
+    linear = functools.partial(block_ops.linear, by_env=False)
+    channel_bias = functools.partial(tokenizer_ops.channel_bias, by_env=False)
+    add_scaled = functools.partial(tokenizer_ops.add_scaled, by_env=False)
 
     @staticmethod
     def attention(q, k, v, scale):
-        # looked up on each call: the FLOP counter (runtime/flops.py) wraps it
-        return fused_ops.attention(q, k, v, scale, by_env=False)
+        # looked up on each call: the FLOP counter (fast/flops.py) wraps it
+        return block_ops.attention(q, k, v, scale, by_env=False)
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -54,7 +54,7 @@ class FusedLayerNorm(nn.LayerNorm):
     where the kernels apply; Paddle's own elsewhere."""
 
     def forward(self, x):
-        if self.weight is not None and self.bias is not None and fused_ops.applies(x):
+        if self.weight is not None and self.bias is not None and extension.applies(x):
             return _kernels.layer_norm(x, self.weight, self.bias, self._epsilon)
         return nn.LayerNorm.forward(self, x)  # (to_static on Paddle 2.6: no super())
 
@@ -64,17 +64,17 @@ class FusedLinear(nn.Linear):
     kernels apply (its backward sums the bias gradient on all threads)."""
 
     def forward(self, x):
-        if self.bias is not None and fused_ops.applies(x):
+        if self.bias is not None and extension.applies(x):
             return _kernels.linear(x, self.weight, self.bias)
         return nn.Linear.forward(self, x)  # (to_static on Paddle 2.6: no super())
 
 
 class FusedMlp(Mlp):
-    """gelu(x W1 + b1) in one fused pass (same arithmetic, see paddle_cae/ops)."""
+    """gelu(x W1 + b1) in one fused pass (same arithmetic, see kernels/block.py)."""
 
     def forward(self, x):
         if isinstance(self.drop, nn.Identity) and self.fc1.bias is not None \
-                and fused_ops.applies(x):
+                and extension.applies(x):
             h = _kernels.bias_gelu(paddle.matmul(x, self.fc1.weight), self.fc1.bias)
             return _kernels.linear(h, self.fc2.weight, self.fc2.bias)
         return Mlp.forward(self, x)  # not super(): Paddle 2.6's to_static cannot convert it
@@ -114,7 +114,7 @@ def fused_block_applies(block, x):
     if block.training and not all(isinstance(m, nn.Identity) for m in (
             attn.attn_drop, attn.proj_drop, mlp.drop)):
         return False
-    return mlp.fc1.bias is not None and fused_ops.applies(x)
+    return mlp.fc1.bias is not None and extension.applies(x)
 
 
 def fused_attention_branch(block, x):
@@ -214,7 +214,7 @@ class FastDalleEncoder(DalleEncoder):
     @paddle.no_grad()
     def get_codebook_indices(self, images_mapped):
         self._check_input(images_mapped)
-        ext = fused_ops.tokenizer_kernels(images_mapped)
+        ext = tokenizer_ops.tokenizer_kernels(images_mapped)
         if ext is None:
             return DalleEncoder.get_codebook_indices(self, images_mapped)
         return _tokenizer_codebook_indices(self, ext, images_mapped)
@@ -225,23 +225,23 @@ def _tokenizer_codebook_indices(self, ext, x):
     activations channel-major [C, B, H, W], each ReLU done inside the convolution that
     follows it (or after the one before), bias and residual added in the product's tile."""
     first = self.blocks.input
-    h = fused_ops.tokenizer_conv(ext, x, first.w, first.b, nchw=True)
+    h = tokenizer_ops.tokenizer_conv(ext, x, first.w, first.b, nchw=True)
     for g in range(1, self.group_count + 1):
         for name, layer in getattr(self.blocks, f"group_{g}").named_children():
             if name == "pool":
-                h = fused_ops.tokenizer_pool(ext, h)
+                h = tokenizer_ops.tokenizer_pool(ext, h)
                 continue
             ident = layer.id_path
             skip = h if isinstance(ident, nn.Identity) else \
-                fused_ops.tokenizer_conv(ext, h, ident.w, ident.b)
+                tokenizer_ops.tokenizer_conv(ext, h, ident.w, ident.b)
             convs = [getattr(layer.res_path, f"conv_{i}") for i in range(1, 5)]
-            r = fused_ops.tokenizer_conv(ext, h, convs[0].w, convs[0].b, relu_in=True, epilogue="relu")
+            r = tokenizer_ops.tokenizer_conv(ext, h, convs[0].w, convs[0].b, relu_in=True, epilogue="relu")
             for conv in convs[1:3]:
-                r = fused_ops.tokenizer_conv(ext, r, conv.w, conv.b, epilogue="relu")
-            h = fused_ops.tokenizer_conv(ext, r, convs[3].w, convs[3].b, epilogue="residual",
+                r = tokenizer_ops.tokenizer_conv(ext, r, conv.w, conv.b, epilogue="relu")
+            h = tokenizer_ops.tokenizer_conv(ext, r, convs[3].w, convs[3].b, epilogue="residual",
                                          residual=skip, gain=layer.post_gain)
     head = self.blocks.output.conv
-    return fused_ops.tokenizer_argmax(ext, h, head.w, head.b)
+    return tokenizer_ops.tokenizer_argmax(ext, h, head.w, head.b)
 
 
 # reference class -> fast subclass (same parameters, same names): what accelerate() swaps; a

@@ -1,7 +1,7 @@
 """The optimizer-step counterparts of the fast layers: AdamW's one-pass update, the one-call
 non-finite check, gradient norm and scaling of the loss scaler and gradient clipping, and the
 EMA update. Each computes what the reference code of paddle_cae/optim, runtime/amp and
-models/common computes (see the kernels' "Reference" in :mod:`paddle_cae.fast.ops`), and hands
+models/common computes (see the kernels' "Reference" in :mod:`paddle_cae.fast.kernels.optimizer`), and hands
 back to it wherever the kernels do not apply.
 
 :func:`accelerate_optimizer` applies them once, where a run is built.
@@ -11,7 +11,7 @@ import paddle
 from ..models import common
 from ..optim.adamw import AdamW
 from ..runtime import amp
-from . import ops as fused_ops
+from .kernels import extension, optimizer as optimizer_ops
 from . import switches
 
 __all__ = ["FastAdamW", "FastGradientOps", "accelerate_optimizer", "accelerate_steps",
@@ -20,7 +20,7 @@ __all__ = ["FastAdamW", "FastGradientOps", "accelerate_optimizer", "accelerate_s
 
 class FastAdamW(AdamW):
     """AdamW whose per-parameter update of float32 CPU parameters is one multi-threaded pass
-    (:func:`paddle_cae.fast.ops.adamw_update_`, the same float32 arithmetic; the parameters
+    (:func:`paddle_cae.fast.kernels.optimizer.adamw_update_`, the same float32 arithmetic; the parameters
     within the last bit, as its sqrt is correctly rounded). ``_kernel``: the extension module,
     chosen once by :func:`accelerate_optimizer`."""
 
@@ -35,7 +35,7 @@ class FastAdamW(AdamW):
                bias_correction1, bias_correction2):
         if param.dtype == paddle.float32 and grad.dtype == paddle.float32 and \
                 param.place.is_cpu_place():
-            fused_ops.adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps,
+            optimizer_ops.adamw_update_(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, eps,
                                     bias_correction1, bias_correction2, ext=self._kernel)
             return
         AdamW._apply(self, param, grad, exp_avg, exp_avg_sq, lr, wd, eps, beta1, beta2,
@@ -47,22 +47,22 @@ class FastGradientOps(amp.GradientOps):
     gradients in one kernel call each, for float32 CPU gradients."""
 
     def takes(self, tensors):
-        return fused_ops._use(tensors[0], by_env=False) is not None
+        return extension._use(tensors[0], by_env=False) is not None
 
     def non_finite(self, tensors):
-        return fused_ops.non_finite(tensors, by_env=False)
+        return optimizer_ops.non_finite(tensors, by_env=False)
 
     def sums_of_squares(self, tensors):
-        return fused_ops.sums_of_squares(tensors, by_env=False)
+        return optimizer_ops.sums_of_squares(tensors, by_env=False)
 
     def scale_all_(self, tensors, coef):
-        return fused_ops.scale_all_(tensors, coef, by_env=False)
+        return optimizer_ops.scale_all_(tensors, coef, by_env=False)
 
 
 def fast_ema_update_(ema, online, keep, take):
     """The EMA update of one tensor in one multi-threaded pass (bit-identical to the
     reference); False where the kernel does not apply."""
-    return fused_ops.ema_update_(ema, online, keep, take, by_env=False)
+    return optimizer_ops.ema_update_(ema, online, keep, take, by_env=False)
 
 
 def accelerate_steps(environ=None):
@@ -84,7 +84,7 @@ def accelerate_optimizer(optimizer, environ=None):
     if type(optimizer) is AdamW and not optimizer.fused:
         first = next((p for g in optimizer.param_groups for p in g["params"]
                       if p.dtype == paddle.float32), None)
-        kernel = None if first is None else fused_ops.kernels_for(first, by_env=False)
+        kernel = None if first is None else extension.kernels_for(first, by_env=False)
         if kernel is not None:
             optimizer.__class__ = FastAdamW
             optimizer._kernel = kernel

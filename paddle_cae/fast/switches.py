@@ -3,7 +3,7 @@
 * ``PADDLE_CAE_FUSED_OPS`` (on): ``0`` keeps the reference layers and optimizer steps (the
   operators a GPU runs): ``accelerate`` and ``accelerate_optimizer`` change nothing.
 * ``PADDLE_CAE_MALLOC_TUNING`` (on): ``0`` leaves glibc's malloc alone when the kernels load
-  (:func:`paddle_cae.fast.ops.tune_allocator`).
+  (:func:`paddle_cae.fast.kernels.extension.tune_allocator`).
 * ``PADDLE_CAE_OPS_DIR`` (``~/.cache/paddle_cae/ops``): where native code is compiled to.
 * ``PADDLE_CAE_FAST_RESIZE`` (on): ``0``: the loader crops and resizes with PIL.
 * ``PADDLE_CAE_RESAMPLE_ISA`` (the best the CPU has): a lesser vector code path for the

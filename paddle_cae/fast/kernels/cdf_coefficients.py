@@ -1,6 +1,6 @@
-"""Coefficients of the normal CDF used by the fused GELU kernel (vit_kernels.cc: normal_cdf).
+"""Coefficients of the normal CDF used by the fused GELU kernel (block.cc: normal_cdf).
 
-    python -m paddle_cae.fast.cdf_coefficients      # prints both coefficient lists, highest first
+    python -m paddle_cae.fast.kernels.cdf_coefficients      # prints both coefficient lists, highest first
 
 * ``taylor()``: erf(a) = a * sum_n c_n (a^2)^n, c_n = 2/sqrt(pi) (-1)^n / (n! (2n + 1)), n <= 10
   (used for a < 0.75, where the remainder is below 1e-9).
