@@ -19,7 +19,7 @@ from other processes on a shared machine hits all alike):
 * package: ``paddle_cae.data.datasets.ImageFolder`` with the method's pretraining transform as
   ``main_pretrain.py`` builds it (uint8 hand-over, the conversion to float32 happens in the
   training step on the device; same pixels as official; crop + resize by the package's exact C
-  resampler, ``paddle_cae/data/resample.c``, where it is built), and in their own columns with
+  resampler, ``paddle_cae/fast/resample.c``, where it is built), and in their own columns with
   ``fast_decode`` (reduced JPEG decoding when the crop stays downsampled: few crops of
   ImageNet-sized images qualify) and ``fast_decode=0.5`` (also when the reduced crop is at
   least half the output size: changes the images more). The worker columns use the default.

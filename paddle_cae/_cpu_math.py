@@ -2,9 +2,8 @@
 AMD CPUs.
 
 Paddle's CPU wheel does its matmuls with Intel MKL (``libmklml_intel``). On AMD processors that
-MKL falls back to a generic code path: on the 2-core AMD EPYC (Zen 4) development machine a
-4096 x 4096 fp32 matmul runs at ~50-70 GFLOP/s, and at ~170 GFLOP/s with ``MKL_DEBUG_CPU_TYPE=5``,
-which makes this MKL use its AVX2 kernels (which every AMD CPU since Zen has). The result of a
+MKL falls back to a generic code path; ``MKL_DEBUG_CPU_TYPE=5`` makes this MKL use its AVX2
+kernels (which every AMD CPU since Zen has; figures in benchmarks/README.md). The result of a
 matmul is a float32 sum in another order, exactly as from any other BLAS; the parity tests pass
 either way. MKL reads the variable at its first call, so setting it when the package is imported
 (before any matmul) is enough.

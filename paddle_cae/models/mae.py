@@ -209,7 +209,7 @@ class MaskedAutoencoderViT(PretrainingModel):
             target = normalize_patches(target, axis=-1, eps=1.0e-6, unbiased=True)
         diff = pred - target
         # d * d: the same float32 squares and gradient as d ** 2 (exact squaring either way),
-        # without Paddle's CPU pow kernel, ~10x slower than a multiply
+        # without Paddle's slower CPU pow kernel
         loss = (diff * diff).mean(axis=-1)  # [B, N], per patch
         return (loss * mask).sum() / mask.sum()
 

@@ -1,6 +1,6 @@
 """Learning-rate, weight-decay, EMA-decay and loss-weight schedules of the official recipes.
 
-Two lr schedules exist (SPEC h.1):
+Two lr schedules exist:
 
 * MAE style, evaluated at a fractional epoch: :func:`mae_lr_at`.
 * BEiT style, a per-iteration float64 array: :func:`cosine_scheduler` (CAE and BootMAE).

@@ -253,8 +253,8 @@ def grad_norm_tensor(parameters):
         squares = [_C_ops.squared_l2_norm(g if g.dtype == paddle.float32 else g.astype("float32"))
                    for g in grads]
         return paddle.sqrt(paddle.concat(squares).sum())
-    # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring), but Paddle's
-    # CPU pow kernel is ~10x slower (it was 15% of a ViT-B training step)
+    # g * g, not g ** 2: the same float32 squares (pow(x, 2) is exact squaring) without
+    # Paddle's slower CPU pow kernel (benchmarks/README.md)
     grads = [g if g.dtype == paddle.float32 else g.astype("float32") for g in grads]
     squares = _gradient_ops[0].sums_of_squares(grads)
     if squares is None:

@@ -125,8 +125,7 @@ def tune_allocator():
     Paddle's CPU allocator takes every tensor from malloc and gives it back when the tensor
     dies. glibc serves blocks above 128 KiB-32 MiB (a training step's activations and
     gradients) by mmap and returns them to the system on free, so the next tensor's first
-    write page-faults every 4 KiB page again: an elementwise op on a 3 MB tensor took 1.5 ms
-    instead of 0.08. Here malloc is told never to mmap (``M_MMAP_MAX`` 0) and to return heap
+    write page-faults every 4 KiB page again. Here malloc is told never to mmap (``M_MMAP_MAX`` 0) and to return heap
     memory only beyond 1 GiB of free space at its top (``M_TRIM_THRESHOLD``): the same
     arithmetic, the pages stay mapped. Called when the fused kernels are loaded (the CPU fast
     variant); ``PADDLE_CAE_MALLOC_TUNING=0`` leaves malloc alone. Returns True when applied
