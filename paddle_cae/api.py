@@ -8,7 +8,9 @@
 :func:`load_checkpoint` rebuilds the network stored in one of this package's checkpoints
 (fine-tuned, linear-probe, or pretraining for reconstructions); for an official PyTorch file or
 a plain state dict, name the classifier: ``load_checkpoint("mae_finetuned_vit_base.pth",
-model_name="vit_base_patch16")``.
+model_name="vit_base_patch16")``. It returns the model with the fast CPU layers swapped in
+(:func:`paddle_cae.fast.accelerate`); a model from :func:`create_model` is the reference
+network: ``accelerate(model)`` before training it on a CPU.
 """
 import os
 
@@ -26,7 +28,8 @@ from .loading.pretrained import load_pretrained, read_weights_file, strict_load
 from .methods import method_for
 from .models.registry import create_model, model_task
 
-__all__ = ["CheckpointError", "create_model", "load_checkpoint", "predict", "predict_batch"]
+__all__ = ["CheckpointError", "accelerate", "create_model", "load_checkpoint", "predict",
+           "predict_batch"]
 
 
 def _pretraining_model(weights, model_name):
