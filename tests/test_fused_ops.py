@@ -667,3 +667,22 @@ def test_accelerated_models_run_on_the_kernels(index, monkeypatch):
     for kernel in ("cae_layer_norm", "cae_split_heads", "cae_bias_gelu", "cae_residual"):
         used = sum(n for k, n in calls.items() if k.startswith(kernel))
         assert used > 0, f"{name}: {kernel}* not called ({dict(calls)})"
+
+
+def test_accelerate_reaches_the_layers_a_model_holds_outside_its_sublayers():
+    """BootMAE's teacher and CAE's attached tokenizer are kept out of the state dict; they are
+    accelerated with the model (the teacher's blocks and the tokenizer run on the kernels)."""
+    from paddle_cae.fast.layers import FastDalleEncoder
+    from paddle_cae.models.dalle import DalleEncoder
+    from tests.test_bootmae import tiny as tiny_bootmae
+    from tests.test_cae import tiny_cae
+
+    on = {"PADDLE_CAE_FUSED_OPS": "1"}
+    bootmae = accelerate(tiny_bootmae(), environ=on)
+    assert isinstance(bootmae.teacher.blocks[0], FusedBlock)
+    cae = tiny_cae()
+    cae.set_tokenizer(DalleEncoder(group_count=2, n_hid=8, n_blk_per_group=1,
+                                   vocab_size=cae.vocab_size))
+    accelerate(cae, environ=on)
+    assert type(cae._tokenizer) is FastDalleEncoder
+    assert not any(type(layer) is DalleEncoder for layer in cae.sublayers())

@@ -23,36 +23,54 @@ logger = logging.getLogger("paddle_cae")
 __all__ = ["accelerate", "accelerate_optimizer", "accelerate_steps", "switches"]
 
 
+def _children(layer):
+    """(name, layer) of ``layer``'s sub-layers and of the layers it holds outside them (a
+    frozen teacher, an attached tokenizer: kept out of ``state_dict`` on purpose)."""
+    import paddle.nn as nn
+
+    children = list(layer.named_children())
+    registered = {id(child) for _, child in children}
+    children += [(name, value) for name, value in vars(layer).items()
+                 if isinstance(value, nn.Layer) and id(value) not in registered]
+    return children
+
+
+def _walk(model):
+    """(owner, name, layer) for every layer reachable from ``model`` (owner None for it)."""
+    seen, stack = {id(model)}, [(None, None, model)]
+    while stack:
+        owner, name, layer = stack.pop()
+        yield owner, name, layer
+        for child_name, child in _children(layer):
+            if id(child) not in seen:
+                seen.add(id(child))
+                stack.append((layer, child_name, child))
+
+
 def _swap_classes(model):
-    """Swap every sub-layer (and ``model`` itself) whose class has a fast subclass; returns the
-    number of layers swapped."""
+    """Swap every layer reachable from ``model`` (itself included) whose class has a fast
+    subclass; returns the number of layers swapped."""
     from .layers import FAST_CLASSES
 
-    swapped = 0
-    fast = FAST_CLASSES.get(type(model))
-    if fast is not None:
-        model.__class__ = fast
-        swapped += 1
-    for owner in [model] + list(model.sublayers()):
-        for name, child in owner.named_children():
-            fast = FAST_CLASSES.get((type(owner), name)) or FAST_CLASSES.get(type(child))
-            if fast is not None:
-                child.__class__ = fast
-                swapped += 1
-    return swapped
+    found = [(layer, FAST_CLASSES.get((type(owner), name)) or FAST_CLASSES.get(type(layer)))
+             for owner, name, layer in _walk(model)]
+    for layer, fast in found:
+        if fast is not None:
+            layer.__class__ = fast
+    return sum(fast is not None for _, fast in found)
 
 
 def _set_attention_mode(model, explicit):
     from ..models.layers import Attention
 
-    for layer in [model] + list(model.sublayers()):
+    for _, _, layer in _walk(model):
         if isinstance(layer, Attention):
             layer.use_sdpa = not explicit
 
 
 def accelerate(model, environ=None):
-    """Make ``model`` (a built nn.Layer: a model, or the DALL-E tokenizer) use the fast layers;
-    returns it. Reads ``PADDLE_CAE_FUSED_OPS`` and ``PADDLE_CAE_ATTENTION`` (from ``environ``,
+    """Make ``model`` (a built nn.Layer: a model, or the DALL-E tokenizer) and the layers it
+    holds (BootMAE's teacher, an attached tokenizer) use the fast layers; returns it. Reads ``PADDLE_CAE_FUSED_OPS`` and ``PADDLE_CAE_ATTENTION`` (from ``environ``,
     default the process environment) once, here."""
     _set_attention_mode(model, switches.explicit_attention(environ))
     if not switches.fused_ops(environ):

@@ -95,12 +95,14 @@ def _build_dir():
 def _build_and_import():
     build_dir = _build_dir()
     lib_dir = os.path.join(build_dir, _NAME)
+    built = []  # the module load() returns when it builds (importing it again registers the ops twice)
     with _quiet_paddle_builder() as (extension_utils, load):
-        native.build_once(build_dir, os.path.join(lib_dir, _NAME + ".so"), lambda: load(
-            name=_NAME, sources=_SOURCES, extra_cxx_cflags=_cxx_flags(),
-            extra_ldflags=_ldflags(), build_directory=build_dir, verbose=False))
-        # import the library directly; paddle's load() would start a setup.py each time
-        module = extension_utils._import_module_from_library(_NAME, lib_dir, False)
+        native.build_once(build_dir, os.path.join(lib_dir, _NAME + ".so"), lambda: built.append(
+            load(name=_NAME, sources=_SOURCES, extra_cxx_cflags=_cxx_flags(),
+                 extra_ldflags=_ldflags(), build_directory=build_dir, verbose=False)))
+        # built before: import the library directly (paddle's load() would start a setup.py)
+        module = built[0] if built else \
+            extension_utils._import_module_from_library(_NAME, lib_dir, False)
     tune_allocator()
     return module
 
