@@ -70,8 +70,9 @@ def _set_attention_mode(model, explicit):
 
 def accelerate(model, environ=None):
     """Make ``model`` (a built nn.Layer: a model, or the DALL-E tokenizer) and the layers it
-    holds (BootMAE's teacher, an attached tokenizer) use the fast layers; returns it. Reads ``PADDLE_CAE_FUSED_OPS`` and ``PADDLE_CAE_ATTENTION`` (from ``environ``,
-    default the process environment) once, here."""
+    holds (BootMAE's teacher, an attached tokenizer) use the fast layers; returns it. Reads
+    ``PADDLE_CAE_FUSED_OPS`` and ``PADDLE_CAE_ATTENTION`` (from ``environ``, default the
+    process environment) once, here."""
     _set_attention_mode(model, switches.explicit_attention(environ))
     if not switches.fused_ops(environ):
         return model

@@ -192,17 +192,21 @@ class FusedDecodeBlock(DecodeBlock):
 # ------------------------------------------------------------ the frozen DALL-E tokenizer
 class FastConv2d(Conv2d):
     """The tokenizer's convolution with its bias added by the multi-threaded channel-bias
-    kernel where nothing needs a gradient (the op falls back itself)."""
+    kernel where nothing needs a gradient."""
 
     def forward(self, x):
+        if not extension.applies_without_gradient(x, self.w):
+            return Conv2d.forward(self, x)
         return _kernels.channel_bias(F.conv2d(x, self.w, padding=self.padding), self.b)
 
 
 class FastEncoderBlock(EncoderBlock):
     """``id_path(x) + post_gain * res_path(x)`` by the add-scaled kernel where nothing needs a
-    gradient (the op falls back itself)."""
+    gradient."""
 
     def forward(self, x):
+        if not extension.applies_without_gradient(x):
+            return EncoderBlock.forward(self, x)
         return _kernels.add_scaled(self.id_path(x), self.res_path(x), self.post_gain)
 
 
@@ -235,11 +239,12 @@ def _tokenizer_codebook_indices(self, ext, x):
             skip = h if isinstance(ident, nn.Identity) else \
                 tokenizer_ops.tokenizer_conv(ext, h, ident.w, ident.b)
             convs = [getattr(layer.res_path, f"conv_{i}") for i in range(1, 5)]
-            r = tokenizer_ops.tokenizer_conv(ext, h, convs[0].w, convs[0].b, relu_in=True, epilogue="relu")
+            r = tokenizer_ops.tokenizer_conv(ext, h, convs[0].w, convs[0].b, relu_in=True,
+                                             epilogue="relu")
             for conv in convs[1:3]:
                 r = tokenizer_ops.tokenizer_conv(ext, r, conv.w, conv.b, epilogue="relu")
             h = tokenizer_ops.tokenizer_conv(ext, r, convs[3].w, convs[3].b, epilogue="residual",
-                                         residual=skip, gain=layer.post_gain)
+                                             residual=skip, gain=layer.post_gain)
     head = self.blocks.output.conv
     return tokenizer_ops.tokenizer_argmax(ext, h, head.w, head.b)
 

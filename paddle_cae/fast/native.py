@@ -1,5 +1,6 @@
 """The one builder of the wing's native code: the C++ kernels (a Paddle custom-operator
-extension, :mod:`paddle_cae.fast.kernels.extension`) and the C resampler (ctypes, :mod:`paddle_cae.fast.resample`).
+extension, :mod:`paddle_cae.fast.kernels.extension`) and the C resampler (ctypes,
+:mod:`paddle_cae.fast.resample`).
 
 * :func:`best_isa`: the best vector instruction set of a table the CPU has (/proc/cpuinfo).
 * :func:`build_dir`: the cache folder, keyed by the sources, the flags and the instruction set,

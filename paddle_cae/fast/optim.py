@@ -1,8 +1,9 @@
 """The optimizer-step counterparts of the fast layers: AdamW's one-pass update, the one-call
 non-finite check, gradient norm and scaling of the loss scaler and gradient clipping, and the
 EMA update. Each computes what the reference code of paddle_cae/optim, runtime/amp and
-models/common computes (see the kernels' "Reference" in :mod:`paddle_cae.fast.kernels.optimizer`), and hands
-back to it wherever the kernels do not apply.
+models/common computes (see the kernels' "Reference" in
+:mod:`paddle_cae.fast.kernels.optimizer`), and hands back to it wherever the kernels do not
+apply.
 
 :func:`accelerate_optimizer` applies them once, where a run is built.
 """
@@ -20,9 +21,9 @@ __all__ = ["FastAdamW", "FastGradientOps", "accelerate_optimizer", "accelerate_s
 
 class FastAdamW(AdamW):
     """AdamW whose per-parameter update of float32 CPU parameters is one multi-threaded pass
-    (:func:`paddle_cae.fast.kernels.optimizer.adamw_update_`, the same float32 arithmetic; the parameters
-    within the last bit, as its sqrt is correctly rounded). ``_kernel``: the extension module,
-    chosen once by :func:`accelerate_optimizer`."""
+    (:func:`paddle_cae.fast.kernels.optimizer.adamw_update_`, the same float32 arithmetic;
+    the parameters within the last bit, as its sqrt is correctly rounded). ``_kernel``: the
+    extension module, chosen once by :func:`accelerate_optimizer`."""
 
     _kernel = None
 

@@ -95,7 +95,7 @@ def _build_dir():
 def _build_and_import():
     build_dir = _build_dir()
     lib_dir = os.path.join(build_dir, _NAME)
-    built = []  # the module load() returns when it builds (importing it again registers the ops twice)
+    built = []  # load()'s module when it builds (importing it again registers the ops twice)
     with _quiet_paddle_builder() as (extension_utils, load):
         native.build_once(build_dir, os.path.join(lib_dir, _NAME + ".so"), lambda: built.append(
             load(name=_NAME, sources=_SOURCES, extra_cxx_cflags=_cxx_flags(),
@@ -127,10 +127,10 @@ def tune_allocator():
     Paddle's CPU allocator takes every tensor from malloc and gives it back when the tensor
     dies. glibc serves blocks above 128 KiB-32 MiB (a training step's activations and
     gradients) by mmap and returns them to the system on free, so the next tensor's first
-    write page-faults every 4 KiB page again. Here malloc is told never to mmap (``M_MMAP_MAX`` 0) and to return heap
-    memory only beyond 1 GiB of free space at its top (``M_TRIM_THRESHOLD``): the same
-    arithmetic, the pages stay mapped. Called when the fused kernels are loaded (the CPU fast
-    variant); ``PADDLE_CAE_MALLOC_TUNING=0`` leaves malloc alone. Returns True when applied
+    write page-faults every 4 KiB page again. Here malloc is told never to mmap
+    (``M_MMAP_MAX`` 0) and to return heap memory only beyond 1 GiB of free space at its top
+    (``M_TRIM_THRESHOLD``): the same arithmetic, the pages stay mapped. Called when the fused
+    kernels are loaded; ``PADDLE_CAE_MALLOC_TUNING=0`` leaves malloc alone. Returns True when applied
     (False off glibc, or when switched off)."""
     if _allocator_tuned:
         return _allocator_tuned[0]
@@ -188,6 +188,12 @@ def _use(*tensors, by_env=True):
 def usable(x):
     """True when the fused kernels would run for tensors like ``x`` (switch read now)."""
     return _use(x) is not None
+
+
+@paddle.jit.not_to_static
+def applies_without_gradient(*tensors):
+    """:func:`applies` for the ops without a backward: also no input needs a gradient."""
+    return _no_grad_use(*tensors, by_env=False) is not None
 
 
 @paddle.jit.not_to_static
