@@ -536,3 +536,28 @@ def test_lr_schedule_and_group_rule_names_are_checked():
     beit = LearningRateSchedule("beit", 1e-3, 0.0, 1, 10, 5, 0.05)
     assert mae.at(1, 0)[0] == pytest.approx(1e-3) and beit.at(1, 0)[0] == pytest.approx(1e-3)
     assert mae.at(0, 1)[0] == pytest.approx(1e-3 / 5) and beit.at(0, 1)[0] == pytest.approx(1e-3 / 4)
+
+
+def test_the_fast_adamw_state_resumes_the_reference_adamw_and_back():
+    """accelerate_optimizer changes the class, not the state: a checkpoint of either resumes
+    the other (a CPU run continued on a GPU, or with PADDLE_CAE_FUSED_OPS=0)."""
+    from paddle_cae.fast import accelerate_optimizer
+
+    shapes = [(4, 3), (3,)]
+    params = _params(shapes, seed=4)
+    fast = accelerate_optimizer(AdamW(params, lr=1e-2), environ={"PADDLE_CAE_FUSED_OPS": "1"})
+    for g in _grad_sequence(shapes, steps=2, seed=5):
+        _set_grads(params, g)
+        fast.step()
+        fast.clear_grad()
+    state = fast.state_dict()
+    assert state["optimizer"] == "AdamW"
+    reference = AdamW(_params(shapes, seed=4), lr=1e-2)
+    reference.set_state_dict(state)
+    assert reference.state[0]["step"] == 2
+    np.testing.assert_array_equal(reference.state[0]["exp_avg"].numpy(),
+                                  fast.state[0]["exp_avg"].numpy())
+    again = accelerate_optimizer(AdamW(_params(shapes, seed=4), lr=1e-2),
+                                 environ={"PADDLE_CAE_FUSED_OPS": "1"})
+    again.set_state_dict(reference.state_dict())
+    assert again.state[1]["step"] == 2

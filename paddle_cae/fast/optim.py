@@ -26,6 +26,7 @@ class FastAdamW(AdamW):
     extension module, chosen once by :func:`accelerate_optimizer`."""
 
     _kernel = None
+    state_name = "AdamW"  # the same state: a run resumes with either class
 
     def _multi_tensor_for(self, param):
         if self.multi_tensor is None and param.place.is_cpu_place():

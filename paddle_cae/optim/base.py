@@ -18,6 +18,9 @@ class GroupOptimizer:
     is_group_optimizer = True
     #: names of the per-parameter tensors kept in ``state``
     state_tensors = ()
+    #: the optimizer named in a saved state (None: the class name); a subclass that keeps its
+    #: parent's state sets the parent's name, so that either one resumes from the other
+    state_name = None
 
     def __init__(self, params, lr, defaults):
         self.defaults = dict(defaults)
@@ -106,15 +109,18 @@ class GroupOptimizer:
             saved["params"] = list(range(index, index + len(group["params"])))
             index += len(group["params"])
             groups.append(saved)
-        return {"optimizer": type(self).__name__, "base_lr": self._base_lr,
+        return {"optimizer": self._state_name(), "base_lr": self._base_lr,
                 "state": state, "param_groups": groups}
+
+    def _state_name(self):
+        return self.state_name or type(self).__name__
 
     def set_state_dict(self, state_dict):
         """Restore moments and group hyper-parameters. The groups must have the sizes of the
         saved ones; every saved tensor must match its parameter's shape."""
         kind = state_dict.get("optimizer")
-        if kind is not None and kind != type(self).__name__:
-            raise ValueError(f"optimizer state is for {kind}, this optimizer is {type(self).__name__}")
+        if kind is not None and kind != self._state_name():
+            raise ValueError(f"optimizer state is for {kind}, this optimizer is {self._state_name()}")
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"optimizer state has {len(saved_groups)} parameter groups, "
