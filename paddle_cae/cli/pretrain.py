@@ -8,8 +8,8 @@ from pathlib import Path
 import paddle
 
 from ..data.datasets import build_dataset, default_data_path
-from ..fast import accelerate, accelerate_optimizer
 from ..engine.pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
+from ..fast import accelerate, accelerate_optimizer
 from ..methods import get_method, method_for
 from ..models import create_model
 from ..optim import build_optimizer, param_groups
@@ -178,10 +178,9 @@ def run(argv=None):
     if loaded[0] is not None:
         vocabulary_from_tokenizer(args, *loaded, given=decoder_classes_given(argv, args))
         paddle.seed(args.seed)  # the model starts from the same draws as without a tokenizer
-    model = accelerate(build_model(args))
-    tokenizer = attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
-    if tokenizer is not None:
-        accelerate(tokenizer)
+    model = build_model(args)
+    attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
+    accelerate(model)  # (with its tokenizer)
     method = get_method(args.method)
     # the masks are laid out on the built model's patch grid
     transform = method.pretrain_transform(
@@ -189,10 +188,10 @@ def run(argv=None):
     dataset = build_dataset("train", args.data_path, transform, options=args)
     options = method.group_options("pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)
-    optimizer = accelerate_optimizer(build_optimizer(getattr(args, "opt", "adamw"), groups,
-                                                     lr=args.abs_lr, betas=tuple(args.opt_betas),
-                                                     eps=args.opt_eps,
-                                                     weight_decay=args.weight_decay))
+    optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,
+                                betas=tuple(args.opt_betas), eps=args.opt_eps,
+                                weight_decay=args.weight_decay)
+    accelerate_optimizer(optimizer)
     precision = Precision(amp_dtype_from_args(args))
     runner = PretrainRun(args, model, dataset, optimizer, precision, env)
     if env.is_main:
