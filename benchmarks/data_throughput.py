@@ -267,7 +267,7 @@ def main(argv=None):
     print(f"data: {len(files)} files in {args.data_path}/train; {count} images per pipeline, best of "
           f"{args.rounds} rounds per batch, batch {args.batch_size}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"{os.cpu_count()} cores")
-    from paddle_cae.data import resample
+    from paddle_cae.fast import resample
 
     lib = resample.library()
     print("crop + resize: " + (f"exact C resampler ({os.path.basename(resample.build_dir())})" if lib else
