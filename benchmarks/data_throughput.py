@@ -19,7 +19,8 @@ from other processes on a shared machine hits all alike):
 * package: ``paddle_cae.data.datasets.ImageFolder`` with the method's pretraining transform as
   ``main_pretrain.py`` builds it (uint8 hand-over, the conversion to float32 happens in the
   training step on the device; same pixels as official; crop + resize by the package's exact C
-  resampler, ``paddle_cae/fast/resample.c``, where it is built), and in their own columns with
+  resampler where it is built, swapped in by ``paddle_cae.fast.data.accelerate_dataset`` as
+  ``main_pretrain.py`` does), and in their own columns with
   ``fast_decode`` (reduced JPEG decoding when the crop stays downsampled: few crops of
   ImageNet-sized images qualify) and ``fast_decode=0.5`` (also when the reduced crop is at
   least half the output size: changes the images more). The worker columns use the default.
@@ -173,7 +174,8 @@ def package_dataset(kind, data_path, size, fast_decode):
     from paddle_cae.data.datasets import build_dataset
     from paddle_cae.data.loader import SeededSamples
     from paddle_cae.data.transforms import build_finetune_transform
-    from paddle_cae.methods import get_method
+    from paddle_cae.fast.data import accelerate_dataset
+    from paddle_cae.methods import method_for
     from paddle_cae.runtime.pretrain_args import parse_pretrain_args
 
     if kind == "finetune":
@@ -182,7 +184,7 @@ def package_dataset(kind, data_path, size, fast_decode):
         model = {"mae": "mae_vit_base_patch16", "cae": "cae_base_patch16_224",
                  "bootmae": "bootmae_base_patch16_224"}[kind]
         argv = ["--model", model, "--input_size", str(size), "--data_path", data_path]
-        method = get_method(model.split("_")[0])
+        method = method_for(model)
         if size != 224 and kind != "mae":  # the recipe's mask counts, scaled to the patch grid
             fraction = (size // 16) ** 2 / 196
             argv += ["--num_mask_patches", str(max(1, round(method.default_mask_patches * fraction))),
@@ -191,8 +193,8 @@ def package_dataset(kind, data_path, size, fast_decode):
                 argv += ["--max_mask_patches_per_block", str(max(1, round(60 * fraction))),
                          "--mask_num", str(max(1, round(147 * fraction)))]
         args = parse_pretrain_args(argv)
-        transform = get_method(args.method).pretrain_transform(args)
-    dataset = build_dataset("train", data_path, transform, {"fast_decode": fast_decode})
+        transform = method.pretrain_transform(args)
+    dataset = accelerate_dataset(build_dataset("train", data_path, transform, {"fast_decode": fast_decode}))
     return SeededSamples(dataset, seed=0)
 
 

@@ -5,9 +5,12 @@ import paddle
 import pytest
 
 from paddle_cae.convert import convert_state_dict, linear_weight_names
+from paddle_cae.methods import get_method
 from paddle_cae.models import create_model, list_models
 from paddle_cae.models.bootmae import VisionTransformerForMaskedImageModeling, masks_from_shuffle
 from paddle_cae.models.pos_embed import sincos_pos_embed
+
+BOOTMAE = get_method("bootmae")
 
 
 def tiny(**kwargs):
@@ -98,24 +101,21 @@ def test_forward_without_an_order_says_what_it_needs():
 
 
 # ------------------------------------------------------------------------------ loss
-def test_feature_loss_ramps_with_the_epoch_the_engine_sets():
+def test_feature_loss_ramps_with_the_epoch_the_loop_passes_in():
     model = tiny(feature_weight=1.0, epochs=800)
     images, order = paddle.randn([2, 3, 32, 32]), random_order(2, 16)
-    assert model(images, idx_shuffle=order)["feature_weight"] == 1.0  # no epoch yet: constant
-    model.on_epoch_start(9)
-    out = model(images, idx_shuffle=order)
+    assert model(images, idx_shuffle=order)["feature_weight"] == 1.0  # no schedule given: constant
+    out = model(images, idx_shuffle=order, **BOOTMAE.forward_kwargs(model, 9))
     assert out["feature_weight"] == pytest.approx(4 * 10 / 800)
     np.testing.assert_allclose(float(out["loss"]),
                                float(out["loss_pixel"]) + 0.05 * float(out["loss_feature"]),
                                rtol=1e-6)
-    model.on_epoch_start(500)
-    assert model(images, idx_shuffle=order)["feature_weight"] == 1.0
+    assert model(images, idx_shuffle=order, **BOOTMAE.forward_kwargs(model, 500))["feature_weight"] == 1.0
     assert model(images, idx_shuffle=order, feature_weight=0.25)["feature_weight"] == 0.25
 
 
 def test_zero_feature_weight_skips_the_teacher():
     model = tiny(feature_weight=0.0)
-    model.on_epoch_start(0)
     out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16))
     assert float(out["loss_feature"]) == 0.0 and out["target_feature"] is None
     assert float(out["loss"]) == float(out["loss_pixel"])
@@ -149,8 +149,8 @@ def test_teacher_receives_no_gradient_and_the_optimizer_leaves_it_alone():
     model = tiny()
     before = {k: v.numpy().copy() for k, v in model.teacher_state_dict().items()}
     opt = paddle.optimizer.AdamW(learning_rate=1e-2, parameters=model.parameters())
-    model.on_epoch_start(400)
-    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16))
+    out = model(paddle.randn([2, 3, 32, 32]), idx_shuffle=random_order(2, 16),
+                **BOOTMAE.forward_kwargs(model, 400))
     out["loss"].backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.blocks[0].attn.qkv.weight.grad is not None
@@ -184,21 +184,22 @@ def test_update_teacher_is_the_float32_ema_of_every_entry():
         np.testing.assert_array_equal(v.numpy(), expected.astype(np.float32), err_msg=k)
 
 
-def test_update_teacher_follows_the_schedule_of_the_epoch_the_engine_set():
+def test_the_method_gives_the_teacher_momentum_of_the_epoch():
     model = tiny(model_ema_decay=0.999, model_ema_dynamic=True)
-    model.on_epoch_start(250)
-    assert model.update_teacher() == pytest.approx(0.999945)
-    assert model.update_teacher(epoch=0) == 0.999
+    assert BOOTMAE.teacher_momentum(model, 250) == pytest.approx(0.999945)
+    assert BOOTMAE.teacher_momentum(model, 0) == 0.999
+    assert BOOTMAE.teacher_momentum(tiny(with_teacher=False), 0) is None  # nothing to update
 
 
 def test_model_ema_decay_follows_the_official_schedule():
     static = tiny(model_ema_decay=0.999, model_ema_dynamic=False)
     dynamic = tiny(model_ema_decay=0.999, model_ema_dynamic=True)
-    assert static.ema_decay(0) == 0.999
-    assert static.ema_decay(99) == pytest.approx(0.999891)
-    assert static.ema_decay(100) == static.ema_decay(700) == 0.9999
-    assert dynamic.ema_decay(250) == pytest.approx(0.999945)
-    assert dynamic.ema_decay(400) == dynamic.ema_decay(800) == pytest.approx(0.99999)
+    m = BOOTMAE.teacher_momentum
+    assert m(static, 0) == 0.999
+    assert m(static, 99) == pytest.approx(0.999891)
+    assert m(static, 100) == m(static, 700) == 0.9999
+    assert m(dynamic, 250) == pytest.approx(0.999945)
+    assert m(dynamic, 400) == m(dynamic, 800) == pytest.approx(0.99999)
     assert create_model("bootmae_base", depth=1, decoder_depth=1, fea_list=(0,)).model_ema_dynamic
 
 
@@ -233,13 +234,12 @@ def test_batch_order_is_rolled_alike_for_one_batch_seed():
     assert {roll_for_batch(seed) for seed in range(200)} == {0, 1, 2, 3}
 
 
-def test_engine_hooks_update_the_teacher_once_per_optimizer_step():
+def test_update_teacher_at_the_methods_momentum_is_one_ema_step():
     model = tiny(model_ema_decay=0.99)
-    model.on_epoch_start(0)
     with paddle.no_grad():
         model.cls_token.set_value(paddle.ones([1, 1, 32]))
     before = model.teacher.cls_token.numpy().copy()
-    model.after_optimizer_step()
+    model.update_teacher(BOOTMAE.teacher_momentum(model, 0))
     np.testing.assert_allclose(model.teacher.cls_token.numpy(),
                                before * np.float32(0.99) + np.float32(1 - 0.99), rtol=1e-6)
 
@@ -294,8 +294,7 @@ def test_bootmae_base_forward_backward_at_224_is_finite():
     generator = bootmae_mask_generator(14)
     masks = np.stack([generator(rng=i) for i in range(2)])
     order, _ = bootmae_shuffle_from_mask(masks, model.mask_num, rng=np.random.default_rng(0))
-    model.on_epoch_start(300)
-    out = model(paddle.randn([2, 3, 224, 224]), idx_shuffle=order)
+    out = model(paddle.randn([2, 3, 224, 224]), idx_shuffle=order, **BOOTMAE.forward_kwargs(model, 300))
     assert out["pred_pixel"].shape == [2, 3, 224, 224]
     assert out["pred_feature"].shape == [2, 196, 768]
     np.testing.assert_array_equal(out["mask"].numpy().sum(1), [147, 147])
@@ -321,8 +320,6 @@ def test_logged_grad_norm_is_the_one_the_official_loop_logs(accum, clip):
     model, reference = tiny(), tiny()
     reference.set_state_dict(model.state_dict())
     reference.set_teacher_state_dict(model.teacher_state_dict())
-    model.on_epoch_start(400)
-    reference.on_epoch_start(400)
     images = paddle.randn([4, 3, 32, 32])
     order = random_order(4, 16, seed=3)
     per = 4 // accum

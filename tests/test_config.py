@@ -5,7 +5,6 @@ import shlex
 
 import pytest
 
-from paddle_cae.data.transforms import build_pretrain_transform
 from paddle_cae.runtime.config import Arg, ConfigError, load_config, parse_args, to_yaml
 from paddle_cae.runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, apply_method_defaults,
                                               parse_pretrain_args)
@@ -176,7 +175,8 @@ def test_demo_configs_build_their_data_pipelines():
         args = parse_pretrain_args(["--config", f"demo/{name}"])
         assert args.input_size == 32 and args.model_args["patch_size"] == 4
         from PIL import Image
-        out = build_pretrain_transform(args.method, args)(Image.new("RGB", (32, 32)))
+        from paddle_cae.methods import get_method
+        out = get_method(args.method).pretrain_transform(args)(Image.new("RGB", (32, 32)))
         assert set(out) == keys
         if "bool_masked_pos" in out:
             assert out["bool_masked_pos"].shape == (64,) and out["bool_masked_pos"].sum() == args.num_mask_patches

@@ -8,13 +8,23 @@ from PIL import Image
 from paddle_cae.data.datasets import (DatasetLayoutError, ImageFolder, build_dataset,
                                       default_data_path)
 from paddle_cae.data.loader import SeededDistributedBatchSampler, build_loader, collate_samples
+from paddle_cae.methods import get_method
 from paddle_cae.data.transforms import (CenterCrop, MapPixels, Normalize, RandomResizedCrop,
                                         RandomResizedCropTF, Resize, ToTensor,
-                                        build_eval_transform, build_pretrain_transform,
+                                        build_eval_transform,
                                         sample_rng)
 
 TINY = {"input_size": 32, "patch_size": 4, "num_mask_patches": 30, "min_mask_patches_per_block": 4,
         "second_input_size": 64}
+
+
+def _pretrain_transform(method, args):
+    return get_method(method).pretrain_transform(args)
+
+
+def _floats(pipeline, img):
+    """A pipeline's sample with its images as the float32 the model takes."""
+    return pipeline.to_floats(pipeline(img))
 
 
 def _write_images(folder, n, size=(20, 16), start=0):
@@ -152,9 +162,9 @@ def test_eval_transform_resizes_shorter_side_then_centre_crops():
     ("cae", {"images", "tokenizer_images", "bool_masked_pos"}),
 ])
 def test_pretrain_pipelines_output_shapes_and_ranges(method, keys):
-    transform = build_pretrain_transform(method, dict(TINY, max_mask_patches_per_block=15))
+    transform = _pretrain_transform(method, dict(TINY, max_mask_patches_per_block=15))
     with sample_rng(0):
-        out = transform(_position_image(48))
+        out = _floats(transform, _position_image(48))
     assert set(out) == keys
     assert out["images"].shape == (3, 32, 32) and out["images"].dtype == np.float32
     if method == "mae":  # ImageNet normalisation
@@ -174,18 +184,18 @@ def test_cae_second_view_defaults_to_half_the_input_size():
     args = dict(TINY, input_size=224, patch_size=16, num_mask_patches=98)
     args.pop("second_input_size")
     with sample_rng(0):
-        out = build_pretrain_transform("cae", args)(_position_image(256))
+        out = _floats(_pretrain_transform("cae", args), _position_image(256))
     assert out["images"].shape == (3, 224, 224) and out["tokenizer_images"].shape == (3, 112, 112)
 
 
 def test_cae_views_come_from_the_same_crop_box_and_flip():
-    transform = build_pretrain_transform("cae", dict(TINY, input_size=64, second_input_size=32,
+    transform = _pretrain_transform("cae", dict(TINY, input_size=64, second_input_size=32,
                                                      patch_size=8, num_mask_patches=20))
     img = _position_image(256)
     flips = 0
     for seed in range(12):
         with sample_rng(seed):
-            out = transform(img)
+            out = _floats(transform, img)
         view = out["images"] * 0.5 + 0.5            # undo 0.5/0.5 normalisation -> [0, 1]
         tok = (out["tokenizer_images"] - 0.1) / 0.8  # undo map_pixels
         # R (the source column) read along columns, G (the source row) along rows
@@ -197,7 +207,7 @@ def test_cae_views_come_from_the_same_crop_box_and_flip():
 
 
 def test_same_seed_and_epoch_give_identical_batches_for_any_worker_count():
-    ds = build_dataset("train", None, build_pretrain_transform("cae", TINY))
+    ds = build_dataset("train", None, _pretrain_transform("cae", TINY))
     batches = []
     for workers in (0, 2):
         loader = build_loader(ds, batch_size=16, shuffle=True, num_workers=workers, seed=5, epoch=3)
@@ -207,7 +217,7 @@ def test_same_seed_and_epoch_give_identical_batches_for_any_worker_count():
 
 
 def test_epoch_and_seed_change_order_and_augmentation():
-    ds = build_dataset("train", None, build_pretrain_transform("bootmae", dict(TINY, max_mask_patches_per_block=15)))
+    ds = build_dataset("train", None, _pretrain_transform("bootmae", dict(TINY, max_mask_patches_per_block=15)))
     loader = build_loader(ds, batch_size=8, shuffle=True, seed=0, epoch=0)
     first = next(iter(loader))
     loader.set_epoch(1)

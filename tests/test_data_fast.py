@@ -1,5 +1,7 @@
-"""The loader-side fast path (paddle_cae.data.fastpath): same draws and pixels as the reference
-pipelines, uint8 hand-over converted in the training step, optional reduced JPEG decoding."""
+"""The pretraining pipelines (paddle_cae.data.pipeline, the methods' stages): the same draws and
+pixels as the recipes' definitions written with the PIL transforms, uint8 hand-over converted in
+the training step, the exact C resampler swapped in (paddle_cae.fast.data), optional reduced
+JPEG decoding."""
 import math
 import random
 
@@ -9,13 +11,18 @@ import pytest
 from PIL import Image
 
 from paddle_cae.data.datasets import ImageFolder
-from paddle_cae.data.fastpath import (ImageSource, decode_ratio, draft_scale, fast_twin,
-                                      to_model_floats)
 from paddle_cae.data.loader import SeededSamples, collate_samples
-from paddle_cae.data.masking import BlockMaskGenerator
-from paddle_cae.data.transforms import (BootMAEPretrainTransform, CAEPretrainTransform,
-                                        MAEPretrainTransform, sample_rng)
-from paddle_cae.engine.pretrain import model_batch
+from paddle_cae.data.masking import BlockMaskGenerator, bootmae_shuffle_from_mask
+from paddle_cae.data.pipeline import (PILLOW, ImageSource, decode_ratio, draft_scale, to_model_floats,
+                                      use_resampler)
+from paddle_cae.data.transforms import (HALF_MEAN, HALF_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                        Compose, MapPixels, Normalize, RandomHorizontalFlip,
+                                        RandomResizedCrop, ToTensor, bool_mask, numpy_rng, resized_crop,
+                                        sample_rng)
+from paddle_cae.fast.data import ExactResampler
+from paddle_cae.methods.bootmae import BootMAEPipeline
+from paddle_cae.methods.cae import CAEPipeline
+from paddle_cae.methods.mae import MAEPipeline
 
 
 def _photo(width, height, seed=0):
@@ -35,14 +42,54 @@ def _folder(tmp_path, sizes, fmt="JPEG"):
     return tmp_path / "train"
 
 
+def _blocks(grid, count=6, max_block=None):
+    return BlockMaskGenerator((grid, grid), count, max_num_patches=max_block, min_num_patches=2)
+
+
 def _transforms(size=32, grid=4):
-    blocks = BlockMaskGenerator((grid, grid), 6, max_num_patches=None, min_num_patches=2)
     return {
-        "mae": MAEPretrainTransform(size, num_patches=grid * grid),
-        "bootmae": BootMAEPretrainTransform(BlockMaskGenerator((grid, grid), 8, max_num_patches=4,
-                                                               min_num_patches=2), input_size=size, mask_num=6),
-        "cae": CAEPretrainTransform(blocks, size, size // 2),
+        "mae": MAEPipeline(size, num_patches=grid * grid),
+        "bootmae": BootMAEPipeline(_blocks(grid, 8, 4), input_size=size, mask_num=6),
+        "cae": CAEPipeline(_blocks(grid), size, size // 2),
     }
+
+
+# the recipes' definitions, PIL image in, float32 out, from the generic PIL transforms: what
+# the pipelines' samples were when each method had its own PIL-to-float32 class
+def _reference_crop_flip(size, scale, mean, std):
+    return Compose([RandomResizedCrop(size, scale=scale), RandomHorizontalFlip(), ToTensor(),
+                    Normalize(mean, std)])
+
+
+def _reference(method, size=32, grid=4):
+    if method == "mae":
+        steps = _reference_crop_flip(size, (0.2, 1.0), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        return lambda img: {"images": steps(img),
+                            "noise": numpy_rng().random_sample(grid * grid).astype(np.float32)}
+    if method == "bootmae":
+        steps, blocks = _reference_crop_flip(size, (0.2, 1.0), HALF_MEAN, HALF_STD), _blocks(grid, 8, 4)
+
+        def bootmae(img):
+            mask = bool_mask(blocks)  # mask and order first, then the crop
+            order, _ = bootmae_shuffle_from_mask(mask.reshape(grid, grid).astype(np.int64), 6,
+                                                 rng=numpy_rng(), roll=0)
+            return {"images": steps(img), "bool_masked_pos": mask, "order": order}
+        return bootmae
+    blocks, flip = _blocks(grid), RandomHorizontalFlip()
+    normalise = Compose([ToTensor(), Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+    map_pixels = Compose([ToTensor(), MapPixels(0.1)])
+
+    def cae(img):
+        img = flip(img)  # flip the whole image, then one box resized twice
+        top, left, h, w = RandomResizedCrop.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        view = resized_crop(img, top, left, h, w, size, Image.BICUBIC)
+        tokenizer_view = resized_crop(img, top, left, h, w, size // 2, Image.LANCZOS)
+        return {"images": normalise(view), "tokenizer_images": map_pixels(tokenizer_view),
+                "bool_masked_pos": bool_mask(blocks)}
+    return cae
+
+
+RESAMPLERS = {"pillow": PILLOW, "exact": ExactResampler()}
 
 
 def _to_paddle(batch):
@@ -50,44 +97,51 @@ def _to_paddle(batch):
 
 
 # ----------------------------------------------------------------- same samples as the reference
+@pytest.mark.parametrize("resampler", sorted(RESAMPLERS))
 @pytest.mark.parametrize("method", ["mae", "bootmae", "cae"])
-def test_uint8_hand_over_gives_the_reference_float_tensors_and_masks(tmp_path, method):
+def test_uint8_hand_over_gives_the_reference_float_tensors_and_masks(tmp_path, method, resampler):
     root = _folder(tmp_path, [(61, 47), (40, 64), (90, 70), (33, 33)])
-    transform = _transforms()[method]
-    fast = SeededSamples(ImageFolder(root, transform), seed=11, epoch=2)
-    ref = SeededSamples(ImageFolder(root, transform, handover="float32"), seed=11, epoch=2)
-    a = collate_samples([fast[i] for i in range(4)])
-    b = collate_samples([ref[i] for i in range(4)])
+    pipeline = use_resampler(_transforms()[method], RESAMPLERS[resampler])
+    fast = ImageFolder(root, pipeline)
+    on_cpu = ImageFolder(root, pipeline, handover="float32")
+    ref = ImageFolder(root, _reference(method))
+    a, c, b = (collate_samples([SeededSamples(ds, seed=11, epoch=2)[i] for i in range(4)])
+               for ds in (fast, on_cpu, ref))
     assert a["images"].dtype == np.uint8 and b["images"].dtype == np.float32
     assert a["images"].nbytes * 4 == b["images"].nbytes
-    converted = model_batch(_to_paddle(a))
-    expected = model_batch(_to_paddle(b))
-    assert sorted(converted) == sorted(expected)
-    for key, value in expected.items():
-        if isinstance(value, paddle.Tensor):
-            assert converted[key].dtype == value.dtype, key
-            np.testing.assert_allclose(converted[key].numpy(), value.numpy(), rtol=0, atol=1e-6,
-                                       err_msg=key)
+    assert fast.conversions and not on_cpu.conversions and not ref.conversions
+    converted = to_model_floats(_to_paddle(a), fast.conversions)
+    expected = _to_paddle(b)
+    assert sorted(converted) == sorted(expected) == sorted(c)
+    for key, value in b.items():  # the loader's conversion: the reference to the last bit
+        np.testing.assert_array_equal(c[key], value, err_msg=key)
+        assert c[key].dtype == value.dtype, key
+    for key, value in expected.items():  # on the device
+        assert converted[key].dtype == value.dtype, key
+        np.testing.assert_allclose(converted[key].numpy(), value.numpy(), rtol=0, atol=1e-6,
+                                   err_msg=key)
     if "bool_masked_pos" in b:  # the masks are the reference's, draw for draw
         np.testing.assert_array_equal(a["bool_masked_pos"], b["bool_masked_pos"])
 
 
 def test_numpy_conversion_matches_the_paddle_one():
-    transform = _transforms()["cae"]
-    twin = fast_twin(transform)
+    pipeline = _transforms()["cae"]
     batch = {"images": np.random.default_rng(0).integers(0, 256, (2, 3, 8, 8), dtype=np.uint8),
              "tokenizer_images": np.random.default_rng(1).integers(0, 256, (2, 3, 4, 4), dtype=np.uint8)}
-    for key, spec in twin.specs.items():
-        batch[key] = np.stack([spec, spec])
-    from_numpy = to_model_floats(batch)
-    from_paddle = to_model_floats(_to_paddle(batch))
+    from_numpy = to_model_floats(batch, pipeline.conversions)
+    from_paddle = to_model_floats(_to_paddle(batch), pipeline.conversions)
     assert sorted(from_numpy) == sorted(from_paddle) == ["images", "tokenizer_images"]
     for key in from_numpy:
+        assert from_numpy[key].dtype == np.float32
         np.testing.assert_array_equal(from_numpy[key], from_paddle[key].numpy())
     # and both are the reference's ToTensor + Normalize / map_pixels
     chw = batch["images"][0].astype(np.float32) / 255.0
-    normalize = transform.patch_transform.transforms[1]
-    np.testing.assert_array_equal(from_numpy["images"][0], normalize(chw))
+    np.testing.assert_array_equal(from_numpy["images"][0],
+                                  Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(chw))
+    tok = batch["tokenizer_images"][1].astype(np.float32) / 255.0
+    np.testing.assert_array_equal(from_numpy["tokenizer_images"][1], MapPixels(0.1)(tok))
+    # float entries (a float32 hand-over) are left alone
+    assert to_model_floats(from_numpy, pipeline.conversions)["images"] is from_numpy["images"]
 
 
 def test_an_unreadable_jpeg_is_replaced_with_the_draws_the_reference_gives_it(tmp_path):
@@ -95,29 +149,46 @@ def test_an_unreadable_jpeg_is_replaced_with_the_draws_the_reference_gives_it(tm
     bad = sorted(root.glob("*/*.jpeg"))[0]
     data = bad.read_bytes()
     bad.write_bytes(data[:len(data) * 2 // 3])  # header intact, scan data cut: fails when decoding
-    transform = _transforms()["mae"]
-    fast = ImageFolder(root, transform)
-    ref = ImageFolder(root, transform, handover="float32")
+    fast = ImageFolder(root, _transforms()["mae"])
+    ref = ImageFolder(root, _reference("mae"))
     index = [p for p, _ in fast.samples].index(str(bad))
     with sample_rng(5):
         a = fast[index]
     with sample_rng(5):
         b = ref[index]
     assert a["replaced"] == b["replaced"] == index and index in fast.known_bad
-    floats = to_model_floats({k: v[None] for k, v in a.items()})["images"][0]
+    floats = to_model_floats({k: v[None] for k, v in a.items()}, fast.conversions)["images"][0]
     np.testing.assert_array_equal(floats, b["images"])
     np.testing.assert_array_equal(a["noise"], b["noise"])
 
 
-def test_float32_hand_over_and_unknown_transforms_use_the_reference_path(tmp_path):
+def test_float32_hand_over_and_other_transforms(tmp_path):
     root = _folder(tmp_path, [(40, 40)])
-    assert ImageFolder(root, _transforms()["mae"]).fast_pipeline() is not None
-    assert ImageFolder(root, _transforms()["mae"], handover="float32").fast_pipeline() is None
-    assert ImageFolder(root, lambda img: np.asarray(img)).fast_pipeline() is None
+    assert sorted(ImageFolder(root, _transforms()["cae"]).conversions) == ["images", "tokenizer_images"]
+    floats = ImageFolder(root, _transforms()["mae"], handover="float32")
+    assert floats.conversions == {} and floats[0]["images"].dtype == np.float32
+    assert ImageFolder(root, lambda img: np.asarray(img)).conversions == {}
     with pytest.raises(ValueError, match="handover must be one of"):
         ImageFolder(root, _transforms()["mae"], handover="fp16")
     with pytest.raises(ValueError, match="fast_decode must be"):
         ImageFolder(root, _transforms()["mae"], fast_decode=2.0)
+
+
+def test_accelerate_dataset_swaps_the_crop_of_pipelines_and_pil_transforms(tmp_path):
+    from paddle_cae.fast import resample
+    from paddle_cae.data.transforms import build_finetune_transform
+    from paddle_cae.fast.data import accelerate_dataset
+
+    root = _folder(tmp_path, [(40, 40)])
+    pretrain = accelerate_dataset(ImageFolder(root, _transforms()["cae"]))
+    finetune = accelerate_dataset(ImageFolder(root, build_finetune_transform(32)))
+    crop = finetune.transform.transforms[0]
+    if resample.library() is None:
+        assert pretrain.transform.resampler is PILLOW and crop.resampler is PILLOW
+    else:
+        assert isinstance(pretrain.transform.resampler, ExactResampler)
+        assert isinstance(crop.resampler, ExactResampler)
+    assert accelerate_dataset(ImageFolder(root)).transform is None
 
 
 # ------------------------------------------------------------ draws match the official definition
@@ -147,12 +218,11 @@ class _RecordingSource(ImageSource):
     """An in-memory 'file' that records the crop the pipeline decodes for."""
 
     def __init__(self, img):
-        self.img, self.size, self.flipped, self.calls = img, img.size, False, []
+        self.img, self.size, self.ratio, self.calls = img, img.size, 0.0, []
 
-    def decode(self, crop_w, crop_h, out_w, out_h, ratio=0.0, apply_flip=True):
+    def decode(self, crop_w, crop_h, out_w, out_h):
         self.calls.append((crop_w, crop_h))
-        img = self.img.transpose(Image.FLIP_LEFT_RIGHT) if self.flipped and apply_flip else self.img
-        return img, 1.0
+        return self.img, 1.0
 
 
 def _ks_statistic(a, b):
@@ -166,15 +236,13 @@ def test_crop_scale_aspect_and_flip_rate_match_torchvision_over_many_draws(metho
     width, height, draws = 120, 80, 3000
     ramp = np.tile(np.linspace(0, 255, width, dtype=np.float32).astype(np.uint8)[None, :, None], (height, 1, 3))
     image = Image.fromarray(ramp)  # brightness rises to the right: a flip shows
-    transform = MAEPretrainTransform(16) if method == "mae" else \
-        CAEPretrainTransform(BlockMaskGenerator((2, 2), 1, max_num_patches=None, min_num_patches=1), 16, 8,
-                             scale=scale)
-    twin = fast_twin(transform)
+    pipeline = MAEPipeline(16) if method == "mae" else \
+        CAEPipeline(BlockMaskGenerator((2, 2), 1, max_num_patches=None, min_num_patches=1), 16, 8, scale=scale)
     fast_area, fast_logr, flips = [], [], 0
     for seed in range(draws):
         source = _RecordingSource(image)
         with sample_rng(seed):
-            images = twin(source)["images"]
+            images = pipeline(source)["images"]
         (w, h), = source.calls
         fast_area.append(w * h / (width * height))
         fast_logr.append(math.log(w / h))

@@ -72,7 +72,6 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
 
     from paddle_cae.data.datasets import build_dataset
     from paddle_cae.data.loader import collate_samples
-    from paddle_cae.data.transforms import build_pretrain_transform
     from paddle_cae.engine.pretrain import training_inputs
     from paddle_cae.methods import get_method
     from paddle_cae.cli.pretrain import attach_tokenizer, build_model, prepare_args
@@ -85,12 +84,12 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     paddle.seed(0)
     model = build_model(args)
     attach_tokenizer(model, args)
-    transform = build_pretrain_transform(args.method, args)
-    dataset = build_dataset("train", args.data_path, transform)
+    method = get_method(args.method)
+    dataset = build_dataset("train", args.data_path, method.pretrain_transform(args))
     samples = collate_samples([dataset[i] for i in range(4)])
     batch = {k: paddle.to_tensor(v) for k, v in samples.items()}
     model.train()
-    model(training_inputs(get_method(args.method), batch, 1))["loss"].backward()
+    model(training_inputs(method, model, batch, 1, dataset.conversions))["loss"].backward()
     missing = _missing_gradients(model)
     declared = dist_rt.unused_parameter_names(model)
     # what data_parallel is told may go unused is exactly what got no gradient

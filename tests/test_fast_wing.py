@@ -10,10 +10,9 @@ from paddle_cae.fast import switches
 PACKAGE = Path(__file__).resolve().parent.parent / "paddle_cae"
 REFERENCE_ROOMS = ("models", "data", "optim", "runtime", "engine", "loading", "methods", "io",
                    "inference")
-# the loader's crop still calls the exact resampler until the data pipeline's fast stages
-# move into the wing
-ALLOWED = {path: {"paddle_cae.fast", "paddle_cae.fast.resample"}
-           for path in ("data/datasets.py", "data/fastpath.py", "data/transforms.py")}
+# (no exceptions: the data pipeline's crop takes the exact resampler from
+# paddle_cae.fast.data.accelerate_dataset)
+ALLOWED = {}
 
 
 def _imports(path):

@@ -22,8 +22,8 @@ TOY_METHOD_FILE = '''
 import paddle
 import paddle.nn as nn
 
-from paddle_cae.data.transforms import (Compose, Normalize, RandomResizedCrop, ToTensor, _get,
-                                        _bool_mask, mean_std)
+from paddle_cae.data.pipeline import CropFlip, Pipeline, ToFloat
+from paddle_cae.data.transforms import _get, bool_mask, mean_std
 from paddle_cae.methods import Method, register_method
 from paddle_cae.models.base import PretrainingModel
 from paddle_cae.models.layers import Block, PatchEmbed
@@ -31,6 +31,8 @@ from paddle_cae.models.registry import register_model
 
 
 class ToyMIM(PretrainingModel):
+    input_keys = ("images", "bool_masked_pos")
+
     def __init__(self, img_size=32, patch_size=4, embed_dim=32, num_heads=2, masked_weight=1.0):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
@@ -62,14 +64,15 @@ def toy_mim_tiny(**kwargs):
     return ToyMIM(**kwargs)
 
 
-class ToyTransform:
+class ToyPipeline(Pipeline):
     def __init__(self, mask_generator, input_size, mean, std):
         self.mask_generator = mask_generator
-        self.transform = Compose([RandomResizedCrop(input_size, scale=(0.5, 1.0)), ToTensor(),
-                                  Normalize(mean, std)])
+        self.crop_flip = CropFlip(input_size, scale=(0.5, 1.0))
+        self.conversions = {"images": ToFloat.normalise(mean, std)}
 
-    def __call__(self, img):
-        return {"images": self.transform(img), "bool_masked_pos": _bool_mask(self.mask_generator)}
+    def sample(self, source):
+        return {"images": self.crop_flip(source, self.resampler),
+                "bool_masked_pos": bool_mask(self.mask_generator)}
 
 
 @register_method
@@ -84,7 +87,7 @@ class ToyMethod(Method):
 
     def pretrain_transform(self, args, mask_generator=None):
         mean, std = mean_std(bool(_get(args, "imagenet_default_mean_and_std", True)))
-        return ToyTransform(mask_generator or self.mask_generator(args),
+        return ToyPipeline(mask_generator or self.mask_generator(args),
                             int(_get(args, "input_size", 224)), mean, std)
 '''
 

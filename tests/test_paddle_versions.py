@@ -44,7 +44,6 @@ def test_pretraining_models_run_without_a_stable_argsort(no_stable_argsort):
         img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0,
         decode_dim=16, decoder_depth=1, fea_list=(0, 1), mask_num=12)
     order = np.stack([rng.permutation(16) for _ in range(2)]).astype("int64")
-    boot.on_epoch_start(400)
     assert np.isfinite(float(boot(images, idx_shuffle=order)["loss"]))
     cae = ContextAutoencoderViT(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4,
                                 decoder_embed_dim=32, regressor_depth=1, decoder_depth=1,

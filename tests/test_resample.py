@@ -202,26 +202,30 @@ def test_a_pillow_that_computes_differently_is_detected(monkeypatch, fresh_state
 
 def test_the_fast_pipeline_gives_the_reference_pixels_without_the_c_code(monkeypatch, tmp_path,
                                                                           fresh_state):
-    from paddle_cae.data.fastpath import ImageSource, fast_twin
     from paddle_cae.data.masking import BlockMaskGenerator
-    from paddle_cae.data.transforms import CAEPretrainTransform, MAEPretrainTransform, sample_rng
+    from paddle_cae.data.pipeline import ImageSource, use_resampler
+    from paddle_cae.data.transforms import sample_rng
+    from paddle_cae.fast.data import ExactResampler
+    from paddle_cae.methods.cae import CAEPipeline
+    from paddle_cae.methods.mae import MAEPipeline
 
     path = str(tmp_path / "a.jpg")
     _image(np.random.RandomState(7), 90, 70).save(path, quality=90)
-    transforms = [MAEPretrainTransform(32),
-                  CAEPretrainTransform(BlockMaskGenerator((2, 2), 1, max_num_patches=None,
-                                                          min_num_patches=1), 32, 16)]
+    pipelines = [MAEPipeline(32),
+                 CAEPipeline(BlockMaskGenerator((2, 2), 1, max_num_patches=None, min_num_patches=1), 32, 16)]
     if resample.library() is None:
         pytest.skip(f"C resampler unavailable here: {resample.unavailable_reason()}")
+    for pipeline in pipelines:
+        use_resampler(pipeline, ExactResampler())
     outputs = {}
     for switch in ("1", "0"):
         monkeypatch.setenv("PADDLE_CAE_FAST_RESIZE", switch)
         resample.reset()
         assert (resample.library() is None) == (switch == "0")
-        for k, transform in enumerate(transforms):
+        for k, pipeline in enumerate(pipelines):
             for seed in range(4):
                 with sample_rng(seed):
-                    sample = fast_twin(transform)(ImageSource(path))
+                    sample = pipeline(ImageSource(path))
                 outputs.setdefault((k, seed), []).append(sample)
     for (k, seed), (fast, plain) in outputs.items():
         for key in fast:
@@ -250,28 +254,33 @@ def test_works_in_a_forked_worker(lib, tmp_path):
     assert np.array_equal(got, pil_crop_resize(img, (10, 5, 110, 80), (56, 48), Image.BICUBIC))
 
 
-def test_an_image_folder_with_a_transform_loads_the_resampler_before_workers_fork(tmp_path,
-                                                                                 fresh_state):
+def test_accelerating_a_dataset_loads_the_resampler_before_workers_fork(tmp_path, fresh_state):
     from paddle_cae.data.datasets import ImageFolder
-    from paddle_cae.data.transforms import MAEPretrainTransform
+    from paddle_cae.fast.data import accelerate_dataset
+    from paddle_cae.methods.mae import MAEPipeline
 
     (tmp_path / "a").mkdir()
     _image(np.random.RandomState(9), 40, 30).save(tmp_path / "a" / "x.png")
-    ImageFolder(str(tmp_path), transform=None)
+    accelerate_dataset(ImageFolder(str(tmp_path), transform=None))
     assert not resample.NATIVE.tried  # no transform: nothing to crop
-    ImageFolder(str(tmp_path), transform=MAEPretrainTransform(16), handover="float32")
+    ImageFolder(str(tmp_path), transform=MAEPipeline(16))
+    assert not resample.NATIVE.tried  # the reference data path never loads it
+    accelerate_dataset(ImageFolder(str(tmp_path), transform=MAEPipeline(16), handover="float32"))
     assert resample.NATIVE.tried
 
 
 def test_reference_resized_crop_gives_pil_pixels_with_and_without_the_c_code(monkeypatch, fresh_state):
     from paddle_cae.data.transforms import resized_crop
+    from paddle_cae.fast.data import ExactResampler
 
     img = _image(np.random.RandomState(10), 150, 110)
     want = img.crop((7, 3, 7 + 120, 3 + 90)).resize((64, 48), Image.BICUBIC)
+    got = resized_crop(img, 3, 7, 90, 120, (48, 64), Image.BICUBIC)  # the reference: Pillow
+    assert np.array_equal(np.asarray(got), np.asarray(want))
     for switch in ("1", "0"):
         monkeypatch.setenv("PADDLE_CAE_FAST_RESIZE", switch)
         resample.reset()
-        got = resized_crop(img, 3, 7, 90, 120, (48, 64), Image.BICUBIC)
+        got = resized_crop(img, 3, 7, 90, 120, (48, 64), Image.BICUBIC, ExactResampler())
         assert got.mode == "RGB" and got.size == (64, 48)
         assert np.array_equal(np.asarray(got), np.asarray(want)), switch
     assert resample.library() is None  # the second round ran PIL's code

@@ -18,6 +18,7 @@ from ..engine.finetune import ClassificationLoss, ClassifierRun
 from ..engine.pretrain import write_config_snapshot
 from ..engine.stepper import NonFiniteLossError
 from ..fast import accelerate, accelerate_optimizer
+from ..fast.data import accelerate_dataset
 from ..loading.classifier import build_classifier, classifier_config, encoder_of, transform_method
 from ..loading.pretrained import PretrainedLoadError, load_pretrained, strict_load
 from ..optim import build_optimizer, param_groups
@@ -212,7 +213,7 @@ def run(argv=None, phase="finetune"):
         model = accelerate(build_classifier(config, for_training=False))
         return evaluate_only(args, env, model, precision, val_set)
 
-    train_set = build_dataset("train", args.data_path, train_transform(args))
+    train_set = accelerate_dataset(build_dataset("train", args.data_path, train_transform(args)))
     if train_set.classes != val_set.classes:
         raise ValueError(f"{train_set.root} and {val_set.root} have different class folders")
     config = classifier_config(args, resolve_num_classes(args, train_set))

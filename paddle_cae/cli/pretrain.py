@@ -10,6 +10,7 @@ import paddle
 from ..data.datasets import build_dataset, default_data_path
 from ..engine.pretrain import NonFiniteLossError, PretrainRun, describe_start, write_config_snapshot
 from ..fast import accelerate, accelerate_optimizer
+from ..fast.data import accelerate_dataset
 from ..methods import get_method, method_for
 from ..models import create_model
 from ..optim import build_optimizer, param_groups
@@ -185,7 +186,7 @@ def run(argv=None):
     # the masks are laid out on the built model's patch grid
     transform = method.pretrain_transform(
         argparse.Namespace(**{**vars(args), "patch_size": model.input_patch_size()}))
-    dataset = build_dataset("train", args.data_path, transform, options=args)
+    dataset = accelerate_dataset(build_dataset("train", args.data_path, transform, options=args))
     options = method.group_options("pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)
     optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,

@@ -11,11 +11,11 @@ dict: the transform's output (an array becomes ``"images"``, a dict is taken as 
 sample stands in for). The loader counts ``replaced >= 0`` per epoch, so a corrupt file is
 visible in the logs without stopping a 300-epoch run.
 
-Pretraining pipelines (MAE, CAE, BootMAE) run through their loader-side twin
-(:mod:`.fastpath`) unless ``handover="float32"``: the file is opened for its header, the crop
-is drawn, then decoded (at a reduced size with ``fast_decode``), and the images travel as
-uint8 with their conversion spec; the training step makes the float32 tensors
-(``fastpath.to_model_floats``).
+A pretraining :class:`.pipeline.Pipeline` is given the image *file* (an
+:class:`.pipeline.ImageSource`): the file is opened for its header, the crop is drawn, then
+decoded (at a reduced size with ``fast_decode``), and the images travel as uint8; the training
+step makes the float32 tensors with the pipeline's ``conversions`` (:attr:`ImageFolder.conversions`).
+With ``handover="float32"`` the loader converts them itself.
 """
 import logging
 import os
@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..fast import resample
-from .fastpath import HANDOVERS, ImageSource, UnreadableImage, decode_ratio, fast_twin
+from .pipeline import HANDOVERS, ImageSource, Pipeline, UnreadableImage, decode_ratio
 from .transforms import _get, in_sample_rng, restart_sample_rng
 
 logger = logging.getLogger(__name__)
@@ -95,20 +94,14 @@ class ImageFolder:
         self.transform = transform
         self.loader = loader
         self.handover = handover
-        decode_ratio(fast_decode)  # checked here, where the value is given
+        self.decode_ratio = decode_ratio(fast_decode)  # checked here, where the value is given
         self.fast_decode = fast_decode
-        self._fast = (None, None, None)  # (transform, fast_decode, its twin)
         self.extensions = tuple(e.lower() for e in extensions)
         self._check_root()
         self.classes, self.class_to_idx = find_classes(self.root)
         self.samples = self._scan()
         self.targets = [label for _, label in self.samples]
         self.known_bad = set()  # indices whose file failed to load; filled here and by the loader
-        if self.transform is not None:
-            # build / load the exact C resampler (the fast path's and RandomResizedCrop's crop +
-            # resize) here, so forked DataLoader workers inherit it and a fallback is logged
-            # once, not once per worker
-            resample.library()
 
     @property
     def class_names(self):
@@ -175,40 +168,37 @@ class ImageFolder:
             f"the transform failed on image '{path}' ({mode} {size[0]}x{size[1]}): "
             f"{type(err).__name__}: {err}; transform: {transform!r}")
 
-    def fast_pipeline(self):
-        """The loader-side twin of the transform (:func:`fastpath.fast_twin`), or None: uint8
-        hand-over off, a custom loader, or a transform without a twin."""
-        if self.handover != "uint8" or self.loader is not pil_loader or self.transform is None:
-            return None
-        transform, fast_decode, twin = self._fast
-        if transform is not self.transform or fast_decode != self.fast_decode:
-            twin = fast_twin(self.transform, self.fast_decode)
-            self._fast = (self.transform, self.fast_decode, twin)
-        return twin
+    @property
+    def conversions(self):
+        """Image key -> :class:`.pipeline.ToFloat` the training step applies to the uint8
+        images of a batch (empty: the samples are float already)."""
+        if self.handover == "float32" or not isinstance(self.transform, Pipeline):
+            return {}
+        return dict(self.transform.conversions)
 
-    def _read_fast(self, twin):
-        def read(path):
-            source = ImageSource(path)
-            # the twin draws before it decodes: an unreadable file must not use up the draws of
-            # the sample that replaces it (outside a sample_rng block: the global generators)
-            state = None if in_sample_rng() else (random.getstate(), np.random.get_state())
-            try:
-                return twin(source)
-            except UnreadableImage:
-                if state is None:
-                    restart_sample_rng()
-                else:
-                    random.setstate(state[0])
-                    np.random.set_state(state[1])
-                raise
-            except Exception as err:
-                raise self._pipeline_error(path, source.img.mode, source.size, err, twin) from err
-        return read
+    def _reads_files(self):
+        return isinstance(self.transform, Pipeline) and self.loader is pil_loader
+
+    def _read_source(self, path):
+        source = ImageSource(path, self.decode_ratio)
+        # the pipeline draws before it decodes: an unreadable file must not use up the draws of
+        # the sample that replaces it (outside a sample_rng block: the global generators)
+        state = None if in_sample_rng() else (random.getstate(), np.random.get_state())
+        try:
+            return self.transform(source)
+        except UnreadableImage:
+            if state is None:
+                restart_sample_rng()
+            else:
+                random.setstate(state[0])
+                np.random.set_state(state[1])
+            raise
+        except Exception as err:
+            raise self._pipeline_error(path, source.img.mode, source.size, err, self.transform) from err
 
     def __getitem__(self, index):
-        twin = self.fast_pipeline()
-        if twin is not None:
-            out, used, replaced = self._load(int(index), self._read_fast(twin))
+        if self._reads_files():
+            out, used, replaced = self._load(int(index), self._read_source)
         else:
             img, used, replaced = self._load(int(index))
             if self.transform is None:
@@ -219,6 +209,8 @@ class ImageFolder:
                 except Exception as err:
                     raise self._pipeline_error(self.samples[used][0], img.mode, img.size, err,
                                                self.transform) from err
+        if self.handover == "float32" and isinstance(self.transform, Pipeline):
+            out = self.transform.to_floats(out)
         sample = dict(out) if isinstance(out, dict) else {"images": out}
         sample["labels"] = np.int64(self.samples[used][1])
         sample["replaced"] = np.int64(replaced)
@@ -256,7 +248,7 @@ def build_dataset(split, data_path=None, transform=None, options=None):
     """``ImageFolder`` over ``data_path/split`` (``data_path`` None -> the bundled demo digits).
     ``options`` (a Namespace or dict, e.g. the run's args) may set ``data_handover``
     ('uint8', the default, or 'float32') and ``fast_decode`` (default False; True or a ratio,
-    see ``fastpath.decode_ratio``)."""
+    see ``pipeline.decode_ratio``)."""
     data_path = data_path or default_data_path()
     handover = _get(options or {}, "data_handover", "uint8")
     fast_decode = _get(options or {}, "fast_decode", False)

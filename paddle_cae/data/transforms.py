@@ -9,23 +9,11 @@ numpy state are used. Thread-local generators, rather than reseeding the global 
 the loader's prefetch thread (``num_workers=0``) from racing with the training loop's own
 random draws.
 
-Pipelines (SPEC h.4), built by :func:`build_pretrain_transform`:
+The pretraining pipelines are built from these transforms' draws as explicit stages
+(:mod:`.pipeline`); each method's lives in its file of ``paddle_cae.methods``.
 
-* MAE      RandomResizedCrop(scale 0.2-1, bicubic) -> flip -> ToTensor -> Normalize
-           -> ``{"images"}``  (the model draws its own random mask)
-* BootMAE  RandomResizedCrop(scale 0.2-1, bicubic) -> flip -> ToTensor -> Normalize(0.5, 0.5)
-           + block mask (120 of 196, blocks <= 60) -> ``{"images", "bool_masked_pos"}``
-* CAE      flip -> ONE crop box (scale 0.08-1) resized twice: ``input_size`` bicubic for the
-           encoder (normalised) and ``second_input_size`` LANCZOS for the tokenizer
-           (ToTensor + map_pixels 0.8x + 0.1) + block (or random) mask
-           -> ``{"images", "tokenizer_images", "bool_masked_pos"}``
-
-Masks are boolean ``[N]`` arrays in raster order, True = masked. The keys are the names of the
-pretraining models' forward arguments, so a batch can be handed over as it is.
-
-These classes are the definition. An image folder runs the pretraining pipelines through their
-loader-side twins (:mod:`.fastpath`: the same draws and pixels, uint8 hand-over, crop drawn
-before decoding).
+The crop + resize of :class:`RandomResizedCrop` is one replaceable function, its
+``resampler`` (the reference: Pillow's ``crop`` then ``resize``; :func:`use_resampler`).
 """
 import contextlib
 import math
@@ -140,6 +128,50 @@ def mean_std(imagenet_default_mean_and_std):
     return HALF_MEAN, HALF_STD
 
 
+# ------------------------------------------------------------------------- the resampler
+class PillowResampler:
+    """The reference crop + resize: Pillow's ``crop`` then ``resize`` (a box given to
+    ``resize`` would let the filter read pixels outside it)."""
+
+    name = "Pillow"
+
+    def __call__(self, img, box, size, resample, mirror_src=False, mirror_out=False, span=None):
+        """uint8 ``[3, size[1], size[0]]``: ``img`` mirrored left-right first with
+        ``mirror_src`` (``box`` is a box of the mirrored image), cropped to ``box`` and resized
+        to ``size`` (w, h) with the filter ``resample``, mirrored with ``mirror_out``. With
+        ``span`` (a float box, after a reduced decode): the whole image resized with
+        ``box=span`` instead."""
+        if mirror_src:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if span is None:
+            out = img.crop(tuple(box)).resize(tuple(size), resample)
+        else:
+            out = img.resize(tuple(size), resample, box=tuple(span))
+        if mirror_out:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
+
+    def image(self, img, box, size, resample):
+        """PIL image in, PIL image out: ``img.crop(box).resize(size, resample)`` (the
+        PIL-image transforms' crop, :class:`.transforms.RandomResizedCrop`)."""
+        return img.crop(tuple(box)).resize(tuple(size), resample)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+PILLOW = PillowResampler()
+
+
+def use_resampler(transform, resampler):
+    """Give ``transform`` (a pipeline, a ``Compose`` or one transform) and every stage inside
+    it that crops and resizes the crop + resize function ``resampler``; returns
+    ``transform``. Stages declare it with a ``use_resampler(resampler)`` method."""
+    if hasattr(transform, "use_resampler"):
+        transform.use_resampler(resampler)
+    return transform
+
+
 class Compose:
     def __init__(self, transforms):
         self.transforms = list(transforms)
@@ -149,25 +181,21 @@ class Compose:
             x = t(x)
         return x
 
+    def use_resampler(self, resampler):
+        for t in self.transforms:
+            use_resampler(t, resampler)
+
     def __repr__(self):
         inner = "".join(f"\n  {t!r}," for t in self.transforms)
         return f"Compose({inner}\n)"
 
 
-def resized_crop(img, top, left, height, width, size, interpolation):
-    """Crop the box (top, left, height, width) and resize it to ``size`` (h, w): PIL's
-    ``crop`` then ``resize``, computed by the exact C resampler (:mod:`.resample`, the same
-    pixels) for RGB images where it is available."""
+def resized_crop(img, top, left, height, width, size, interpolation, resampler=PILLOW):
+    """Crop the box (top, left, height, width) and resize it to ``size`` (h, w) with
+    ``resampler`` (the reference: PIL's ``crop`` then ``resize``)."""
     out_h, out_w = _pair(size)
     box = (left, top, left + width, top + height)
-    resample_filter = _resolve_interpolation(interpolation)
-    if img.mode == "RGB":
-        from ..fast import resample
-
-        chw = resample.crop_resize(img, box, (out_w, out_h), resample_filter)
-        if chw is not None:
-            return Image.fromarray(np.ascontiguousarray(chw.transpose(1, 2, 0)), "RGB")
-    return img.crop(box).resize((out_w, out_h), resample_filter)
+    return resampler.image(img, box, (out_w, out_h), _resolve_interpolation(interpolation))
 
 
 class RandomResizedCrop:
@@ -181,6 +209,10 @@ class RandomResizedCrop:
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
         self.interpolation = pil_interpolation(interpolation)
+        self.resampler = PILLOW
+
+    def use_resampler(self, resampler):
+        self.resampler = resampler
 
     @staticmethod
     def get_params(img, scale, ratio, attempts=10):
@@ -211,29 +243,10 @@ class RandomResizedCrop:
 
     def __call__(self, img):
         top, left, h, w = self.get_params(img, self.scale, self.ratio)
-        return resized_crop(img, top, left, h, w, self.size, self.interpolation)
+        return resized_crop(img, top, left, h, w, self.size, self.interpolation, self.resampler)
 
     def __repr__(self):
         return f"RandomResizedCrop(size={self.size}, scale={self.scale}, ratio={self.ratio})"
-
-
-class RandomResizedCropTwoViews(RandomResizedCrop):
-    """One crop box, resized to two sizes with two filters (CAE: encoder view + tokenizer view)."""
-
-    def __init__(self, size, second_size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0),
-                 interpolation="bicubic", second_interpolation="lanczos"):
-        super().__init__(size, scale, ratio, interpolation)
-        self.second_size = _pair(second_size)
-        self.second_interpolation = pil_interpolation(second_interpolation)
-
-    def __call__(self, img):
-        top, left, h, w = self.get_params(img, self.scale, self.ratio)
-        return (resized_crop(img, top, left, h, w, self.size, self.interpolation),
-                resized_crop(img, top, left, h, w, self.second_size, self.second_interpolation))
-
-    def __repr__(self):
-        return (f"RandomResizedCropTwoViews(size={self.size}, second_size={self.second_size}, "
-                f"scale={self.scale}, ratio={self.ratio})")
 
 
 class RandomResizedCropTF(RandomResizedCrop):
@@ -404,107 +417,9 @@ def window_size_of(args):
     return input_size // patch, input_size // patch
 
 
-def build_mask_generator(args, method):
-    """The mask generator ``method``'s recipe asks for (None where the model masks itself);
-    the method (:mod:`paddle_cae.methods`) decides."""
-    from ..methods import get_method
-
-    return get_method(method).mask_generator(args)
-
-
-def _bool_mask(generator):
+def bool_mask(generator):
+    """One mask of ``generator`` drawn from the sample's generator, as a flat bool array."""
     return np.asarray(generator(rng=python_rng()), dtype=bool).reshape(-1)
-
-
-# ------------------------------------------------------------------ pretraining pipelines
-class MAEPretrainTransform:
-    """MAE's crop/flip/normalise. With ``num_patches`` each sample also carries ``noise``
-    [N] ~ U[0, 1): the draw MAE's random_masking sorts to pick the kept patches, made here
-    per sample so the masks do not depend on batch size or the number of processes."""
-
-    def __init__(self, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
-                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_patches=None):
-        self.num_patches = num_patches
-        self.transform = Compose([
-            RandomResizedCrop(input_size, scale=scale, interpolation=interpolation),
-            RandomHorizontalFlip(),
-            ToTensor(),
-            Normalize(mean, std),
-        ])
-
-    def __call__(self, img):
-        sample = {"images": self.transform(img)}
-        if self.num_patches:
-            sample["noise"] = numpy_rng().random_sample(self.num_patches).astype(np.float32)
-        return sample
-
-    def __repr__(self):
-        return f"MAEPretrainTransform({self.transform!r})"
-
-
-class BootMAEPretrainTransform(MAEPretrainTransform):
-    """Block mask plus the per-sample patch ``order`` of BootMAE's mask-to-index step before
-    its roll (visible patches first, each group in random order, the last ``mask_num``
-    dropped); the method rolls the orders of one global batch alike
-    (:meth:`paddle_cae.methods.bootmae.BootMAEMethod.finish_batch`)."""
-
-    def __init__(self, mask_generator, mask_num, input_size=224, scale=(0.2, 1.0),
-                 interpolation="bicubic", mean=HALF_MEAN, std=HALF_STD):
-        super().__init__(input_size, scale, interpolation, mean, std)
-        self.mask_generator = mask_generator
-        self.mask_num = int(mask_num)
-
-    def __call__(self, img):
-        from .masking import bootmae_shuffle_from_mask
-
-        mask = _bool_mask(self.mask_generator)
-        side = int(round(np.sqrt(mask.size)))
-        order, _ = bootmae_shuffle_from_mask(mask.reshape(side, side).astype(np.int64),
-                                             self.mask_num, rng=numpy_rng(), roll=0)
-        return {"images": self.transform(img), "bool_masked_pos": mask, "order": order}
-
-    def __repr__(self):
-        return (f"BootMAEPretrainTransform({self.transform!r}, mask={self.mask_generator!r}, "
-                f"mask_num={self.mask_num})")
-
-
-class CAEPretrainTransform:
-    def __init__(self, mask_generator, input_size=224, second_input_size=112, scale=(0.08, 1.0),
-                 interpolation="bicubic", second_interpolation="lanczos",
-                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, color_jitter=0.0):
-        if color_jitter and color_jitter > 0:
-            raise NotImplementedError("--color_jitter > 0 is not supported (every CAE recipe uses 0)")
-        self.flip = RandomHorizontalFlip()  # flip first, then crop: the official order
-        self.crop = RandomResizedCropTwoViews(input_size, second_input_size, scale=scale,
-                                              interpolation=interpolation,
-                                              second_interpolation=second_interpolation)
-        self.patch_transform = Compose([ToTensor(), Normalize(mean, std)])
-        self.tokenizer_transform = Compose([ToTensor(), MapPixels(0.1)])
-        self.mask_generator = mask_generator
-
-    def __call__(self, img):
-        view, tokenizer_view = self.crop(self.flip(img))
-        return {
-            "images": self.patch_transform(view),                          # [3, S, S]
-            "tokenizer_images": self.tokenizer_transform(tokenizer_view),  # [3, S2, S2] in [0.1, 0.9]
-            "bool_masked_pos": _bool_mask(self.mask_generator),            # [N] bool
-        }
-
-    def __repr__(self):
-        return (f"CAEPretrainTransform({self.flip!r}, {self.crop!r}, {self.patch_transform!r}, "
-                f"{self.tokenizer_transform!r}, mask={self.mask_generator!r})")
-
-
-def build_pretrain_transform(method, args, mask_generator=None):
-    """image (PIL RGB) -> dict of arrays for the pretraining ``method`` (a name or a
-    :class:`paddle_cae.methods.Method`), which assembles the pipeline from the classes above.
-
-    ``args``: Namespace or dict with the official flag names (input_size,
-    imagenet_default_mean_and_std, num_mask_patches, ...). ``mask_generator`` overrides the
-    one the config describes (tests, parity runs)."""
-    from ..methods import get_method
-
-    return get_method(method).pretrain_transform(args, mask_generator)
 
 
 # ----------------------------------------------------------------------- eval / probing

@@ -1,18 +1,16 @@
 """Pretraining, written once for every pretraining model.
 
 A pretraining model takes a batch dict and returns ``{"loss": total, <parts>...}``. The
-batch the engine builds holds, when the data pipeline made them:
-
-    images [B, 3, H, W]          bool_masked_pos [B, N]     tokenizer_images [B, 3, h, w]
-    noise [B, N] (MAE masking)   order [B, N] (BootMAE)
-
-then the method's ``finish_batch(batch, batch_seed)`` makes the draws taken once per global
-batch, from a seed that is the same on every rank for one global batch (BootMAE: the roll that
-turns ``order`` into ``idx_shuffle``). The epoch reaches models through ``on_epoch_start``.
+engine turns a loader batch into that dict in three steps: the uint8 images become float32 on
+the device with the pipeline's conversions (stated once per run, ``dataset.conversions``), the
+method's ``finish_batch(batch, batch_seed)`` makes the draws taken once per global batch, from
+a seed that is the same on every rank for one global batch (BootMAE: the roll that turns
+``order`` into ``idx_shuffle``), and the entries the model declares (``model.input_keys``)
+are kept. The method's epoch schedules reach the model as forward arguments
+(``Method.forward_kwargs``, BootMAE's feature-loss ramp) and as the momentum of a teacher's
+EMA step after each optimizer step (``Method.teacher_momentum`` -> ``model.update_teacher(m)``).
 
 Models declare optional hooks instead of the engine knowing them:
-``on_epoch_start(epoch)`` (epoch schedules: BootMAE's feature-loss ramp and teacher momentum),
-``after_optimizer_step()`` (BootMAE's EMA teacher),
 ``extra_state()`` / ``load_extra_state(state)`` (saved beside the weights),
 ``encoder_state_dict()`` (the encoder-only export) and ``reconstruction_image(batch, out)``
 (VisualDL images).
@@ -29,8 +27,8 @@ import os
 import numpy as np
 import paddle
 
-from ..data.fastpath import to_model_floats
 from ..data.loader import derive_seed
+from ..data.pipeline import to_model_floats
 from ..methods import get_method
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import save_checkpoint, to_plain
@@ -41,20 +39,13 @@ from .stepper import NonFiniteLossError
 
 logger = logging.getLogger("paddle_cae")
 
-# what the data pipeline may produce for a pretraining model (labels are not used)
-BATCH_KEYS = ("images", "bool_masked_pos", "tokenizer_images", "noise", "order", "target_ids")
-
-
-def model_batch(batch):
-    """The model's inputs from a loader batch. Images handed over as uint8 (with their
-    conversion spec) become the pipeline's float32 tensors here, on the device."""
-    return {k: v for k, v in to_model_floats(batch).items() if k in BATCH_KEYS}
-
-
-def training_inputs(method, batch, batch_seed):
-    """A loader batch -> what the pretraining model takes: :func:`model_batch`, then the
-    method's per-batch step (:meth:`paddle_cae.methods.Method.finish_batch`)."""
-    return method.finish_batch(model_batch(batch), batch_seed)
+def training_inputs(method, model, batch, batch_seed, conversions=None):
+    """A loader batch -> what the pretraining ``model`` takes: its uint8 images as float32
+    (``conversions``: image key -> :class:`paddle_cae.data.pipeline.ToFloat`), the method's
+    per-batch step (:meth:`paddle_cae.methods.Method.finish_batch`), then the entries the
+    model declares (``model.input_keys``)."""
+    batch = method.finish_batch(to_model_floats(batch, conversions or {}), batch_seed)
+    return {k: v for k, v in batch.items() if k in model.input_keys}
 
 
 def scalar_parts(outputs, extra=None):
@@ -83,6 +74,7 @@ class PretrainRun(TrainingRun):
         super().__init__(args, model, dataset, optimizer, precision, env)
         self.dataset = dataset
         self.method = get_method(args.method)
+        self.conversions = getattr(dataset, "conversions", {})  # uint8 -> float32, on the device
         self.vis_freq = int(getattr(args, "vis_freq", 0) or 0)
         self.save_latest_freq = int(getattr(args, "save_latest_freq", 0) or 0)
 
@@ -128,7 +120,8 @@ class PretrainRun(TrainingRun):
         model, core = self.model, self.model_core
         model.train()
         batches = self.epoch_batches(epoch, start_batch)
-        core.on_epoch_start(epoch)
+        forward_kwargs = self.method.forward_kwargs(core, epoch)
+        momentum = self.method.teacher_momentum(core, epoch)
         metrics = MetricLogger()
         metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
         header = f"Epoch: [{epoch}]"
@@ -138,16 +131,18 @@ class PretrainRun(TrainingRun):
                                      start_index=start_batch, batch_size=global_batch)
         for i, batch in enumerate(iterator, start=start_batch):
             self.begin_batch(epoch, i)
-            inputs = training_inputs(self.method, batch, derive_seed(args.seed, epoch, i))
+            inputs = training_inputs(self.method, core, batch, derive_seed(args.seed, epoch, i),
+                                     self.conversions)
             with self.stepper.autocast():
-                outputs = model(inputs)
+                outputs = model(inputs, **forward_kwargs)
             try:
                 info = self.stepper.backward(outputs["loss"], i)
             except NonFiniteLossError as err:
                 raise NonFiniteLossError(self._nan_message(epoch, i, err)) from None
             if info["stepped"]:
                 self.global_step += 1
-                core.after_optimizer_step()
+                if momentum is not None:
+                    core.update_teacher(momentum)
             extra = {} if info["grad_norm"] is None else {"grad_norm": info["grad_norm"]}
             parts = scalar_parts(outputs, extra)
             grad_norm = parts.pop("grad_norm", None) if extra else None

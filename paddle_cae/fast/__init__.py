@@ -11,6 +11,8 @@ Entry points, called once where a run is built (cli/, api.py, benchmarks/):
 * :func:`accelerate_optimizer` ``(optimizer)``: the optimizer-step counterpart (AdamW's kernel,
   and through :func:`accelerate_steps` the one-call non-finite check, gradient norm and
   clipping, and the EMA update).
+* :func:`paddle_cae.fast.data.accelerate_dataset` ``(dataset)``: the data counterpart (the exact
+  C resampler as the crop + resize of the dataset's pipeline).
 
 How a kernel is chosen: see README.md in this folder.
 """

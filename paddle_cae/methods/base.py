@@ -149,11 +149,28 @@ class Method:
         """image (PIL RGB) -> dict of arrays the pretraining model's forward takes."""
         raise NotImplementedError(f"method {self.name!r} defines no pretraining pipeline")
 
+    def synthetic_batch(self, model, batch_size, seed=0):
+        """A batch of random inputs as the loader and :meth:`finish_batch` would make them
+        for ``model`` (numpy arrays; uint8 images with the pipeline's conversions left to the
+        caller): what a benchmark times the real training step on."""
+        raise NotImplementedError(f"method {self.name!r} defines no synthetic batch")
+
     def finish_batch(self, batch, batch_seed):
         """The data pipeline's last step, on a whole batch (dict of arrays or tensors), for
         draws made once per global batch; ``batch_seed`` is the same on every rank for one
         global batch. Returns the batch the model takes."""
         return batch
+
+    # --------------------------------------------------------------- epoch schedules
+    def forward_kwargs(self, model, epoch):
+        """Arguments of the training forward at ``epoch`` (schedules the recipe varies per
+        epoch), computed here and passed in: the model holds no epoch counter."""
+        return {}
+
+    def teacher_momentum(self, model, epoch):
+        """The momentum of the EMA teacher update after each optimizer step at ``epoch``
+        (the loop calls ``model.update_teacher(m)``), or None: no teacher."""
+        return None
 
     # ------------------------------------------------------------------ optimisation
     def group_options(self, phase, model=None):

@@ -5,7 +5,10 @@ import random
 import numpy as np
 import paddle
 
-from ..data.transforms import BootMAEPretrainTransform, _get, window_size_of
+from ..data.masking import bootmae_shuffle_from_mask
+from ..data.pipeline import CropFlip, Pipeline, ToFloat
+from ..data.transforms import HALF_MEAN, HALF_STD, _get, bool_mask, numpy_rng, window_size_of
+from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PER_PATCH_NOTE, Method, register_method
 
 MAX_ROLL = 3  # the official loop rolls each batch's order right by random.randint(0, 3)
@@ -16,6 +19,33 @@ def roll_for_batch(batch_seed):
     ``random`` when the seed is None)."""
     rng = random.Random(int(batch_seed)) if batch_seed is not None else random
     return rng.randint(0, MAX_ROLL)
+
+
+class BootMAEPipeline(Pipeline):
+    """RandomResizedCrop (scale 0.2-1, bicubic) -> flip -> uint8 -> Normalize(0.5, 0.5) on the
+    device, a block mask (120 of 196, blocks <= 60) and the per-sample patch ``order`` of
+    BootMAE's mask-to-index step before its roll (visible patches first, each group in random
+    order, the last ``mask_num`` dropped): ``{"images", "bool_masked_pos", "order"}``. The
+    method rolls the orders of one global batch alike (:meth:`BootMAEMethod.finish_batch`)."""
+
+    def __init__(self, mask_generator, mask_num, input_size=224, scale=(0.2, 1.0),
+                 interpolation="bicubic", mean=HALF_MEAN, std=HALF_STD):
+        self.crop_flip = CropFlip(input_size, scale=scale, interpolation=interpolation)
+        self.conversions = {"images": ToFloat.normalise(mean, std)}
+        self.mask_generator = mask_generator
+        self.mask_num = int(mask_num)
+
+    def sample(self, source):
+        # the official order: the mask and its order are drawn before the crop
+        mask = bool_mask(self.mask_generator)
+        side = int(round(np.sqrt(mask.size)))
+        order, _ = bootmae_shuffle_from_mask(mask.reshape(side, side).astype(np.int64),
+                                             self.mask_num, rng=numpy_rng(), roll=0)
+        return {"images": self.crop_flip(source, self.resampler), "bool_masked_pos": mask, "order": order}
+
+    def __repr__(self):
+        return (f"BootMAEPipeline({self.crop_flip!r}, {self.conversions['images']!r}, "
+                f"mask={self.mask_generator!r}, mask_num={self.mask_num}, resampler {self.resampler!r})")
 
 
 @register_method
@@ -64,8 +94,8 @@ class BootMAEMethod(Method):
         input_size, mean, std, mask_generator = self.pipeline_basics(args, mask_generator)
         scale = (float(_get(args, "crop_min_size", _get(args, "resize_scale", 0.2))),
                  float(_get(args, "crop_max_size", 1.0)))
-        return BootMAEPretrainTransform(mask_generator, self.mask_num(args), input_size, scale,
-                                        _get(args, "train_interpolation", "bicubic"), mean, std)
+        return BootMAEPipeline(mask_generator, self.mask_num(args), input_size, scale,
+                               _get(args, "train_interpolation", "bicubic"), mean, std)
 
     def finish_batch(self, batch, batch_seed):
         """The official loop rolls the orders of a batch right by one draw in 0..3 (moving that
@@ -82,6 +112,17 @@ class BootMAEMethod(Method):
         else:
             out["idx_shuffle"] = np.roll(np.asarray(order), shift, axis=1)
         return out
+
+    def forward_kwargs(self, model, epoch):
+        """The official loop sets the feature-loss weight per epoch (its ramp over ``epochs``)."""
+        return {"feature_weight": feature_weight_at(epoch, model.epochs, model.feature_weight)}
+
+    def teacher_momentum(self, model, epoch):
+        """The teacher's EMA decay of ``epoch`` (the official schedule: constant, or rising
+        with ``--model_ema_dynamic``); None without a teacher."""
+        if not model.has_teacher:
+            return None
+        return ema_decay_for_epoch(epoch, dynamic=model.model_ema_dynamic, base_decay=model.model_ema_decay)
 
     def model_kwargs(self, args):
         kwargs = super().model_kwargs(args)

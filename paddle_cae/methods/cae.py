@@ -1,6 +1,36 @@
 """CAE (Chen et al., 2023): block masks, a latent regressor and DALL-E tokenizer targets."""
-from ..data.transforms import CAEPretrainTransform, _get
+from ..data.pipeline import FlipTwoViews, Pipeline, ToFloat
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _get, bool_mask
 from .base import Method, register_method
+
+
+class CAEPipeline(Pipeline):
+    """flip -> ONE crop box (scale 0.08-1) resized twice: ``input_size`` bicubic for the
+    encoder (Normalize on the device) and ``second_input_size`` LANCZOS for the tokenizer
+    (DALL-E's map_pixels 0.8 x + 0.1 on the device) -> uint8; + block (or random) mask:
+    ``{"images", "tokenizer_images", "bool_masked_pos"}``."""
+
+    def __init__(self, mask_generator, input_size=224, second_input_size=112, scale=(0.08, 1.0),
+                 interpolation="bicubic", second_interpolation="lanczos",
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, color_jitter=0.0):
+        if color_jitter and color_jitter > 0:
+            raise NotImplementedError("--color_jitter > 0 is not supported (every CAE recipe uses 0)")
+        # flip first, then crop: the official order
+        self.views = FlipTwoViews(input_size, second_input_size, scale=scale, interpolation=interpolation,
+                                  second_interpolation=second_interpolation)
+        self.conversions = {"images": ToFloat.normalise(mean, std),
+                            "tokenizer_images": ToFloat.map_pixels(0.1)}
+        self.mask_generator = mask_generator
+
+    def sample(self, source):
+        view, tokenizer_view = self.views(source, self.resampler)
+        return {"images": view,                                      # [3, S, S]
+                "tokenizer_images": tokenizer_view,                  # [3, S2, S2]
+                "bool_masked_pos": bool_mask(self.mask_generator)}  # [N] bool
+
+    def __repr__(self):
+        return (f"CAEPipeline({self.views!r}, {self.conversions!r}, mask={self.mask_generator!r}, "
+                f"resampler {self.resampler!r})")
 
 
 @register_method
@@ -41,10 +71,10 @@ class CAEMethod(Method):
         input_size, mean, std, mask_generator = self.pipeline_basics(args, mask_generator)
         second = int(_get(args, "second_input_size", input_size // 2))
         scale = (float(_get(args, "crop_min_size", 0.08)), float(_get(args, "crop_max_size", 1.0)))
-        return CAEPretrainTransform(mask_generator, input_size, second, scale,
-                                    _get(args, "train_interpolation", "bicubic"),
-                                    _get(args, "second_interpolation", "lanczos"), mean, std,
-                                    color_jitter=float(_get(args, "color_jitter", 0.0)))
+        return CAEPipeline(mask_generator, input_size, second, scale,
+                           _get(args, "train_interpolation", "bicubic"),
+                           _get(args, "second_interpolation", "lanczos"), mean, std,
+                           color_jitter=float(_get(args, "color_jitter", 0.0)))
 
     def classifier_kwargs(self, config, kwargs, merge):
         merge(kwargs, "use_rel_pos_bias", bool(config.get("rel_pos_bias", True)),

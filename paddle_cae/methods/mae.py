@@ -1,6 +1,31 @@
 """MAE (He et al., 2022): the model masks a random subset itself; pixel targets."""
-from ..data.transforms import MAEPretrainTransform, _get, window_size_of
+import numpy as np
+
+from ..data.pipeline import CropFlip, Pipeline, ToFloat
+from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _get, numpy_rng, window_size_of
 from .base import PER_PATCH_NOTE, Method, register_method
+
+
+class MAEPipeline(Pipeline):
+    """RandomResizedCrop (scale 0.2-1, bicubic) -> flip -> uint8 -> ImageNet Normalize on the
+    device: ``{"images"}``. With ``num_patches`` each sample also carries ``noise`` [N] ~
+    U[0, 1): the draw MAE's random_masking sorts to pick the kept patches, made here per
+    sample so the masks do not depend on batch size or the number of processes."""
+
+    def __init__(self, input_size=224, scale=(0.2, 1.0), interpolation="bicubic",
+                 mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, num_patches=None):
+        self.crop_flip = CropFlip(input_size, scale=scale, interpolation=interpolation)
+        self.conversions = {"images": ToFloat.normalise(mean, std)}
+        self.num_patches = num_patches
+
+    def sample(self, source):
+        sample = {"images": self.crop_flip(source, self.resampler)}
+        if self.num_patches:
+            sample["noise"] = numpy_rng().random_sample(self.num_patches).astype(np.float32)
+        return sample
+
+    def __repr__(self):
+        return f"MAEPipeline({self.crop_flip!r}, {self.conversions['images']!r}, resampler {self.resampler!r})"
 
 
 @register_method
@@ -23,9 +48,9 @@ class MAEMethod(Method):
     def pretrain_transform(self, args, mask_generator=None):
         scale = (float(_get(args, "crop_min_size", 0.2)), float(_get(args, "crop_max_size", 1.0)))
         grid = window_size_of(args)
-        return MAEPretrainTransform(int(_get(args, "input_size", 224)), scale=scale,
-                                    interpolation=_get(args, "train_interpolation", "bicubic"),
-                                    num_patches=grid[0] * grid[1])
+        return MAEPipeline(int(_get(args, "input_size", 224)), scale=scale,
+                           interpolation=_get(args, "train_interpolation", "bicubic"),
+                           num_patches=grid[0] * grid[1])
 
     def inference_kwargs(self, args):
         kwargs = super().inference_kwargs(args)

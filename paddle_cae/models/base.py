@@ -2,10 +2,10 @@
 model overrides them, so the training loops call them unconditionally (no ``hasattr`` probes).
 
 PretrainingModel
-    ``forward(batch)`` returns ``{"loss": total, "<part>": value, ...}`` (DESIGN.md). Hooks:
+    ``forward(batch)`` returns ``{"loss": total, "<part>": value, ...}`` (DESIGN.md);
+    ``input_keys``: the batch entries it takes (the engine hands over these). Hooks:
     ``set_tokenizer`` (models whose targets come from a frozen tokenizer: the method's
     ``needs_tokenizer``),
-    ``on_epoch_start(epoch)`` and ``after_optimizer_step()`` (schedules, momentum teachers),
     ``extra_state()`` / ``load_extra_state(state)`` (what a training checkpoint carries beside the
     trainable weights), ``reconstruction_image(batch, outputs)`` (a picture for the logs, or None),
     ``predicted_pixels(images, prediction)`` (a pixel prediction back in the input's normalised
@@ -37,14 +37,10 @@ class _Model(nn.Layer):
 
 class PretrainingModel(_Model):
 
+    input_keys = ("images",)   # the batch entries forward takes
+
     def set_tokenizer(self, tokenizer):
         raise TypeError(f"{type(self).__name__} takes no tokenizer")
-
-    def on_epoch_start(self, epoch):
-        pass
-
-    def after_optimizer_step(self):
-        pass
 
     def extra_state(self):
         return {}

@@ -23,7 +23,6 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
 from .base import PretrainingModel
 from .common import (denormalize_patches, ema_update_, fixed_sincos_table,
                      gather_tokens, norm_eps_from, normalize_patches, to_uint8_hwc)
@@ -218,6 +217,7 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
     ``--model_ema_decay``, ``--model_ema_dynamic``)."""
 
     image_mean = image_std = (0.5, 0.5, 0.5)  # the method's input normalisation
+    input_keys = ("images", "idx_shuffle")
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12,
                  fea_list=(0, 6), num_classes=1000, num_heads=12, mlp_ratio=4.0, qkv_bias=True,
@@ -285,10 +285,10 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         if not 0 < self.mask_num < self.num_patches:
             raise ValueError(f"mask_num must be in [1, {self.num_patches - 1}] for a "
                              f"{grid[0]}x{grid[1]} grid, got {self.mask_num}")
+        # the recipe's schedules, computed by the training loop (its method) from these
         self.epochs = int(epochs)
         self.model_ema_decay = float(model_ema_decay)
         self.model_ema_dynamic = bool(model_ema_dynamic)
-        self.current_epoch = None
 
         # ---------------------------------------------------------------- teacher
         # Built in its own name scope so that the student's (and anything later built)
@@ -366,22 +366,15 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         for key, value in teacher.state_dict().items():
             paddle.assign(own[key].detach(), value)
 
-    def ema_decay(self, epoch):
-        """Teacher momentum for ``epoch`` under this model's EMA settings."""
-        return ema_decay_for_epoch(epoch, dynamic=self.model_ema_dynamic,
-                                   base_decay=self.model_ema_decay)
+    @property
+    def has_teacher(self):
+        return self._teacher is not None
 
-    def update_teacher(self, decay=None, epoch=None):
+    def update_teacher(self, decay):
         """One EMA step after an optimizer step: teacher <- decay * teacher + (1 - decay) *
-        encoder, per state entry. ``decay`` defaults to the schedule at ``epoch`` (or the
-        epoch of the last forward). Returns the decay used."""
-        teacher = self._require_teacher()
-        if decay is None:
-            epoch = self.current_epoch if epoch is None else epoch
-            if epoch is None:
-                raise ValueError("update_teacher needs a decay or an epoch (none seen in forward)")
-            decay = self.ema_decay(epoch)
-        ema_update_(teacher, self, decay)
+        encoder, per state entry (the momentum of the epoch: the training loop computes it,
+        :meth:`paddle_cae.methods.bootmae.BootMAEMethod.teacher_momentum`). Returns ``decay``."""
+        ema_update_(self._require_teacher(), self, float(decay))
         return decay
 
     def teacher_state_dict(self):
@@ -501,13 +494,6 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         return loss_pixel + loss_feature * feature_weight, loss_pixel, loss_feature
 
     # ------------------------------------------------------------- forward
-    def feature_weight_now(self):
-        """The feature-loss weight of the current epoch (the official ramp over ``epochs``;
-        the constant ``feature_weight`` before any :meth:`on_epoch_start`)."""
-        if self.current_epoch is None:
-            return self.feature_weight
-        return feature_weight_at(self.current_epoch, self.epochs, self.feature_weight)
-
     def forward(self, batch, idx_shuffle=None, mask_len=None, feature_weight=None):
         """One training forward with the official loss.
 
@@ -515,8 +501,9 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         (``images``, ``idx_shuffle``). ``idx_shuffle`` [B, N] is the final patch order whose
         last ``mask_len`` (default ``mask_num``) entries are dropped: the data pipeline of
         :mod:`paddle_cae.methods.bootmae` makes it from the block mask and rolls it per batch.
-        The feature-loss weight follows the epoch set by :meth:`on_epoch_start`;
-        ``feature_weight`` overrides it.
+        ``feature_weight``: the feature-loss weight of this step (the training loop passes the
+        official ramp's value, :meth:`paddle_cae.methods.bootmae.BootMAEMethod.forward_kwargs`);
+        default the constant ``feature_weight`` the model was built with.
 
         Returns ``{"loss", "loss_pixel", "loss_feature", "feature_weight" (float),
         "pred_pixel" [B, C, H, W], "pred_feature" [B, N, D], "target_feature" [B, N, D]
@@ -536,7 +523,7 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
         if tuple(idx_shuffle.shape) != (images.shape[0], self.num_patches):
             raise ValueError(f"idx_shuffle must be [{images.shape[0]}, {self.num_patches}], "
                              f"got {list(idx_shuffle.shape)}")
-        feature_weight = float(self.feature_weight_now() if feature_weight is None else feature_weight)
+        feature_weight = float(self.feature_weight if feature_weight is None else feature_weight)
 
         masks = masks_from_shuffle(idx_shuffle, mask_len, self.grid_size, self.patch,
                                    self.weight_mask)
@@ -563,16 +550,6 @@ class VisionTransformerForMaskedImageModeling(PretrainingModel):
             return []
         branch = ("mask_token_1", "decode_blocks_1.", "decode_norm_1.", "lm_head_1.", "down_1.")
         return [name for name, _ in self.named_parameters() if name.startswith(branch)]
-
-    def on_epoch_start(self, epoch):
-        """The official loop sets the teacher's decay and the feature weight per epoch: both
-        schedules read the epoch set here."""
-        self.current_epoch = int(epoch)
-
-    def after_optimizer_step(self):
-        """EMA step of the teacher, at the decay of the current epoch."""
-        if self._teacher is not None and self.current_epoch is not None:
-            self.update_teacher()
 
     def extra_state(self):
         """Saved beside the weights: the teacher (numpy arrays, official key names)."""

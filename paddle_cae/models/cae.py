@@ -225,6 +225,8 @@ class ContextAutoencoderViT(PretrainingModel):
         lxtGH/PASSL code). The copy is never trainable.
     """
 
+    input_keys = ("images", "bool_masked_pos", "target_ids", "tokenizer_images")
+
     # training checkpoints written before the tokenizer stopped being a sub-layer hold its
     # weights under this prefix; they are not part of the model
     stale_checkpoint_prefixes = ("_tokenizer.",)

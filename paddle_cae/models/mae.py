@@ -54,6 +54,8 @@ def zero_filled_parameters():
 class MaskedAutoencoderViT(PretrainingModel):
     """Masked autoencoder with a ViT backbone (timm attention flavour, full qkv bias)."""
 
+    input_keys = ("images", "noise")
+
     image_mean = (0.485, 0.456, 0.406)  # the method's input normalisation (ImageNet)
     image_std = (0.229, 0.224, 0.225)
 

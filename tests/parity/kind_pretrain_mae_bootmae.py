@@ -12,6 +12,7 @@ import paddle.nn as nn
 
 from paddle_cae.convert import read_torch_checkpoint
 from paddle_cae.fast import accelerate, accelerate_steps
+from paddle_cae.methods import get_method
 from paddle_cae.models.bootmae import VisionTransformerForMaskedImageModeling, ema_update_
 from paddle_cae.models.mae import MaskedAutoencoderViT
 from paddle_cae.optim.schedules import ema_decay_for_epoch, feature_weight_at
@@ -68,9 +69,10 @@ def run_bootmae_pretrain_loss(fx):
     np.testing.assert_array_equal(dropped, fx.input("bool_masked_pos").reshape(dropped.shape))
 
     epoch = train.get("epoch")
-    if epoch is not None:  # the engine's epoch hook drives the feature-weight ramp
-        model.on_epoch_start(epoch)
-    out = model(paddle.to_tensor(fx.input("images")), idx_shuffle=idx_shuffle, mask_len=mask_len)
+    # the loop passes the method's feature-weight ramp of the epoch in
+    schedule = {} if epoch is None else get_method("bootmae").forward_kwargs(model, epoch)
+    out = model(paddle.to_tensor(fx.input("images")), idx_shuffle=idx_shuffle, mask_len=mask_len,
+                **schedule)
     np.testing.assert_allclose(out["feature_weight"], float(fx.input("feature_weight")),
                                rtol=1e-6, err_msg=f"{fx.name}: feature-weight ramp")
     fx.check("loss_total", out["loss"])
@@ -125,11 +127,11 @@ def run_bootmae_ema(fx):
         np.testing.assert_array_equal(teacher_ref[k], fx.input("teacher." + k))
 
     student = _stand_in({k: fx.input("student." + k) for k in names})
-    # the model's own schedule, as the engine uses it
+    # the method's schedule, as the training loop uses it
     model = VisionTransformerForMaskedImageModeling(
         img_size=16, patch_size=8, embed_dim=8, depth=1, num_heads=2, decode_dim=8,
         decoder_depth=1, fea_list=(0,), mask_num=3, model_ema_decay=d0, model_ema_dynamic=True)
-    assert model.ema_decay(250) == schedule["updates"][1]["decay"]
+    assert get_method("bootmae").teacher_momentum(model, 250) == schedule["updates"][1]["decay"]
 
     accelerate_steps()  # the EMA kernel, as a run has it (PADDLE_CAE_FUSED_OPS=0: the reference)
     for update in schedule["updates"]:
