@@ -142,7 +142,9 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
     from paddle_cae.optim.param_groups import param_groups
     from paddle_cae.runtime.amp import Precision
     from paddle_cae.fast.flops import count_flops
-    from throughput import pretrain_batch
+    from throughput import pretrain_batch, pretrain_run_args
+
+    from paddle_cae.engine.pretrain import training_inputs
 
     rng = np.random.default_rng(seed)
     paddle.seed(seed)
@@ -167,11 +169,18 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
                                                      weight_decay=0.05))
     precision = Precision(amp_dtype)
     stepper = Stepper(model, optimizer, precision, clip_grad=None if phase == "pretrain" else 5.0)
-    if phase == "pretrain":
-        batch = pretrain_batch(paddle, model, name, batch_size, input_size, rng)
+    momentum = None
+    if phase == "pretrain":  # the training loop's inputs, schedules and teacher step
+        method = method_for(name)
+        run = pretrain_run_args(argparse.Namespace(model=name, recipe="none", input_size=input_size,
+                                                   model_kwargs=dict(kwargs)))
+        loader_batch, conversions = pretrain_batch(paddle, method, run, model, batch_size, seed)
+        forward_kwargs = method.forward_kwargs(model, 0)
+        momentum = method.teacher_momentum(model, 0)
 
         def forward():
-            return model(batch)["loss"]
+            inputs = training_inputs(method, model, loader_batch, seed, conversions)
+            return model(inputs, **forward_kwargs)["loss"]
     else:
         images = paddle.to_tensor(rng.standard_normal(
             (batch_size, 3, input_size, input_size)).astype("float32"))
@@ -184,8 +193,8 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
         with stepper.autocast():
             loss = forward()
         info = stepper.backward(loss, 0)
-        if info["stepped"] and hasattr(model, "after_optimizer_step"):
-            model.after_optimizer_step()
+        if info["stepped"] and momentum is not None:
+            model.update_teacher(momentum)
         return info
 
     with count_flops() as count:

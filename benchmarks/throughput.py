@@ -8,9 +8,13 @@
 
 A training step is the package's own: forward (under the autocast of ``--amp``), backward,
 gradient-finiteness check and norm, optimizer step (AdamW with layer-decay groups for
-fine-tuning and pretraining, LARS for the linear probe), clearing the gradients, and the
-model's ``after_optimizer_step`` hook (BootMAE's teacher EMA). Data is random and already in
-memory. Images/s = batch / median step time after ``--warmup`` steps.
+fine-tuning and pretraining, LARS for the linear probe), clearing the gradients, and for
+pretraining the teacher's EMA step at the method's momentum (BootMAE). Pretraining inputs are
+the method's own: its pipeline's samples of random pictures, collated and on the device as
+uint8 (``Method.synthetic_batch``); the step converts them to float32, runs the method's
+per-batch step and passes the method's schedules of ``--epoch`` (the training loop's
+``training_inputs``). Fine-tuning data is random and already in memory. Images/s = batch /
+median step time after ``--warmup`` steps.
 
 The step is the recipe's (``--recipe``, default: the model's official recipe in configs/, see
 RECIPES): its drop path, layer scale, masked-patch count, ``norm_pix_loss``, gradient clipping
@@ -91,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--peak_size", type=int, default=4096, help="side of the peak matmul")
     p.add_argument("--peak_gflops", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="also print one JSON line")
+    p.add_argument("--epoch", type=int, default=0,
+                   help="pretraining: the epoch whose schedules the step uses (BootMAE's feature "
+                        "weight and teacher momentum)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -195,17 +202,48 @@ def recipe_settings(path):
 
 
 def recipe_model_kwargs(recipe, phase):
-    """Constructor arguments the recipe sets: drop path, layer scale, norm-pix loss, pooling."""
+    """Constructor arguments a classifier recipe sets: drop path, layer scale, pooling
+    (a pretraining model's come from its method, :func:`pretrain_run_args`)."""
     kwargs = {}
     if recipe.get("drop_path"):
         kwargs["drop_path_rate"] = float(recipe["drop_path"])
     if "layer_scale_init_value" in recipe:
         kwargs["init_values"] = float(recipe["layer_scale_init_value"]) or None
-    if phase == "pretrain" and "norm_pix_loss" in recipe:
-        kwargs["norm_pix_loss"] = bool(recipe["norm_pix_loss"])
     if phase == "finetune" and "global_pool" in recipe:
         kwargs["global_pool"] = bool(recipe["global_pool"])
     return kwargs
+
+
+# ------------------------------------------------------------------------- pretraining
+def pretrain_run_args(args):
+    """The pretraining run ``main_pretrain.py`` would parse for the benchmark's model: the
+    recipe's config file (``--recipe``), the method's defaults, ``--input_size``. Off 224 px
+    the recipe's mask counts (given for 196 patches) are scaled to the patch grid."""
+    import paddle
+
+    from paddle_cae.methods import get_method
+    from paddle_cae.models.registry import create_model
+    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+
+    path = recipe_path(args.recipe, "pretrain", args.model)
+    argv = (["--config", path] if path else []) + ["--model", args.model,
+                                                   "--input_size", str(args.input_size)]
+    run = parse_pretrain_args(argv)
+    run.model_args = dict(run.model_args or {}, **args.model_kwargs)
+    with paddle.LazyGuard():
+        run.patch_size = create_model(args.model, **run.model_args).input_patch_size()
+    grid = args.input_size // run.patch_size
+    if grid * grid != 196:
+        method = get_method(run.method)
+        for key, default in (("num_mask_patches", method.default_mask_patches),
+                             ("min_mask_patches_per_block", 16), ("max_mask_patches_per_block", None),
+                             ("mask_num", None)):
+            value = getattr(run, key, None)
+            value = default if value is None else value
+            if value is not None:
+                setattr(run, key, _mask_count({key: value}, key, value, grid * grid))
+        run.min_mask_patches_per_block = min(run.min_mask_patches_per_block, run.num_mask_patches)
+    return run
 
 
 def _mask_count(recipe, key, default, num_patches):
@@ -214,45 +252,20 @@ def _mask_count(recipe, key, default, num_patches):
     return max(1, min(num_patches - 1, int(round(count * num_patches / 196.0))))
 
 
-# ------------------------------------------------------------------------------ batches
-def pretrain_batch(paddle, model, name, batch_size, input_size, rng, recipe=None,
-                   no_tokenizer=False):
-    """Random images with the masking inputs the method of ``name`` feeds its model (the
-    recipe's mask counts), finished by the method's per-batch step (BootMAE's roll)."""
+def pretrain_batch(paddle, method, run, model, batch_size, seed=0, no_tokenizer=False):
+    """The method's synthetic batch (its own pipeline on random pictures, collated as the
+    loader does: uint8 images) as device tensors, and its conversions. ``no_tokenizer``: a
+    method whose targets come from a tokenizer gets random target ids instead."""
     import numpy as np
 
-    from paddle_cae.data import masking
-    from paddle_cae.methods import method_for
-
-    method = method_for(name)
-    recipe = recipe or {}
-    images = paddle.to_tensor(rng.standard_normal((batch_size, 3, input_size, input_size))
-                              .astype("float32"))
-    grid = input_size // model.input_patch_size()
-    n = grid * grid
-    batch = {"images": images}
-    if method.masks_in_model:  # MAE: the per-sample noise its model sorts
-        batch["noise"] = paddle.to_tensor(rng.uniform(size=(batch_size, n)).astype("float32"))
-        return method.finish_batch(batch, 0)
-    count = _mask_count(recipe, "num_mask_patches", method.default_mask_patches, n)
-    min_block = min(count, int(recipe.get("min_mask_patches_per_block", 16)))
-    gen = method.block_mask_generator(grid, count, min_block,
-                                      recipe.get("max_mask_patches_per_block"))
-    masks = np.stack([np.asarray(gen(rng=rng), dtype=bool).reshape(-1) for _ in range(batch_size)])
-    batch["bool_masked_pos"] = paddle.to_tensor(masks)
-    if hasattr(model, "mask_num"):  # the order the data pipeline hands over (before the roll)
-        order, _ = masking.bootmae_shuffle_from_mask(masks.reshape(-1, grid, grid).astype("int64"),
-                                                     model.mask_num, rng=rng, roll=0)
-        batch["order"] = order
-    if method.needs_tokenizer:
-        if no_tokenizer:
-            vocab = getattr(model, "vocab_size", None) or 8192
-            batch["target_ids"] = paddle.to_tensor(rng.integers(0, vocab, (batch_size, n)))
-        else:
-            tok = input_size // 2
-            batch["tokenizer_images"] = paddle.to_tensor(
-                rng.uniform(0.1, 0.9, (batch_size, 3, tok, tok)).astype("float32"))
-    return method.finish_batch(batch, 0)
+    batch, conversions = method.synthetic_batch(run, batch_size, seed)
+    if no_tokenizer and method.needs_tokenizer:
+        batch.pop("tokenizer_images", None)
+        conversions.pop("tokenizer_images", None)
+        n = int(np.asarray(batch["bool_masked_pos"]).shape[1])
+        vocab = getattr(model, "vocab_size", None) or 8192
+        batch["target_ids"] = np.random.default_rng(seed).integers(0, vocab, (batch_size, n))
+    return {k: paddle.to_tensor(v) for k, v in batch.items()}, conversions
 
 
 # ------------------------------------------------------------------------------- builders
@@ -261,8 +274,9 @@ def build(args, paddle, env):
     import numpy as np
     import paddle.nn.functional as F
 
+    from paddle_cae.engine.pretrain import training_inputs
     from paddle_cae.engine.stepper import Stepper
-    from paddle_cae.methods import method_for
+    from paddle_cae.methods import get_method
     from paddle_cae.models.registry import create_model, model_task
     from paddle_cae.optim import build_optimizer
     from paddle_cae.optim.param_groups import param_groups
@@ -272,10 +286,18 @@ def build(args, paddle, env):
     local_batch = args.batch_size // env["world"]
     recipe = recipe_settings(recipe_path(args.recipe, args.phase, args.model))
     args.recipe_settings = recipe
-    kwargs = recipe_model_kwargs(recipe, args.phase)
-    kwargs.update(args.model_kwargs)
-    if args.input_size != 224:
-        kwargs["img_size"] = args.input_size
+    method = run = None
+    if args.phase == "pretrain":
+        if model_task(args.model) != "pretrain":
+            raise SystemExit(f"{args.model} is not a pretraining model")
+        run = pretrain_run_args(args)
+        method = get_method(run.method)
+        kwargs = method.model_kwargs(run)
+    else:
+        kwargs = recipe_model_kwargs(recipe, args.phase)
+        kwargs.update(args.model_kwargs)
+        if args.input_size != 224:
+            kwargs["img_size"] = args.input_size
     with paddle.utils.unique_name.guard():
         if args.phase == "pretrain":
             model = create_model(args.model, **kwargs)
@@ -284,14 +306,11 @@ def build(args, paddle, env):
                                  global_pool=False, **kwargs)
         else:
             model = create_model(args.model, num_classes=1000, **kwargs)
-    if args.phase == "pretrain" and model_task(args.model) != "pretrain":
-        raise SystemExit(f"{args.model} is not a pretraining model")
     from paddle_cae.fast import accelerate, accelerate_optimizer
 
     accelerate(model)
     tokenizer_note = None
-    if args.phase == "pretrain" and method_for(args.model).needs_tokenizer \
-            and not args.no_tokenizer:
+    if args.phase == "pretrain" and method.needs_tokenizer and not args.no_tokenizer:
         from paddle_cae.models.dalle import dalle_encoder
 
         vocab = getattr(model, "vocab_size", None) or 8192
@@ -302,11 +321,15 @@ def build(args, paddle, env):
     model.train()
 
     if args.phase == "pretrain":
-        batch = pretrain_batch(paddle, model, args.model, local_batch, args.input_size, rng,
-                               recipe, args.no_tokenizer)
+        # the real step's inputs: the loader batch converted on the device, the method's
+        # per-batch step, its schedules of the epoch (BootMAE: feature weight, teacher momentum)
+        loader_batch, conversions = pretrain_batch(paddle, method, run, model, local_batch,
+                                                   args.seed + env["rank"], args.no_tokenizer)
+        forward_kwargs = method.forward_kwargs(model, args.epoch)
+        momentum = method.teacher_momentum(model, args.epoch)
 
-        def forward():
-            return model(batch)["loss"]
+        def inputs():
+            return training_inputs(method, model, loader_batch, args.seed, conversions)
     else:
         images = paddle.to_tensor(rng.standard_normal(
             (local_batch, 3, args.input_size, args.input_size)).astype("float32"))
@@ -348,8 +371,8 @@ def build(args, paddle, env):
     if args.phase == "pretrain":
         call_model = net
 
-        def forward():  # noqa: F811 - the model may be wrapped now
-            return call_model(batch)["loss"]
+        def forward():
+            return call_model(inputs(), **forward_kwargs)["loss"]
 
     precision = Precision(parse_amp_flag(args.amp))
     clip = recipe.get("clip_grad") if args.phase != "linprobe" else None
@@ -374,9 +397,9 @@ def build(args, paddle, env):
     def step():
         with stepper.autocast():
             loss = forward()
-        stepper.backward(loss, 0)
-        if hasattr(model, "after_optimizer_step"):
-            model.after_optimizer_step()
+        info = stepper.backward(loss, 0)
+        if args.phase == "pretrain" and info["stepped"] and momentum is not None:
+            model.update_teacher(momentum)  # the teacher's EMA step, as the training loop
 
     def flops():
         from paddle_cae.fast.flops import count_flops
@@ -389,7 +412,7 @@ def build(args, paddle, env):
 
     def _plain_forward():
         if args.phase == "pretrain":
-            return model(batch)["loss"]
+            return model(inputs(), **forward_kwargs)["loss"]
         return classification_loss(model)
 
     return model, step, flops, tokenizer_note

@@ -177,25 +177,49 @@ def test_throughput_steps_follow_the_recipes():
 
     cae = settings("pretrain", "cae_base_patch16_224_8k_vocab")
     assert (cae["num_mask_patches"], cae["drop_path"], cae["clip_grad"]) == (98, 0.1, 3.0)
-    assert tp.recipe_model_kwargs(cae, "pretrain") == {"drop_path_rate": 0.1, "init_values": 0.1}
     mae = settings("pretrain", "mae_vit_base_patch16")
-    assert tp.recipe_model_kwargs(mae, "pretrain") == {"norm_pix_loss": True}
     assert "clip_grad" not in mae
     ft = settings("finetune", "vit_base_patch16")
     assert (ft["mixup"], ft["cutmix"], ft["smoothing"]) == (0.8, 1.0, 0.1)
     assert tp.recipe_model_kwargs(ft, "finetune") == {"drop_path_rate": 0.1, "global_pool": True}
     assert tp.recipe_settings(tp.recipe_path("none", "pretrain", "mae_vit_base_patch16")) == {}
 
+    # a pretraining model is built from its method's reading of the recipe
+    from paddle_cae.methods import get_method
+
+    def run(model, **kwargs):
+        return tp.pretrain_run_args(tp.parse_args(["--model", model, "--model_kwargs", json.dumps(kwargs)]))
+
+    cae_run = run("cae_base_patch16_224_8k_vocab")
+    cae_kwargs = get_method("cae").model_kwargs(cae_run)
+    assert (cae_kwargs["drop_path_rate"], cae_kwargs["init_values"]) == (0.1, 0.1)
+    assert get_method("mae").model_kwargs(run("mae_vit_base_patch16"))["norm_pix_loss"] is True
+
     # the CAE batch masks the recipe's 98 of 196 patches; --no_tokenizer brings token ids
     tiny = dict(embed_dim=24, depth=1, num_heads=3, decoder_embed_dim=24, decoder_num_heads=3,
                 regressor_depth=1, decoder_depth=1)
     model = create_model("cae_base_patch16_224_8k_vocab", **tiny)
-    import numpy as np
-
-    batch = tp.pretrain_batch(paddle, model, "cae_base_patch16_224_8k_vocab", 2, 224, np.random.default_rng(0), cae,
-                              no_tokenizer=True)
+    batch, conversions = tp.pretrain_batch(paddle, get_method("cae"), cae_run, model, 2, no_tokenizer=True)
     assert batch["bool_masked_pos"].astype("int32").flatten(1).sum(axis=1).numpy().tolist() == [98, 98]
     assert list(batch["target_ids"].shape) == [2, 196] and "tokenizer_images" not in batch
+    assert batch["images"].dtype == paddle.uint8 and list(conversions) == ["images"]
+
+
+def test_the_bootmae_step_of_the_throughput_benchmark_updates_the_teacher():
+    """The timed BootMAE step is the training loop's: the method's batch (rolled orders), its
+    feature weight of the epoch, and the teacher's EMA step after the optimizer step."""
+    tp = _throughput_module()
+    args = tp.parse_args(["--model", "bootmae_base", "--batch_size", "2", "--input_size", "32",
+                          "--epoch", "3", "--model_kwargs",
+                          json.dumps({"embed_dim": 24, "depth": 2, "num_heads": 3, "decode_dim": 16,
+                                      "fea_list": [0, 1]})])
+    args.phase = "pretrain"
+    model, step, _, _ = tp.build(args, paddle, {"rank": 0, "world": 1})
+    assert model.has_teacher  # the recipe's --model_ema
+    before = {k: v.numpy().copy() for k, v in model.teacher_state_dict().items()}
+    step()
+    changed = [k for k, v in model.teacher_state_dict().items() if not (v.numpy() == before[k]).all()]
+    assert changed and "cls_token" in changed
 
 
 def test_throughput_profile_on_recipe_step():

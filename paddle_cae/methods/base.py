@@ -25,6 +25,9 @@ repositories' aliases of its classifiers, and holds:
 method's name.
 """
 
+import numpy as np
+from PIL import Image
+
 from ..data.transforms import _get, mean_std, window_size_of
 from ..optim.schedules import peak_lr
 
@@ -149,11 +152,23 @@ class Method:
         """image (PIL RGB) -> dict of arrays the pretraining model's forward takes."""
         raise NotImplementedError(f"method {self.name!r} defines no pretraining pipeline")
 
-    def synthetic_batch(self, model, batch_size, seed=0):
-        """A batch of random inputs as the loader and :meth:`finish_batch` would make them
-        for ``model`` (numpy arrays; uint8 images with the pipeline's conversions left to the
-        caller): what a benchmark times the real training step on."""
-        raise NotImplementedError(f"method {self.name!r} defines no synthetic batch")
+    def synthetic_batch(self, args, batch_size, seed=0):
+        """(batch, conversions): ``batch_size`` samples of this method's pipeline
+        (:meth:`pretrain_transform` of ``args``) from random pictures, collated as the loader
+        does (numpy; uint8 images), and the pipeline's float conversions. What a benchmark
+        times the real training step on."""
+        from ..data.loader import collate_samples, derive_seed
+        from ..data.transforms import sample_rng
+
+        pipeline = self.pretrain_transform(args)
+        side = int(_get(args, "input_size", 224)) * 5 // 4
+        rng = np.random.RandomState(seed)
+        samples = []
+        for i in range(batch_size):
+            picture = Image.fromarray(rng.randint(0, 256, (side, side, 3), dtype=np.uint8))
+            with sample_rng(derive_seed(seed, i)):
+                samples.append(pipeline(picture))
+        return collate_samples(samples), dict(getattr(pipeline, "conversions", {}))
 
     def finish_batch(self, batch, batch_seed):
         """The data pipeline's last step, on a whole batch (dict of arrays or tensors), for
