@@ -7,7 +7,8 @@ from PIL import Image
 
 from paddle_cae.data.datasets import (DatasetLayoutError, ImageFolder, build_dataset,
                                       default_data_path)
-from paddle_cae.data.loader import SeededDistributedBatchSampler, build_loader, collate_samples
+from paddle_cae.data.loader import build_loader, collate_samples
+from paddle_cae.data.sampler import GlobalBatchSampler
 from paddle_cae.methods import get_method
 from paddle_cae.data.transforms import (CenterCrop, MapPixels, Normalize, RandomResizedCrop,
                                         RandomResizedCropTF, Resize, ToTensor,
@@ -233,17 +234,18 @@ def test_epoch_and_seed_change_order_and_augmentation():
 
 
 def test_sampler_splits_one_shuffled_order_across_ranks():
-    data = list(range(10))
     per_rank = []
     for rank in range(2):
-        sampler = SeededDistributedBatchSampler(data, batch_size=2, num_replicas=2, rank=rank,
-                                                shuffle=True, seed=7)
+        sampler = GlobalBatchSampler(10, batch_size=2, world_size=2, rank=rank, shuffle=True, seed=7)
         sampler.set_epoch(4)
         per_rank.append([i for batch in sampler for i in batch])
-    assert sorted(per_rank[0] + per_rank[1]) == data
-    single = SeededDistributedBatchSampler(data, batch_size=3, num_replicas=1, rank=0, shuffle=True, seed=7)
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(set(per_rank[0] + per_rank[1]))  # no overlap
+    assert len(per_rank[0]) == len(per_rank[1]) == 4  # two global batches of 4 (2 dropped)
+    single = GlobalBatchSampler(10, batch_size=4, world_size=1, rank=0, shuffle=True, seed=7)
     single.set_epoch(4)
-    assert len(single) == 4 and sorted(i for b in single for i in b) == data
+    # one process at batch 4 sees the same global batches as two at batch 2
+    assert [i for b in single for i in b] == [i for k in range(2) for r in range(2)
+                                                for i in per_rank[r][2 * k:2 * k + 2]]
 
 
 def test_collate_names_the_key_whose_shapes_differ():
@@ -413,6 +415,7 @@ def test_finetune_and_eval_transforms_take_the_official_small_image_branch(metho
     from paddle_cae.data.transforms import (RandAugment, RandomCrop, RandomErasing, RandomHorizontalFlip,
                                             build_finetune_transform, small_image_path)
 
+    method = get_method(method) if method else None
     assert small_image_path(method, size) == small
     train = build_finetune_transform(size, method=method)
     kinds = [type(t) for t in train.transforms]
@@ -429,12 +432,12 @@ def test_small_image_eval_keeps_the_pixels_and_training_crops_at_full_scale():
     from paddle_cae.data.transforms import build_finetune_transform
 
     img = _position_image(32)
-    out = build_eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), method="bootmae")(img)
+    out = build_eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), method=get_method("bootmae"))(img)
     np.testing.assert_allclose(out, np.asarray(img).transpose(2, 0, 1) / 255.0, atol=1e-6)
-    resized = build_eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), method="mae")(img)
+    resized = build_eval_transform(32, mean=(0, 0, 0), std=(1, 1, 1), method=get_method("mae"))(img)
     assert not np.allclose(resized, out, atol=1e-3)  # MAE resizes to 36 and centre-crops
     train = build_finetune_transform(32, mean=(0, 0, 0), std=(1, 1, 1), auto_augment=None, reprob=0,
-                                     method="cae")
+                                     method=get_method("cae"))
     with sample_rng(3):
         chw = train(img)
     # a shifted window of the original pixels (no rescaling): every value is one of the image's or 0
@@ -447,6 +450,7 @@ def test_small_image_eval_keeps_the_pixels_and_training_crops_at_full_scale():
 def test_default_eval_crop_fraction_follows_each_official_build_transform(method, size, pct):
     from paddle_cae.data.transforms import default_crop_pct
 
+    method = get_method(method) if method else None
     assert default_crop_pct(size, method) == pytest.approx(pct)
     resize = build_eval_transform(size, method=method).transforms[0]
     assert resize.size == int(size / pct)

@@ -21,7 +21,6 @@ from paddle_cae.optim import (
     layer_id_for_vit,
     mae_lr_at,
     param_groups,
-    recipe_group_options,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -472,6 +471,14 @@ def test_ema_decay_is_constant_within_an_epoch_and_capped():
     assert ema_decay_for_epoch(100) == ema_decay_for_epoch(5000) == 0.9999
     assert ema_decay_for_epoch(400, dynamic=True) == pytest.approx(0.99999, rel=1e-15)
     assert ema_decay_for_epoch(5000, dynamic=True) == ema_decay_for_epoch(400, dynamic=True)
+
+
+def recipe_group_options(method, phase, model=None):
+    """``rule`` and ``no_weight_decay_list`` as the official recipe of ``method`` builds its
+    groups (the method decides)."""
+    from paddle_cae.methods import get_method
+
+    return get_method(method).group_options(phase, model)
 
 
 class DeclaresPosAndCls(TinyViT):

@@ -2,8 +2,9 @@
 
 Reproducibility, in two layers:
 
-* order: :class:`SeededDistributedBatchSampler` shuffles with ``RandomState(seed + epoch)``
-  (Paddle's sampler uses the epoch alone) and splits the order across ranks;
+* order: :class:`.sampler.GlobalBatchSampler` shuffles with a generator seeded by
+  ``(seed, epoch)`` and gives rank r the r-th slice of every global batch, so N processes at
+  batch b see the samples one process sees at batch N*b (the one training order);
 * augmentation: every sample is produced under per-sample generators seeded from
   ``(seed, epoch, index)`` (``transforms.sample_rng``, thread-local). So sample ``i`` of epoch
   ``e`` gets the same crop, flip and mask whatever the number of workers or ranks, and the
@@ -21,8 +22,9 @@ import random
 
 import numpy as np
 import paddle
-from paddle.io import DataLoader, DistributedBatchSampler
+from paddle.io import DataLoader
 
+from .sampler import GlobalBatchSampler
 from .transforms import sample_rng
 
 logger = logging.getLogger(__name__)
@@ -47,23 +49,6 @@ class SeededSamples:
     def __getitem__(self, index):
         with sample_rng(derive_seed(self.seed, self.epoch, index)):
             return self.dataset[index]
-
-
-class SeededDistributedBatchSampler(DistributedBatchSampler):
-    """``DistributedBatchSampler`` whose shuffle depends on ``seed + epoch``, not the epoch alone.
-    Works with world size 1. Call ``set_epoch`` before each epoch."""
-
-    def __init__(self, dataset, batch_size, num_replicas=None, rank=None, shuffle=False,
-                 drop_last=False, seed=0):
-        super().__init__(dataset, batch_size, num_replicas=num_replicas, rank=rank,
-                         shuffle=shuffle, drop_last=drop_last)
-        self.seed = int(seed)
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch):
-        self.current_epoch = int(epoch)
-        # the parent shuffles with RandomState(self.epoch) and then increments it
-        self.epoch = (self.seed + self.current_epoch) % (2 ** 32)
 
 
 def collate_samples(samples):
@@ -116,9 +101,10 @@ class Loader:
         self.replaced_this_epoch = 0
         self.replaced_total = 0
 
-    def set_epoch(self, epoch):
+    def set_epoch(self, epoch, start_batch=0):
+        """Epoch ``epoch`` from its batch ``start_batch`` on (a run resumed mid-epoch)."""
         self.epoch = int(epoch)
-        self.batch_sampler.set_epoch(self.epoch)
+        self.batch_sampler.set_epoch(self.epoch, start_batch)
         self._seeded.epoch = self.epoch
         self._worker_seeder.epoch = self.epoch
 
@@ -142,21 +128,21 @@ class Loader:
             yield batch
 
 
-def build_loader(dataset, batch_size, shuffle=True, num_workers=0, drop_last=False, seed=0, epoch=0,
-                 num_replicas=None, rank=None, use_shared_memory=True, collate_fn=collate_samples):
-    """Loader over ``dataset`` with ``SeededDistributedBatchSampler`` (rank and world size from
-    the Paddle environment unless given). Returns a :class:`Loader`; call ``set_epoch`` each epoch."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+def build_loader(dataset, batch_size, seed=0, num_workers=0, world_size=1, rank=0, epoch=0,
+                 shuffle=True, drop_last=True, collate_fn=collate_samples):
+    """The training loader: global batches of ``batch_size x world_size`` split across ranks
+    (:class:`.sampler.GlobalBatchSampler`), per-sample seeded augmentation: the same samples
+    and inputs whatever the number of processes or workers. Returns a :class:`Loader`; call
+    ``set_epoch`` each epoch."""
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    seeded = SeededSamples(dataset, seed=seed, epoch=epoch)
-    sampler = SeededDistributedBatchSampler(dataset, batch_size, num_replicas=num_replicas, rank=rank,
-                                            shuffle=shuffle, drop_last=drop_last, seed=seed)
-    seeder = _WorkerSeeder(seed, sampler.local_rank)
-    data_loader = DataLoader(seeded, batch_sampler=sampler, num_workers=num_workers,
-                             collate_fn=collate_fn, use_shared_memory=use_shared_memory and num_workers > 0,
-                             worker_init_fn=seeder if num_workers > 0 else None)
+    sampler = GlobalBatchSampler(len(dataset), batch_size, world_size, rank, shuffle=shuffle,
+                                 drop_last=drop_last, seed=seed)
+    seeded = SeededSamples(dataset, seed=seed)
+    seeder = _WorkerSeeder(seed, rank)
+    workers = int(num_workers)
+    data_loader = DataLoader(seeded, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                             use_shared_memory=workers > 0, worker_init_fn=seeder if workers > 0 else None)
     loader = Loader(dataset, sampler, seeded, seeder, data_loader)
     loader.set_epoch(epoch)
     return loader

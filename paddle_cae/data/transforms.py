@@ -424,11 +424,11 @@ def bool_mask(generator):
 
 # ----------------------------------------------------------------------- eval / probing
 def _beit_eval_rules(method):
-    if method is None:
-        return False
-    from ..methods import get_method
-
-    return get_method(method).beit_eval_rules
+    """``method``: the run's :class:`paddle_cae.methods.Method` (its ``beit_eval_rules``), or
+    None (MAE's rules)."""
+    if isinstance(method, str):
+        raise TypeError(f"pass the method itself (paddle_cae.methods.get_method({method!r})), not its name")
+    return bool(getattr(method, "beit_eval_rules", False))
 
 
 def small_image_path(method, input_size):
@@ -451,7 +451,7 @@ def default_crop_pct(input_size, method=None):
 def build_eval_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
                          crop_pct=None, interpolation="bicubic", method=None):
     """Resize the shorter side to input_size / crop_pct (default :func:`default_crop_pct`) and
-    centre-crop input_size. ``method`` ('mae', 'cae', 'bootmae'; None = MAE's rules) selects the
+    centre-crop input_size. ``method`` (a Method; None = MAE's rules) selects the
     official per-method rules: CAE/BootMAE at ``input_size <= 32`` only convert and normalise
     (see :func:`small_image_path`)."""
     if small_image_path(method, input_size):
@@ -660,7 +660,7 @@ def build_finetune_transform(input_size=224, mean=IMAGENET_DEFAULT_MEAN, std=IMA
                              interpolation="bicubic", method=None):
     """Fine-tune training: crop (bicubic) -> flip -> RandAugment -> ToTensor -> Normalize ->
     RandomErasing. ``auto_augment``/``reprob`` None or 0 turn those steps off. ``method``
-    ('mae', 'cae', 'bootmae'; None = MAE's rules): for CAE/BootMAE at ``input_size <= 32`` the
+    (a Method; None = MAE's rules): for CAE/BootMAE at ``input_size <= 32`` the
     first step is ``RandomCrop(input_size, padding=4)`` (:func:`small_image_path`)."""
     if small_image_path(method, input_size):
         first = RandomCrop(input_size, padding=4)

@@ -9,8 +9,7 @@ import os
 
 import paddle
 
-from ..data.loader import Loader, SeededSamples, _WorkerSeeder, collate_samples, derive_seed
-from ..data.sampler import GlobalBatchSampler
+from ..data.loader import build_loader, derive_seed
 from ..loading.pretrained import strict_load
 from ..optim import apply_lr
 from ..optim.schedules import LearningRateSchedule
@@ -27,22 +26,9 @@ logger = logging.getLogger("paddle_cae")
 
 
 def build_train_loader(dataset, args, env):
-    """Global batches of ``batch_size x world_size`` split across ranks, per-sample seeded
-    augmentation: the same samples and inputs whatever the number of processes."""
-    sampler = GlobalBatchSampler(len(dataset), args.batch_size, env.world_size, env.rank,
-                                 shuffle=True, drop_last=True, seed=args.seed)
-    seeded = SeededSamples(dataset, seed=args.seed)
-    seeder = _WorkerSeeder(args.seed, env.rank)
-    workers = int(args.num_workers)
-    data_loader = paddle.io.DataLoader(
-        seeded, batch_sampler=sampler, num_workers=workers, collate_fn=collate_samples,
-        use_shared_memory=workers > 0, worker_init_fn=seeder if workers > 0 else None)
-    return Loader(dataset, sampler, seeded, seeder, data_loader)
-
-
-def set_loader_epoch(loader, epoch, start_batch=0):
-    loader.set_epoch(epoch)
-    loader.batch_sampler.set_epoch(epoch, start_batch)
+    """The run's loader (:func:`paddle_cae.data.loader.build_loader`)."""
+    return build_loader(dataset, args.batch_size, seed=args.seed, num_workers=int(args.num_workers),
+                        world_size=env.world_size, rank=env.rank)
 
 
 def limited(loader, count):
@@ -105,7 +91,7 @@ class TrainingRun:
         paddle.seed(derive_seed(self.args.seed, epoch, i, self.env.rank))
 
     def epoch_batches(self, epoch, start_batch):
-        set_loader_epoch(self.loader, epoch, start_batch)
+        self.loader.set_epoch(epoch, start_batch)
         return limited(self.loader, self.batches_per_epoch - start_batch)
 
     # ---------------------------------------------------------------- checkpoints

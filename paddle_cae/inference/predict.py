@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from ..data.datasets import IMG_EXTENSIONS
 from ..data.transforms import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_eval_transform,
                                default_crop_pct, small_image_path)
+from ..methods import get_method
 
 MODEL_FILE_PREFIX = "inference"
 
@@ -67,6 +68,7 @@ def preprocessing_spec(config):
     size = int(config.get("input_size", 224))
     crop_pct = config.get("crop_pct")
     method = config.get("transform_method")
+    method = get_method(method) if method else None
     if crop_pct is None:
         # the small-image path evaluates without resize or crop: for images of the model's
         # size a resize to that size and a full-size crop change nothing

@@ -23,11 +23,12 @@ from ..runtime.finetune_args import classifier_method, classifier_name
 
 
 def transform_method(args):
-    """The method whose official ``build_transform`` a run's images follow: the fine-tune family
-    (and CAE's attentive probe, trained on that code path); None for the linear probe (MAE's)."""
+    """The method (:class:`paddle_cae.methods.Method`) whose official ``build_transform`` a
+    run's images follow: the fine-tune family (and CAE's attentive probe, trained on that code
+    path); None for the linear probe (MAE's rules)."""
     if getattr(args, "phase", "finetune") == "linprobe" and getattr(args, "linear_type", None) != "attentive":
         return None
-    return classifier_method(args.model).name
+    return classifier_method(args.model)
 
 
 def classifier_config(args, num_classes):
@@ -52,7 +53,7 @@ def classifier_config(args, num_classes):
         "crop_pct": getattr(args, "crop_pct", None),
         # whose build_transform rules the evaluation preprocessing follows (data.transforms: the
         # small-image branch and the default crop_pct of CAE/BootMAE); None: MAE's rules
-        "transform_method": transform_method(args),
+        "transform_method": getattr(transform_method(args), "name", None),
         # the head's init std where the method's recipe sets it (MAE: 2e-5 after loading
         # --finetune weights, 0.02 from scratch; CAE/BootMAE scale theirs by --init_scale)
         "head_init_std": classifier_method(args.model).head_init_std(args, probe),

@@ -8,7 +8,6 @@ from .param_groups import (
     layer_id_for_vit,
     layer_scales,
     param_groups,
-    recipe_group_options,
 )
 from .schedules import (
     apply_lr,
@@ -21,6 +20,6 @@ from .sgd import SGD
 
 __all__ = [
     "AdamW", "LARS", "SGD", "build_optimizer", "assign_param_groups", "describe_param_groups",
-    "layer_id_for_vit", "layer_scales", "param_groups", "recipe_group_options", "apply_lr", "cosine_scheduler",
+    "layer_id_for_vit", "layer_scales", "param_groups", "apply_lr", "cosine_scheduler",
     "ema_decay_for_epoch", "feature_weight_at", "mae_lr_at",
 ]

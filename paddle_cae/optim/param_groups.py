@@ -208,18 +208,3 @@ def describe_param_groups(model, weight_decay, layer_decay=None, no_weight_decay
     _, assignment = _model_assignment(model, weight_decay, layer_decay, no_weight_decay_list,
                                       rule, backbone_decay, skip_bias_and_1d)
     return dict(assignment)
-
-
-def recipe_group_options(method, phase, model=None):
-    """``rule`` and ``no_weight_decay_list`` as the official recipe of ``method`` (a name or a
-    :class:`paddle_cae.methods.Method`) builds its groups (SPEC h.2); the method decides.
-
-    Pretraining: MAE exempts only 1-D tensors and biases (timm's ``add_weight_decay`` never asks
-    the model); CAE and BootMAE ask the model's ``no_weight_decay()`` (BEiT's optimiser: CAE's
-    pretraining model declares nothing, so its cls and mask tokens decay; BootMAE's declares
-    ``pos_embed`` and ``cls_token``). Fine-tuning: the classifier's own ``no_weight_decay()``.
-    Linear probing uses no decay at all.
-    """
-    from ..methods import get_method
-
-    return get_method(method).group_options(phase, model)
