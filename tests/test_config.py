@@ -135,7 +135,8 @@ def test_resolved_values_round_trip_through_yaml(tmp_path):
     args = parse_args(["--epochs", "4", "--model_args", "{depth: 2}"], SMALL_TABLE)
     cfg = _write(tmp_path, "dump.yaml", to_yaml(args, SMALL_TABLE))
     again = parse_args(["-c", cfg], SMALL_TABLE)
-    assert vars(again) | {"config": None} == vars(args) | {"config": None}
+    same = {"config": None, "given_keys": None}  # the dump gives every key
+    assert vars(again) | same == vars(args) | same
 
 
 # ------------------------------------------------------------------ pretraining table
@@ -205,3 +206,33 @@ def test_method_defaults_fill_only_unset_values():
 def test_every_table_flag_has_help_and_unique_names():
     assert all(arg.help for arg in PRETRAIN_TABLE.args)
     assert len(PRETRAIN_TABLE.alias_of) == len(set(PRETRAIN_TABLE.alias_of))
+
+
+def test_the_parsed_arguments_record_which_keys_the_file_and_the_command_line_gave(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: cae_base_patch16_224_8k_vocab\ndecoder_num_classes: 512\n")
+    args = parse_pretrain_args(["--config", str(config), "--epochs", "3", "--no_auto_resume"])
+    assert args.given_keys == ["auto_resume", "decoder_num_classes", "epochs", "model"]
+    assert parse_pretrain_args([]).given_keys == []
+    # a flag given with its default value still counts as given
+    assert "blr" in parse_pretrain_args(["--blr", "1e-3"]).given_keys
+
+
+def test_the_tokenizer_vocabulary_is_the_class_count_unless_the_run_gave_one(tmp_path):
+    from types import SimpleNamespace
+
+    from paddle_cae.loading.tokenizer import find_tokenizer_file, vocabulary_as_class_count
+
+    tokenizer = SimpleNamespace(vocab_size=512)
+    args = parse_pretrain_args(["--model", "cae_base_patch16_224_8k_vocab"])
+    assert vocabulary_as_class_count(args, tokenizer, "t.pd") == 512 == args.decoder_num_classes
+    args = parse_pretrain_args(["--model", "cae_base_patch16_224_8k_vocab", "--decoder_num_classes", "8192"])
+    assert vocabulary_as_class_count(args, tokenizer, "t.pd") == 8192
+    args = parse_pretrain_args(["--model", "cae_base_patch16_224_8k_vocab", "--model_args", "{vocab_size: 8192}"])
+    assert vocabulary_as_class_count(args, tokenizer, "t.pd") == 8192
+    (tmp_path / "encoder.pkl").write_bytes(b"")
+    assert find_tokenizer_file(str(tmp_path)) == str(tmp_path / "encoder.pkl")
+    with pytest.raises(FileNotFoundError, match="no encoder.pkl"):
+        find_tokenizer_file(str(tmp_path.parent))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_tokenizer_file(str(tmp_path / "missing"))

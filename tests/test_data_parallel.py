@@ -74,17 +74,18 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     from paddle_cae.data.loader import collate_samples
     from paddle_cae.engine.pretrain import training_inputs
     from paddle_cae.methods import get_method
-    from paddle_cae.cli.pretrain import attach_tokenizer, build_model, prepare_args
+    from paddle_cae.cli.pretrain import build_model, prepare_args
     from paddle_cae.runtime import distributed as dist_rt
     from paddle_cae.runtime.pretrain_args import parse_pretrain_args
 
     monkeypatch.chdir(ROOT)
     args = parse_pretrain_args(PRETRAIN_CASES[case])
     prepare_args(args, dist_rt.DistEnv())
+    method = get_method(args.method)
+    prepared = method.prepare_run(args)
     paddle.seed(0)
     model = build_model(args)
-    attach_tokenizer(model, args)
-    method = get_method(args.method)
+    method.attach(model, prepared)
     dataset = build_dataset("train", args.data_path, method.pretrain_transform(args))
     samples = collate_samples([dataset[i] for i in range(4)])
     batch = {k: paddle.to_tensor(v) for k, v in samples.items()}

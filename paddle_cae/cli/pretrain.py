@@ -3,7 +3,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import paddle
 
@@ -35,84 +34,6 @@ def build_model(args):
     with paddle.utils.unique_name.guard():
         model = create_model(args.model, **kwargs)
     return model
-
-
-def find_tokenizer_file(path):
-    """``--discrete_vae_weight_path`` may be a file or a folder holding encoder.pkl (the
-    official release) or a converted .pd. A relative path that does not exist from the
-    working directory is also looked up from the repository root (the demo configs)."""
-    if not os.path.exists(path) and not os.path.isabs(path):
-        from_root = os.path.join(os.path.dirname(default_config_dir()), path)
-        if os.path.exists(from_root):
-            path = from_root
-    if os.path.isfile(path):
-        return path
-    if os.path.isdir(path):
-        for name in ("encoder.pd", "encoder_weight.pd", "encoder.pkl", "encoder.pth",
-                     "encoder.npz"):
-            candidate = os.path.join(path, name)
-            if os.path.isfile(candidate):
-                return candidate
-        raise FileNotFoundError(
-            f"--discrete_vae_weight_path {path}: no encoder.pkl (the DALL-E release) or "
-            "encoder.pd in this folder")
-    raise FileNotFoundError(f"--discrete_vae_weight_path {path} does not exist")
-
-
-def load_tokenizer(args):
-    """The DALL-E tokenizer of a run whose method needs one (None otherwise): (tokenizer, path)."""
-    if not getattr(args, "method", None) or not get_method(args.method).needs_tokenizer:
-        return None, None
-    from ..models.dalle import infer_dalle_arch, load_dalle_encoder, _read_state
-
-    if not args.discrete_vae_weight_path:
-        raise ValueError("CAE needs the DALL-E tokenizer: pass --discrete_vae_weight_path "
-                         "(a folder with encoder.pkl, or a tokenizer .pd file)")
-    path = find_tokenizer_file(args.discrete_vae_weight_path)
-    arch = dict(getattr(args, "tokenizer_args", None) or {})
-    if not arch and not path.endswith(".pkl"):
-        arch = infer_dalle_arch(_read_state(Path(path))) or {}
-    return load_dalle_encoder(path, **arch), path
-
-
-def decoder_classes_given(argv, args):
-    """Whether the user chose --decoder_num_classes (flag, config file, or model_args)."""
-    flags = {a.split("=")[0] for a in (argv or []) if a.startswith("--")}
-    if "--decoder_num_classes" in flags or "vocab_size" in (getattr(args, "model_args", None) or {}):
-        return True
-    if getattr(args, "config", None):
-        from ..runtime.config import load_config
-
-        try:
-            return "decoder_num_classes" in load_config(args.config, PRETRAIN_TABLE)
-        except (OSError, ValueError):
-            return False
-    return False
-
-
-def vocabulary_from_tokenizer(args, tokenizer, path, given):
-    """Unless the user set it, --decoder_num_classes becomes the tokenizer's vocabulary."""
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if tokenizer is None or vocab is None or given or args.decoder_num_classes == vocab:
-        return args.decoder_num_classes
-    logger.info("--decoder_num_classes %d: the vocabulary of the tokenizer %s (default %d)", vocab,
-                path, args.decoder_num_classes)
-    args.decoder_num_classes = int(vocab)
-    return args.decoder_num_classes
-
-
-def attach_tokenizer(model, args, loaded=None):
-    """Give the model of a method that needs one its tokenizer (``loaded``: a
-    :func:`load_tokenizer` result already at hand)."""
-    if not get_method(args.method).needs_tokenizer:
-        return None
-    tokenizer, path = loaded if loaded is not None else load_tokenizer(args)
-    try:
-        model.set_tokenizer(tokenizer)
-    except ValueError as err:
-        raise ValueError(f"tokenizer {path}: {err}") from None
-    logger.info("tokenizer: DALL-E encoder from %s", path)
-    return tokenizer
 
 
 def prepare_args(args, env):
@@ -175,14 +96,13 @@ def demo_config_used(args):
 
 def run(argv=None):
     env, argv, args = start_process(argv, demo_argv, parse_pretrain_args, prepare_args)
-    loaded = load_tokenizer(args)
-    if loaded[0] is not None:
-        vocabulary_from_tokenizer(args, *loaded, given=decoder_classes_given(argv, args))
+    method = get_method(args.method)
+    prepared = method.prepare_run(args)  # CAE: its tokenizer
+    if prepared is not None:
         paddle.seed(args.seed)  # the model starts from the same draws as without a tokenizer
     model = build_model(args)
-    attach_tokenizer(model, args, loaded if loaded[0] is not None else None)
+    method.attach(model, prepared)
     accelerate(model)  # (with its tokenizer)
-    method = get_method(args.method)
     # the masks are laid out on the built model's patch grid
     transform = method.pretrain_transform(
         argparse.Namespace(**{**vars(args), "patch_size": model.input_patch_size()}))

@@ -88,6 +88,15 @@ class Method:
         return type(self).__name__.replace("Method", "") or self.name
 
     # ---------------------------------------------------------------- pretraining model
+    def prepare_run(self, args):
+        """Before the pretraining model is built: what the run needs beside it (CAE: its
+        tokenizer, whose vocabulary may set the class count); handed to :meth:`attach`.
+        None: nothing."""
+        return None
+
+    def attach(self, model, prepared):
+        """After the model is built: give it what :meth:`prepare_run` made."""
+
     def model_kwargs(self, args):
         """Constructor arguments of the pretraining model from the flags (``--model_args`` last)."""
         kwargs = {}

@@ -60,6 +60,20 @@ class CAEMethod(Method):
                               "pretext_neck.")
     norm_seeds_fc_norm = True   # CAE starts fc_norm from the encoder's final LayerNorm
 
+    def prepare_run(self, args):
+        """The run's DALL-E tokenizer (:mod:`paddle_cae.loading.tokenizer`); its vocabulary is
+        the class count unless the run set one."""
+        from ..loading.tokenizer import load_tokenizer, vocabulary_as_class_count
+
+        tokenizer, path = load_tokenizer(args)
+        vocabulary_as_class_count(args, tokenizer, path)
+        return tokenizer, path
+
+    def attach(self, model, prepared):
+        from ..loading.tokenizer import attach_tokenizer
+
+        attach_tokenizer(model, *prepared)
+
     def model_kwargs(self, args):
         kwargs = super().model_kwargs(args)
         if getattr(args, "dual_path_ema", 0):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-CONFIG_KEYS = ("config",)
+CONFIG_KEYS = ("config", "given_keys")
 BASE_KEY = "_base_"
 TYPES = ("int", "float", "str", "bool", "floats", "dict")
 _TRUE = {"true", "yes", "on", "1", "y", "t"}
@@ -322,24 +322,31 @@ def build_parser(table, defaults=None, description=None, prog=None):
 
 def parse_args(argv=None, table=(), config_dir=None, description=None, prog=None):
     """Parse ``argv`` (sys.argv[1:] when None): table defaults < ``--config`` file < flags.
-    Returns an ``argparse.Namespace`` with every table key (``config`` holds the file's path)."""
+    Returns an ``argparse.Namespace`` with every table key (``config`` holds the file's path)
+    and ``given_keys``: the sorted keys the config file or the command line set (the others
+    hold their table default), so nothing has to read the file again to learn it."""
     table = _as_table(table)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", "-c", default=None)
     known, _ = pre.parse_known_args(argv)
     defaults = table.defaults()
     config_path = None
+    given = set()
     if known.config:
         config_path = resolve_config_path(known.config, config_dir)
-        defaults.update(load_config(config_path, table))
+        from_file = load_config(config_path, table)
+        defaults.update(from_file)
+        given.update(from_file)
     parser = build_parser(table, defaults, description=description, prog=prog)
     namespace = parser.parse_args(argv)
     for arg in table.args:
         value = getattr(namespace, arg.name)
         if value is defaults[arg.name]:
             continue  # came from the table or the file: already checked
+        given.add(arg.name)
         setattr(namespace, arg.name, convert_value(arg, value, f"command line --{arg.name}"))
     namespace.config = config_path
+    namespace.given_keys = sorted(given)
     return normalize_amp_dtype(namespace)
 
 
