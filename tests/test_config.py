@@ -6,8 +6,8 @@ import shlex
 import pytest
 
 from paddle_cae.runtime.config import Arg, ConfigError, load_config, parse_args, to_yaml
-from paddle_cae.runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, apply_method_defaults,
-                                              parse_pretrain_args)
+from paddle_cae.runtime.pretrain_args import (absolute_lr, apply_method_defaults, parse_pretrain_args,
+                                              pretrain_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # pretraining configs: the recipes and the demo files of the pretraining methods (the
@@ -204,8 +204,8 @@ def test_method_defaults_fill_only_unset_values():
 
 
 def test_every_table_flag_has_help_and_unique_names():
-    assert all(arg.help for arg in PRETRAIN_TABLE.args)
-    assert len(PRETRAIN_TABLE.alias_of) == len(set(PRETRAIN_TABLE.alias_of))
+    assert all(arg.help for arg in pretrain_table().args)
+    assert len(pretrain_table().alias_of) == len(set(pretrain_table().alias_of))
 
 
 def test_the_parsed_arguments_record_which_keys_the_file_and_the_command_line_gave(tmp_path):

@@ -80,9 +80,9 @@ class ToyMethod(Method):
     name = "toy"
     pretrain_defaults = dict(batch_size=8, epochs=1, save_ckpt_freq=1, min_lr=0.0, warmup_epochs=0,
                              drop_path=0.0, opt_betas=[0.9, 0.95], crop_min_size=0.5,
-                             imagenet_default_mean_and_std=True, layer_scale_init_value=0.0)
+                             imagenet_default_mean_and_std=True, layer_scale_init_value=0.0,
+                             num_mask_patches=16)
     model_flags = {"input_size": "img_size"}
-    default_mask_patches = 16
     pretrain_only_prefixes = ("pixel_head.",)
 
     def pretrain_transform(self, args, mask_generator=None):

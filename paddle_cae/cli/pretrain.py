@@ -16,7 +16,7 @@ from ..optim import build_optimizer, param_groups
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.config import flag_value, given_flags
 from ..runtime.logging import resolve_log_dir
-from ..runtime.pretrain_args import (PRETRAIN_TABLE, absolute_lr, default_config_dir,
+from ..runtime.pretrain_args import (PRETRAIN_DEFAULT_MODEL, absolute_lr, default_config_dir,
                                      effective_batch_size, parse_pretrain_args)
 from ..startup import report_error
 from .start import start_process
@@ -64,7 +64,7 @@ def demo_argv(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     if given_flags(argv) & {"--config", "-c", "--data_path", "-h", "--help"}:
         return argv, None
-    method = method_for(flag_value(argv, "model", PRETRAIN_TABLE.by_name["model"].default))
+    method = method_for(flag_value(argv, "model", PRETRAIN_DEFAULT_MODEL))
     config = os.path.join(default_config_dir(), "demo", f"{method.name}.yaml")
     return ["--config", config] + argv, config
 

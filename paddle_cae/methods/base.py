@@ -5,6 +5,8 @@ A method is a :class:`Method` subclass in one file of this package, registered w
 (``register_model(task, method=..., classifier=...)``); a method names only other
 repositories' aliases of its classifiers, and holds:
 
+* its own flags: ``flags`` (:class:`paddle_cae.runtime.config.Arg`; the pretraining argument
+  table adds them under the method's title);
 * recipe defaults: ``pretrain_defaults`` / ``finetune_defaults`` / ``linprobe_defaults`` (the
   official values of the flags whose default differs between the methods);
 * ``model_flags``: command-line flag -> constructor argument of its pretraining models, and
@@ -53,6 +55,7 @@ class Method:
     linprobe_defaults = dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10,
                              weight_decay=0.0, global_pool=False, rel_pos_bias=False, lr_schedule="mae",
                              imagenet_default_mean_and_std=False)
+    flags = ()                # its own pretraining flags (runtime.config.Arg), default stated once
     model_flags = {}          # command-line flag -> pretraining constructor argument
     needs_tokenizer = False   # targets from a frozen tokenizer (the DALL-E encoder)
     masks_in_model = False    # the model draws its own mask (no mask generator in the pipeline)
@@ -61,7 +64,6 @@ class Method:
     pretrain_lr_schedule = "beit"
     group_rule = "beit"           # layer-wise decay rule (optim.param_groups)
     pretrain_asks_no_weight_decay = True   # the official optimiser asks model.no_weight_decay()
-    default_mask_patches = 98     # block-mask size when --num_mask_patches is unset
     beit_eval_rules = False       # BEiT's build_transform: small-image branch, crop_pct < 384 px
     pretrain_only_prefixes = ()
     norm_seeds_fc_norm = False    # the encoder's final norm starts the classifier's fc_norm
@@ -82,6 +84,11 @@ class Method:
 
     def lr_rule(self, lr, blr, effective_batch):
         return peak_lr(lr, blr, effective_batch, self.lr_scaled_by_batch, self.title)[1]
+
+    @property
+    def default_mask_patches(self):
+        """The block-mask size when ``--num_mask_patches`` is unset (its recipe default)."""
+        return int(self.pretrain_defaults.get("num_mask_patches", 98))
 
     @property
     def title(self):

@@ -9,6 +9,7 @@ from ..data.masking import bootmae_shuffle_from_mask
 from ..data.pipeline import CropFlip, Pipeline, ToFloat
 from ..data.transforms import HALF_MEAN, HALF_STD, _get, bool_mask, numpy_rng, window_size_of
 from ..optim.schedules import ema_decay_for_epoch, feature_weight_at
+from ..runtime.config import Arg
 from .base import PER_PATCH_NOTE, Method, register_method
 
 MAX_ROLL = 3  # the official loop rolls each batch's order right by random.randint(0, 3)
@@ -63,8 +64,18 @@ class BootMAEMethod(Method):
                    "feature_weight": "feature_weight", "weight_mask": "weight_mask",
                    "epochs": "epochs", "model_ema_decay": "model_ema_decay",
                    "model_ema_dynamic": "model_ema_dynamic", "model_ema": "with_teacher"}
+    # its own flags (the pretraining table adds them; their defaults are stated here only)
+    flags = (
+        Arg("model_ema", "bool", False, "keep a momentum (EMA) encoder as feature target"),
+        Arg("model_ema_decay", "float", 0.999, "starting EMA decay, raised to 0.9999 over the first "
+            "100 epochs", minimum=0.0, maximum=1.0),
+        Arg("model_ema_dynamic", "bool", False, "further raise the EMA decay to 0.99999 over the "
+            "first 400 epochs"),
+        Arg("mask_num", "int", 147, "patches dropped from the encoder input", minimum=0),
+        Arg("feature_weight", "float", 0.0, "weight of the feature-prediction loss", minimum=0.0),
+        Arg("weight_mask", "bool", False, "larger loss weight at the centre of masked blocks"),
+    )
     lr_scaled_by_batch = True      # BootMAE multiplies an absolute --lr by effective batch / 256
-    default_mask_patches = 120
     beit_eval_rules = True
     pretrain_asks_no_weight_decay = True   # BEiT's create_optimizer: pos_embed, cls_token
     pretrain_only_prefixes = ("decoder", "mask_token", "decode_", "de_pos_embed", "down.", "down_1.",

@@ -1,6 +1,7 @@
 """CAE (Chen et al., 2023): block masks, a latent regressor and DALL-E tokenizer targets."""
 from ..data.pipeline import FlipTwoViews, Pipeline, ToFloat
 from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _get, bool_mask
+from ..runtime.config import Arg
 from .base import Method, register_method
 
 
@@ -49,8 +50,32 @@ class CAEMethod(Method):
                    "decoder_num_heads": "decoder_num_heads", "decoder_num_classes": "vocab_size",
                    "decoder_layer_scale_init_value": "decoder_layer_scale_init_value",
                    "align_loss_weight": "align_loss_weight", "fix_init_weight": "fix_init_weight"}
+    # its own flags (the pretraining table adds them; their defaults are stated here only)
+    flags = (
+        Arg("discrete_vae_weight_path", "str", None, "folder with the DALL-E tokenizer weights "
+            "(encoder.pkl or encoder_weight.pd)"),
+        Arg("tokenizer_args", "dict", {}, "architecture of the tokenizer file when it cannot be read from the "
+            "file itself, e.g. '{\"n_hid\": 256, \"vocab_size\": 8192}'"),
+        Arg("discrete_vae_type", "str", "dall-e", "tokenizer type", choices=("dall-e",)),
+        Arg("dvae_num_layers", "int", 3, "accepted for compatibility (unused by the DALL-E tokenizer)",
+            minimum=1),
+        Arg("regressor_depth", "int", 4, "blocks of the latent contextual regressor", minimum=0),
+        Arg("decoder_depth", "int", 4, "self-attention blocks of the decoder", minimum=0,
+            aliases=("num_decoder_self_attention",)),
+        Arg("decoder_embed_dim", "int", 768, "width of the regressor and decoder", minimum=1),
+        Arg("decoder_num_heads", "int", 12, "heads of the regressor and decoder", minimum=1),
+        Arg("decoder_num_classes", "int", 8192, "decoder output classes (= tokenizer vocabulary)", minimum=1),
+        Arg("decoder_layer_scale_init_value", "float", 0.1, "layer-scale init of regressor/decoder blocks",
+            minimum=0.0),
+        Arg("num_out_dim", "int", 512, "CAE v2 output width (unused by CAE)", minimum=1),
+        Arg("align_loss_weight", "float", 2.0, "weight of the alignment loss", minimum=0.0,
+            aliases=("dual_loss_weight",)),
+        Arg("dual_loss_type", "str", "mse", "alignment loss (Paddle CAE)", choices=("mse",)),
+        Arg("dual_path_ema", "float", 0.0, "momentum of the alignment target encoder (Paddle CAE); 0 = the "
+            "current encoder without gradient", minimum=0.0, maximum=1.0),
+        Arg("latent_alignment_loss_weight", "float", 0.0, "CAE v2 loss weight (unused by CAE)", minimum=0.0),
+    )
     needs_tokenizer = True
-    default_mask_patches = 98
     beit_eval_rules = True
     # the official optimiser asks the top-level model, which declares nothing: only 1-D tensors
     # and biases skip decay (cls and mask tokens decay)

@@ -3,6 +3,7 @@ import numpy as np
 
 from ..data.pipeline import CropFlip, Pipeline, ToFloat
 from ..data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, _get, numpy_rng, window_size_of
+from ..runtime.config import Arg
 from .base import PER_PATCH_NOTE, Method, register_method
 
 
@@ -38,6 +39,11 @@ class MAEMethod(Method):
                              imagenet_default_mean_and_std=True)
     linprobe_defaults = dict(Method.linprobe_defaults, imagenet_default_mean_and_std=True)
     model_flags = {"input_size": "img_size", "norm_pix_loss": "norm_pix_loss", "mask_ratio": "mask_ratio"}
+    # its own flags (the pretraining table adds them; their defaults are stated here only)
+    flags = (
+        Arg("norm_pix_loss", "bool", False, "per-patch normalised pixels as targets"),
+        Arg("mask_ratio", "float", 0.75, "fraction of patches removed", minimum=0.0, maximum=1.0),
+    )
     imagenet_stats_only = True   # MAE's pipeline has no mean/std switch
     masks_in_model = True        # the model masks a random subset, from per-sample noise
     pretrain_lr_schedule = "mae"

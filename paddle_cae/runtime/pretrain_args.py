@@ -1,10 +1,12 @@
 """The pretraining argument table: every flag of the official MAE, CAE (Atten4Vis and the Paddle
 CAE port) and BootMAE pretraining scripts, under the official names.
 
-Flags whose official default differs between the three methods default to None here and are
-filled by :func:`apply_method_defaults` from the ``pretrain_defaults`` of the method of
-``--model`` (:mod:`paddle_cae.methods`). So each seed command line means what it means in its
-own repository.
+:data:`PRETRAIN_ARGS` holds the flags every method reads; a method's own flags are its
+``Method.flags`` (:mod:`paddle_cae.methods`), which :func:`pretrain_table` adds under the
+method's title. Flags whose official default differs between the methods default to None here
+and are filled by :func:`apply_method_defaults` from the ``pretrain_defaults`` of the method of
+``--model``; the help text names those defaults from the same tables. So each seed command
+line means what it means in its own repository.
 
 Aliases (same meaning, other repository's name):
 ``--update_freq`` (BEiT/BootMAE) = ``--accum_iter`` (MAE); ``--dual_loss_weight`` (Paddle CAE) =
@@ -13,22 +15,23 @@ Aliases (same meaning, other repository's name):
 ``--crop_min_size`` (CAE).
 """
 import os
+from dataclasses import replace
 
 from .config import Arg, ArgTable, parse_args
 
-G_RUN, G_MODEL, G_OPT, G_DATA, G_MASK, G_CAE, G_BOOT, G_DIST = (
-    "run", "model", "optimisation", "data and augmentation", "masking", "CAE", "BootMAE", "distributed")
+PRETRAIN_DEFAULT_MODEL = "mae_vit_base_patch16"
+
+G_RUN, G_MODEL, G_OPT, G_DATA, G_MASK, G_DIST = (
+    "run", "model", "optimisation", "data and augmentation", "masking", "distributed")
 
 PRETRAIN_ARGS = (
     # --- run
-    Arg("batch_size", "int", None, "batch size per GPU; effective batch = batch_size x accum_iter x GPUs "
-        "(method default: MAE 64, CAE 64, BootMAE 128)", minimum=1, group=G_RUN),
-    Arg("epochs", "int", None, "total pretraining epochs (method default: MAE 400, CAE 300, BootMAE 800)",
+    Arg("batch_size", "int", None, "batch size per GPU; effective batch = batch_size x accum_iter x GPUs", minimum=1, group=G_RUN),
+    Arg("epochs", "int", None, "total pretraining epochs",
         minimum=1, group=G_RUN),
     Arg("accum_iter", "int", 1, "gradient accumulation steps per optimizer step", minimum=1,
         aliases=("update_freq",), group=G_RUN),
-    Arg("save_ckpt_freq", "int", None, "save a checkpoint every N epochs (and at the last one) "
-        "(method default: MAE 20, CAE 50, BootMAE 20)", minimum=1, group=G_RUN),
+    Arg("save_ckpt_freq", "int", None, "save a checkpoint every N epochs (and at the last one)", minimum=1, group=G_RUN),
     Arg("keep_last", "int", None, "keep only the newest N numbered checkpoint-<epoch>.pd files (latest "
         "and best are always kept); default: keep all", minimum=1, group=G_RUN),
     Arg("output_dir", "str", "./output_dir", "where checkpoints and logs go; empty for no saving", group=G_RUN),
@@ -55,7 +58,7 @@ PRETRAIN_ARGS = (
     Arg("debug", "bool", False, "debug mode of the Paddle CAE port (accepted, no effect)", group=G_RUN),
     Arg("enable_multi_print", "bool", False, "let every rank print, not only rank 0", group=G_RUN),
     # --- model
-    Arg("model", "str", "mae_vit_base_patch16", "name of the pretraining model (mae_vit_{base,large}_patch16, "
+    Arg("model", "str", PRETRAIN_DEFAULT_MODEL, "name of the pretraining model (mae_vit_{base,large}_patch16, "
         "mae_vit_huge_patch14, cae_{tiny,small,base,large}_patch16_224_8k_vocab, bootmae_{base,large})",
         group=G_MODEL),
     Arg("model_args", "dict", {}, "extra constructor arguments for the model, JSON or inline YAML, "
@@ -63,9 +66,9 @@ PRETRAIN_ARGS = (
     Arg("model_type", "str", "cae", "CAE model type (only 'cae'; 'caev2' is not implemented)",
         choices=("cae", "caev2"), group=G_MODEL),
     Arg("input_size", "int", 224, "image size for the encoder", minimum=1, group=G_MODEL),
-    Arg("drop_path", "float", None, "stochastic depth rate (method default 0; the CAE recipes use 0.1)",
+    Arg("drop_path", "float", None, "stochastic depth rate",
         minimum=0.0, maximum=1.0, group=G_MODEL),
-    Arg("layer_scale_init_value", "float", None, "layer-scale init (CAE: 0.1 base, 1e-5 large, 0 disables)",
+    Arg("layer_scale_init_value", "float", None, "layer-scale init (0 disables)",
         minimum=0.0, group=G_MODEL),
     Arg("rel_pos_bias", "bool", None, "relative position bias in the encoder", negative=("disable_rel_pos_bias",),
         group=G_MODEL),
@@ -74,15 +77,14 @@ PRETRAIN_ARGS = (
         group=G_MODEL),
     Arg("fix_init_weight", "bool", False, "rescale block output weights by depth (BEiT's fix_init_weight)",
         aliases=("rescale_init",), group=G_MODEL),
-    Arg("norm_pix_loss", "bool", False, "MAE: per-patch normalised pixels as targets", group=G_MODEL),
     # --- optimisation
     Arg("lr", "float", None, "learning rate. MAE and CAE: absolute (MAE computes it from --blr when unset); "
         "BootMAE: as in its scripts, multiplied by effective batch / 256", minimum=0.0, open_min=True, group=G_OPT),
     Arg("blr", "float", 1e-3, "base learning rate: lr = blr x effective batch / 256 when --lr is unset",
         minimum=0.0, open_min=True, group=G_OPT),
-    Arg("min_lr", "float", None, "floor of the cosine schedule (method default: MAE 0, CAE/BootMAE 1e-5)",
+    Arg("min_lr", "float", None, "floor of the cosine schedule",
         minimum=0.0, group=G_OPT),
-    Arg("warmup_epochs", "int", None, "linear warmup epochs (method default: MAE 40, CAE/BootMAE 5)",
+    Arg("warmup_epochs", "int", None, "linear warmup epochs",
         minimum=0, group=G_OPT),
     Arg("warmup_steps", "int", -1, "warmup iterations; overrides warmup_epochs when > 0", minimum=-1, group=G_OPT),
     Arg("warmup_lr", "float", 1e-6, "accepted for compatibility; the official schedules warm up from 0",
@@ -93,7 +95,7 @@ PRETRAIN_ARGS = (
         "(unset: constant)", minimum=0.0, group=G_OPT),
     Arg("opt", "str", "adamw", "optimizer", choices=("adamw",), group=G_OPT),
     Arg("opt_eps", "float", 1e-8, "optimizer epsilon", minimum=0.0, open_min=True, group=G_OPT),
-    Arg("opt_betas", "floats", None, "optimizer betas (method default: MAE/BootMAE 0.9 0.95, CAE 0.9 0.999)",
+    Arg("opt_betas", "floats", None, "optimizer betas",
         metavar="BETA", group=G_OPT),
     Arg("momentum", "float", 0.9, "SGD momentum (unused by AdamW)", minimum=0.0, group=G_OPT),
     Arg("clip_grad", "float", None, "clip the global gradient norm (CAE recipes: 3.0)", minimum=0.0,
@@ -118,60 +120,20 @@ PRETRAIN_ARGS = (
         choices=("bicubic", "bilinear", "lanczos", "nearest", "random"), group=G_DATA),
     Arg("second_interpolation", "str", "lanczos", "CAE: resize filter of the tokenizer view",
         choices=("bicubic", "bilinear", "lanczos", "nearest", "random"), group=G_DATA),
-    Arg("crop_min_size", "float", None, "smallest crop area fraction (method default: MAE/BootMAE 0.2, "
-        "CAE 0.08)", minimum=0.0, maximum=1.0, open_min=True, aliases=("resize_scale",), group=G_DATA),
+    Arg("crop_min_size", "float", None, "smallest crop area fraction", minimum=0.0, maximum=1.0, open_min=True, aliases=("resize_scale",), group=G_DATA),
     Arg("crop_max_size", "float", 1.0, "largest crop area fraction", minimum=0.0, maximum=1.0,
         open_min=True, group=G_DATA),
     Arg("color_jitter", "float", 0.0, "colour jitter strength (every pretraining recipe uses 0)",
         minimum=0.0, group=G_DATA),
     # --- masking
-    Arg("mask_ratio", "float", 0.75, "MAE: fraction of patches removed", minimum=0.0, maximum=1.0,
-        group=G_MASK),
     Arg("mask_generator", "str", "block", "CAE: block-wise or random masking", choices=("block", "random"),
         group=G_MASK),
-    Arg("num_mask_patches", "int", None, "CAE/BootMAE: number of block-masked patches (method default: "
-        "CAE 98, BootMAE 120)", minimum=0, group=G_MASK),
-    Arg("max_mask_patches_per_block", "int", None, "largest block (default: CAE all, BootMAE 60)",
+    Arg("num_mask_patches", "int", None, "number of block-masked patches", minimum=0, group=G_MASK),
+    Arg("max_mask_patches_per_block", "int", None, "largest block (unset: no limit)",
         minimum=1, group=G_MASK),
     Arg("min_mask_patches_per_block", "int", 16, "smallest block", minimum=1, group=G_MASK),
     Arg("ratio_mask_patches", "float", None, "CAE random masking: fraction of patches masked",
         minimum=0.0, maximum=1.0, group=G_MASK),
-    # --- CAE
-    Arg("discrete_vae_weight_path", "str", None, "folder with the DALL-E tokenizer weights "
-        "(encoder.pkl or encoder_weight.pd)", group=G_CAE),
-    Arg("tokenizer_args", "dict", {}, "architecture of the tokenizer file when it cannot be read from the "
-        "file itself, e.g. '{\"n_hid\": 256, \"vocab_size\": 8192}'", group=G_CAE),
-    Arg("discrete_vae_type", "str", "dall-e", "tokenizer type", choices=("dall-e",), group=G_CAE),
-    Arg("dvae_num_layers", "int", 3, "accepted for compatibility (unused by the DALL-E tokenizer)",
-        minimum=1, group=G_CAE),
-    Arg("regressor_depth", "int", 4, "blocks of the latent contextual regressor", minimum=0, group=G_CAE),
-    Arg("decoder_depth", "int", 4, "self-attention blocks of the decoder", minimum=0,
-        aliases=("num_decoder_self_attention",), group=G_CAE),
-    Arg("decoder_embed_dim", "int", 768, "width of the regressor and decoder", minimum=1, group=G_CAE),
-    Arg("decoder_num_heads", "int", 12, "heads of the regressor and decoder", minimum=1, group=G_CAE),
-    Arg("decoder_num_classes", "int", 8192, "decoder output classes (= tokenizer vocabulary)", minimum=1,
-        group=G_CAE),
-    Arg("decoder_layer_scale_init_value", "float", 0.1, "layer-scale init of regressor/decoder blocks",
-        minimum=0.0, group=G_CAE),
-    Arg("num_out_dim", "int", 512, "CAE v2 output width (unused by CAE)", minimum=1, group=G_CAE),
-    Arg("align_loss_weight", "float", 2.0, "weight of the alignment loss", minimum=0.0,
-        aliases=("dual_loss_weight",), group=G_CAE),
-    Arg("dual_loss_type", "str", "mse", "alignment loss (Paddle CAE)", choices=("mse",), group=G_CAE),
-    Arg("dual_path_ema", "float", 0.0, "momentum of the alignment target encoder (Paddle CAE); 0 = the "
-        "current encoder without gradient", minimum=0.0, maximum=1.0, group=G_CAE),
-    Arg("latent_alignment_loss_weight", "float", 0.0, "CAE v2 loss weight (unused by CAE)", minimum=0.0,
-        group=G_CAE),
-    # --- BootMAE
-    Arg("model_ema", "bool", False, "BootMAE: keep a momentum (EMA) encoder as feature target", group=G_BOOT),
-    Arg("model_ema_decay", "float", 0.999, "BootMAE: starting EMA decay, raised to 0.9999 over the first "
-        "100 epochs", minimum=0.0, maximum=1.0, group=G_BOOT),
-    Arg("model_ema_dynamic", "bool", False, "BootMAE: further raise the EMA decay to 0.99999 over the "
-        "first 400 epochs", group=G_BOOT),
-    Arg("mask_num", "int", 147, "BootMAE: patches dropped from the encoder input", minimum=0, group=G_BOOT),
-    Arg("feature_weight", "float", 0.0, "BootMAE: weight of the feature-prediction loss", minimum=0.0,
-        group=G_BOOT),
-    Arg("weight_mask", "bool", False, "BootMAE: larger loss weight at the centre of masked blocks",
-        group=G_BOOT),
     # --- distributed (set by paddle.distributed.launch; accepted for compatibility)
     Arg("world_size", "int", 1, "number of processes (set by the launcher)", minimum=1, group=G_DIST),
     Arg("local_rank", "int", -1, "set by the launcher", minimum=-1, group=G_DIST),
@@ -179,7 +141,32 @@ PRETRAIN_ARGS = (
     Arg("dist_url", "str", "env://", "accepted for compatibility", group=G_DIST),
 )
 
-PRETRAIN_TABLE = ArgTable(PRETRAIN_ARGS)
+_TABLES = {}  # registered method names -> their table
+
+
+def _shown(value):
+    return " ".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def pretrain_table():
+    """The pretraining flags: :data:`PRETRAIN_ARGS` (the help of a flag whose default is the
+    method's lists the methods' defaults) and every registered method's own ``flags``."""
+    from ..methods import get_method, method_names
+
+    names = tuple(method_names())
+    if names not in _TABLES:
+        methods = [get_method(name) for name in names]
+        args = []
+        for arg in PRETRAIN_ARGS:
+            per_method = [f"{m.name} {_shown(m.pretrain_defaults[arg.name])}" for m in methods
+                          if arg.name in m.pretrain_defaults]
+            if per_method:
+                arg = replace(arg, help=f"{arg.help} (method default: {', '.join(per_method)})")
+            args.append(arg)
+        for method in methods:
+            args.extend(replace(arg, group=method.title) for arg in method.flags)
+        _TABLES[names] = ArgTable(args)
+    return _TABLES[names]
 
 
 def apply_method_defaults(args):
@@ -214,6 +201,6 @@ def default_config_dir():
 def parse_pretrain_args(argv=None, config_dir=None, method_defaults=True):
     """Parse a pretraining command line (``--config`` files are looked up as given, then under
     ``configs/``) and fill the method defaults."""
-    args = parse_args(argv, PRETRAIN_TABLE, config_dir=config_dir or default_config_dir(),
+    args = parse_args(argv, pretrain_table(), config_dir=config_dir or default_config_dir(),
                       description="Masked-image-modeling pretraining (MAE, CAE, BootMAE)")
     return apply_method_defaults(args) if method_defaults else args
