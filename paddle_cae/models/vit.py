@@ -1,7 +1,9 @@
 """ViT classifiers for fine-tuning and linear probing, one class for the three methods.
 
-What differs between MAE, CAE and BootMAE classifiers is a handful of switches, set by
-the registered constructors below (the official model names):
+What differs between MAE, CAE and BootMAE classifiers is a handful of switches; each method's
+variant is one small constructor (:func:`mae_classifier`, :func:`cae_classifier`,
+:func:`bootmae_classifier`) that sets them, and the registered names (the official model
+names) call it with a size:
 
 | switch            | MAE (models_vit)      | CAE (modeling_finetune) | BootMAE              |
 |-------------------|-----------------------|-------------------------|----------------------|
@@ -10,6 +12,12 @@ the registered constructors below (the official model names):
 | use_rel_pos_bias  | no                    | yes (per block)         | no                   |
 | init_values       | none                  | 0.1 (layer scale)       | none                 |
 | pooling           | mean + fc_norm / cls  | mean + fc_norm / cls    | mean + fc_norm / cls |
+| fix_init_weight   | no                    | yes                     | yes                  |
+| cls_token_std     | trunc-normal 0.02     | trunc-normal 0.02       | normal 1e-6          |
+| head_init_std     | 2e-5                  | 0.02 (x init_scale)     | 0.02 (x init_scale)  |
+
+``family`` names the method whose rules load and evaluate the classifier
+(:func:`paddle_cae.methods.method_of_classifier`); nothing here depends on it.
 """
 import math
 
@@ -40,8 +48,8 @@ class VisionTransformer(Classifier):
                  drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, norm_eps=LN_EPS,
                  attn_style="timm", pos_embed_type="learned", sincos_layout="moco",
                  use_rel_pos_bias=False, init_values=None, global_pool=True,
-                 init_style="mae", head_init_std=2e-5, init_scale=1.0, lin_probe=False,
-                 family="mae"):
+                 fix_init_weight=False, cls_token_std=None, head_init_std=2e-5, init_scale=1.0,
+                 lin_probe=False, family="mae"):
         super().__init__()
         self.family = family
         self.num_classes = num_classes
@@ -82,10 +90,10 @@ class VisionTransformer(Classifier):
             self.head = LinearProbeHead(embed_dim, num_classes)
         else:
             self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights(init_style, head_init_std, init_scale, lin_probe)
+        self._init_weights(fix_init_weight, cls_token_std, head_init_std, init_scale, lin_probe)
 
     # ------------------------------------------------------------------ init
-    def _init_weights(self, style, head_init_std, init_scale, lin_probe):
+    def _init_weights(self, fix_init_weight, cls_token_std, head_init_std, init_scale, lin_probe):
         """The initialisation of the official classifier class (what a run without ``--finetune``
         trains from; with ``--finetune`` only the parts the checkpoint does not fill matter).
 
@@ -95,9 +103,10 @@ class VisionTransformer(Classifier):
           LayerNorm 1 / 0;
         * the patch-embedding conv keeps PyTorch's default Conv2d init (none of the official
           ``_init_weights`` touches a conv): weight and bias U(+-1/sqrt(C p^2));
-        * CAE and BootMAE (``fix_init_weight``): ``attn.proj`` and ``mlp.fc2`` weights of block
+        * ``fix_init_weight`` (CAE, BootMAE): ``attn.proj`` and ``mlp.fc2`` weights of block
           ``l`` (1-based) divided by sqrt(2 l);
-        * cls token: MAE and CAE timm trunc-normal 0.02 (untruncated in effect), BootMAE N(0, 1e-6);
+        * cls token: timm trunc-normal 0.02 (untruncated in effect; MAE, CAE), or N(0,
+          ``cls_token_std``) when given (BootMAE: 1e-6);
           MAE's learned position table trunc-normal 0.02;
         * head: N(0, ``head_init_std``), bias 0, both multiplied by ``init_scale`` (CAE, BootMAE).
 
@@ -113,12 +122,12 @@ class VisionTransformer(Classifier):
 
         init_linears_and_norms(self, linear_weight)
         torch_default_conv_init_(self.patch_embed.proj)
-        if style in ("beit", "bootmae"):  # fix_init_weight
+        if fix_init_weight:
             for layer_id, blk in enumerate(self.blocks, start=1):
                 for weight in (blk.attn.proj.weight, blk.mlp.fc2.weight):
                     weight.set_value(weight / math.sqrt(2.0 * layer_id))
-        if style == "bootmae":
-            normal_(self.cls_token, std=1e-6)
+        if cls_token_std is not None:
+            normal_(self.cls_token, std=cls_token_std)
         else:
             trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
         if self.pos_embed_type == "learned":
@@ -207,36 +216,76 @@ _OFFICIAL_COMMON = ("img_size", "patch_size", "in_chans", "num_classes", "embed_
                     "attn_drop_rate", "drop_path_rate")
 
 
-def classifier_from_official_args(family, **official):
-    """Build a classifier from the constructor arguments of the official class
-    (models_vit / CAE modeling_finetune / BootMAE modeling_finetune_bootmae).
-    Arguments the official class accepts but ignores are accepted and ignored here too."""
-    cfg = {k: official[k] for k in _OFFICIAL_COMMON if k in official}
-    cfg["norm_eps"] = norm_eps_from(official.get("norm_layer"))
-    if family == "mae":
-        cfg["global_pool"] = official.get("global_pool", False)
-        return VisionTransformer(attn_style="timm", pos_embed_type="learned", init_style="mae",
-                                 family="mae", **cfg)
+# ------------------------------------------------------------------ the variants
+def mae_classifier(**cfg):
+    """MAE's ``models_vit.VisionTransformer``: timm attention, learned positions."""
+    cfg = dict(dict(attn_style="timm", pos_embed_type="learned", head_init_std=2e-5), **cfg)
+    return VisionTransformer(family="mae", **cfg)
+
+
+def cae_classifier(**cfg):
+    """CAE's ``modeling_finetune.VisionTransformer``: BEiT attention, fixed sin-cos positions,
+    relative position bias, layer scale 0.1, fix_init_weight, a scaled head."""
+    cfg = dict(dict(attn_style="beit", pos_embed_type="sincos", sincos_layout="moco",
+                    use_rel_pos_bias=True, init_values=0.1, global_pool=True, fix_init_weight=True,
+                    head_init_std=0.02, init_scale=0.001), **cfg)
+    return VisionTransformer(family="cae", **cfg)
+
+
+def bootmae_classifier(**cfg):
+    """BootMAE's ``modeling_finetune_bootmae.VisionTransformer``: as CAE's without relative
+    position bias or layer scale, its cls token drawn from N(0, 1e-6)."""
+    cfg = dict(dict(attn_style="beit", pos_embed_type="sincos", sincos_layout="moco",
+                    use_rel_pos_bias=False, init_values=None, global_pool=True, fix_init_weight=True,
+                    cls_token_std=1e-6, head_init_std=0.02, init_scale=0.001), **cfg)
+    return VisionTransformer(family="bootmae", **cfg)
+
+
+# ------------------------------------------------------- official arguments
+_OFFICIAL_COMMON = ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth",
+                    "num_heads", "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate",
+                    "attn_drop_rate", "drop_path_rate")
+
+
+def _mae_official(cfg, official):
+    return mae_classifier(global_pool=official.get("global_pool", False), **cfg)
+
+
+def _beit_official(cfg, official):
+    """What CAE's and BootMAE's official classes share (BEiT's code)."""
     if official.get("use_shared_rel_pos_bias"):
         raise NotImplementedError("a shared relative position bias is not supported")
     if official.get("lin_probe") or official.get("linear_type", "standard") != "standard":
         raise NotImplementedError("build probe models with the linear-probe constructors")
-    cfg["global_pool"] = official.get("use_mean_pooling", True)
-    cfg["init_scale"] = official.get("init_scale", 0.001)
-    if family == "cae":
-        sin_pos = official.get("args", {}).get("sin_pos_emb", True)
-        return VisionTransformer(attn_style="beit", pos_embed_type="sincos" if sin_pos else "none",
-                                 sincos_layout="moco",
-                                 use_rel_pos_bias=official.get("use_rel_pos_bias", False),
-                                 init_values=official.get("init_values"), init_style="beit",
-                                 head_init_std=0.02, family="cae", **cfg)
-    if family == "bootmae":
-        # the official class always adds the fixed sin-cos table and builds its blocks
-        # without layer scale or relative position bias, whatever the flags say
-        return VisionTransformer(attn_style="beit", pos_embed_type="sincos", sincos_layout="moco",
-                                 use_rel_pos_bias=False, init_values=None, init_style="bootmae",
-                                 head_init_std=0.02, family="bootmae", **cfg)
-    raise ValueError(f"unknown classifier family {family!r} (expected mae, cae or bootmae)")
+    return dict(cfg, global_pool=official.get("use_mean_pooling", True),
+                init_scale=official.get("init_scale", 0.001))
+
+
+def _cae_official(cfg, official):
+    sin_pos = official.get("args", {}).get("sin_pos_emb", True)
+    return cae_classifier(pos_embed_type="sincos" if sin_pos else "none",
+                          use_rel_pos_bias=official.get("use_rel_pos_bias", False),
+                          init_values=official.get("init_values"), **_beit_official(cfg, official))
+
+
+def _bootmae_official(cfg, official):
+    # the official class always adds the fixed sin-cos table and builds its blocks
+    # without layer scale or relative position bias, whatever the flags say
+    return bootmae_classifier(**_beit_official(cfg, official))
+
+
+OFFICIAL_CLASSES = {"mae": _mae_official, "cae": _cae_official, "bootmae": _bootmae_official}
+
+
+def classifier_from_official_args(family, **official):
+    """Build a classifier from the constructor arguments of the official class of ``family``
+    (models_vit / CAE modeling_finetune / BootMAE modeling_finetune_bootmae). Arguments the
+    official class accepts but ignores are accepted and ignored here too."""
+    if family not in OFFICIAL_CLASSES:
+        raise ValueError(f"unknown classifier family {family!r} (expected {', '.join(OFFICIAL_CLASSES)})")
+    cfg = {k: official[k] for k in _OFFICIAL_COMMON if k in official}
+    cfg["norm_eps"] = norm_eps_from(official.get("norm_layer"))
+    return OFFICIAL_CLASSES[family](cfg, official)
 
 
 # ------------------------------------------------------------------ constructors
@@ -249,30 +298,20 @@ _SIZES = {
 }
 
 
-def mae_vit(size, patch_size=16, **kwargs):
-    cfg = dict(patch_size=patch_size, mlp_ratio=4.0, qkv_bias=True, attn_style="timm",
-               pos_embed_type="learned", init_style="mae", head_init_std=2e-5, family="mae",
-               **_SIZES[size])
-    cfg.update(kwargs)
-    return VisionTransformer(**cfg)
+def _sized(variant, size, **kwargs):
+    return variant(**dict(dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, **_SIZES[size]), **kwargs))
 
 
-def cae_vit(size, img_size=224, **kwargs):
-    cfg = dict(img_size=img_size, patch_size=16, mlp_ratio=4.0, qkv_bias=True, attn_style="beit",
-               pos_embed_type="sincos", sincos_layout="moco", use_rel_pos_bias=True,
-               init_values=0.1, global_pool=True, init_style="beit", head_init_std=0.02,
-               init_scale=0.001, family="cae", **_SIZES[size])
-    cfg.update(kwargs)
-    return VisionTransformer(**cfg)
+def mae_vit(size, **kwargs):
+    return _sized(mae_classifier, size, **kwargs)
+
+
+def cae_vit(size, **kwargs):
+    return _sized(cae_classifier, size, **kwargs)
 
 
 def bootmae_vit(size, **kwargs):
-    cfg = dict(patch_size=16, mlp_ratio=4.0, qkv_bias=True, attn_style="beit",
-               pos_embed_type="sincos", sincos_layout="moco", use_rel_pos_bias=False,
-               init_values=None, global_pool=True, init_style="bootmae", head_init_std=0.02,
-               init_scale=0.001, family="bootmae", **_SIZES[size])
-    cfg.update(kwargs)
-    return VisionTransformer(**cfg)
+    return _sized(bootmae_classifier, size, **kwargs)
 
 
 @register_model("classify", method="mae")
