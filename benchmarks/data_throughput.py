@@ -53,7 +53,7 @@ MEAN = np.array((0.485, 0.456, 0.406), np.float32).reshape(3, 1, 1)
 STD = np.array((0.229, 0.224, 0.225), np.float32).reshape(3, 1, 1)
 HALF = np.full((3, 1, 1), 0.5, np.float32)
 
-# issue figures for the GPU side: MAE-B training step ~59 GFLOP/image, an A100 at 40 % of
+# what the GPUs consume: MAE-B training step ~59 GFLOP/image, an A100 at 40 % of
 # 312 TFLOP/s fp16 -> ~2,100 img/s per GPU
 GPU_IMG_PER_S = 312e12 * 0.40 / 59e9
 

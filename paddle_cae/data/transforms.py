@@ -42,8 +42,8 @@ def _seeded(rngs, seed):
 def sample_rng(seed):
     """Within the block, this thread's transforms and masks draw from generators seeded by ``seed``
     (``random.Random(seed)`` and ``numpy.random.RandomState(seed & 0xFFFFFFFF)``). The generator
-    objects are kept per thread and nesting depth and re-seeded (building a RandomState costs
-    ~0.2 ms, re-seeding one ~4 us): the same numbers as fresh ones."""
+    objects are kept per thread and nesting depth and re-seeded (far cheaper than building
+    new ones, see benchmarks/README.md): the same numbers as fresh ones."""
     saved = getattr(_local, "rngs", None), getattr(_local, "seed", None)
     depth = getattr(_local, "depth", 0)
     pool = _local.__dict__.setdefault("pool", [])

@@ -12,7 +12,7 @@ Accepted files:
   weights, not ``model_ema``); PyTorch layout (Linear weights transposed on the way in);
 * other Paddle ports' ``.pd``/``.pdparams`` state dicts (PASSL CAE uses ``encoder.*`` too).
 
-What happens to the source keys (SPEC e.1-e.3):
+What happens to the source keys:
 
 * a leading ``module.`` is stripped; when the keys carry an ``encoder.`` prefix (CAE
   pretraining) only those are kept, prefix removed;

@@ -52,6 +52,8 @@ class CAEMethod(Method):
                    "align_loss_weight": "align_loss_weight", "fix_init_weight": "fix_init_weight"}
     # its own flags (the pretraining table adds them; their defaults are stated here only)
     flags = (
+        Arg("model_type", "str", "cae", "model type (only 'cae'; 'caev2' is not implemented)",
+            choices=("cae", "caev2")),
         Arg("discrete_vae_weight_path", "str", None, "folder with the DALL-E tokenizer weights "
             "(encoder.pkl or encoder_weight.pd)"),
         Arg("tokenizer_args", "dict", {}, "architecture of the tokenizer file when it cannot be read from the "

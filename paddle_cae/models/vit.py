@@ -110,10 +110,9 @@ class VisionTransformer(Classifier):
           MAE's learned position table trunc-normal 0.02;
         * head: N(0, ``head_init_std``), bias 0, both multiplied by ``init_scale`` (CAE, BootMAE).
 
-        Earlier versions truncated at +-1 std and gave the conv that init too (std ~0.011 instead
-        of 1/sqrt(3 C p^2)): with small patches the patch content was then a few percent of the
-        fixed sin-cos table, and under layer decay a BootMAE/CAE classifier trained from its own
-        init did not learn at all."""
+        A conv drawn like the Linear layers (std ~0.011 instead of 1/sqrt(3 C p^2)) would make
+        small patches' content a few percent of the fixed sin-cos table: under layer decay a
+        BootMAE/CAE classifier trained from its own init would not learn."""
         if lazy_init_active():  # under paddle.LazyGuard nothing is materialised yet
             return
 

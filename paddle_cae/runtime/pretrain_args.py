@@ -63,8 +63,6 @@ PRETRAIN_ARGS = (
         group=G_MODEL),
     Arg("model_args", "dict", {}, "extra constructor arguments for the model, JSON or inline YAML, "
         "e.g. '{\"embed_dim\": 64, \"depth\": 2}'", group=G_MODEL),
-    Arg("model_type", "str", "cae", "CAE model type (only 'cae'; 'caev2' is not implemented)",
-        choices=("cae", "caev2"), group=G_MODEL),
     Arg("input_size", "int", 224, "image size for the encoder", minimum=1, group=G_MODEL),
     Arg("drop_path", "float", None, "stochastic depth rate",
         minimum=0.0, maximum=1.0, group=G_MODEL),
