@@ -29,6 +29,7 @@ import tempfile
 import numpy as np
 from PIL import Image
 
+from ..data.transforms import PILLOW
 from . import native, switches
 
 logger = logging.getLogger("paddle_cae")
@@ -213,16 +214,8 @@ def _resample(img, region, span, size, resample, mirror_src, mirror_out, lib, sc
 
 def pil_crop_resize(img, box, size, resample, mirror_src=False, mirror_out=False, span=None):
     """The reference: PIL's crop and resize (with ``span``: PIL's resize of the whole image
-    with ``box=span``; ``box`` unused), uint8 CHW."""
-    if mirror_src:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    if span is None:
-        out = img.crop(tuple(box)).resize(tuple(size), resample)
-    else:
-        out = img.resize(tuple(size), resample, box=tuple(span))
-    if mirror_out:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1))
+    with ``box=span``; ``box`` unused), uint8 CHW (:data:`paddle_cae.data.transforms.PILLOW`)."""
+    return PILLOW(img, box, size, resample, mirror_src, mirror_out, span=span)
 
 
 def pass_order(lib):
