@@ -7,6 +7,7 @@ scripts.
     paddle-cae-finetune   = python main_finetune.py
     paddle-cae-linprobe   = python main_linprobe.py
     paddle-cae-infer      = python main_infer.py
+    paddle-cae-segment    = python main_segment.py   (needs requirements-downstream.txt)
 
 Thread default and quiet start as in the scripts (:mod:`paddle_cae.startup`), applied before
 Paddle is imported.
@@ -44,4 +45,12 @@ def infer_command():
     return main(sys.argv[1:])
 
 
-__all__ = ["finetune_command", "infer_command", "linprobe_command", "pretrain_command"]
+def segment_command():
+    prepare_process()
+    from .segment import main
+
+    return main(sys.argv[1:])
+
+
+__all__ = ["finetune_command", "infer_command", "linprobe_command", "pretrain_command",
+           "segment_command"]
