@@ -191,10 +191,7 @@ def run(argv=None):
         model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_segmentation_optimizer(model, args)
     runner = SegmentationRun(args, model, config, data["train"], data["val"], optimizer, precision, env)
-    if env.is_main and args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "config.yaml"), "w") as f:
-            f.write(to_yaml(args, SEGMENT_TABLE))
+    runner.config_text = to_yaml(args, SEGMENT_TABLE)
     describe(args, env, model, config, data)
     runner.fit()
     return runner

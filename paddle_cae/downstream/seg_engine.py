@@ -132,6 +132,18 @@ class SegmentationRun:
         self.best_miou = None
         self.last_metrics = {}
         self.check_output_dir()
+        self.writer = VisualDLWriter(None, enabled=False)  # opened once the run has started
+        self.json_log = JsonLinesLog(None, enabled=False)
+        self.config_text = None  # the resolved flags, written to <output_dir>/config.yaml at start
+
+    def open_logs(self):
+        """Nothing is written before the run has really started (data checked, resume decided)."""
+        args, env = self.args, self.env
+        if env.is_main and self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            if self.config_text:
+                with open(os.path.join(self.output_dir, "config.yaml"), "w") as f:
+                    f.write(self.config_text)
         self.writer = VisualDLWriter(args.log_dir, enabled=env.is_main and bool(self.output_dir))
         self.json_log = JsonLinesLog(os.path.join(self.output_dir, "log.txt") if self.output_dir
                                      else None, enabled=env.is_main)
@@ -236,6 +248,7 @@ class SegmentationRun:
     def fit(self):
         args = self.args
         self.maybe_resume()
+        self.open_logs()
         self.model.train()
         window = {"loss": [], "decode": [], "aux": []}
         tick = time.time()
