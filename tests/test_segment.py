@@ -369,3 +369,17 @@ def test_demo_set_is_fixed_and_labels_mark_canvas_digits_and_soft_edges(tmp_path
     folder = SegmentationFolder(root, "val", DEMO_NUM_CLASSES)
     assert len(folder) == 2
     np.testing.assert_array_equal(folder.raw(0)[1], DemoSegmentation("val", count=2).raw(0)[1])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in
+                                        (__import__("pathlib").Path(__file__).resolve().parents[1]
+                                         / "configs" / "segmentation").glob("*.yaml")))
+def test_segmentation_recipes_parse_and_keep_the_official_schedule(name):
+    from paddle_cae.downstream.seg_args import parse_segment_args
+    from paddle_cae.runtime.pretrain_args import default_config_dir
+
+    args = parse_segment_args(["--config", os.path.join(default_config_dir(), "segmentation", name)])
+    assert args.layer_decay == 0.65 and args.weight_decay == 0.05 and args.power == 1.0
+    if not name.startswith("demo_"):
+        assert (args.crop_size, args.iters, args.warmup_iters, args.num_classes) == (512, 160000, 1500, 150)
+        assert args.out_indices == [3, 5, 7, 11] and args.stride == 341 and args.channels == 768
