@@ -16,7 +16,6 @@ Checkpoints (atomic, rank 0, runtime/resume's names): ``checkpoint-latest.pd`` a
 "best_mIoU", "metrics"}``; auto-resume continues from the newest one of this kind and model.
 """
 import logging
-import math
 import os
 import time
 
@@ -25,7 +24,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ..data.loader import derive_seed
-from ..engine.run import build_train_loader, limited, set_loader_epoch
+from ..engine.run import TrainingRun, build_train_loader, limited, set_loader_epoch
 from ..engine.stepper import NonFiniteLossError, Stepper
 from ..loading.pretrained import strict_load
 from ..optim import apply_lr
@@ -33,9 +32,9 @@ from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import load_checkpoint, save_checkpoint, to_plain
 from ..runtime.collectives import broadcast_object
 from ..runtime.logging import JsonLinesLog, VisualDLWriter
-from ..runtime.resume import (check_no_foreign_checkpoints, checkpoint_prefix, describe_identity,
-                              identity_matches, remove_stale_temporaries, rng_state,
-                              save_training_checkpoint, scan_output_dir, set_rng_state)
+from ..runtime.resume import (checkpoint_prefix, describe_identity, identity_matches,
+                              remove_stale_temporaries, rng_state, save_training_checkpoint,
+                              scan_output_dir, set_rng_state)
 from .inference import colour_mask, predict_mask
 from .metrics import SegmentationMeter
 from .optim import poly_lr
@@ -149,21 +148,9 @@ class SegmentationRun:
                                      else None, enabled=env.is_main)
 
     # ---------------------------------------------------------------- checkpoints
-    def check_output_dir(self):
-        if not self.output_dir:
-            return
-        error = None
-        if self.env.is_main:
-            try:
-                _, _, foreign = scan_output_dir(self.output_dir, self.exp_name, KIND, self.args.model,
-                                                load=False)
-                check_no_foreign_checkpoints(foreign, KIND, self.args.model)
-            except ValueError as err:
-                error = str(err)
-        if self.env.distributed:
-            error = broadcast_object(error)
-        if error:
-            raise ValueError(error)
+    # refuse an --output_dir holding checkpoints of another kind or model (one line, every rank):
+    # the same rule as every training run's (it reads output_dir, exp_name, kind, args.model, env)
+    check_output_dir = TrainingRun.check_output_dir
 
     def state(self):
         return {
