@@ -100,3 +100,21 @@ def test_resume_refuses_another_kind_and_eval_refuses_a_non_segmentation_checkpo
     ev = _run(["--eval", "--resume", str(other)], tmp_path)
     assert ev.returncode == 2 and "not a segmentation checkpoint" in ev.stderr
     assert len(ev.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_evaluate_every_validation_image_once(tmp_path):
+    """paddle.distributed.launch (gloo on the CPU): 2 ranks x 2 crops, the validation split
+    divided between them and the areas summed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    logs, out = tmp_path / "logs", tmp_path / "out"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
+           str(logs), str(ROOT / "main_segment.py"), "--iters", "2", "--eval_interval", "2",
+           "--batch_size", "2", "--num_workers", "0", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    text = "".join(p.read_text() for p in sorted(logs.glob("workerlog.*")))
+    assert proc.returncode == 0, text[-3000:]
+    assert "iteration 2: mIoU" in text and "on 64 images" in text  # rank 0 logs; both exited 0
+    records = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["iteration"] == 2  # rank 0 writes, once
