@@ -12,6 +12,7 @@ from ..downstream.seg_args import SEGMENT_TABLE, build_network, parse_segment_ar
 from ..downstream.seg_data import (DEMO_NUM_CLASSES, DemoSegmentation, EvalTransform,
                                    SegmentationFolder, TrainTransform, read_image)
 from ..engine.stepper import NonFiniteLossError
+from ..fast import accelerate, accelerate_optimizer
 from ..loading.pretrained import (PretrainedLoadError, is_encoder_key, load_pretrained,
                                   map_to_classifier, read_weights_file, strict_load)
 from ..models.pos_embed import resize_pos_embed
@@ -119,7 +120,7 @@ def checkpoint_config(path):
 
 def network_from_checkpoint(path):
     state, config = checkpoint_config(path)
-    model = build_network(config, for_training=False)
+    model = accelerate(build_network(config, for_training=False))
     strict_load(model, state["model"], path)
     model.eval()
     return model, config, state
@@ -180,7 +181,7 @@ def run(argv=None):
 
     config = seg_config(args, args.num_classes)
     data = build_datasets(args, config)  # every label checked before anything is written
-    model = build_network(config)
+    model = accelerate(build_network(config))
     if args.finetune:
         load_encoder_weights(model.backbone, args.finetune, args.model_key)
     else:
@@ -189,7 +190,7 @@ def run(argv=None):
         import paddle
 
         model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_segmentation_optimizer(model, args)
+    optimizer = accelerate_optimizer(build_segmentation_optimizer(model, args))
     runner = SegmentationRun(args, model, config, data["train"], data["val"], optimizer, precision, env)
     runner.config_text = to_yaml(args, SEGMENT_TABLE)
     describe(args, env, model, config, data)

@@ -4,7 +4,7 @@ segmentation recipe's network, optimizer and step), on random crops.
     python -m paddle_cae.downstream.bench --model cae_base_patch16_224 --crop_size 512 \\
         --batch_size 1 --steps 2 [--amp_dtype float16]
 
-FLOPs: the package's counter (:mod:`paddle_cae.runtime.flops`: linear, conv, attention matmuls)
+FLOPs: the package's counter (:mod:`paddle_cae.fast.flops`: linear, conv, attention matmuls)
 plus the neck's transposed convolutions (counted here: in-pixels x C_in x C_out x k^2 MACs), x3 for
 a training step. Peak: the best fp32 (or the --amp dtype) matmul rate of a 2048^3 product on the
 same device and threads. MFU = step FLOPs / step time / peak.
@@ -64,7 +64,8 @@ def main(argv=None):
 
     from ..engine.stepper import Stepper
     from ..runtime.amp import Precision
-    from ..runtime.flops import count_flops
+    from ..fast import accelerate, accelerate_optimizer
+    from ..fast.flops import count_flops
     from .optim import build_segmentation_optimizer
     from .seg_args import build_network
     from .seg_engine import segmentation_loss
@@ -72,10 +73,10 @@ def main(argv=None):
     config = {"model": args.model, "model_args": {}, "crop_size": args.crop_size,
               "num_classes": args.num_classes, "channels": args.channels, "out_indices": None,
               "rel_pos_bias": True, "drop_path": 0.1}
-    model = build_network(config)
+    model = accelerate(build_network(config))
     opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=0.65, lr=1e-4, opt_betas=[0.9, 0.999],
                                   opt_eps=1e-8)
-    optimizer = build_segmentation_optimizer(model, opt_args)
+    optimizer = accelerate_optimizer(build_segmentation_optimizer(model, opt_args))
     precision = Precision(args.amp_dtype)
     stepper = Stepper(model, optimizer, precision, 1, None)
     shape = [args.batch_size, 3, args.crop_size, args.crop_size]
