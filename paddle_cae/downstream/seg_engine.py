@@ -24,7 +24,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ..data.loader import derive_seed
-from ..engine.run import TrainingRun, build_train_loader, limited, set_loader_epoch
+from ..engine.run import TrainingRun, build_train_loader, limited
 from ..engine.stepper import NonFiniteLossError, Stepper
 from ..loading.pretrained import strict_load
 from ..optim import apply_lr
@@ -241,7 +241,7 @@ class SegmentationRun:
         tick = time.time()
         while self.iteration < args.iters:
             pass_index, start = divmod(self.iteration, self.batches_per_pass)
-            set_loader_epoch(self.loader, pass_index, start)
+            self.loader.set_epoch(pass_index, start)
             for i, batch in enumerate(limited(self.loader, self.batches_per_pass - start), start=start):
                 apply_lr(self.optimizer, self.learning_rate(self.iteration))
                 paddle.seed(derive_seed(args.seed, pass_index, i, self.env.rank))
