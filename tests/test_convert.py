@@ -479,7 +479,7 @@ def test_cli_reads_a_pickled_module_for_dalle(tmp_path, capsys):
 def _run_cli(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "paddle_cae.convert", *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+                          capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_cli_help_describes_the_flags():

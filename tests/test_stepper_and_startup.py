@@ -151,7 +151,7 @@ def test_startup_barrier_lets_everyone_through_when_all_arrive():
         t.start()
     startup_barrier(0, 3, f"127.0.0.1:{port}", timeout=10)
     for t in threads:
-        t.join(10)
+        t.join()
     assert not errors
 
 
