@@ -7,13 +7,14 @@ import sys
 
 import numpy as np
 
-from ..api import load_checkpoint, predict
+from ..api import load_checkpoint, predict_batch
 from ..inference.predict import (ImageInputError, export_inference_model, format_prediction, image_paths,
-                                 preprocessing, preprocessing_spec, read_image, readable_images,
-                                 reconstruct, reconstruction_figure, run_inference_model, to_batch)
+                                 predictions_json, preprocessing, preprocessing_spec, read_image,
+                                 readable_images, reconstruct, reconstruction_figure, resolve_device,
+                                 run_inference_model, to_batch, topk_records)
 from ..methods import method_for
 from ..runtime.checkpoint import CheckpointError
-from ..startup import report_error
+from ..startup import native_stdout_silenced, report_error
 
 PREPROCESS_FILE = "preprocess.json"
 
@@ -42,7 +43,12 @@ def build_parser(prog="main_infer.py"):
                         help="MAE/BootMAE pretraining checkpoints: save original | masked | "
                              "reconstruction | reconstruction + visible for --img_path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random mask for --visualize")
-    parser.add_argument("--device", default="cpu", help="cpu or gpu")
+    parser.add_argument("--json", action="store_true",
+                        help="print the predictions as JSON: a list with {\"image\": path, \"predictions\": "
+                             "[{\"class_id\", \"class_name\", \"prob\"}, ...]} per image")
+    parser.add_argument("--device", default=None,
+                        help="cpu, gpu, gpu:N (cuda, cuda:N accepted); default: gpu when Paddle is "
+                             "built with CUDA, else cpu")
     return parser
 
 
@@ -71,19 +77,22 @@ def export(model, args):
     preprocess = dict(spec, class_names=class_names, input_name="images",
                       model=getattr(model, "model_name", None) or config.get("model"),
                       source_checkpoint=os.path.abspath(args.resume))
-    prefix = export_inference_model(model, args.export, size, {
-        "class_names.txt": names, PREPROCESS_FILE: json.dumps(preprocess, indent=2) + "\n"})
+    with native_stdout_silenced():  # Paddle's C++ notes while tracing and loading the program
+        prefix = export_inference_model(model, args.export, size, {
+            "class_names.txt": names, PREPROCESS_FILE: json.dumps(preprocess, indent=2) + "\n"})
     check = np.random.RandomState(0).standard_normal((2, 3, size, size)).astype("float32")
     import paddle
 
     with paddle.no_grad():
         expected = model(paddle.to_tensor(check)).numpy()
-    got = run_inference_model(prefix, check)
+    with native_stdout_silenced():
+        got = run_inference_model(prefix, check)
     diff = float(np.abs(got - expected).max())
+    out = sys.stderr if getattr(args, "json", False) else sys.stdout  # stdout stays pure JSON
     print(f"exported {prefix} (input [N, 3, {size}, {size}]); paddle.inference vs dynamic graph: "
-          f"max |logit difference| {diff:.2e}")
+          f"max |logit difference| {diff:.2e}", file=out)
     print(f"preprocessing and class names: {os.path.join(args.export, PREPROCESS_FILE)} "
-          "(examples/predict_exported.py runs the export with Paddle Inference)")
+          "(examples/predict_exported.py runs the export with Paddle Inference)", file=out)
     if diff > 1e-4:
         raise ValueError(f"exported model differs from the dynamic one by {diff:.2e}")
 
@@ -91,7 +100,7 @@ def export(model, args):
 def run(args):
     import paddle
 
-    paddle.set_device(args.device)
+    paddle.set_device(resolve_device(args.device))
     model_args = None
     if args.model_args:
         try:
@@ -117,13 +126,16 @@ def run(args):
             print(f"skipped {reason}", file=sys.stderr)
         if not paths:
             raise ImageInputError(f"{args.img_path}: none of its {len(bad)} files is a readable image")
-        results = predict(model, paths, topk=args.topk, batch_size=args.batch_size)
-        print("Inference results:")
-        for path, pairs in zip(paths, results):
-            if len(paths) > 1:
+        records = topk_records(predict_batch(model, paths, batch_size=args.batch_size),
+                               getattr(model, "class_names", None), args.topk)
+        if args.json:
+            print(json.dumps(predictions_json(paths, records), indent=1))
+        else:
+            print("Inference results (top-%d per image):" % min(args.topk, len(records[0])))
+            for path, recs in zip(paths, records):
                 print(f"{path}:")
-            for line in format_prediction(pairs):
-                print(line)
+                for line in format_prediction(recs):
+                    print(line)
         if bad:
             print(f"{len(bad)} of {len(paths) + len(bad)} files skipped (not readable images; listed "
                   "above on stderr)", file=sys.stderr)

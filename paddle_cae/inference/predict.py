@@ -106,9 +106,49 @@ def topk_predictions(probs, class_names, k=5):
     return out
 
 
-def format_prediction(pairs):
-    """The lines ``main_infer.py`` prints for one image: ``['Persian cat']: 0.8868...``."""
-    return [f"{[n.strip() for n in name.split(',')]!r}: {prob}" for name, prob in pairs]
+def topk_records(probs, class_names, k=5):
+    """probs [B, C] -> per image the top-k as ``{"class_id", "class_name", "prob"}`` dicts,
+    highest first (the records ``main_infer.py --json`` prints)."""
+    probs = np.asarray(probs)
+    k = min(k, probs.shape[-1])
+    out = []
+    for row in probs:
+        order = np.argsort(-row, kind="stable")[:k]
+        out.append([{"class_id": int(i),
+                     "class_name": class_names[i] if class_names and i < len(class_names) else str(i),
+                     "prob": float(row[i])} for i in order])
+    return out
+
+
+def format_prediction(records):
+    """The lines ``main_infer.py`` prints for one image's top-k records, e.g.
+    ``  1. Persian cat (class 283)  88.68%``."""
+    return [f"{rank:>3}. {r['class_name']} (class {r['class_id']})  {100.0 * r['prob']:6.2f}%"
+            for rank, r in enumerate(records, 1)]
+
+
+def predictions_json(paths, records):
+    """The ``--json`` output: a list with ``{"image": path, "predictions": [records]}`` per image."""
+    return [{"image": os.fspath(path), "predictions": recs} for path, recs in zip(paths, records)]
+
+
+def resolve_device(device):
+    """``--device`` as Paddle spells it: None -> ``gpu`` when Paddle is built with CUDA, else
+    ``cpu``; ``cuda``/``cuda:N`` are accepted as ``gpu``/``gpu:N``. A GPU asked of a Paddle
+    without CUDA is a ValueError naming the device as given."""
+    if device is None:
+        return "gpu" if paddle.is_compiled_with_cuda() else "cpu"
+    asked = str(device).strip()
+    name = asked.lower()
+    if name == "cuda" or name.startswith("cuda:"):
+        name = "gpu" + name[4:]
+    if name.startswith("gpu") and not paddle.is_compiled_with_cuda():
+        raise ValueError(f"--device {asked}: this Paddle build has no CUDA support "
+                         f"(paddle {paddle.__version__}, CPU-only); use --device cpu, or install a "
+                         "CUDA build of PaddlePaddle (requirements-gpu.txt)")
+    if not (name == "cpu" or name == "gpu" or (name.startswith("gpu:") and name[4:].isdigit())):
+        raise ValueError(f"--device {asked}: expected cpu, gpu, gpu:N, cuda or cuda:N")
+    return name
 
 
 # ---------------------------------------------------------------------------------- export
@@ -187,5 +227,6 @@ def reconstruction_figure(images, masked, recon, mask, mean, std, scale=4):
 
 
 __all__ = ["ImageInputError", "export_inference_model", "format_prediction", "image_paths",
+           "predictions_json", "resolve_device", "topk_records",
            "preprocessing", "preprocessing_spec", "readable_images", "read_image", "reconstruct", "reconstruction_figure",
            "run_inference_model", "to_batch", "topk_predictions"]
