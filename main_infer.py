@@ -6,10 +6,12 @@ picture what a MAE/BootMAE pretraining checkpoint reconstructs.
     python main_infer.py --resume CKPT --export exported/           # paddle.jit.save + check
     python main_infer.py --resume output/demo_mae/checkpoint-2.pd --img_path IMG --visualize out.png
 
-Prints, per image, the top-5 classes with their probabilities:
+Prints, per image, the top-5 classes with their index and probability (``--json``: a list of
+``{"image", "predictions": [{"class_id", "class_name", "prob"}]}``):
 
-    Inference results:
-    ['Persian cat']: 0.8868908882141113
+    Inference results (top-5 per image):
+    cat.jpg:
+      1. Persian cat (class 283)   88.69%
 """
 import sys
 
