@@ -201,8 +201,8 @@ def test_visualdl_logs_can_be_read_back(tmp_path):
     assert files
     reader = LogReader(file_path=str(files[0]))
     tags = reader.get_tags()
-    assert "train/loss" in tags["scalar"] and "opt/lr" in tags["scalar"]
-    losses = reader.get_data("scalar", "train/loss")
+    assert "loss/loss" in tags["scalar"] and "opt/lr" in tags["scalar"]
+    losses = reader.get_data("scalar", "loss/loss")
     assert len(losses) == 4 and all(np.isfinite(r.value) for r in losses)
     assert "reconstruction" in tags["image"]  # original / masked / reconstruction
     assert len(reader.get_data("image", "reconstruction")) == 2

@@ -75,8 +75,14 @@ class TrainingRun:
         # constructor sets it)
         self.kind = getattr(args, "phase", None) or type(self).kind
         self.check_output_dir()
+        # VisualDL: every curve against the optimizer step, images seen as their own curve
         self.writer = VisualDLWriter(getattr(args, "log_dir", None),
-                                     enabled=env.is_main and bool(self.output_dir))
+                                     enabled=env.is_main and bool(self.output_dir),
+                                     step_of=lambda: self.global_step,
+                                     images_per_step=args.batch_size * self.accum_iter * env.world_size)
+        if not self.stepper.scaler.enabled:
+            self.writer.skip_tags.add("opt/loss_scale")  # 1.0 throughout without fp16
+        self.writer.add_hparams(vars(args), ["train/loss"])
         self.json_log = JsonLinesLog(
             os.path.join(self.output_dir, "log.txt") if self.output_dir else None,
             enabled=env.is_main)

@@ -153,11 +153,28 @@ class JsonLinesLog:
 
 class VisualDLWriter:
     """Scalars and images for VisualDL; a silent no-op when disabled (other ranks, no
-    --log_dir) so call sites need no branches."""
+    --log_dir) so call sites need no branches.
 
-    def __init__(self, log_dir, enabled=True):
+    What a reader sees first is what matters: the x axis of every scalar is the run's optimizer
+    step (``step_of``, a callable set by the training run; the step a caller passes is used only
+    without one), so that a demo's 66 updates are 66 points and not a handful of stair steps of
+    "thousands of images seen"; the images seen go along as their own curve
+    (``progress/images_seen``). The loss curves come first (``train/*`` is written as
+    ``loss/*``, ahead of the optimizer's ``opt/*``), tags in ``skip_tags`` (e.g. a loss scale that
+    stays 1.0 without fp16) are not written, and small images (32-px reconstructions) are
+    enlarged with whole pixels to at least ``min_image_height``."""
+
+    TAG_RENAMES = {"train": "loss"}
+
+    def __init__(self, log_dir, enabled=True, step_of=None, images_per_step=None,
+                 min_image_height=256):
         self._writer = None
         self.log_dir = log_dir
+        self.step_of = step_of
+        self.images_per_step = images_per_step
+        self.min_image_height = min_image_height
+        self.skip_tags = set()
+        self._last_images_seen_step = None
         if enabled and log_dir:
             from visualdl import LogWriter
 
@@ -168,9 +185,22 @@ class VisualDLWriter:
     def enabled(self):
         return self._writer is not None
 
+    def _x(self, step):
+        return int(self.step_of()) if self.step_of is not None else int(step)
+
+    def tag(self, tag):
+        prefix, _, rest = tag.partition("/")
+        return f"{self.TAG_RENAMES[prefix]}/{rest}" if rest and prefix in self.TAG_RENAMES else tag
+
     def add_scalar(self, tag, value, step):
-        if self._writer is not None and value is not None:
-            self._writer.add_scalar(tag=tag, value=float(value), step=int(step))
+        if self._writer is None or value is None or tag in self.skip_tags:
+            return
+        x = self._x(step)
+        self._writer.add_scalar(tag=self.tag(tag), value=float(value), step=x)
+        if self.images_per_step and x != self._last_images_seen_step:
+            self._last_images_seen_step = x
+            self._writer.add_scalar(tag="progress/images_seen", value=float(x * self.images_per_step),
+                                    step=x)
 
     def add_scalars(self, prefix, values, step):
         for name, value in values.items():
@@ -178,7 +208,24 @@ class VisualDLWriter:
 
     def add_image(self, tag, image_hwc_uint8, step):
         if self._writer is not None:
-            self._writer.add_image(tag=tag, img=np.asarray(image_hwc_uint8), step=int(step))
+            self._writer.add_image(tag=tag, img=enlarged(image_hwc_uint8, self.min_image_height),
+                                   step=self._x(step))
+
+    def add_hparams(self, hparams, metrics):
+        """The run's hyper-parameters (numbers, strings, booleans; others as text) against the
+        metric tags (VisualDL's hyper-parameter view), also as one text record ``run/arguments``."""
+        if self._writer is None:
+            return
+        plain = {}
+        for key, value in sorted(hparams.items()):
+            if isinstance(value, bool) or value is None:
+                plain[key] = str(value)
+            elif isinstance(value, (int, float, str)):
+                plain[key] = value
+            else:
+                plain[key] = json.dumps(_plain(value), default=str)
+        self._writer.add_hparams(plain, [self.tag(m) for m in metrics])
+        self._writer.add_text("run/arguments", "\n".join(f"{k}: {v}" for k, v in plain.items()), step=0)
 
     def flush(self):
         if self._writer is not None:
@@ -188,6 +235,14 @@ class VisualDLWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def enlarged(image_hwc_uint8, min_height):
+    """``image`` repeated by a whole factor so that it is at least ``min_height`` pixels high
+    (nearest neighbour: every pixel stays a sharp square)."""
+    image = np.asarray(image_hwc_uint8)
+    factor = max(1, -(-int(min_height) // max(image.shape[0], 1)))
+    return image if factor == 1 else np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
 
 
 def _plain(obj):
