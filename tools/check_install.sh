@@ -40,7 +40,10 @@ PY
     "$venv/bin/$cmd" --help > "$WORK/help.txt" 2>&1 || { cat "$WORK/help.txt"; exit 1; }
     grep -q "usage" "$WORK/help.txt" || { echo "$cmd --help printed no usage"; exit 1; }
   done
-  echo "console commands ok"
+  (cd "$WORK" && rm -rf demo_run && mkdir demo_run && cd demo_run &&
+   "$venv/bin/paddle-cae-pretrain" --epochs 1 --max_train_step 2 --num_workers 0 > log.txt 2>&1 &&
+   test -f output/demo_mae/checkpoint-0.pd) || { tail -20 "$WORK/demo_run/log.txt"; echo "demo outside the checkout failed"; exit 1; }
+  echo "console commands ok (the pretraining demo runs outside the checkout)"
 }
 
 new_venv() {  # $1: folder

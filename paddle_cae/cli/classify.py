@@ -29,6 +29,7 @@ from ..runtime.config import ConfigError, flag_value, given_flags
 from ..runtime.finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
 from ..runtime.logging import resolve_log_dir
 from ..runtime.pretrain_args import default_config_dir
+from ..resources import with_config_found
 from ..startup import report_error
 from .pretrain import model_label
 from .start import start_process
@@ -40,7 +41,7 @@ logger = logging.getLogger("paddle_cae")
 def demo_argv(argv, phase):
     """Without --config and --data_path the run is the CPU demo on the bundled digits:
     ``configs/demo/<phase>_<family>.yaml`` for the family of --model is put in front."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = with_config_found(sys.argv[1:] if argv is None else argv, phase)
     if given_flags(argv) & {"--config", "-c", "--data_path", "-h", "--help"}:
         return argv, None
     model = flag_value(argv, "model", "vit_base_patch16")

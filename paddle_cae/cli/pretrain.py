@@ -18,6 +18,7 @@ from ..runtime.config import flag_value, given_flags
 from ..runtime.logging import resolve_log_dir
 from ..runtime.pretrain_args import (PRETRAIN_DEFAULT_MODEL, absolute_lr, default_config_dir,
                                      effective_batch_size, parse_pretrain_args)
+from ..resources import with_config_found
 from ..startup import report_error
 from .start import start_process
 
@@ -61,7 +62,7 @@ def warn_peak_below_min_lr(args):
 def demo_argv(argv):
     """Without --config and --data_path the run is the CPU-sized demo on the bundled digits:
     the demo config of the method of --model (MAE by default) is put in front."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = with_config_found(sys.argv[1:] if argv is None else argv, "pretrain")
     if given_flags(argv) & {"--config", "-c", "--data_path", "-h", "--help"}:
         return argv, None
     method = method_for(flag_value(argv, "model", PRETRAIN_DEFAULT_MODEL))

@@ -20,7 +20,6 @@ With ``handover="float32"`` the loader converts them itself.
 import logging
 import os
 import random
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -59,7 +58,9 @@ def expected_layout(data_path="DATA_PATH"):
 
 def default_data_path():
     """The bundled demo dataset (handwritten digits, 32x32 PNG), used when no --data_path is given."""
-    return str(Path(__file__).resolve().parents[2] / "demo" / "digits")
+    from ..resources import demo_data_path  # the checkout's demo/, else the installed copy
+
+    return demo_data_path()
 
 
 def pil_loader(path):

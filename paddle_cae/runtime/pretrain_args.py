@@ -14,7 +14,6 @@ Aliases (same meaning, other repository's name):
 ``--rescale_init`` (Paddle CAE) = ``--fix_init_weight``; ``--resize_scale`` (BootMAE) =
 ``--crop_min_size`` (CAE).
 """
-import os
 from dataclasses import replace
 
 from .config import Arg, ArgTable, parse_args
@@ -193,7 +192,9 @@ def absolute_lr(args, world_size=1):
 
 
 def default_config_dir():
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+    from ..resources import config_dir  # the checkout's configs/, else the installed copy
+
+    return config_dir()
 
 
 def parse_pretrain_args(argv=None, config_dir=None, method_defaults=True):
