@@ -10,6 +10,19 @@ from ..runtime.logging import setup_console_logging
 logger = logging.getLogger("paddle_cae")
 
 
+EXPECT_PREFIX = "# expect:"
+
+
+def demo_expectations(config_path):
+    """The ``# expect: ...`` comment lines of a demo config: what the demo's numbers should look
+    like (measured figures; the demo is tiny, they are not the papers' ImageNet numbers)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            return [line[len(EXPECT_PREFIX):].strip() for line in f if line.startswith(EXPECT_PREFIX)]
+    except OSError:
+        return []
+
+
 def start_process(argv, with_demo, parse, prepare):
     """What every training entrypoint does first: the process group, console logs, the demo
     config in front of a bare command line (``with_demo(argv) -> (argv, demo config or None)``),
@@ -21,6 +34,8 @@ def start_process(argv, with_demo, parse, prepare):
     if demo_config:
         logger.info("no --data_path: running the CPU demo on the bundled digits with %s",
                     os.path.relpath(demo_config))
+        for line in demo_expectations(demo_config):
+            logger.info("what to expect: %s", line)
     args = parse(argv)
     prepare(args, env)
     if getattr(args, "device", None):
