@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+import pytest
 
 import paddle_cae
 from paddle_cae.runtime.checkpoint import save_checkpoint
@@ -31,6 +32,7 @@ def test_predict_returns_topk_pairs_for_every_image_of_a_folder():
         assert probs == sorted(probs, reverse=True)
 
 
+@pytest.mark.slow
 def test_quickstart_notebook_code_runs_top_to_bottom(tmp_path, monkeypatch):
     notebook = json.loads((ROOT / "examples" / "quickstart.ipynb").read_text())
     cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]

@@ -102,6 +102,7 @@ def test_throughput_script_tiny_pretrain():
     assert r["phase"] == "pretrain" and r["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_throughput_script_two_processes():
     """--nproc 2: two data-parallel workers (gloo); the whole batch's FLOPs per step and the
     MFU restated against the peak the parent measured before and after the run."""

@@ -104,6 +104,7 @@ def test_eval_with_resume_only_evaluates_and_reproduces_the_logged_accuracy():
     assert stats["acc1"] == pytest.approx(load_checkpoint(runs["best"])["best_acc1"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_auto_resume_continues_after_the_last_completed_epoch(tmp_path):
     runs = demo_runs()
     out = tmp_path / "ft"

@@ -314,6 +314,7 @@ def test_attention_kernel_runs_on_the_wheels_mkl_and_matches_the_composed_kernel
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_allocator_tuning_is_applied_with_the_kernels_and_can_be_switched_off():
     """Loading the kernels keeps freed tensor memory mapped (glibc mallopt); with
     PADDLE_CAE_MALLOC_TUNING=0 malloc is left alone."""

@@ -29,6 +29,7 @@ def first_image(label):
     return str(VAL / str(label) / sorted(os.listdir(VAL / str(label)))[0])
 
 
+@pytest.mark.slow
 def test_main_infer_prints_the_true_class_among_the_top5():
     runs = demo_runs()
     image = first_image(3)
@@ -130,6 +131,7 @@ def printed_top5(text):
     return [m.group(2) for m in found], [float(m.group(4)) / 100 for m in found]
 
 
+@pytest.mark.slow
 def test_export_stores_preprocessing_and_the_example_predictor_prints_main_infers_top5(tmp_path, capsys):
     import importlib.util
     import json
@@ -222,6 +224,7 @@ def test_device_defaults_to_the_build_and_accepts_cuda_as_gpu():
         resolve_device("tpu")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(paddle.is_compiled_with_cuda(), reason="the error of a CPU-only Paddle build")
 def test_a_gpu_asked_of_a_cpu_build_is_a_one_line_error_naming_it(tmp_path, capsys):
     assert main_infer.main(["--resume", demo_runs()["best"], "--img_path", first_image(1),

@@ -235,6 +235,7 @@ def test_npz_with_object_arrays_is_refused_without_unpickling(tmp_path):
     assert "npz" in _one_line_naming(err, path)
 
 
+@pytest.mark.slow
 def test_the_reader_imports_neither_paddle_nor_the_models_and_models_do_not_import_the_converter():
     code = ("import sys, paddle_cae.io; "
             "assert not [m for m in sys.modules if m == 'paddle' or m.startswith('paddle_cae.models')], "

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_learning_benchmark_prints_a_row_per_method(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "learning.py"), "--quick",

@@ -30,6 +30,7 @@ def torch_layout_state(model):
 
 
 # ------------------------------------------------------------------------------ sizes
+@pytest.mark.slow
 def test_mae_base_pretrain_has_the_published_trainable_parameter_count():
     model = create_model("mae_vit_base_patch16")
     assert trainable_count(model) == 111_655_680

@@ -221,6 +221,7 @@ def test_the_argument_tables_do_not_import_the_data_layer():
     assert out == "[]"
 
 
+@pytest.mark.slow
 def test_the_mask_grid_follows_the_built_models_patch_size_not_its_name():
     """The engine lays the data pipeline's masks out on the built model's patches
     (``input_patch_size``); the model name is never parsed for it."""
@@ -240,6 +241,7 @@ def test_the_mask_grid_follows_the_built_models_patch_size_not_its_name():
     assert sample["noise"].shape == (14 * 14,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mae_vit_base_patch16", "cae_base_patch16_224_8k_vocab", "bootmae_base"])
 def test_every_pretraining_model_answers_its_patch_size(name):
     import paddle

@@ -503,6 +503,7 @@ def test_recipe_options_ask_the_model_where_the_official_pretraining_does():
         assert info["cls_token"]["weight_decay"] == 0.0 and info["mask_token"]["weight_decay"] == 0.05
 
 
+@pytest.mark.slow
 def test_recipe_options_of_the_real_pretraining_models_match_the_official_recipes():
     from paddle_cae.models import create_model
 

@@ -54,6 +54,7 @@ def built(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_build_bundles_the_demo_data_and_every_recipe(built):
     bundled = built / "paddle_cae" / "_bundled"
     for folder in ("demo/digits", "demo/tokenizer", "configs"):

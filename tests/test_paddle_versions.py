@@ -181,6 +181,7 @@ def test_every_attention_path_gives_the_reference_output(style, heads, monkeypat
 
 
 # ----------------------------------------------------------------------------- images
+@pytest.mark.slow
 def test_png_decodes_after_the_package_and_paddle_are_imported():
     png = next((ROOT / "demo" / "digits" / "train").rglob("*.png"))
     code = ("import paddle_cae, paddle\nfrom PIL import Image\n"
@@ -192,6 +193,7 @@ def test_png_decodes_after_the_package_and_paddle_are_imported():
     assert done.stdout.strip() == "(32, 32)"
 
 
+@pytest.mark.slow
 def test_the_library_imports_without_paddles_ccache_warning():
     code = "from paddle_cae import load_checkpoint, create_model\nprint('imported')"
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -47,6 +47,7 @@ def read_log(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_main_pretrain_without_arguments_trains_the_demo_and_writes_a_checkpoint(tmp_path):
     proc = subprocess.run([sys.executable, MAIN], cwd=tmp_path, env=env_for_subprocess(),
                           capture_output=True, text=True)
@@ -93,6 +94,7 @@ def test_accumulating_two_batches_equals_one_batch_twice_as_large(tmp_path):
     assert_states_close(big_model, acc_model, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     args = ["--config", "demo/mae.yaml", "--epochs", "1", "--max_train_step", "3",
             "--num_workers", "0", "--auto_resume", "false", "--print_freq", "50",
@@ -116,6 +118,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                         atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path):
     args = SMALL + ["--epochs", "2", "--max_train_step", "12", "--batch_size", "32",
                     "--save_latest_freq", "2", "--auto_resume", "true"]
@@ -208,6 +211,7 @@ def test_visualdl_logs_can_be_read_back(tmp_path):
     assert len(reader.get_data("image", "reconstruction")) == 2
 
 
+@pytest.mark.slow
 def test_unknown_config_key_fails_naming_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: mae_vit_base_patch16\nmask_ration: 0.5\n")
@@ -350,6 +354,7 @@ def test_resume_is_decided_by_rank_0_and_reaches_a_rank_that_cannot_see_the_chec
     assert read_log(tmp_path / "node0" / "out")[-1]["ranks_in_sync"] is True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["main_pretrain.py", "main_infer.py"])
 def test_entrypoints_default_to_one_thread_respect_the_users_setting_and_start_quietly(script):
     probe = ("import os, runpy; runpy.run_path(%r, run_name='imported'); "

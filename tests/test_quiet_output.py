@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from paddle_cae.startup import native_stdout_silenced, prepare_process
 from tests.test_finetune import demo_runs
 
@@ -19,6 +21,7 @@ def noise(text):
             if "ccache" in line or GLOG_LINE.match(line) or "ReduceMeanCheckIfOneDNNSupport" in line]
 
 
+@pytest.mark.slow
 def test_prepare_process_quiets_children_and_keeps_what_the_user_set():
     env = {"PYTHONWARNINGS": "error::ResourceWarning"}
     prepare_process(env)
@@ -44,6 +47,7 @@ def test_native_stdout_is_silenced_only_inside_the_block(capfd):
     assert capfd.readouterr().out == "after\n"
 
 
+@pytest.mark.slow
 def test_export_and_the_exported_example_print_only_their_own_lines(tmp_path):
     env = dict(os.environ)
     for name in ("PYTHONWARNINGS", "GLOG_minloglevel"):

@@ -127,6 +127,7 @@ def test_pass_order_zero_is_horizontal_then_vertical_as_older_pillow(lib):
                           pil_crop_resize(probe, (0, 0, 23, 31), (40, 9), Image.BILINEAR))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_every_compiled_code_path_matches_pil(monkeypatch, tmp_path, fresh_state, isa):
     """The AVX2 and the plain C builds (the machine's best one is tested above)."""

@@ -33,6 +33,7 @@ def expected_classifier_params(family, dim, depth, heads, patch, img=224, classe
     return total
 
 
+@pytest.mark.slow
 def test_vit_base_patch16_has_the_published_parameter_count():
     assert trainable_count(create_model("vit_base_patch16", num_classes=1000)) == 86_567_656
 
@@ -186,6 +187,7 @@ def _separable_batch(step, n=32, size=16):
     return paddle.to_tensor(x), paddle.to_tensor(y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["bootmae", "cae"])
 def test_classifier_from_its_own_init_learns_under_the_recipe_optimizer(method):
     """The fine-tune recipe's optimizer (AdamW, layer decay, weight decay, betas, at the peak lr
