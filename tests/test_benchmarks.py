@@ -86,6 +86,7 @@ def run_script(*extra):
     return json.loads(line)
 
 
+@pytest.mark.slow
 def test_throughput_script_tiny_finetune():
     r = run_script("--model", "vit_base_patch16", "--phase", "finetune", "--model_kwargs",
                    json.dumps({"embed_dim": 24, "depth": 1, "num_heads": 3}))
@@ -95,6 +96,7 @@ def test_throughput_script_tiny_finetune():
     assert abs(r["model_tflops_per_step"] * 1e12 - expected) < 1e3
 
 
+@pytest.mark.slow
 def test_throughput_script_tiny_pretrain():
     r = run_script("--model", "mae_vit_base_patch16", "--model_kwargs", json.dumps(
         {"embed_dim": 24, "depth": 1, "num_heads": 3, "decoder_embed_dim": 16,
@@ -223,6 +225,7 @@ def test_the_bootmae_step_of_the_throughput_benchmark_updates_the_teacher():
     assert changed and "cls_token" in changed
 
 
+@pytest.mark.slow
 def test_throughput_profile_on_recipe_step():
     """--profile prints the top operators of one recipe step (CAE: tokenizer, drop path,
     clipping) with their share of the step; the fused kernels' forward calls are counted."""

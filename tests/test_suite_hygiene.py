@@ -9,6 +9,7 @@
   the slow tests.
 """
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = sorted((ROOT / "tests").rglob("*.py"))
 HANG_GUARD_S = 1800
 WAITING_CALLS = {"run", "wait", "communicate", "check_output", "check_call", "call", "join", "get"}
+
+
+@functools.lru_cache(maxsize=None)
+def _nodes(source):
+    return list(ast.walk(ast.parse(source)))
 
 
 def _is_slow_marker(node):
@@ -26,7 +32,7 @@ def _is_slow_marker(node):
 
 def misplaced_slow_markers(source, name="<test>"):
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in _nodes(source):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             is_test = node.name.startswith("Test" if isinstance(node, ast.ClassDef) else "test_")
             if not is_test and any(_is_slow_marker(d) for d in node.decorator_list):
@@ -36,7 +42,7 @@ def misplaced_slow_markers(source, name="<test>"):
 
 def short_wall_clock_limits(source, name="<test>"):
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in _nodes(source):
         if not isinstance(node, ast.Call):
             continue
         func = node.func
@@ -50,7 +56,7 @@ def short_wall_clock_limits(source, name="<test>"):
             if isinstance(value, ast.Constant) and isinstance(value.value, (int, float)) \
                     and value.value < HANG_GUARD_S:
                 found.append(f"{name}:{node.lineno} {called}(timeout={value.value})")
-    for node in ast.walk(ast.parse(source)):  # defaults of helpers that pass `timeout=` along
+    for node in _nodes(source):  # defaults of helpers that pass `timeout=` along
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             args = node.args.args + node.args.kwonlyargs
             defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + \
