@@ -66,7 +66,7 @@ def test_two_iterations_of_the_detector_from_an_encoder_export(tmp_path, config)
     cmd = [sys.executable, "-m", "paddle_cae.downstream.train_detection", "-c",
            str(ROOT / "configs" / "detection" / config), "--device", "cpu", "-o",
            f"VisionTransformer.pretrained={export}", f"save_dir={out}"] + CPU_SIZED + HEADS[config] + data
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]

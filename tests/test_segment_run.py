@@ -46,7 +46,7 @@ def test_vit_b_upernet_512_network_has_the_recipe_shapes():
 def _run(args, cwd, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run([sys.executable, str(ROOT / "main_segment.py")] + args, cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True)
 
 
 @pytest.mark.slow
@@ -112,7 +112,8 @@ def test_two_processes_train_and_evaluate_every_validation_image_once(tmp_path):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir",
            str(logs), str(ROOT / "main_segment.py"), "--iters", "2", "--eval_interval", "2",
            "--batch_size", "2", "--num_workers", "0", "--output_dir", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1800)  # a hang guard (a dead rank), not a speed limit
     text = "".join(p.read_text() for p in sorted(logs.glob("workerlog.*")))
     assert proc.returncode == 0, text[-3000:]
     assert "iteration 2: mIoU" in text and "on 64 images" in text  # rank 0 logs; both exited 0
