@@ -84,3 +84,59 @@ def test_the_start_up_check_uses_the_endpoint_of_paddles_own_rendezvous():
         "10.0.0.9:29500"
     assert rendezvous_endpoint({"PADDLE_TRAINER_ENDPOINTS": "10.0.0.1:6171"})[0] == "10.0.0.1:6171"
     assert rendezvous_endpoint({}) == (None, None)
+
+
+# ------------------------------------------------------------------ symbolic links in the data
+def _image_tree(root, classes=("a", "b"), per_class=3):
+    from PIL import Image
+
+    for c in classes:
+        (root / c / "sub").mkdir(parents=True)
+        for k in range(per_class):
+            folder = root / c / ("sub" if k % 2 else "")
+            Image.new("RGB", (4, 4), (k, 0, 0)).save(folder / f"{k}.png")
+    return root
+
+
+def test_a_link_to_its_own_folder_and_to_the_parent_adds_no_sample_and_is_reported(tmp_path, caplog):
+    from paddle_cae.data.datasets import ImageFolder
+
+    root = _image_tree(tmp_path / "train")
+    os.symlink(".", root / "a" / "self")
+    os.symlink("..", root / "a" / "sub" / "up")  # the split folder: every class again
+    os.symlink("../b", root / "a" / "other")  # another class's folder
+    with caplog.at_level("WARNING"):
+        data = ImageFolder(root)
+    per_class = [sum(1 for _, label in data.samples if label == i) for i in range(2)]
+    assert per_class == [3, 3]
+    assert len({p for p, _ in data.samples}) == 6
+    assert any("symbolic link loop" in r.getMessage() and "2 more" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_linked_folders_are_followed_once_and_the_sample_order_is_the_sorted_walk(tmp_path):
+    from paddle_cae.data.datasets import IMG_EXTENSIONS, ImageFolder
+
+    root = _image_tree(tmp_path / "train", per_class=5)
+    elsewhere = _image_tree(tmp_path / "elsewhere", classes=("x",), per_class=2)
+    os.symlink(elsewhere / "x", root / "a" / "linked")  # an ordinary link into the tree
+    (root / "a" / "sub-2").mkdir()
+    (root / "a" / "sub-2" / "z.png").write_bytes((root / "a" / "0.png").read_bytes())
+    expected = []
+    for c in ("a", "b"):  # what os.walk(followlinks=True) listed before, for a tree without loops
+        for dirpath, _, names in sorted(os.walk(root / c, followlinks=True)):
+            expected += [os.path.join(dirpath, n) for n in sorted(names)
+                         if n.lower().endswith(IMG_EXTENSIONS)]
+    assert [p for p, _ in ImageFolder(root).samples] == expected
+
+
+def test_a_slow_scan_reports_its_progress(tmp_path, caplog):
+    from paddle_cae.data.datasets import FolderScan
+
+    root = _image_tree(tmp_path / "train")
+    scan = FolderScan(str(root), [str(root / "a")], (".png",), progress_every_s=0.0)
+    with caplog.at_level("INFO"):
+        files = scan.files_under(str(root / "a"))
+    assert len(files) == 3
+    assert any("scanning" in r.getMessage() and "folders so far" in r.getMessage()
+               for r in caplog.records)
