@@ -140,3 +140,75 @@ def test_a_slow_scan_reports_its_progress(tmp_path, caplog):
     assert len(files) == 3
     assert any("scanning" in r.getMessage() and "folders so far" in r.getMessage()
                for r in caplog.records)
+
+
+# ------------------------------------------------------------- resume at another global batch
+def _state(batches_done, batch_size=32, accum=1, images_per_batch=None, epoch=3):
+    state = {"epoch": epoch, "batches_done": batches_done,
+             "args": {"batch_size": batch_size, "accum_iter": accum}}
+    if images_per_batch is not None:
+        state["images_per_batch"] = images_per_batch
+    return state
+
+
+def test_resume_at_the_same_global_batch_continues_at_the_saved_batch():
+    from paddle_cae.runtime.resume import resume_position
+
+    assert resume_position(_state(12, images_per_batch=64), 32, 2, 1) == (3, 12, None)
+    assert resume_position(_state(None, images_per_batch=64), 32, 2, 1) == (4, 0, None)
+    assert resume_position(_state(12), 32, 2, 1) == (3, 12, None)  # older file: same processes
+
+
+def test_resume_at_another_global_batch_continues_after_the_same_images():
+    from paddle_cae.runtime.resume import resume_position
+
+    # 12 batches of 2 x 32 images = 768 images; 1 process x 32, accum 2 -> batch 24 (12 updates)
+    epoch, start, note = resume_position(_state(12, images_per_batch=64), 32, 1, 2, "ck.pd")
+    assert (epoch, start) == (3, 24) and "768 images" in note
+    # an epoch-end checkpoint: the next epoch simply starts at the new size
+    epoch, start, note = resume_position(_state(None, images_per_batch=64), 48, 1, 1)
+    assert (epoch, start) == (4, 0) and "global batch 48" in note
+
+
+def test_resume_that_cannot_continue_after_the_same_images_is_refused_naming_both_sizes():
+    from paddle_cae.runtime.resume import ResumeBatchError, resume_position
+
+    with pytest.raises(ResumeBatchError) as err:
+        resume_position(_state(12, images_per_batch=64), 40, 2, 1, "out/checkpoint-latest.pd")
+    text = str(err.value)
+    assert "\n" not in text and "out/checkpoint-latest.pd" in text
+    assert "global batch 64" in text and "global batch 80" in text and "768 images" in text
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_checkpoint_resumed_at_another_batch_size_skips_the_images_it_has_seen(tmp_path):
+    from paddle_cae.io import load_checkpoint, save_checkpoint
+
+    main = str(ROOT / "main_pretrain.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    small = ["--config", "demo/mae.yaml", "--num_workers", "0", "--epochs", "1",
+             "--auto_resume", "false"]
+    first = tmp_path / "first"
+    proc = subprocess.run([sys.executable, main, *small, "--batch_size", "32", "--max_train_step",
+                           "2", "--output_dir", str(first)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = load_checkpoint(first / "checkpoint-0.pd")
+    assert state["images_per_batch"] == 32
+    state["batches_done"] = 2  # as if saved mid-epoch after 64 images
+    mid = save_checkpoint(state, tmp_path / "mid.pd")
+
+    def resume(batch_size, out):
+        return subprocess.run([sys.executable, main, *small, "--batch_size", str(batch_size),
+                               "--max_train_step", "6", "--resume", str(mid),
+                               "--output_dir", str(tmp_path / out)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    proc = resume(16, "sixteen")  # 64 images = 4 batches of 16
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "after the same 64 images, at batch 4" in proc.stdout + proc.stderr
+    proc = resume(24, "twentyfour")  # 64 images are not whole batches of 24
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+    assert "global batch 32" in last and "global batch 24" in last, last
