@@ -212,3 +212,33 @@ def test_a_mid_epoch_checkpoint_resumed_at_another_batch_size_skips_the_images_i
     assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
     last = (proc.stdout + proc.stderr).strip().splitlines()[-1]
     assert "global batch 32" in last and "global batch 24" in last, last
+
+
+# ------------------------------------------------------------------------ disk full in a save
+def test_a_full_disk_during_a_save_is_one_line_naming_the_folder_and_the_space_needed(tmp_path, monkeypatch):
+    import errno
+    import pickle
+
+    import numpy as np
+
+    from paddle_cae.io import CheckpointWriteError, load_checkpoint, pd, save_checkpoint
+
+    old = {"model": {"w": np.ones(4, np.float32)}, "epoch": 1}
+    path = save_checkpoint(old, tmp_path / "checkpoint-latest.pd")
+    real_dump = pickle.dump
+
+    def dump_until_full(obj, f, protocol=None):  # the device fills up half-way through
+        real_dump({"partial": np.zeros(1000)}, f, protocol=protocol)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.pickle, "dump", dump_until_full)
+    state = {"model": {"w": np.ones(3 << 20, np.float32)}, "epoch": 2}
+    with pytest.raises(CheckpointWriteError) as err:
+        save_checkpoint(state, path)
+    text = str(err.value)
+    assert "\n" not in text and str(tmp_path) in text and "No space left" in text
+    assert "needs about 12 MiB" in text and "MiB free" in text
+    assert isinstance(err.value, ValueError)  # the CLIs print ValueErrors as one line
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-latest.pd"]  # no temp file

@@ -20,14 +20,16 @@ one line.
 """
 import collections
 import collections.abc
+import errno
 import io
 import os
 import pickle
+import shutil
 import tempfile
 
 import numpy as np
 
-__all__ = ["CheckpointError", "PICKLE_PROTOCOL", "SAFE_DATA_GLOBALS", "SafeUnpickler", "SizeLimit", "link_checkpoint",
+__all__ = ["CheckpointError", "CheckpointWriteError", "PICKLE_PROTOCOL", "SAFE_DATA_GLOBALS", "SafeUnpickler", "SizeLimit", "link_checkpoint",
            "load_pickle_bytes", "parse_pd", "read_file_bytes", "save_checkpoint", "to_plain",
            "unwrap_paddle_tensors"]
 
@@ -39,6 +41,12 @@ class CheckpointError(ValueError):
     """A weights or checkpoint file cannot be read (missing, truncated, corrupt, of another
     format, or it asks for a global that is not on the allow-list). The message is one line
     naming the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written because its folder is full (or over quota). The
+    message is one line naming the folder, the space the file needs and the space left; the
+    previous file under that name is untouched and no temporary file is left."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +400,35 @@ def link_checkpoint(source, path):
     return True
 
 
+def _payload_bytes(obj):
+    """About how many bytes ``obj`` (plain data from :func:`to_plain`) takes in a pickle."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes + 128
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(k) + _payload_bytes(v) for k, v in obj.items()) + 8
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj) + 8
+    if isinstance(obj, (str, bytes)):
+        return len(obj) + 8
+    return 16
+
+
+def _disk_full_error(path, directory, plain, err):
+    needed = _payload_bytes(plain)
+    try:
+        free = shutil.disk_usage(directory).free
+        left = f", {free / 2 ** 20:.0f} MiB free"
+    except OSError:
+        left = ""
+    return CheckpointWriteError(
+        f"cannot save {path}: {err.strerror or 'no space left'} in {directory} (the file needs "
+        f"about {needed / 2 ** 20:.0f} MiB{left}); the previous checkpoints there are intact: "
+        "free space there (e.g. keep fewer checkpoints with --keep_last) or give another --output_dir")
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def save_checkpoint(obj, path):
     """Write ``obj`` (nested dicts/lists of arrays, tensors, numbers, strings, None) to ``path``
     atomically: pickle into a temporary file in the same directory, flush and fsync it, then
@@ -418,7 +455,13 @@ def save_checkpoint(obj, path):
             return path
     plain = to_plain(obj)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                        dir=directory)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise _disk_full_error(path, directory, plain, err) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(plain, f, protocol=PICKLE_PROTOCOL)
@@ -429,6 +472,11 @@ def save_checkpoint(obj, path):
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as err:
+        _remove_quietly(tmp_path)
+        if err.errno in _DISK_FULL:
+            raise _disk_full_error(path, directory, plain, err) from None
+        raise
     except BaseException:
         _remove_quietly(tmp_path)
         raise
