@@ -242,3 +242,87 @@ def test_a_full_disk_during_a_save_is_one_line_naming_the_folder_and_the_space_n
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1  # the previous checkpoint is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-latest.pd"]  # no temp file
+
+
+# -------------------------------------------------------------------- --model_args of a bad type
+@pytest.mark.parametrize("name,args,key", [
+    ("mae_vit_base_patch16", {"embed_dim": "big"}, "embed_dim"),
+    ("vit_base_patch16", {"drop_path_rate": {"rate": 0.1}}, "drop_path_rate"),
+    ("cae_base_patch16_224_8k_vocab", {"depth": 2, "qkv_bias": "yes"}, "qkv_bias"),
+    ("bootmae_base", {"embedd_dim": 64}, "embedd_dim"),  # no such argument
+])
+def test_a_model_argument_of_the_wrong_type_or_unknown_is_one_line_naming_the_key(name, args, key):
+    from paddle_cae.models.registry import ModelArgumentError, create_model
+
+    with pytest.raises(ModelArgumentError) as err:
+        create_model(name, **args)
+    assert f"'{key}'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_model_arguments_of_the_right_kind_still_build():
+    from paddle_cae.models.registry import create_model
+
+    model = create_model("vit_base_patch16", img_size=32, embed_dim=24, depth=1, num_heads=3,
+                         mlp_ratio=2, num_classes=5)  # an int where the default is a float
+    assert model.head.weight.shape == [24, 5]
+
+
+@pytest.mark.slow
+def test_the_clis_print_one_line_for_a_bad_model_argument_from_a_flag_or_a_config(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    config = tmp_path / "ft.yaml"
+    config.write_text((ROOT / "configs" / "demo" / "finetune_mae.yaml").read_text()
+                      + '\nmodel_args: {"embed_dim": "big"}\n')
+    runs = [[str(ROOT / "main_pretrain.py"), "--config", "demo/mae.yaml", "--model_args",
+             '{"embed_dim": "big"}'],
+            [str(ROOT / "main_finetune.py"), "--config", str(config)]]
+    for cmd in runs:
+        proc = subprocess.run([sys.executable, *cmd, "--output_dir", str(tmp_path / "out")],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Traceback" not in text, text[-2000:]
+        assert "'embed_dim' is 'big', expected a number" in text.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------- workers end with their parent
+_FORK_AND_DIE = """
+import os, sys, time
+from paddle_cae.data import workers
+if sys.argv[1] == "watchdog":
+    workers._set_parent_death_signal = lambda sig: False
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    how = workers.exit_with_parent(interval_s=0.1)
+    os.write(w, how.encode())
+    time.sleep(120)
+    os._exit(0)
+how = os.read(r, 16).decode()
+print(pid, how, flush=True)
+os._exit(0)  # the parent dies without a word, as under kill -9
+"""
+
+
+@pytest.mark.parametrize("mechanism", ["prctl", "watchdog"])
+def test_a_worker_ends_when_its_parent_dies(mechanism):
+    from tests.orphans import alive
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", _FORK_AND_DIE, mechanism], env=env,
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    pid, how = int(out[0]), out[1]
+    assert how == mechanism
+    for _ in range(600):  # the orphan would sleep 120 s
+        if not alive(pid):
+            break
+        subprocess.run(["sleep", "0.05"])
+    assert not alive(pid)
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_training_process_leaves_no_dataloader_worker_behind(tmp_path):
+    from tests.orphans import kill_training_and_count
+
+    seen, left = kill_training_and_count(tmp_path, workers=2, wait_s=60.0)
+    assert seen == 2 and left == 0

@@ -26,6 +26,7 @@ from paddle.io import DataLoader
 
 from .sampler import GlobalBatchSampler
 from .transforms import sample_rng
+from .workers import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class _WorkerSeeder:
         self.epoch = 0
 
     def __call__(self, worker_id):
+        exit_with_parent()  # no orphan workers when the training process is killed
         worker_seed = derive_seed(self.seed, self.epoch, self.rank, worker_id)
         random.seed(worker_seed)
         np.random.seed(worker_seed)
