@@ -326,3 +326,38 @@ def test_kill_9_of_a_training_process_leaves_no_dataloader_worker_behind(tmp_pat
 
     seen, left = kill_training_and_count(tmp_path, workers=2, wait_s=60.0)
     assert seen == 2 and left == 0
+
+
+# ------------------------------------------------------------------- AdamW multi-tensor refusal
+def test_a_refused_multi_tensor_adamw_call_is_an_error_line_and_the_update_is_unchanged(monkeypatch, caplog):
+    import numpy as np
+    import paddle
+
+    from paddle_cae.optim import adamw
+
+    def run(refuse):
+        paddle.seed(0)
+        layer = paddle.nn.Linear(4, 3)
+        opt = adamw.AdamW([{"params": layer.parameters()}], lr=1e-2, weight_decay=0.05,
+                          multi_tensor=True)
+        if refuse:
+            def refused(*args, **kwargs):
+                raise RuntimeError("fused_adam_ is not supported here")
+            monkeypatch.setattr(adamw, "_fused_adam", refused)
+        for _ in range(2):
+            layer(paddle.ones([2, 4])).square().mean().backward()
+            opt.step()
+            opt.clear_grad()
+        monkeypatch.undo()
+        return opt, [p.numpy().copy() for p in layer.parameters()]
+
+    if not adamw._HAS_MULTI:
+        pytest.skip("this Paddle has no multi-tensor AdamW kernel")
+    _, expected = run(refuse=False)
+    with caplog.at_level("ERROR"):
+        opt, got = run(refuse=True)
+    assert opt.multi_tensor_fallback == "RuntimeError: fused_adam_ is not supported here"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "refused the multi-tensor update" in errors[0]
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
