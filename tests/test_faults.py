@@ -361,3 +361,79 @@ def test_a_refused_multi_tensor_adamw_call_is_an_error_line_and_the_update_is_un
     assert len(errors) == 1 and "refused the multi-tensor update" in errors[0]
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------- logged scalars without a host sync per step
+def test_deferred_scalars_read_each_interval_once_with_exact_means_and_no_sync_in_add(monkeypatch):
+    import paddle
+
+    from paddle_cae.engine.scalars import DeferredScalars, update_metrics
+    from paddle_cae.runtime.logging import MetricLogger
+
+    scalars = DeferredScalars(every=2)
+    reads = []
+    for meth in ("numpy", "item", "tolist", "__float__"):
+        original = getattr(paddle.Tensor, meth)
+        monkeypatch.setattr(paddle.Tensor, meth,
+                            lambda self, *a, _o=original, _m=meth, **k: reads.append(_m) or _o(self, *a, **k))
+    losses = [1.0, 2.0, 4.0, 8.0, 16.0]
+    metrics, got = MetricLogger(), []
+    for k, value in enumerate(losses):
+        scalars.add({"loss": paddle.to_tensor(value), "grad_norm": None if k % 2 else
+                     paddle.to_tensor(10.0 * k), "lr": 0.5})
+        assert reads == []  # adding never waits for the device
+        got.append(scalars.read_queued())
+        reads.clear()
+        update_metrics(metrics, got[-1])
+    rest = scalars.flush()
+    update_metrics(metrics, rest)
+    assert got[0] is None and got[1]["loss"] == (1.5, 2) and got[1]["grad_norm"] == (0.0, 1)
+    assert got[3]["loss"] == (6.0, 2) and got[3]["lr"] == (0.5, 2)
+    assert rest["loss"] == (16.0, 1) and scalars.flush() == {}
+    assert metrics.averages()["loss"] == pytest.approx(sum(losses) / 5)
+    assert metrics.averages()["grad_norm"] == pytest.approx((0 + 20 + 40) / 3)
+
+
+# ------------------------------------------------------------- the message of a non-finite stop
+def test_a_nan_stop_names_the_last_checkpoint_written_while_the_loss_was_sane():
+    from paddle_cae.engine.scalars import LossTrend
+
+    trend = LossTrend()
+    for k, loss in enumerate([1.0, 0.8, 0.7]):
+        trend.reading(f"epoch 0, batch {20 * k}", loss)
+    trend.checkpoint("out/checkpoint-0.pd")
+    trend.checkpoint("out/checkpoint-latest.pd")
+    trend.reading("epoch 1, batch 0", 0.9)
+    trend.reading("epoch 1, batch 20", 5.0)
+    trend.checkpoint("out/checkpoint-latest.pd")  # diverging: finite weights, loss 5.0
+    trend.reading("epoch 1, batch 40", 3.0e4)
+    text = trend.stop_message("epoch 1, batch 57", "loss is nan", amp=True)
+    assert "\n" not in text
+    assert "last checkpoint written while the loss was sane: out/checkpoint-0.pd (loss 0.7)" in text
+    assert "written after the loss began to rise: out/checkpoint-latest.pd" in text
+    assert "1 (epoch 0, batch 0) -> 0.8 -> 0.7 -> 0.9 -> 5 -> 3e+04" in text
+    assert "--clip_grad" in text and "lower learning rate" in text and "--amp false" in text
+
+
+@pytest.mark.slow
+def test_a_diverging_run_names_the_checkpoint_from_before_the_divergence(tmp_path):
+    main = str(ROOT / "main_pretrain.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    common = ["--config", "demo/mae.yaml", "--num_workers", "0", "--max_train_step", "6",
+              "--batch_size", "16", "--print_freq", "2", "--save_ckpt_freq", "1",
+              "--output_dir", str(tmp_path / "out")]
+    sane = subprocess.run([sys.executable, main, *common, "--epochs", "1", "--lr", "1e-3"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert sane.returncode == 0, sane.stderr[-2000:]
+    # the same run continued at a learning rate that makes it diverge: its checkpoints keep
+    # finite (but useless) weights for a few epochs before the loss overflows
+    diverging = subprocess.run([sys.executable, main, *common, "--epochs", "8", "--lr", "150",
+                                "--warmup_epochs", "2"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=600)
+    text = diverging.stdout + diverging.stderr
+    assert diverging.returncode != 0 and "Traceback" not in text, text[-3000:]
+    last = text.strip().splitlines()[-1]
+    assert "non-finite loss" in last and "loss trend: " in last
+    assert f"last checkpoint written while the loss was sane: {tmp_path / 'out' / 'checkpoint-0.pd'}" in last
+    assert "written after the loss began to rise" in last and "--clip_grad" in last

@@ -21,6 +21,7 @@ from ..runtime.logging import JsonLinesLog, VisualDLWriter
 from ..runtime.resume import (check_no_foreign_checkpoints, describe_identity, identity_matches,
                               remove_stale_temporaries, resume_position, rng_state,
                               scan_output_dir, set_rng_state)
+from .scalars import LossTrend
 from .stepper import Stepper
 
 logger = logging.getLogger("paddle_cae")
@@ -72,6 +73,7 @@ class TrainingRun:
         self.start_batch = 0
         self.global_step = 0
         self.last_good_checkpoint = None
+        self.loss_trend = LossTrend()  # what a stop on a non-finite loss says
         # what this run is (fine-tune / probe runs say it in args.phase before their own
         # constructor sets it)
         self.kind = getattr(args, "phase", None) or type(self).kind
@@ -105,6 +107,7 @@ class TrainingRun:
             "epoch": int(epoch),
             "batches_done": batches_done,
             "images_per_batch": int(self.args.batch_size) * int(self.env.world_size),
+            "train_loss": self.loss_trend.last(),  # the loss it was saved at
             "global_step": int(self.global_step),
             "scaler": self.stepper.state_dict(),
             "args": to_plain(vars(self.args)),
@@ -132,6 +135,9 @@ class TrainingRun:
         if note:
             logger.info("resume: %s", note)
         self.last_good_checkpoint = path
+        if state.get("train_loss") is not None:
+            self.loss_trend.reading(os.path.basename(path), state["train_loss"])
+        self.loss_trend.checkpoint(path, state.get("train_loss"))
         where = (f"epoch {self.start_epoch}" if not self.start_batch
                  else f"epoch {self.start_epoch}, batch {self.start_batch}")
         logger.info("resumed from %s: continuing at %s", path, where)
