@@ -437,3 +437,39 @@ def test_a_diverging_run_names_the_checkpoint_from_before_the_divergence(tmp_pat
     assert "non-finite loss" in last and "loss trend: " in last
     assert f"last checkpoint written while the loss was sane: {tmp_path / 'out' / 'checkpoint-0.pd'}" in last
     assert "written after the loss began to rise" in last and "--clip_grad" in last
+
+
+# --------------------------------------------------------------- start-up on Paddle's endpoint
+def test_after_the_start_up_check_the_rendezvous_port_is_free_for_paddles_store_at_once():
+    # the check runs on the port Paddle's own store binds next; no connection of the check may
+    # leave it in TIME_WAIT, or the store's bind would fail
+    import socket
+    import threading
+
+    from paddle_cae.runtime.distributed import startup_barrier
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    errors = []
+
+    def member(rank):
+        try:
+            startup_barrier(rank, 3, f"127.0.0.1:{port}", timeout=30)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in (1, 2)]
+    for t in threads:
+        t.start()
+    startup_barrier(0, 3, f"127.0.0.1:{port}", timeout=30)
+    for t in threads:
+        t.join(30)
+    assert not errors
+    store = socket.socket()  # no SO_REUSEADDR: fails while a TIME_WAIT holds the port
+    try:
+        store.bind(("127.0.0.1", port))
+        store.listen(1)
+    finally:
+        store.close()

@@ -141,14 +141,16 @@ class ClassifierRun(TrainingRun):
         return os.path.join(self.output_dir, f"{checkpoint_prefix(self.exp_name)}checkpoint-best.pd")
 
     def save(self, epoch, numbered, best):
-        if not self.output_dir or not self.env.is_main:
+        if not self.output_dir:
+            return
+        tags = ["latest"] + ([epoch] if numbered else [])
+        for tag in tags:  # every rank knows what was written, for a non-finite stop's message
+            self.loss_trend.checkpoint(checkpoint_path(self.output_dir, tag, self.exp_name))
+        if not self.env.is_main:
             return
         state = self.training_state(epoch, None)
-        path = save_training_checkpoint(state, self.output_dir, "latest", self.exp_name)
-        self.loss_trend.checkpoint(path)
-        if numbered:
-            path = save_training_checkpoint(state, self.output_dir, epoch, self.exp_name)
-            self.loss_trend.checkpoint(path)
+        for tag in tags:
+            save_training_checkpoint(state, self.output_dir, tag, self.exp_name)
         if best:
             save_checkpoint(state, self.best_path())
             logger.info("new best top-1 %.2f%%: saved %s", self.best_acc1, self.best_path())

@@ -33,7 +33,7 @@ from ..methods import get_method
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import save_checkpoint, to_plain
 from ..runtime.logging import MetricLogger, SmoothedValue
-from ..runtime.resume import save_training_checkpoint
+from ..runtime.resume import checkpoint_path, save_training_checkpoint
 from .run import TrainingRun
 from .scalars import DeferredScalars, update_metrics
 from .stepper import NonFiniteLossError
@@ -95,18 +95,18 @@ class PretrainRun(TrainingRun):
             self.model_core.load_extra_state(state["extra"])
 
     def save(self, epoch, batches_done, numbered):
-        if not self.output_dir or not self.env.is_main:
+        if not self.output_dir:
             return
         self._read_scalars(None, epoch, batches_done, flush=True)  # the loss it is saved at
-        state = self.training_state(epoch, batches_done)
-        path = save_training_checkpoint(state, self.output_dir, "latest", self.exp_name)
-        self.last_good_checkpoint = path
-        self.loss_trend.checkpoint(path)
-        if numbered:
-            path = save_training_checkpoint(state, self.output_dir, epoch, self.exp_name)
-            self.last_good_checkpoint = path
-            self.loss_trend.checkpoint(path)
-        logger.info("saved %s", path)
+        tags = ["latest"] + ([epoch] if numbered else [])
+        if self.env.is_main:
+            state = self.training_state(epoch, batches_done)
+            for tag in tags:
+                path = save_training_checkpoint(state, self.output_dir, tag, self.exp_name)
+                self.last_good_checkpoint = path
+            logger.info("saved %s", path)
+        for tag in tags:  # every rank knows what was written, for a non-finite stop's message
+            self.loss_trend.checkpoint(checkpoint_path(self.output_dir, tag, self.exp_name))
 
     # -------------------------------------------------------------------- train
     def fit(self):

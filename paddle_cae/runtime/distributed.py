@@ -203,8 +203,7 @@ class CollectiveWatchdog:
     """Ends this process with one line when training makes no progress for
     :func:`collective_timeout_s` seconds: every completed step calls :func:`heartbeat`, and a
     daemon thread checks the time since the last one. Armed by the first heartbeat (building
-    the model, reading data for the first time and resuming are not timed); :func:`pause`
-    disarms it until the next heartbeat."""
+    the model, reading data for the first time and resuming are not timed)."""
 
     _instance = None
 
@@ -231,10 +230,6 @@ class CollectiveWatchdog:
             self.last = time.monotonic()
             self.what = what
 
-    def pause(self):
-        with self._lock:
-            self.last = None
-
     def _watch(self):
         while not self.fired:
             time.sleep(min(max(self.timeout_s / 20.0, 0.05), 5.0))
@@ -257,13 +252,6 @@ def heartbeat(what=""):
     watchdog = CollectiveWatchdog._instance
     if watchdog is not None:
         watchdog.beat(what)
-
-
-def pause_watchdog():
-    """Before a phase that may take long without a step (evaluation, a long save)."""
-    watchdog = CollectiveWatchdog._instance
-    if watchdog is not None:
-        watchdog.pause()
 
 
 def _all_reduce_dict(values, average):
