@@ -1,7 +1,9 @@
-"""Faults under data-parallel training, with two gloo ranks launched by
-``paddle.distributed.launch``: gradient accumulation that all-reduces only the last micro-batch,
-and a rank that hangs without exiting."""
-import json
+"""Training under faults and bad input: gradient accumulation that all-reduces only the last
+micro-batch and a rank that hangs without exiting (two gloo ranks launched by
+``paddle.distributed.launch``), the start-up check, symbolic-link loops in the data, resuming at
+another global batch, a full disk, model arguments of the wrong type, DataLoader workers whose
+parent is killed, a refused multi-tensor AdamW call, the logged scalars read without a host sync
+per step, and the message of a run stopped by a non-finite loss."""
 import os
 import subprocess
 import sys
@@ -10,24 +12,21 @@ from pathlib import Path
 import pytest
 
 from paddle_cae.runtime.distributed import CollectiveWatchdog, collective_timeout_s, rendezvous_endpoint
+from tests.test_data_parallel import launch as launch_two_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "workers" / "dp_faults.py")
 
 
-def launch(tmp_path, *worker_args, env_extra=None, timeout=180):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               **(env_extra or {}))
-    logs = tmp_path / "logs"
-    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-           "--log_dir", str(logs), WORKER, *worker_args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    text = "".join(p.read_text() for p in sorted(logs.glob("workerlog.*")))
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines()
-               if line.startswith("RESULT ")]
-    return proc, sorted(results, key=lambda r: r["rank"]), text
+def launch(tmp_path, *worker_args, env_extra=None):
+    return launch_two_ranks(tmp_path, *worker_args, timeout=180, worker=WORKER,
+                            env_extra=env_extra)
+
+
+def cli_env():
+    """The environment of a command-line run of this checkout."""
+    return dict(os.environ, OMP_NUM_THREADS="1",
+                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 @pytest.mark.slow
@@ -185,8 +184,7 @@ def test_a_mid_epoch_checkpoint_resumed_at_another_batch_size_skips_the_images_i
     from paddle_cae.io import load_checkpoint, save_checkpoint
 
     main = str(ROOT / "main_pretrain.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     small = ["--config", "demo/mae.yaml", "--num_workers", "0", "--epochs", "1",
              "--auto_resume", "false"]
     first = tmp_path / "first"
@@ -269,8 +267,7 @@ def test_model_arguments_of_the_right_kind_still_build():
 
 @pytest.mark.slow
 def test_the_clis_print_one_line_for_a_bad_model_argument_from_a_flag_or_a_config(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     config = tmp_path / "ft.yaml"
     config.write_text((ROOT / "configs" / "demo" / "finetune_mae.yaml").read_text()
                       + '\nmodel_args: {"embed_dim": "big"}\n')
@@ -418,8 +415,7 @@ def test_a_nan_stop_names_the_last_checkpoint_written_while_the_loss_was_sane():
 @pytest.mark.slow
 def test_a_diverging_run_names_the_checkpoint_from_before_the_divergence(tmp_path):
     main = str(ROOT / "main_pretrain.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = cli_env()
     common = ["--config", "demo/mae.yaml", "--num_workers", "0", "--max_train_step", "6",
               "--batch_size", "16", "--print_freq", "2", "--save_ckpt_freq", "1",
               "--output_dir", str(tmp_path / "out")]
