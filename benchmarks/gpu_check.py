@@ -8,17 +8,26 @@
     the GPU in fp32 (TF32 off) against the CPU reference fixtures; (b) training steps of MAE-B,
     CAE-B (DALL-E tokenizer architecture, random weights), BootMAE-B and ViT-B fine-tuning at
     batch 64, 224 px, in fp16 O1 (loss scaling) and bf16 O1: img/s, peak memory, fraction of
-    skipped steps and MFU against the fp16 / bf16 matmul peak measured in the same run; (c) the
-    MAE demo trained for 2 epochs on the GPU with AMP: does the loss fall; (d) everything in one
-    JSON file (``--out``).
+    skipped steps, MFU against both the fp16 / bf16 matmul peak measured in the same run and the
+    card's datasheet peak (dense, no sparsity), which attention kernel the step's attention
+    layers took, and which AdamW path ran (a refused multi-tensor call is reported); (c) the MAE
+    demo trained for 2 epochs on the GPU with AMP: does the loss fall; (d) everything in one
+    JSON file (``--out``; default ``gpu_check.json`` in the current folder, and for a dry run a
+    file in a new temporary folder).
 
-A part that fails is recorded with its error and the check goes on; the exit status is 0 only
-when every part passed.
+The report is rewritten after every part and every training row, so a check stopped by its
+time limit keeps what it had measured; parts are not started when less than ``--margin_s``
+seconds are left before ``--deadline_s`` (the hard limit of gpu_check.sh), and SIGTERM from
+that limit writes the report before the process ends. A part that fails is recorded with its
+error and the check goes on; the exit status is 0 only when every part passed.
 """
 import argparse
+import importlib.util
 import json
+import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,13 +58,17 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry-run", dest="dry_run", action="store_true",
                    help="CPU, tiny models, fp32, a few steps (checks that the script runs)")
-    p.add_argument("--out", default=None, help="JSON file (default: gpu_check.json, or "
-                   "gpu_check_dry_run.json with --dry-run, in the current folder)")
+    p.add_argument("--out", default=None, help="JSON file (default: gpu_check.json in the "
+                   "current folder; with --dry-run, gpu_check_dry_run.json in a new temporary "
+                   "folder)")
     p.add_argument("--batch_size", type=int, default=None, help="default 64 (dry run: 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model and dtype "
                    "(default 10; dry run 2)")
-    p.add_argument("--budget_s", type=float, default=450.0,
-                   help="stop starting new parts after this many seconds")
+    p.add_argument("--deadline_s", type=float, default=480.0,
+                   help="the hard limit the check runs under (gpu_check.sh: 480 s)")
+    p.add_argument("--margin_s", type=float, default=40.0,
+                   help="start no part (and give no sub-process time) closer than this to the "
+                   "deadline, so the report is always complete")
     p.add_argument("--parts", default="parity,train,demo", help="comma list of parts to run")
     return p.parse_args(argv)
 
@@ -100,16 +113,133 @@ def matmul_peak_tflops(paddle, dtype, size, repeats=5):
     return 2.0 * size ** 3 / best / 1e12
 
 
+# dense (no sparsity) fp16 / bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, by
+# a fragment of the device name Paddle reports; the figure others publish MFU against
+DATASHEET_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # SXM (HBM3)
+    ("A100", 312.0),
+)
+
+
+def datasheet_peak_tflops(device_name):
+    """The card's datasheet dense fp16/bf16 peak, or None for a card not in the table."""
+    for fragment, peak in DATASHEET_PEAK_TFLOPS:
+        if fragment.lower() in str(device_name).lower():
+            return peak
+    return None
+
+
 class Deadline:
-    def __init__(self, seconds):
+    """Seconds left before the hard limit, less the margin that writing the report needs."""
+
+    def __init__(self, seconds, margin):
         self.end = time.time() + seconds
+        self.margin = margin
 
     def left(self):
-        return self.end - time.time()
+        return self.end - self.margin - time.time()
+
+    def subprocess_timeout(self, cap):
+        """A sub-process's timeout: at most ``cap``, and never past the margin."""
+        return max(min(cap, self.left()), 1.0)
+
+
+class Report(dict):
+    """The JSON report, rewritten atomically (temp file + rename) at every :meth:`save`."""
+
+    def __init__(self, path, **fields):
+        super().__init__(**fields)
+        self.path = os.path.abspath(path)
+
+    def save(self):
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+class AttentionRecorder:
+    """Which kernel each attention layer's call took during one forward: ``sdpa`` (no mask and
+    the default scale: flash attention in half precision on a GPU), ``sdpa_bias`` (a bias or a
+    scale: Paddle >= 3.3 runs its memory-efficient or math kernel) or ``explicit`` (the
+    [B, heads, N, N] matrix formed op by op: the reference path, and on Paddle < 3.3 any
+    attention with a relative-position bias). The CPU kernels of a dry run replace whole blocks
+    and are not counted."""
+
+    def __init__(self, paddle, model):
+        self.paddle = paddle
+        self.model = model
+        self.counts = {"sdpa": 0, "sdpa_bias": 0, "explicit": 0}
+        self._calls = 0
+        self._sdpa = 0
+
+    def __enter__(self):
+        import paddle.nn.functional as F
+
+        self._F = F
+        self._original = F.scaled_dot_product_attention
+        recorder = self
+
+        def recording(*args, **kwargs):
+            recorder._sdpa += 1
+            masked = kwargs.get("attn_mask") is not None or kwargs.get("scale") is not None
+            recorder.counts["sdpa_bias" if masked else "sdpa"] += 1
+            return recorder._original(*args, **kwargs)
+
+        F.scaled_dot_product_attention = recording
+        self._hooks = [layer.register_forward_post_hook(self._count)
+                       for layer in self.model.sublayers()
+                       if type(layer).__name__.endswith("Attention")
+                       and hasattr(layer, "num_heads")]
+        return self
+
+    def _count(self, layer, inputs, outputs):
+        self._calls += 1
+
+    def __exit__(self, *exc):
+        self._F.scaled_dot_product_attention = self._original
+        for hook in self._hooks:
+            hook.remove()
+        self.counts["explicit"] = max(self._calls - self._sdpa, 0)
+        return False
+
+
+class AdamWFallbackLog(logging.Handler):
+    """Collects the log lines that say the multi-tensor AdamW call was refused."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "multi-tensor" in message.lower():
+            self.messages.append(message.splitlines()[0][:300])
+
+
+def adamw_path(optimizer, fallback_messages):
+    """Which AdamW update ran: ``multi-tensor`` (Paddle's fused_adam_ over all parameters),
+    ``per-tensor (fallback: ...)`` when Paddle refused that call, ``per-tensor``,
+    ``cpu-kernel`` (the package's CPU kernel) or ``fused``."""
+    reason = getattr(optimizer, "multi_tensor_fallback", None)
+    if reason or fallback_messages:
+        return "per-tensor (fallback: " + (reason or fallback_messages[0]) + ")"
+    if getattr(optimizer, "fused", False):
+        return "fused"
+    first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+    choose = getattr(optimizer, "_multi_tensor_for", None)
+    if first is not None and choose is not None and choose(first):
+        return "multi-tensor"
+    return "cpu-kernel" if getattr(optimizer, "_kernel", None) is not None else "per-tensor"
 
 
 # ------------------------------------------------------------------------ (a) parity
-def run_parity(dry_run):
+def run_parity(dry_run, deadline):
+    if importlib.util.find_spec("pytest") is None:
+        return {"ok": False, "summary": "not run: pytest is not installed for this Python "
+                "(gpu_check.sh installs it; or `pip install pytest`)", "failed": []}
     env = dict(os.environ, NVIDIA_TF32_OVERRIDE="0", FLAGS_cudnn_deterministic="1",
                OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -119,7 +249,14 @@ def run_parity(dry_run):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + [
         os.path.join(ROOT, "tests", t) for t in tests]
     t = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    timeout = deadline.subprocess_timeout(240)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        out = err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        return {"ok": False, "summary": f"stopped after {timeout:.0f} s (time limit)",
+                "failed": [], "tail": out[-2000:], "seconds": round(time.time() - t, 1)}
     tail = (proc.stdout + proc.stderr).strip().splitlines()
     summary = next((line for line in reversed(tail) if " passed" in line or " failed" in line
                     or " error" in line), tail[-1] if tail else "")
@@ -197,27 +334,31 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
             model.update_teacher(momentum)
         return info
 
-    with count_flops() as count:
+    with count_flops() as count, AttentionRecorder(paddle, model) as attention:
         with stepper.autocast():
             loss = forward()
     del loss
-    return model, stepper, step, count
+    return model, stepper, step, count, attention.counts
 
 
-def run_training(paddle, args, deadline, dtypes, peaks):
-    rows = []
+def run_training(paddle, args, deadline, dtypes, peaks, datasheet_peak, report):
+    rows = report["training"] = []
+    fallback = AdamWFallbackLog()
+    logging.getLogger().addHandler(fallback)
     for name, phase, real_kwargs, dry_kwargs in MODELS:
         for dtype in dtypes:
             row = {"model": name, "phase": phase, "amp": dtype or "fp32",
                    "batch_size": args.batch_size, "input_size": args.input_size}
             rows.append(row)
-            if deadline.left() < 30:
+            if deadline.left() < 20:
                 row["error"] = "not run: time budget spent"
+                report.save()
                 continue
             model = stepper = step = None
+            fallback.messages.clear()
             try:
                 reset_peak_memory(paddle)
-                model, stepper, step, count = build_step(
+                model, stepper, step, count, attention = build_step(
                     paddle, name, phase, dry_kwargs if args.dry_run else real_kwargs, dtype,
                     args.batch_size, args.input_size)
                 warmup = 1 if args.dry_run else 3
@@ -243,7 +384,11 @@ def run_training(paddle, args, deadline, dtypes, peaks):
                     "loss_scale": stepper.scaler.scale if stepper.scaler.enabled else None,
                     "train_gflop_per_step": round(flops / 1e9, 3),
                     "mfu": round(flops / median / 1e12 / peak, 4) if peak else None,
+                    "mfu_datasheet": (round(flops / median / 1e12 / datasheet_peak, 4)
+                                      if datasheet_peak and dtype else None),
                     "autocast": stepper.precision.dtype or "off",
+                    "attention": attention,
+                    "adamw": adamw_path(stepper.optimizer, fallback.messages),
                 })
             except Exception as err:  # record and go on with the next one
                 row["error"] = f"{type(err).__name__}: {err}"[:2000]
@@ -252,12 +397,14 @@ def run_training(paddle, args, deadline, dtypes, peaks):
                 del model, stepper, step
                 if on_gpu(paddle):
                     paddle.device.cuda.empty_cache()
+            report.save()
             print(json.dumps(row), flush=True)
+    logging.getLogger().removeHandler(fallback)
     return rows
 
 
 # ------------------------------------------------------------------------- (c) demo
-def run_demo(args, workdir):
+def run_demo(args, workdir, deadline):
     out = os.path.join(workdir, "demo_mae")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, os.path.join(ROOT, "main_pretrain.py"), "--config",
@@ -270,7 +417,13 @@ def run_demo(args, workdir):
     else:
         cmd += ["--amp", "true", "--device", "gpu"]
     t = time.time()
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    timeout = deadline.subprocess_timeout(200)
+    try:
+        proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"stopped after {timeout:.0f} s (time limit)",
+                "seconds": round(time.time() - t, 1), "command": " ".join(cmd[1:])}
     result = {"returncode": proc.returncode, "seconds": round(time.time() - t, 1),
               "command": " ".join(cmd[1:])}
     log = os.path.join(out, "log.txt")
@@ -295,13 +448,34 @@ def main(argv=None):
     args.batch_size = args.batch_size or (2 if args.dry_run else 64)
     args.steps = args.steps or (2 if args.dry_run else 10)
     args.input_size = 64 if args.dry_run else 224
-    args.out = args.out or ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
-    parts = set(args.parts.split(","))
-    deadline = Deadline(args.budget_s)
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"parity", "train", "demo"}
+    if unknown:
+        raise SystemExit(f"gpu_check: unknown --parts {', '.join(sorted(unknown))} "
+                         "(parity, train, demo)")
+    deadline = Deadline(args.deadline_s, args.margin_s)
     started = time.time()
+    workdir = tempfile.mkdtemp(prefix="gpu_check_")
+    if args.out is None:
+        args.out = (os.path.join(workdir, "gpu_check_dry_run.json") if args.dry_run
+                    else "gpu_check.json")
+    report = Report(args.out, mode="dry-run" if args.dry_run else "gpu", ok=False,
+                    finished=False)
+
+    def stop(signum, frame):  # the hard limit of gpu_check.sh: keep what was measured
+        report["stopped"] = f"signal {signum} after {time.time() - started:.0f} s"
+        report["seconds"] = round(time.time() - started, 1)
+        report.save()
+        print(f"gpu_check: stopped by signal {signum}; partial report: {report.path}",
+              flush=True)
+        os._exit(124)
+
+    report.save()
 
     import paddle
     from paddle_cae.fast import switches
+
+    signal.signal(signal.SIGTERM, stop)  # after the import: Paddle installs its own handler
 
     gpu = on_gpu(paddle)
     if args.dry_run:
@@ -310,13 +484,14 @@ def main(argv=None):
         raise SystemExit("gpu_check: no GPU visible to Paddle (paddle.device.cuda.device_count() "
                          "is 0, or a CPU wheel is installed); use --dry-run on a CPU machine, "
                          "or `pip install -r requirements-gpu.txt` on a GPU machine")
-    report = {"mode": "dry-run" if args.dry_run else "gpu",
-              "paddle": paddle.__version__, "python": platform.python_version(),
-              "device": (paddle.device.cuda.get_device_name() if gpu and not args.dry_run
-                         else "cpu"),
-              "fused_cpu_kernels": switches.fused_ops()}
+    device = paddle.device.cuda.get_device_name() if gpu and not args.dry_run else "cpu"
+    report.update({"paddle": paddle.__version__, "python": platform.python_version(),
+                   "device": device,
+                   "fused_cpu_kernels": switches.fused_ops()})
     dtypes = [None] if args.dry_run else ["float16", "bfloat16"]
     report["matmul_peak_tflops"] = peaks = {}
+    datasheet_peak = datasheet_peak_tflops(device)
+    report["datasheet_peak_tflops"] = datasheet_peak
     for dtype in dtypes:
         key = dtype or "float32"
         try:
@@ -324,28 +499,33 @@ def main(argv=None):
         except Exception as err:
             peaks[key] = None
             report.setdefault("errors", []).append(f"peak {key}: {type(err).__name__}: {err}")
-    workdir = tempfile.mkdtemp(prefix="gpu_check_")
+    report.save()
     ok = True
     if "parity" in parts:
-        report["parity"] = run_parity(args.dry_run)
+        if deadline.left() > 30 or args.dry_run:
+            report["parity"] = run_parity(args.dry_run, deadline)
+        else:
+            report["parity"] = {"ok": False, "summary": "not run: time budget spent"}
         ok &= report["parity"]["ok"]
+        report.save()
         print("parity:", report["parity"]["summary"], flush=True)
     if "train" in parts:
-        report["training"] = run_training(paddle, args, deadline, dtypes, peaks)
+        run_training(paddle, args, deadline, dtypes, peaks, datasheet_peak, report)
         ok &= all("error" not in row for row in report["training"])
+        report.save()
     if "demo" in parts:
-        if deadline.left() > 60 or args.dry_run:
-            report["demo"] = run_demo(args, workdir)
+        if deadline.left() > 45 or args.dry_run:
+            report["demo"] = run_demo(args, workdir, deadline)
             ok &= report["demo"]["ok"]
         else:
             report["demo"] = {"ok": False, "error": "not run: time budget spent"}
             ok = False
     report["ok"] = bool(ok)
+    report["finished"] = True
     report["seconds"] = round(time.time() - started, 1)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    report.save()
     print(f"gpu_check: {'all parts passed' if ok else 'SOME PARTS FAILED'}; "
-          f"{report['seconds']} s; report: {os.path.abspath(args.out)}", flush=True)
+          f"{report['seconds']} s; report: {report.path}", flush=True)
     return 0 if ok else 1
 
 

@@ -13,12 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "workers" / "dp_overflow.py")
 
 
-def launch(tmp_path, *worker_args, timeout=1800):  # a hang guard (a dead rank), not a speed limit
+def launch(tmp_path, *worker_args, timeout=1800, worker=WORKER, env_extra=None):  # a hang guard (a dead rank), not a speed limit
+    """Two gloo ranks of ``worker``: (launcher process, the RESULT lines by rank, the logs)."""
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env_extra or {}))
     logs = tmp_path / "logs"
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2",
-           "--log_dir", str(logs), WORKER, *worker_args]
+           "--log_dir", str(logs), worker, *worker_args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=timeout)
     text = "".join(p.read_text() for p in sorted(logs.glob("workerlog.*")))

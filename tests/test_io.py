@@ -244,3 +244,59 @@ def test_the_reader_imports_neither_paddle_nor_the_models_and_models_do_not_impo
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------- memory bombs
+BOMB_EXPAND = 1 << 26  # what the compressed bombs unpack to (64 MiB; the limit is ~1 MiB here)
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory):
+    from tests.bombs import write_bombs
+
+    return write_bombs(tmp_path_factory.mktemp("bombs"), BOMB_EXPAND)
+
+
+@pytest.mark.parametrize("name", ["bytearray.pd", "list_range.pd", "reconstruct.pd", "zip_bomb.pth",
+                                  "stride0.pth", "zip_bomb.npz", "header.npz"])
+def test_a_file_asking_for_more_memory_than_its_size_allows_is_refused_in_one_line(bombs, name):
+    path = bombs[name]
+    with pytest.raises(CheckpointError) as err:
+        read_weights(path)
+    text = _one_line_naming(err, path)
+    assert "refused" in text and ("bomb" in text or "declares" in text), text
+
+
+def test_a_memo_slot_numbered_in_the_billions_costs_no_memory(bombs):
+    # the C unpickler would size its memo array to the slot number (4 GiB for these 9 bytes)
+    assert read_weights(bombs["memo_slot.pd"]) is None
+
+
+def test_reading_every_bomb_keeps_the_peak_memory_small(bombs):
+    code = ("import sys\n"
+            "from paddle_cae.io import read_weights\n"
+            "from tests.bombs import peak_rss_mb\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        read_weights(path)\n"
+            "    except Exception:\n"
+            "        pass\n"
+            "print(peak_rss_mb())\n")
+    proc = subprocess.run([sys.executable, "-c", code, *bombs.values()], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # each bomb alone asks for 64 MiB to 4 GiB; the reader itself needs a few dozen MB
+    assert float(proc.stdout.strip()) < 60 + BOMB_EXPAND / 2 ** 20, proc.stdout
+
+
+def test_legitimate_files_near_the_limit_still_read(tmp_path):
+    # a deflated torch archive of random floats (it cannot shrink): a compressed member is read
+    # when it does not expand past the limit
+    rng = np.random.default_rng(0)
+    state = {"w": rng.standard_normal(1 << 20).astype(np.float32)}
+    plain = tmp_path / "plain.pth"
+    write_torch_zip(plain, {"model": state})
+    from tests.bombs import _deflated
+
+    _deflated(plain, tmp_path / "deflated.pth")
+    _assert_same(read_weights(tmp_path / "deflated.pth")["model"], state)

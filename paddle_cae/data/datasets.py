@@ -20,6 +20,8 @@ With ``handover="float32"`` the loader converts them itself.
 import logging
 import os
 import random
+import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("train", "val")
 MAX_REPLACEMENT_TRIES = 20
+SCAN_PROGRESS_EVERY_S = 10.0  # a scan taking longer says how far it got, this often
 
 
 class _PipelineError(RuntimeError):
@@ -72,6 +75,92 @@ def pil_loader(path):
 
 def _has_image_extension(name, extensions):
     return name.lower().endswith(extensions)
+
+
+class FolderScan:
+    """Image files under class folders, each directory read once.
+
+    Symbolic links to directories are followed (datasets are often assembled from links), but
+    a directory reached a second time -- by a link back to itself or to a parent (``self -> .``,
+    ``up -> ..``), to the split folder or to another class's folder, or by two links to one
+    place -- is skipped and reported once at the end: ``os.walk(followlinks=True)`` listed the
+    same images again at every level of such a loop. A scan that takes longer than
+    :data:`SCAN_PROGRESS_EVERY_S` logs its progress."""
+
+    def __init__(self, root, class_dirs, extensions, progress_every_s=SCAN_PROGRESS_EVERY_S):
+        self.root = root
+        self.extensions = extensions
+        self.progress_every_s = progress_every_s
+        self.seen = {}  # (device, inode) -> the path it belongs to
+        for path in [root, *class_dirs]:  # the split folder and every class own theirs
+            key = self._key(path)
+            if key is not None:
+                self.seen.setdefault(key, path)
+        self.repeated = []  # (path, the path it is the same folder as)
+        self.folders = 0
+        self.files = 0
+        self._started = time.monotonic()
+        self._last_report = self._started
+
+    @staticmethod
+    def _key(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def files_under(self, top):
+        """Image paths under the class folder ``top``, recursively, in the order of the sorted
+        folder paths (files sorted within each), skipping folders that are read elsewhere."""
+        found = []  # (folder, its sorted image paths)
+        stack = [top]
+        while stack:
+            directory = stack.pop()
+            key = self._key(directory)
+            if key is None:
+                logger.warning("cannot read folder '%s'; skipped", directory)
+                continue
+            owner = self.seen.setdefault(key, directory)
+            if owner != directory:
+                self.repeated.append((directory, owner))
+                continue
+            self.folders += 1
+            try:
+                entries = list(os.scandir(directory))
+            except OSError as err:
+                logger.warning("cannot list folder '%s' (%s); skipped", directory, err.strerror)
+                continue
+            files = []
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()  # follows links, as os.walk(followlinks=True) did
+                except OSError:
+                    continue
+                if is_dir:
+                    stack.append(entry.path)
+                elif _has_image_extension(entry.name, self.extensions):
+                    files.append(entry.path)
+            found.append((directory, sorted(files)))
+            self.files += len(files)
+            self._report_progress()
+        return [path for _, files in sorted(found) for path in files]
+
+    def _report_progress(self):
+        now = time.monotonic()
+        if now - self._last_report >= self.progress_every_s:
+            self._last_report = now
+            logger.info("scanning %s: %d images in %d folders so far (%.0f s)", self.root,
+                        self.files, self.folders, now - self._started)
+
+    def report_loops(self):
+        if not self.repeated:
+            return
+        path, first = self.repeated[0]
+        more = f" (and {len(self.repeated) - 1} more)" if len(self.repeated) > 1 else ""
+        logger.warning("%s: the folder '%s' is '%s' again (a symbolic link loop or a second "
+                       "link to one folder)%s; each folder was read once", self.root, path, first,
+                       more)
 
 
 def find_classes(root):
@@ -115,15 +204,14 @@ class ImageFolder:
     def _scan(self):
         samples = []
         empty = []
+        scan = FolderScan(self.root, [os.path.join(self.root, n) for n in self.classes],
+                          self.extensions)
         for name in self.classes:
-            class_dir = os.path.join(self.root, name)
-            files = []
-            for dirpath, _, filenames in sorted(os.walk(class_dir, followlinks=True)):
-                files.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                             if _has_image_extension(f, self.extensions))
+            files = scan.files_under(os.path.join(self.root, name))
             if not files:
                 empty.append(name)
             samples.extend((path, self.class_to_idx[name]) for path in files)
+        scan.report_loops()
         if not self.classes or not samples:
             loose = [f for f in sorted(os.listdir(self.root)) if _has_image_extension(f, self.extensions)]
             hint = (f" It holds {len(loose)} images directly (e.g. '{loose[0]}'): move them into one"

@@ -26,6 +26,7 @@ from paddle.io import DataLoader
 
 from .sampler import GlobalBatchSampler
 from .transforms import sample_rng
+from .workers import exit_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class _WorkerSeeder:
         self.epoch = 0
 
     def __call__(self, worker_id):
+        exit_with_parent()  # no orphan workers when the training process is killed
         worker_seed = derive_seed(self.seed, self.epoch, self.rank, worker_id)
         random.seed(worker_seed)
         np.random.seed(worker_seed)
@@ -113,19 +115,34 @@ class Loader:
 
     def __iter__(self):
         self.replaced_this_epoch = 0
-        known_bad = getattr(self.dataset, "known_bad", None)
-        for batch in self.data_loader:
-            replaced = batch.get("replaced") if isinstance(batch, dict) else None
-            if replaced is not None:
-                bad = np.asarray(replaced.numpy())
-                bad = bad[bad >= 0]
-                if bad.size:
-                    self.replaced_this_epoch += int(bad.size)
-                    self.replaced_total += int(bad.size)
-                    if known_bad is not None:
-                        # workers started in later epochs inherit this and skip the file silently
-                        known_bad.update(int(i) for i in bad)
-            yield batch
+        # the "replaced" entries are read when the epoch ends, not per batch: on a GPU the batch
+        # is already on the device, and reading it would make the host wait for the step queue
+        pending = []
+        try:
+            for batch in self.data_loader:
+                replaced = batch.get("replaced") if isinstance(batch, dict) else None
+                if replaced is not None:
+                    pending.append(replaced)
+                yield batch
+        finally:
+            self._count_replaced(pending)
+
+    def _count_replaced(self, pending):
+        if not pending:
+            return
+        tensors = [t.reshape([-1]) for t in pending if isinstance(t, paddle.Tensor)]
+        values = [np.asarray(t).ravel() for t in pending if not isinstance(t, paddle.Tensor)]
+        if tensors:
+            values.append(paddle.concat(tensors).numpy())  # one read for the epoch
+        bad = np.concatenate(values)
+        bad = bad[bad >= 0]
+        if bad.size:
+            self.replaced_this_epoch += int(bad.size)
+            self.replaced_total += int(bad.size)
+            known_bad = getattr(self.dataset, "known_bad", None)
+            if known_bad is not None:
+                # workers started in later epochs inherit this and skip the file silently
+                known_bad.update(int(i) for i in bad)
 
 
 def build_loader(dataset, batch_size, seed=0, num_workers=0, world_size=1, rank=0, epoch=0,

@@ -13,6 +13,7 @@ import paddle
 import paddle.nn.functional as F
 
 from ..data.loader import SeededSamples, collate_samples
+from ..data.workers import WorkerInit
 from ..runtime import distributed as dist_rt
 from ..runtime.logging import MetricLogger
 
@@ -40,7 +41,8 @@ def build_eval_loader(dataset, batch_size, env, dist_eval=True, num_workers=0):
     sampler = ShardSampler(len(dataset), batch_size, world, rank)
     loader = paddle.io.DataLoader(SeededSamples(dataset, seed=0), batch_sampler=sampler,
                                   num_workers=num_workers, collate_fn=collate_samples,
-                                  use_shared_memory=num_workers > 0)
+                                  use_shared_memory=num_workers > 0,
+                                  worker_init_fn=WorkerInit() if num_workers > 0 else None)
     loader.sums_over_ranks = bool(dist_eval and env.distributed)
     return loader
 

@@ -29,6 +29,7 @@ from ..runtime.resume import checkpoint_path, checkpoint_prefix, save_training_c
 from .evaluate import evaluate
 from .losses import label_smoothing_cross_entropy, soft_target_cross_entropy
 from .run import TrainingRun
+from .scalars import DeferredScalars, update_metrics
 from .stepper import NonFiniteLossError
 
 logger = logging.getLogger("paddle_cae")
@@ -140,12 +141,16 @@ class ClassifierRun(TrainingRun):
         return os.path.join(self.output_dir, f"{checkpoint_prefix(self.exp_name)}checkpoint-best.pd")
 
     def save(self, epoch, numbered, best):
-        if not self.output_dir or not self.env.is_main:
+        if not self.output_dir:
+            return
+        tags = ["latest"] + ([epoch] if numbered else [])
+        for tag in tags:  # every rank knows what was written, for a non-finite stop's message
+            self.loss_trend.checkpoint(checkpoint_path(self.output_dir, tag, self.exp_name))
+        if not self.env.is_main:
             return
         state = self.training_state(epoch, None)
-        save_training_checkpoint(state, self.output_dir, "latest", self.exp_name)
-        if numbered:
-            save_training_checkpoint(state, self.output_dir, epoch, self.exp_name)
+        for tag in tags:
+            save_training_checkpoint(state, self.output_dir, tag, self.exp_name)
         if best:
             save_checkpoint(state, self.best_path())
             logger.info("new best top-1 %.2f%%: saved %s", self.best_acc1, self.best_path())
@@ -190,31 +195,45 @@ class ClassifierRun(TrainingRun):
         iterator = metrics.log_every(batches, args.print_freq,
                                      f"Epoch: [{epoch}]", total=total, start_index=start_batch,
                                      batch_size=args.batch_size * self.env.world_size)
+        scalars = DeferredScalars(args.print_freq)
         for i, batch in enumerate(iterator, start=start_batch):
             self.begin_batch(epoch, i)
             rng = np.random.RandomState(derive_seed(args.seed, epoch, i, 7))
             images, targets = self.loss_fn.mix(batch["images"], batch["labels"], rng)
-            with self.stepper.autocast():
+            with self.stepper.autocast(i):  # no_sync for the forward too, see engine/stepper.py
                 logits = self.model(images)
             loss = self.loss_fn(logits, targets)
+            # the logged loss of the last interval, read now that this step is queued
+            self._read_scalars(metrics, scalars.read_queued(), epoch, i)
             try:
                 info = self.stepper.backward(loss, i)
             except NonFiniteLossError as err:
-                raise NonFiniteLossError(f"stopping: non-finite loss at epoch {epoch}, batch {i} "
-                                         f"({err}); lower the learning rate") from None
+                self._read_scalars(metrics, scalars.flush(), epoch, i)
+                raise NonFiniteLossError(self.loss_trend.stop_message(
+                    f"epoch {epoch}, batch {i}", err, self.precision.enabled)) from None
             if info["stepped"]:
                 self.global_step += 1
                 if self.ema is not None:
                     self.ema.update(self.model_core)
-            loss_value = float(loss.item())  # the one read-back of the step besides the stepper's
-            metrics.update(loss=loss_value, lr=self.optimizer.get_lr())
-            if info["stepped"] and self.writer.enabled and self.global_step % max(args.print_freq, 1) == 0:
-                self.writer.add_scalar("train/loss", loss_value, self.global_step)
-                self.writer.add_scalar("opt/lr", self.optimizer.get_lr(), self.global_step)
+            scalars.add({"loss": loss})
+            metrics.update(lr=self.optimizer.get_lr())
+        self._read_scalars(metrics, scalars.flush(), epoch, total)
         averages = dist_rt.all_reduce_mean(metrics.averages())
         logger.info("Epoch %d averaged stats: %s", epoch,
                     "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))
         return averages
+
+
+    def _read_scalars(self, metrics, means, epoch, i):
+        """A finished interval's mean loss into the progress meters, the loss trend and
+        VisualDL."""
+        if not means:
+            return
+        update_metrics(metrics, means)
+        self.loss_trend.reading(f"epoch {epoch}, batch {i}", means["loss"][0])
+        if self.writer.enabled:
+            self.writer.add_scalar("train/loss", means["loss"][0], self.global_step)
+            self.writer.add_scalar("opt/lr", self.optimizer.get_lr(), self.global_step)
 
 
 __all__ = ["ClassificationLoss", "ClassifierRun", "ModelEma", "checkpoint_path"]

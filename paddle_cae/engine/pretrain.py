@@ -33,8 +33,9 @@ from ..methods import get_method
 from ..runtime import distributed as dist_rt
 from ..runtime.checkpoint import save_checkpoint, to_plain
 from ..runtime.logging import MetricLogger, SmoothedValue
-from ..runtime.resume import save_training_checkpoint
+from ..runtime.resume import checkpoint_path, save_training_checkpoint
 from .run import TrainingRun
+from .scalars import DeferredScalars, update_metrics
 from .stepper import NonFiniteLossError
 
 logger = logging.getLogger("paddle_cae")
@@ -46,6 +47,11 @@ def training_inputs(method, model, batch, batch_seed, conversions=None):
     model declares (``model.input_keys``)."""
     batch = method.finish_batch(to_model_floats(batch, conversions or {}), batch_seed)
     return {k: v for k, v in batch.items() if k in model.input_keys}
+
+
+def _is_scalar(value):
+    return isinstance(value, paddle.Tensor) and value.size == 1 or \
+        (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def scalar_parts(outputs, extra=None):
@@ -77,6 +83,7 @@ class PretrainRun(TrainingRun):
         self.conversions = getattr(dataset, "conversions", {})  # uint8 -> float32, on the device
         self.vis_freq = int(getattr(args, "vis_freq", 0) or 0)
         self.save_latest_freq = int(getattr(args, "save_latest_freq", 0) or 0)
+        self._scalars = None  # the epoch's DeferredScalars, while it trains
 
     def extra_state(self):
         core = self.model_core
@@ -88,15 +95,18 @@ class PretrainRun(TrainingRun):
             self.model_core.load_extra_state(state["extra"])
 
     def save(self, epoch, batches_done, numbered):
-        if not self.output_dir or not self.env.is_main:
+        if not self.output_dir:
             return
-        state = self.training_state(epoch, batches_done)
-        path = save_training_checkpoint(state, self.output_dir, "latest", self.exp_name)
-        self.last_good_checkpoint = path
-        if numbered:
-            path = save_training_checkpoint(state, self.output_dir, epoch, self.exp_name)
-            self.last_good_checkpoint = path
-        logger.info("saved %s", path)
+        self._read_scalars(None, epoch, batches_done, flush=True)  # the loss it is saved at
+        tags = ["latest"] + ([epoch] if numbered else [])
+        if self.env.is_main:
+            state = self.training_state(epoch, batches_done)
+            for tag in tags:
+                path = save_training_checkpoint(state, self.output_dir, tag, self.exp_name)
+                self.last_good_checkpoint = path
+            logger.info("saved %s", path)
+        for tag in tags:  # every rank knows what was written, for a non-finite stop's message
+            self.loss_trend.checkpoint(checkpoint_path(self.output_dir, tag, self.exp_name))
 
     # -------------------------------------------------------------------- train
     def fit(self):
@@ -129,29 +139,30 @@ class PretrainRun(TrainingRun):
         global_batch = args.batch_size * self.env.world_size
         iterator = metrics.log_every(batches, args.print_freq, header, total=total,
                                      start_index=start_batch, batch_size=global_batch)
+        self._scalars, self._metrics = DeferredScalars(args.print_freq), metrics
         for i, batch in enumerate(iterator, start=start_batch):
             self.begin_batch(epoch, i)
             inputs = training_inputs(self.method, core, batch, derive_seed(args.seed, epoch, i),
                                      self.conversions)
-            with self.stepper.autocast():
+            with self.stepper.autocast(i):  # no_sync for the forward too, see engine/stepper.py
                 outputs = model(inputs, **forward_kwargs)
+            # the logged scalars of the last interval, read now that this step is queued
+            self._read_scalars(metrics, epoch, i)
             try:
                 info = self.stepper.backward(outputs["loss"], i)
             except NonFiniteLossError as err:
-                raise NonFiniteLossError(self._nan_message(epoch, i, err)) from None
+                self._read_scalars(metrics, epoch, i, flush=True)
+                raise NonFiniteLossError(self.loss_trend.stop_message(
+                    f"epoch {epoch}, batch {i}", err, self.precision.enabled)) from None
             if info["stepped"]:
                 self.global_step += 1
                 if momentum is not None:
                     core.update_teacher(momentum)
-            extra = {} if info["grad_norm"] is None else {"grad_norm": info["grad_norm"]}
-            parts = scalar_parts(outputs, extra)
-            grad_norm = parts.pop("grad_norm", None) if extra else None
-            info = dict(info, grad_norm=grad_norm)
+            self._scalars.add({**{k: v for k, v in outputs.items() if _is_scalar(v)},
+                               "grad_norm": info["grad_norm"]})
             scale = info["loss_scale"] if self.stepper.scaler.enabled else None
-            metrics.update(**parts, lr=self.optimizer.get_lr(), loss_scale=scale,
-                           grad_norm=grad_norm)
+            metrics.update(lr=self.optimizer.get_lr(), loss_scale=scale)
             if info["stepped"]:
-                self._log_step(parts, info, epoch, i)
                 update = i // self.accum_iter + 1
                 if self.save_latest_freq and update % self.save_latest_freq == 0 \
                         and i + 1 < total:
@@ -160,6 +171,8 @@ class PretrainRun(TrainingRun):
                 image = core.reconstruction_image(inputs, outputs)
                 if image is not None:
                     self.writer.add_image("reconstruction", image, self._x_step(epoch, i))
+        self._read_scalars(metrics, epoch, total, flush=True)
+        self._scalars = None
         averages = dist_rt.all_reduce_mean(metrics.averages())
         replaced = dist_rt.all_reduce_sum({"replaced": self.loader.replaced_this_epoch})
         averages["replaced_images"] = replaced["replaced"]
@@ -176,22 +189,26 @@ class PretrainRun(TrainingRun):
         return int((epoch * self.batches_per_epoch + i) * self.args.batch_size
                    * self.env.world_size / 1000)
 
-    def _log_step(self, parts, info, epoch, i):
-        if not self.writer.enabled or (i // self.accum_iter) % max(self.args.print_freq, 1):
+    def _read_scalars(self, metrics, epoch, i, flush=False):
+        """Read the logged scalars of a finished interval (every --print_freq steps; all that
+        is pending with ``flush``): into the progress meters, the loss trend and VisualDL."""
+        if self._scalars is None:
             return
-        step = self._x_step(epoch, i)
-        self.writer.add_scalars("train", parts, step)
-        self.writer.add_scalar("opt/lr", self.optimizer.get_lr(), step)
-        self.writer.add_scalar("opt/loss_scale", info["loss_scale"], step)
-        if info["grad_norm"] is not None:
-            self.writer.add_scalar("opt/grad_norm", info["grad_norm"], step)
-
-    def _nan_message(self, epoch, i, err):
-        where = self.last_good_checkpoint or "none saved yet"
-        hint = ("lower the learning rate or add --clip_grad" if not self.precision.enabled
-                else "try --amp false or a lower learning rate")
-        return (f"stopping: non-finite loss at epoch {epoch}, batch {i} ({err}); last good "
-                f"checkpoint: {where}; {hint}")
+        means = self._scalars.flush() if flush else self._scalars.read_queued()
+        if not means:
+            return
+        update_metrics(metrics if metrics is not None else self._metrics, means)
+        if "loss" in means:
+            self.loss_trend.reading(f"epoch {epoch}, batch {i}", means["loss"][0])
+        if self.writer.enabled:
+            step = self._x_step(epoch, i)
+            grad_norm = means.pop("grad_norm", None)
+            self.writer.add_scalars("train", {k: v for k, (v, _) in means.items()}, step)
+            self.writer.add_scalar("opt/lr", self.optimizer.get_lr(), step)
+            if self.stepper.scaler.enabled:
+                self.writer.add_scalar("opt/loss_scale", self.stepper.scaler.scale, step)
+            if grad_norm is not None:
+                self.writer.add_scalar("opt/grad_norm", grad_norm[0], step)
 
     def export_encoder(self):
         core = self.model_core

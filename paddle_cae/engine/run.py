@@ -19,7 +19,9 @@ from ..runtime.collectives import broadcast_object
 from ..runtime.distributed import data_parallel
 from ..runtime.logging import JsonLinesLog, VisualDLWriter
 from ..runtime.resume import (check_no_foreign_checkpoints, describe_identity, identity_matches,
-                              remove_stale_temporaries, rng_state, scan_output_dir, set_rng_state)
+                              remove_stale_temporaries, resume_position, rng_state,
+                              scan_output_dir, set_rng_state)
+from .scalars import LossTrend
 from .stepper import Stepper
 
 logger = logging.getLogger("paddle_cae")
@@ -71,6 +73,7 @@ class TrainingRun:
         self.start_batch = 0
         self.global_step = 0
         self.last_good_checkpoint = None
+        self.loss_trend = LossTrend()  # what a stop on a non-finite loss says
         # what this run is (fine-tune / probe runs say it in args.phase before their own
         # constructor sets it)
         self.kind = getattr(args, "phase", None) or type(self).kind
@@ -109,6 +112,8 @@ class TrainingRun:
             "optimizer": self.optimizer.state_dict(),
             "epoch": int(epoch),
             "batches_done": batches_done,
+            "images_per_batch": int(self.args.batch_size) * int(self.env.world_size),
+            "train_loss": self.loss_trend.last(),  # the loss it was saved at
             "global_step": int(self.global_step),
             "scaler": self.stepper.state_dict(),
             "args": to_plain(vars(self.args)),
@@ -124,18 +129,21 @@ class TrainingRun:
         pass
 
     def restore(self, state, path):
+        start_epoch, start_batch, note = resume_position(
+            state, self.args.batch_size, self.env.world_size, self.accum_iter, path)
         strict_load(self.model_core, state["model"], path)
         self.optimizer.set_state_dict(state["optimizer"])
         self.stepper.load_state_dict(state.get("scaler"))
         self.restore_extra(state)
         set_rng_state(state.get("rng"))
         self.global_step = int(state.get("global_step", 0))
-        done = state.get("batches_done")
-        if done is None:
-            self.start_epoch, self.start_batch = int(state["epoch"]) + 1, 0
-        else:
-            self.start_epoch, self.start_batch = int(state["epoch"]), int(done)
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        if note:
+            logger.info("resume: %s", note)
         self.last_good_checkpoint = path
+        if state.get("train_loss") is not None:
+            self.loss_trend.reading(os.path.basename(path), state["train_loss"])
+        self.loss_trend.checkpoint(path, state.get("train_loss"))
         where = (f"epoch {self.start_epoch}" if not self.start_batch
                  else f"epoch {self.start_epoch}, batch {self.start_batch}")
         logger.info("resumed from %s: continuing at %s", path, where)

@@ -5,13 +5,16 @@ Accumulation: the loss of each of ``accum_iter`` micro-batches is divided by ``a
 and gradients add up, so with per-sample mean losses the update equals the one of a batch
 ``accum_iter`` times larger. Under paddle.DataParallel the gradient all-reduce is skipped
 on all but the last micro-batch (``no_sync``); averaging is linear, so the result is the same.
+Paddle's DataParallel prepares the all-reduce in the FORWARD, so the forward of a micro-batch
+must run inside ``autocast(micro_step)`` (which enters ``no_sync`` for all but the last one),
+not only its backward: otherwise every micro-batch is all-reduced.
 """
 import contextlib
 
 import paddle
 
 from ..runtime.amp import DynamicLossScaler, clip_grads_, grad_norm_tensor
-from ..runtime.distributed import unwrap_model
+from ..runtime.distributed import heartbeat, unwrap_model
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,8 +36,16 @@ class Stepper:
         self.params = [p for p in unwrap_model(model).parameters() if not p.stop_gradient]
         self._loss_bad = None  # non-finite loss seen in the current accumulation group
 
-    def autocast(self):
-        return self.precision.autocast()
+    def autocast(self, micro_step=None):
+        """The forward's context: autocast, and for a micro-batch ``micro_step`` that is not the
+        last of its accumulation group, DataParallel's ``no_sync`` (which must hold the forward
+        as well as the backward, see the module's docstring)."""
+        if micro_step is None:
+            return self.precision.autocast()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.sync_context(micro_step))
+        stack.enter_context(self.precision.autocast())
+        return stack
 
     def sync_context(self, micro_step):
         """No gradient all-reduce before the last micro-batch of an accumulation group."""
@@ -73,6 +84,7 @@ class Stepper:
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
             flags = paddle.concat([flags[:1], shared])
         own_loss_bad, any_loss_bad, any_grad_bad = (bool(v) for v in flags.numpy().tolist())
+        heartbeat(f"the update after micro-batch {micro_step}")  # every rank got this far
         if any_loss_bad or any_grad_bad:
             self.optimizer.clear_grad()
             self.scaler.update(found_inf=True)

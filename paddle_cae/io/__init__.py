@@ -6,7 +6,7 @@
 * :mod:`.torch_pickle` -- the restricted unpickler for ``torch.save`` files and pickled modules.
 * :mod:`.pd` -- the safe pickle reader shared by both, and this package's atomic ``.pd`` writer.
 """
-from .pd import CheckpointError, link_checkpoint, save_checkpoint, to_plain, unwrap_paddle_tensors
+from .pd import CheckpointError, CheckpointWriteError, link_checkpoint, save_checkpoint, to_plain, unwrap_paddle_tensors
 from .torch_pickle import TorchModuleStub, module_state_dict
 from .weights import (
     FORMATS,
@@ -19,7 +19,7 @@ from .weights import (
     select_state_dict,
 )
 
-__all__ = ["CheckpointError", "FORMATS", "TorchModuleStub", "detect_format", "link_checkpoint",
+__all__ = ["CheckpointError", "CheckpointWriteError", "FORMATS", "TorchModuleStub", "detect_format", "link_checkpoint",
            "load_checkpoint", "module_state_dict", "read_torch_checkpoint", "read_torch_module_state",
            "read_weights", "read_weights_with_format", "save_checkpoint", "select_state_dict", "to_plain",
            "unwrap_paddle_tensors"]

@@ -9,17 +9,27 @@ Pickles can run arbitrary code while loading, so the reader never uses ``pickle.
 rebuilds only the handful of globals that plain data needs (numpy's array/dtype/scalar
 reconstructors, ``collections.OrderedDict`` and a few harmless builtins) and refuses everything
 else before it is imported or called.
+
+A few bytes of pickle can also ask for gigabytes (``bytearray(2**31)``, ``list(range(...))``,
+an empty array of a huge shape, a memo slot numbered in the billions). The reader therefore runs
+Python's own unpickler (its memo is a dict, not an array sized by the largest slot number) and
+checks every size an allowed constructor would allocate from a number instead of from the
+file's bytes against the file's length (:class:`SizeLimit`): what a file can make the reader
+allocate is bounded by a small multiple of its size, and a file that asks for more is refused in
+one line.
 """
 import collections
 import collections.abc
+import errno
 import io
 import os
 import pickle
+import shutil
 import tempfile
 
 import numpy as np
 
-__all__ = ["CheckpointError", "PICKLE_PROTOCOL", "SAFE_DATA_GLOBALS", "SafeUnpickler", "link_checkpoint",
+__all__ = ["CheckpointError", "CheckpointWriteError", "PICKLE_PROTOCOL", "SAFE_DATA_GLOBALS", "SafeUnpickler", "SizeLimit", "link_checkpoint",
            "load_pickle_bytes", "parse_pd", "read_file_bytes", "save_checkpoint", "to_plain",
            "unwrap_paddle_tensors"]
 
@@ -31,6 +41,12 @@ class CheckpointError(ValueError):
     """A weights or checkpoint file cannot be read (missing, truncated, corrupt, of another
     format, or it asks for a global that is not on the allow-list). The message is one line
     naming the file."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written because its folder is full (or over quota). The
+    message is one line naming the folder, the space the file needs and the space left; the
+    previous file under that name is untouched and no temporary file is left."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +75,105 @@ def _numpy_globals():
         table[(mod, "_frombuffer")] = _numeric._frombuffer
     table[("numpy", "ndarray")] = np.ndarray
     table[("numpy", "dtype")] = np.dtype
+    _SIZE_GUARDS[_multiarray._reconstruct] = _guarded_reconstruct(_multiarray._reconstruct)
     return table
+
+
+class SizeLimit:
+    """What one file may make the reader allocate from numbers in it rather than from its bytes:
+    ``limit`` bytes in all (``slack`` plus ``ratio`` times the file's ``size``). ``take(n, what)``
+    counts ``n`` bytes and raises a one-line :class:`CheckpointError` past the limit."""
+
+    slack = 1 << 20
+    ratio = 4
+
+    def __init__(self, source, size):
+        self.source = str(source)
+        self.size = int(size)
+        self.limit = self.slack + self.ratio * self.size
+        self.used = 0
+
+    def take(self, nbytes, what):
+        self.used += int(nbytes)
+        if nbytes < 0 or self.used > self.limit:
+            raise CheckpointError(
+                f"{self.source}: refused: {what} asks for {_human_bytes(nbytes)} from a file of "
+                f"{_human_bytes(self.size)} (at most {_human_bytes(self.limit)} may come from "
+                "sizes declared in a file: a memory bomb or a corrupt file)")
+
+
+def _human_bytes(n):
+    n = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _length_of(value):
+    """How many items (bytes) a constructor would make from ``value`` without reading them from
+    the file: an int (``bytearray(n)``) or a range; None for anything already in memory."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, range):
+        try:
+            return len(value)
+        except OverflowError:
+            return 1 << 80
+    return None
+
+
+def _sized_constructor(constructor, itemsize):
+    """``constructor`` with its first argument's declared length counted against the limit."""
+
+    def guarded(limit):
+        def call(*args, **kwargs):
+            if args:
+                n = _length_of(args[0])
+                if n is not None:
+                    limit.take(n * itemsize, f"{constructor.__name__}() of {n:,} items")
+            return constructor(*args, **kwargs)
+        return call
+    return guarded
+
+
+def _nbytes_of(shape, dtype):
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    count = 1
+    for dim in shape:
+        count *= max(int(dim), 0)
+    return count * np.dtype(dtype).itemsize
+
+
+class _NdarrayType:
+    """What ``numpy.ndarray`` resolves to in a file: it stands for the type (numpy's pickles pass
+    it to ``_reconstruct``); called directly, it counts the array's bytes against the limit."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def __call__(self, shape, dtype=float, *args, **kwargs):
+        self.limit.take(_nbytes_of(shape, dtype), f"numpy.ndarray of shape {shape}")
+        return np.ndarray(shape, dtype, *args, **kwargs)
+
+
+def _guarded_reconstruct(reconstruct):
+    def guarded(limit):
+        def call(subtype, shape, dtype):
+            if isinstance(subtype, _NdarrayType):
+                subtype = np.ndarray
+            if subtype is not np.ndarray:
+                raise CheckpointError(f"{limit.source}: refused: numpy _reconstruct of "
+                                      f"{type(subtype).__name__} (only numpy.ndarray)")
+            # numpy's own pickles start from an empty array; the data comes with __setstate__
+            limit.take(_nbytes_of(shape, "uint8" if isinstance(dtype, bytes) else dtype),
+                       f"numpy array of shape {shape}")
+            return reconstruct(subtype, shape, dtype)
+        return call
+    return guarded
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -69,6 +183,18 @@ def _latin1_encode(text, encoding="latin1"):
         raise pickle.UnpicklingError(f"_codecs.encode with codec {encoding!r} is not allowed")
     return text.encode("latin1")
 
+
+# allowed objects that would allocate from a number in the file -> guard(limit) -> callable
+_SIZE_GUARDS = {
+    bytearray: _sized_constructor(bytearray, 1),
+    bytes: _sized_constructor(bytes, 1),
+    list: _sized_constructor(list, 8),
+    tuple: _sized_constructor(tuple, 8),
+    set: _sized_constructor(set, 8),
+    frozenset: _sized_constructor(frozenset, 8),
+    dict: _sized_constructor(dict, 8),
+    np.ndarray: _NdarrayType,
+}
 
 SAFE_DATA_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -93,21 +219,39 @@ def normalise_global(module, name):
     return _PY2_MODULES.get(module, module), name
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only globals present in ``allowed`` ((module, name) -> object)."""
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only globals present in ``allowed`` ((module, name) -> object),
+    with every size they would allocate from a number in the file counted against ``limit``
+    (a :class:`SizeLimit`; by default from the length of ``file``).
+
+    Python's unpickler, not the C one: the C unpickler sizes its memo by the largest slot number
+    a file names (9 bytes of pickle can make it allocate 4 GiB)."""
 
     # what the refusal message says the file may contain
     accepted = "checkpoints may only contain tensors/arrays and plain containers (the file may try to run code)"
 
-    def __init__(self, file, source, allowed=SAFE_DATA_GLOBALS):
+    def __init__(self, file, source, allowed=SAFE_DATA_GLOBALS, limit=None):
         super().__init__(file)
         self.source = str(source)
         self.allowed = allowed
+        if limit is None:
+            limit = SizeLimit(source, len(file.getbuffer()) if hasattr(file, "getbuffer") else 0)
+        self.limit = limit
+        self._guarded = {}
 
     def find_class(self, module, name):
         key = normalise_global(module, name)
         if key in self.allowed:
-            return self.allowed[key]
+            value = self.allowed[key]
+            try:
+                guard = _SIZE_GUARDS.get(value)
+            except TypeError:  # unhashable allowed value
+                guard = None
+            if guard is None:
+                return value
+            if key not in self._guarded:
+                self._guarded[key] = guard(self.limit)
+            return self._guarded[key]
         raise CheckpointError(
             f"{self.source}: refused to load global '{key[0]}.{key[1]}': {self.accepted}{self.refusal_hint(key)}")
 
@@ -256,6 +400,35 @@ def link_checkpoint(source, path):
     return True
 
 
+def _payload_bytes(obj):
+    """About how many bytes ``obj`` (plain data from :func:`to_plain`) takes in a pickle."""
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes + 128
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(k) + _payload_bytes(v) for k, v in obj.items()) + 8
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj) + 8
+    if isinstance(obj, (str, bytes)):
+        return len(obj) + 8
+    return 16
+
+
+def _disk_full_error(path, directory, plain, err):
+    needed = _payload_bytes(plain)
+    try:
+        free = shutil.disk_usage(directory).free
+        left = f", {free / 2 ** 20:.0f} MiB free"
+    except OSError:
+        left = ""
+    return CheckpointWriteError(
+        f"cannot save {path}: {err.strerror or 'no space left'} in {directory} (the file needs "
+        f"about {needed / 2 ** 20:.0f} MiB{left}); the previous checkpoints there are intact: "
+        "free space there (e.g. keep fewer checkpoints with --keep_last) or give another --output_dir")
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
 def save_checkpoint(obj, path):
     """Write ``obj`` (nested dicts/lists of arrays, tensors, numbers, strings, None) to ``path``
     atomically: pickle into a temporary file in the same directory, flush and fsync it, then
@@ -282,7 +455,13 @@ def save_checkpoint(obj, path):
             return path
     plain = to_plain(obj)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        fd, tmp_path = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                        dir=directory)
+    except OSError as err:
+        if err.errno in _DISK_FULL:
+            raise _disk_full_error(path, directory, plain, err) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             pickle.dump(plain, f, protocol=PICKLE_PROTOCOL)
@@ -293,6 +472,11 @@ def save_checkpoint(obj, path):
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as err:
+        _remove_quietly(tmp_path)
+        if err.errno in _DISK_FULL:
+            raise _disk_full_error(path, directory, plain, err) from None
+        raise
     except BaseException:
         _remove_quietly(tmp_path)
         raise

@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from .pd import SAFE_DATA_GLOBALS, CheckpointError, SafeUnpickler, unpickle_from
+from .pd import SAFE_DATA_GLOBALS, CheckpointError, SafeUnpickler, SizeLimit, unpickle_from
 
 __all__ = ["TorchDevice", "TorchModuleStub", "TorchNamespace", "is_legacy_torch", "module_state_dict",
            "parse_torch_legacy", "parse_torch_zip", "TORCH_GLOBALS", "TORCH_MODULE_GLOBALS"]
@@ -238,8 +238,8 @@ TORCH_MODULE_GLOBALS.update(_MODULE_STUBS)
 class _TorchUnpickler(SafeUnpickler):
     accepted = "only tensors, plain containers and allow-listed module classes are accepted"
 
-    def __init__(self, file, source, allowed, storages):
-        super().__init__(file, source, allowed)
+    def __init__(self, file, source, allowed, storages, limit=None):
+        super().__init__(file, source, allowed, limit)
         self.storages = storages  # key -> _TypedStorageRef, shared by all tensors of one file
 
     def refusal_hint(self, key):
@@ -283,13 +283,19 @@ def _attach_storage(ref, raw, source, little_endian=True):
     ref.array = array
 
 
-def _materialise(tensor, source):
+def _materialise(tensor, source, limit):
     ref = tensor.storage
     if ref.array is None:
         raise CheckpointError(f"{source}: storage {ref.key!r} is referenced but missing from the file")
     size, stride, offset = tensor.size, tensor.stride, tensor.offset
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise CheckpointError(f"{source}: tensor with invalid layout size={size} stride={stride} offset={offset}")
+    # a size with stride 0 (or many tensors over one storage) would make a small file expand
+    # into any amount of memory: every copy counts against the file's limit
+    count = 1
+    for n in size:
+        count *= n
+    limit.take(count * ref.array.itemsize, f"tensor of size {list(size)} over storage {ref.key!r}")
     if 0 in size:
         return np.zeros(size, dtype=ref.array.dtype)
     # the last element touched must lie inside the storage; as_strided does not check
@@ -304,26 +310,27 @@ def _materialise(tensor, source):
     return np.array(view, order="C", copy=True)  # (ascontiguousarray would turn 0-d into 1-d)
 
 
-def _resolve(obj, source, memo=None):
-    """Replace every pending tensor inside ``obj`` (containers and module stubs) by its array."""
+def _resolve(obj, source, limit, memo=None):
+    """Replace every pending tensor inside ``obj`` (containers and module stubs) by its array;
+    the arrays' bytes count against ``limit`` (:class:`~paddle_cae.io.pd.SizeLimit`)."""
     if memo is None:
         memo = {}
     oid = id(obj)
     if oid in memo:
         return memo[oid]
     if isinstance(obj, _PendingTensor):
-        result = _materialise(obj, source)
+        result = _materialise(obj, source, limit)
     elif isinstance(obj, dict):
         for k in list(obj.keys()):
-            obj[k] = _resolve(obj[k], source, memo)
+            obj[k] = _resolve(obj[k], source, limit, memo)
         result = obj
     elif isinstance(obj, list):
-        obj[:] = [_resolve(v, source, memo) for v in obj]
+        obj[:] = [_resolve(v, source, limit, memo) for v in obj]
         result = obj
     elif isinstance(obj, tuple):
-        result = tuple(_resolve(v, source, memo) for v in obj)
+        result = tuple(_resolve(v, source, limit, memo) for v in obj)
     elif isinstance(obj, TorchModuleStub):
-        obj.state = _resolve(obj.state, source, memo)
+        obj.state = _resolve(obj.state, source, limit, memo)
         result = obj
     else:
         result = obj
@@ -358,12 +365,19 @@ def parse_torch_zip(data, source, allowed):
         raise CheckpointError(f"{source}: zip archive without data.pkl (not a torch.save file)")
     pkl_name = min(pickles, key=len)
     prefix = pkl_name[: -len("data.pkl")]
+    limit = SizeLimit(source, len(data))
 
     def read_member(name):
         try:
-            return archive.read(name)
+            info = archive.getinfo(name)
         except KeyError:
             return None
+        # torch stores its members uncompressed; a compressed one may not expand past the limit
+        # (a zip bomb declares gigabytes in a few MB)
+        limit.take(info.file_size if info.compress_type != zipfile.ZIP_STORED else 0,
+                   f"archive member {name} ({info.file_size:,} bytes uncompressed)")
+        try:
+            return archive.read(name)
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # CRC / truncation
             raise CheckpointError(f"{source}: corrupt archive member {name} ({err})") from None
 
@@ -371,22 +385,23 @@ def parse_torch_zip(data, source, allowed):
     little = byteorder is None or byteorder.strip() == b"little"
     storages = {}
     pickled = read_member(pkl_name)
-    obj = unpickle_from(_TorchUnpickler(io.BytesIO(pickled), source, allowed, storages))
+    obj = unpickle_from(_TorchUnpickler(io.BytesIO(pickled), source, allowed, storages, limit))
     for key, ref in storages.items():
         raw = read_member(f"{prefix}data/{key}")
         if raw is None:
             raise CheckpointError(f"{source}: storage data/{key} is missing from the archive")
         _attach_storage(ref, raw, source, little)
-    return _resolve(obj, source)
+    return _resolve(obj, source, limit)
 
 
 def parse_torch_legacy(data, source, allowed):
     """torch 1.0-1.5 format: magic, protocol, sys_info, main pickle, list of storage keys, then
     each storage as <int64 element count><raw bytes> in that order."""
     stream = io.BytesIO(data)
+    limit = SizeLimit(source, len(data))
 
     def next_pickle(storages):
-        return unpickle_from(_TorchUnpickler(stream, source, allowed, storages))
+        return unpickle_from(_TorchUnpickler(stream, source, allowed, storages, limit))
 
     no_storages = {}
     if next_pickle(no_storages) != _LEGACY_MAGIC:
@@ -415,7 +430,7 @@ def parse_torch_legacy(data, source, allowed):
             raise CheckpointError(f"{source}: storage {key!r} is shorter than declared (truncated file?)")
         ref.numel = numel
         _attach_storage(ref, raw, source, little)
-    return _resolve(obj, source)
+    return _resolve(obj, source, limit)
 
 
 def module_state_dict(module, prefix=""):

@@ -25,7 +25,7 @@ import zipfile
 
 import numpy as np
 
-from .pd import PADDLE_NAME_TABLE, CheckpointError, parse_pd, read_file_bytes, unwrap_paddle_tensors
+from .pd import PADDLE_NAME_TABLE, CheckpointError, SizeLimit, parse_pd, read_file_bytes, unwrap_paddle_tensors
 from .torch_pickle import (
     TORCH_GLOBALS,
     TORCH_MODULE_GLOBALS,
@@ -98,7 +98,39 @@ def detect_format(data, source):
     return None
 
 
+def _check_npz_sizes(data, source):
+    """Refuse an .npz whose members declare more than the file can hold: a compressed member
+    expanding past the file's :class:`SizeLimit` (a zip bomb), or an array header whose shape
+    needs more bytes than its member has (numpy would allocate the declared size first)."""
+    limit = SizeLimit(source, len(data))
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+        infos = archive.infolist()
+        for info in infos:
+            if info.compress_type != zipfile.ZIP_STORED:
+                limit.take(info.file_size, f"archive member {info.filename} "
+                                           f"({info.file_size:,} bytes uncompressed)")
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            count = 1
+            for dim in shape:
+                count *= int(dim)
+            if count * dtype.itemsize > info.file_size:
+                raise CheckpointError(
+                    f"{source}: refused: member {info.filename} declares an array of shape "
+                    f"{list(shape)} ({count * dtype.itemsize:,} bytes) in {info.file_size:,} bytes")
+    except CheckpointError:
+        raise
+    except Exception:  # anything unreadable is reported by numpy's own reader below
+        return
+
+
 def _read_npz(data, source):
+    _check_npz_sizes(data, source)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             return collections.OrderedDict((key, archive[key]) for key in archive.files)

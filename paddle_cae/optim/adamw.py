@@ -56,6 +56,7 @@ class AdamW(GroupOptimizer):
         self.fused = bool(fused) and _HAS_FUSED
         # None: on wherever the per-tensor path is not preferred (see _multi_tensor_for)
         self.multi_tensor = multi_tensor
+        self.multi_tensor_fallback = None  # why Paddle refused the multi-tensor call, if it did
         self._zero_pows = None
         self._zero_pow_lists = {}
 
@@ -109,8 +110,13 @@ class AdamW(GroupOptimizer):
         try:
             _fused_adam(params, grads, lr_tensor, m1, m2, pow1, pow2, beta1, beta2, eps_t, coeff)
         except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
-            logger.warning("multi-tensor AdamW unavailable (%s: %s); using the per-tensor path",
-                           type(err).__name__, str(err).splitlines()[0][:200])
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            self.multi_tensor_fallback = reason
+            logger.error(
+                "AdamW: this Paddle (%s) refused the multi-tensor update (%s); from now on every "
+                "step updates the parameter tensors one at a time (about a dozen kernel launches "
+                "each, %d tensors in this group): the same numbers, a slower optimizer step. "
+                "See docs/GPU.md", paddle.__version__, reason, len(items))
             self.multi_tensor = False
             for _, _, state in items:
                 state["step"] -= 1

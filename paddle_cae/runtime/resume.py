@@ -8,7 +8,9 @@ checkpoint is a plain dict::
      "args", "rng", "kind", "model_name"}
 
 ``epoch`` is the epoch being trained and ``batches_done`` how many of its batches are in the
-weights (``None`` once the epoch is complete). Auto-resume loads every candidate with the
+weights (``None`` once the epoch is complete); ``images_per_batch`` (batch size x processes) and
+the args' ``accum_iter`` say how large those batches were, so a run resumed at another global
+batch continues after the same images (:func:`resume_position`) or refuses in one line. Auto-resume loads every candidate with the
 safe reader and keeps the most advanced complete one, so a truncated file left by a killed
 writer (which the atomic save should never produce) is skipped with a warning.
 
@@ -180,6 +182,48 @@ def progress_key(state):
     infinitely many batches of that epoch."""
     done = state.get("batches_done")
     return (int(state["epoch"]), float("inf") if done is None else int(done))
+
+
+class ResumeBatchError(ValueError):
+    """A mid-epoch checkpoint cannot be continued at this run's global batch."""
+
+
+def resume_position(state, batch_size, world_size, accum_iter, path="checkpoint"):
+    """(epoch, first batch, note) at which a run of ``world_size`` processes with
+    ``batch_size`` images each per loader batch and ``accum_iter`` continues ``state``.
+
+    The epoch's order of samples does not depend on the batch size (data/sampler.py), so a
+    mid-epoch checkpoint is continued by the images it has seen: ``batches_done`` batches of the
+    size it was written with are ``images`` images, which are a whole number of this run's
+    updates or the resume is refused (:class:`ResumeBatchError`, one line naming both sizes).
+    ``note`` is None when nothing changed, else a sentence for the log."""
+    epoch = int(state["epoch"])
+    done = state.get("batches_done")
+    args = state.get("args") or {}
+    old_accum = int(args.get("accum_iter") or 1)
+    images_per_batch = int(batch_size) * int(world_size)
+    old_images = state.get("images_per_batch")
+    if old_images is None and args.get("batch_size") is not None:
+        # written before the size was stored: its batch size, as many processes as now
+        old_images = int(args["batch_size"]) * int(world_size)
+    old_images = int(old_images) if old_images is not None else None
+    if old_images is None or (old_images == images_per_batch and old_accum == accum_iter):
+        return (epoch + 1, 0, None) if done is None else (epoch, int(done), None)
+    old_global, new_global = old_images * old_accum, images_per_batch * accum_iter
+    sizes = (f"written with {old_images} images per batch x accum_iter {old_accum} "
+             f"(global batch {old_global}), this run has {images_per_batch} x {accum_iter} "
+             f"(global batch {new_global})")
+    if done is None:
+        return epoch + 1, 0, f"{path}: {sizes}; the next epoch starts at the new size"
+    images = int(done) * old_images
+    if images % new_global:
+        raise ResumeBatchError(
+            f"{path} is mid-epoch {epoch} after {images} images, {sizes}: {images} is not a "
+            f"whole number of updates of {new_global}; resume with the global batch it was "
+            "written with, or from an epoch-end checkpoint")
+    start = images // images_per_batch
+    return epoch, start, (f"{path}: {sizes}; continuing epoch {epoch} after the same {images} "
+                          f"images, at batch {start}")
 
 
 def find_resume_checkpoint(output_dir, exp_name=None, kind=None, model_name=None):
