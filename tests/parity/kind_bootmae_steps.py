@@ -9,7 +9,8 @@ few optimizer steps from recorded weights and batches, compared step by step.
   the BEiT weight-decay rule, feature-loss ramp and teacher momentum per epoch, EMA teacher
   after every step, the logged gradient norm).
 
-The random draws of the reference (Mixup's lambda and box, drop-path masks, the patch order)
+Models and optimizers are built and accelerated as the CLIs do (``paddle_cae.fast``: the
+kernels, or the reference with ``PADDLE_CAE_FUSED_OPS=0``). The random draws of the reference (Mixup's lambda and box, drop-path masks, the patch order)
 are recorded in ``case.npz`` and fed to the package's own code paths: Mixup from the same
 numpy seeds, drop-path masks through ``DropPath.sample_mask``, the order as ``idx_shuffle``.
 """
@@ -22,6 +23,7 @@ from paddle_cae.convert import linear_weight_names
 from paddle_cae.data.mixup import Mixup
 from paddle_cae.engine.losses import soft_target_cross_entropy
 from paddle_cae.engine.stepper import Stepper
+from paddle_cae.fast import accelerate, accelerate_optimizer
 from paddle_cae.models.layers import DropPath
 from paddle_cae.optim.schedules import apply_lr, cosine_scheduler
 from paddle_cae.runtime.amp import Precision
@@ -78,13 +80,13 @@ def run_bootmae_finetune_steps(fx, monkeypatch=None):
 
     train = fx.config["train_args"]
     paddle.seed(0)
-    model = classifier_from_official_args("bootmae", **fx.model_args)
+    model = accelerate(classifier_from_official_args("bootmae", **fx.model_args))
     fx.load_into(model)
     args = argparse.Namespace(phase="finetune", model="bootmae_base_patch16_224",
                               weight_decay=train["weight_decay"], layer_decay=train["layer_decay"],
                               backbone_decay=1.0, abs_lr=train["lr"], opt_betas=[0.9, 0.999],
                               opt_eps=train["opt_eps"])
-    optimizer = build_run_optimizer(args, model)
+    optimizer = accelerate_optimizer(build_run_optimizer(args, model))  # as cli/classify does
     _check_groups(fx, model, optimizer)
     stepper = Stepper(model, optimizer, Precision(None))
 
@@ -147,11 +149,13 @@ def run_bootmae_pretrain_steps(fx):
         model_ema_decay=train["model_ema_decay"], model_ema_dynamic=train["model_ema_dynamic"])
     fx.load_into(model)
     model.reset_teacher()  # timm's ModelEma starts as a copy of the model
+    accelerate(model)  # as cli/pretrain does (the teacher included)
     # as the pretraining CLI builds them
     method = get_method("bootmae")
     groups = param_groups(model, train["weight_decay"], **method.group_options("pretrain", model))
-    optimizer = build_optimizer("adamw", groups, lr=train["lr"], betas=(0.9, 0.95),
-                                eps=train["opt_eps"], weight_decay=train["weight_decay"])
+    optimizer = accelerate_optimizer(build_optimizer(
+        "adamw", groups, lr=train["lr"], betas=(0.9, 0.95), eps=train["opt_eps"],
+        weight_decay=train["weight_decay"]))
     _check_groups(fx, model, optimizer)
     stepper = Stepper(model, optimizer, Precision(None))
 
