@@ -176,7 +176,7 @@ def package_dataset(kind, data_path, size, fast_decode):
     from paddle_cae.data.transforms import build_finetune_transform
     from paddle_cae.fast.data import accelerate_dataset
     from paddle_cae.methods import method_for
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     if kind == "finetune":
         transform = build_finetune_transform(size)

@@ -111,7 +111,7 @@ import paddle  # noqa: E402
 from paddle_cae.cli import classify as classify_cli, pretrain as pretrain_cli  # noqa: E402
 from paddle_cae.methods import get_method  # noqa: E402
 from paddle_cae.runtime.checkpoint import save_checkpoint, to_plain  # noqa: E402
-from paddle_cae.runtime.pretrain_args import parse_pretrain_args  # noqa: E402
+from paddle_cae.cli.pretrain_args import parse_pretrain_args  # noqa: E402
 
 SEED = 0
 DEMO = os.path.join(ROOT, "configs", "demo")

@@ -223,7 +223,7 @@ def pretrain_run_args(args):
 
     from paddle_cae.methods import get_method
     from paddle_cae.models.registry import create_model
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     path = recipe_path(args.recipe, "pretrain", args.model)
     argv = (["--config", path] if path else []) + ["--model", args.model,

@@ -9,6 +9,7 @@ import numpy as np
 import paddle
 import pytest
 
+from paddle_cae.models.common import fp32_region
 from paddle_cae.runtime import amp as amp_rt
 
 
@@ -31,7 +32,7 @@ def test_amp_state_reads_the_autocast_level_and_dtype():
     assert amp_rt.amp_state() == ("O0", "float32")
     with simulated_autocast("bfloat16"):
         assert amp_rt.amp_state() == ("O1", "bfloat16")
-        with amp_rt.fp32_region():
+        with fp32_region():
             assert amp_rt.amp_state()[0] == "O0"
         assert amp_rt.amp_state() == ("O1", "bfloat16")
 
@@ -82,8 +83,8 @@ def test_the_cae_tokenizer_is_not_a_sublayer():
 @pytest.mark.parametrize("phase", ["pretrain", "finetune", "linprobe"])
 def test_amp_dtype_flag_selects_bf16_without_loss_scaling(phase):
     from paddle_cae.runtime.config import ConfigError
-    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     parse = {"pretrain": parse_pretrain_args, "finetune": parse_finetune_args,
              "linprobe": parse_linprobe_args}[phase]

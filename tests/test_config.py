@@ -6,7 +6,7 @@ import shlex
 import pytest
 
 from paddle_cae.runtime.config import Arg, ConfigError, load_config, parse_args, to_yaml
-from paddle_cae.runtime.pretrain_args import (absolute_lr, apply_method_defaults, parse_pretrain_args,
+from paddle_cae.cli.pretrain_args import (absolute_lr, apply_method_defaults, parse_pretrain_args,
                                               pretrain_table)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

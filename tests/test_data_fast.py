@@ -362,7 +362,7 @@ def test_data_throughput_benchmark_prints_every_pipeline_and_ratio(tmp_path, cap
 def test_pretraining_flags_reach_the_dataset():
     """--data_handover and --fast_decode of main_pretrain.py configure the training set."""
     from paddle_cae.data.datasets import build_dataset
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     args = parse_pretrain_args(["--config", "demo/mae", "--data_handover", "float32", "--fast_decode", "0.5"])
     dataset = build_dataset("train", None, None, options=args)

@@ -78,7 +78,7 @@ def test_every_trainable_pretraining_parameter_gets_a_gradient_or_is_declared(ca
     from paddle_cae.methods import get_method
     from paddle_cae.cli.pretrain import build_model, prepare_args
     from paddle_cae.runtime import distributed as dist_rt
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     monkeypatch.chdir(ROOT)
     args = parse_pretrain_args(PRETRAIN_CASES[case])
@@ -120,7 +120,7 @@ def test_every_trainable_classifier_parameter_gets_a_gradient(case, monkeypatch)
     from paddle_cae.loading.classifier import build_classifier, classifier_config
     from paddle_cae.cli.classify import freeze_for_probe, probe_train_mode
     from paddle_cae.runtime import distributed as dist_rt
-    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args, parse_linprobe_args
 
     monkeypatch.chdir(ROOT)
     phase, config, extra = CLASSIFIER_CASES[case]

@@ -180,8 +180,8 @@ def demo_header_commands(path):
 
 def parse_demo_command(argv):
     """(entrypoint, the config the command runs with, parsed args)."""
-    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     script, rest = argv[1], argv[2:]
     if script == "main_pretrain.py":
@@ -486,7 +486,7 @@ def seed_commands():
 
 @pytest.mark.parametrize("kind,argv", list(seed_commands()))
 def test_seed_command_lines_parse_with_their_meaning(kind, argv):
-    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args, parse_linprobe_args
 
     args = (parse_linprobe_args if kind == "L" else parse_finetune_args)(argv)
     given = dict(zip(argv, argv[1:]))
@@ -510,7 +510,7 @@ def test_seed_command_lines_parse_with_their_meaning(kind, argv):
 def test_demo_fine_tuning_at_32_px_takes_each_methods_official_transform_branch(method, small):
     from paddle_cae.data.transforms import RandomCrop, RandomResizedCrop
     from paddle_cae.inference.predict import preprocessing_spec
-    from paddle_cae.runtime.finetune_args import parse_finetune_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args
 
     args = parse_finetune_args(["--config", f"configs/demo/finetune_{method}.yaml"])
     first = classify_cli.train_transform(args).transforms[0]

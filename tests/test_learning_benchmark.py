@@ -41,7 +41,7 @@ def test_own_init_baseline_runs_the_recipe_without_finetune_weights(tmp_path):
     _sys.path.insert(0, str(ROOT / "benchmarks"))
     import learning
 
-    from paddle_cae.runtime.finetune_args import parse_finetune_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args
 
     for method, model, layer_decay in (("mae", "vit_base_patch16", 0.65), ("cae", "cae_base_patch16_224", 0.65),
                                        ("bootmae", "bootmae_base_patch16_224", 0.6)):

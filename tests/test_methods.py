@@ -213,7 +213,7 @@ def test_a_fourth_method_in_one_file_pretrains_through_main_pretrain(tmp_path, c
 def test_the_argument_tables_do_not_import_the_data_layer():
     import subprocess
 
-    code = ("import sys; import paddle_cae.runtime.pretrain_args, paddle_cae.runtime.finetune_args; "
+    code = ("import sys; import paddle_cae.cli.pretrain_args, paddle_cae.cli.finetune_args; "
             "print(sorted(m for m in sys.modules if m.startswith(('paddle_cae.data', "
             "'paddle_cae.methods'))))")
     out = subprocess.run([sys.executable, "-c", code], cwd=str(ROOT), capture_output=True, text=True,

@@ -395,7 +395,7 @@ def test_cae_takes_its_vocabulary_from_the_tokenizer_unless_the_user_sets_it(tmp
 def test_bootmae_peak_lr_below_min_lr_warns(caplog):
     from paddle_cae.cli.pretrain import prepare_args
     from paddle_cae.runtime.distributed import DistEnv
-    from paddle_cae.runtime.pretrain_args import parse_pretrain_args
+    from paddle_cae.cli.pretrain_args import parse_pretrain_args
 
     base = ["--model", "bootmae_base", "--data_path", DEMO, "--lr", "1.5e-4", "--min_lr", "1e-4"]
     with caplog.at_level("WARNING", logger="paddle_cae"):

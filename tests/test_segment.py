@@ -376,7 +376,7 @@ def test_demo_set_is_fixed_and_labels_mark_canvas_digits_and_soft_edges(tmp_path
                                          / "configs" / "segmentation").glob("*.yaml")))
 def test_segmentation_recipes_parse_and_keep_the_official_schedule(name):
     from paddle_cae.downstream.seg_args import parse_segment_args
-    from paddle_cae.runtime.pretrain_args import default_config_dir
+    from paddle_cae.runtime.config import default_config_dir
 
     args = parse_segment_args(["--config", os.path.join(default_config_dir(), "segmentation", name)])
     assert args.layer_decay == 0.65 and args.weight_decay == 0.05 and args.power == 1.0

@@ -198,7 +198,7 @@ def test_classifier_from_its_own_init_learns_under_the_recipe_optimizer(method):
 
     from paddle_cae.loading.classifier import build_classifier, classifier_config
     from paddle_cae.cli.classify import build_run_optimizer
-    from paddle_cae.runtime.finetune_args import parse_finetune_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args
 
     recipe = f"configs/finetune/{method}_base_patch16_224.yaml"
     args = parse_finetune_args(["--config", recipe, "--lr", "2e-3", "--input_size", "16", "--drop_path", "0",
@@ -228,7 +228,7 @@ def _classifier_from_flags(model, model_args, *flags, num_classes=10):
     import json
 
     from paddle_cae.loading.classifier import build_classifier, classifier_config
-    from paddle_cae.runtime.finetune_args import parse_finetune_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args
 
     args = parse_finetune_args(["--model", model, "--input_size", "16",
                                 "--model_args", json.dumps(dict(TINY_ARGS, **model_args)), *flags])
@@ -284,7 +284,7 @@ def test_finetune_entry_point_reports_a_model_args_conflict_in_one_line(capsys):
 
 def test_mae_head_init_std_depends_on_finetune():
     from paddle_cae.loading.classifier import classifier_config
-    from paddle_cae.runtime.finetune_args import parse_finetune_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args
 
     scratch = classifier_config(parse_finetune_args(["--model", "vit_base_patch16"]), 10)
     tuned = classifier_config(parse_finetune_args(["--model", "vit_base_patch16", "--finetune", "x.pd"]), 10)
@@ -306,7 +306,7 @@ def test_probe_depth_truncates_the_encoder_model_args_describe():
 
 def test_classifier_config_names_whose_transform_rules_the_run_follows():
     from paddle_cae.loading.classifier import classifier_config
-    from paddle_cae.runtime.finetune_args import parse_finetune_args, parse_linprobe_args
+    from paddle_cae.cli.finetune_args import parse_finetune_args, parse_linprobe_args
 
     for model, family in (("vit_base_patch16", "mae"), ("cae_base_patch16_224", "cae"),
                           ("bootmae_base_patch16_224", "bootmae")):

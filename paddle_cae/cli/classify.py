@@ -25,12 +25,11 @@ from ..optim import build_optimizer, param_groups
 from ..optim.schedules import peak_lr
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
-from ..runtime.config import ConfigError, flag_value, given_flags
-from ..runtime.finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
+from ..runtime.config import ConfigError, default_config_dir, flag_value, given_flags
 from ..runtime.logging import resolve_log_dir
-from ..runtime.pretrain_args import default_config_dir
 from ..resources import with_config_found
 from ..startup import report_error
+from .finetune_args import classifier_method, parse_finetune_args, parse_linprobe_args
 from .pretrain import model_label
 from .start import start_process
 

@@ -14,12 +14,12 @@ from ..methods import get_method, method_for
 from ..models import create_model
 from ..optim import build_optimizer, param_groups
 from ..runtime.amp import Precision, amp_dtype_from_args
-from ..runtime.config import flag_value, given_flags
+from ..runtime.config import default_config_dir, flag_value, given_flags
 from ..runtime.logging import resolve_log_dir
-from ..runtime.pretrain_args import (PRETRAIN_DEFAULT_MODEL, absolute_lr, default_config_dir,
-                                     effective_batch_size, parse_pretrain_args)
 from ..resources import with_config_found
 from ..startup import report_error
+from .pretrain_args import (PRETRAIN_DEFAULT_MODEL, absolute_lr, effective_batch_size,
+                            parse_pretrain_args)
 from .start import start_process
 
 logger = logging.getLogger("paddle_cae")

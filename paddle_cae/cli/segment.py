@@ -18,9 +18,8 @@ from ..loading.pretrained import (PretrainedLoadError, is_encoder_key, load_pret
 from ..models.pos_embed import resize_pos_embed
 from ..runtime.amp import Precision, amp_dtype_from_args
 from ..runtime.checkpoint import CheckpointError, load_checkpoint
-from ..runtime.config import ConfigError, given_flags, to_yaml
+from ..runtime.config import ConfigError, default_config_dir, given_flags, to_yaml
 from ..runtime.logging import resolve_log_dir
-from ..runtime.pretrain_args import default_config_dir
 from ..startup import report_error
 from .start import start_process
 
@@ -34,7 +33,7 @@ def demo_argv(argv):
     checkpoint) the run is the CPU demo: ``configs/segmentation/demo_<family>.yaml`` for the
     family of --model (MAE's for vit_*) is put in front."""
     from ..runtime.config import flag_value
-    from ..runtime.finetune_args import classifier_family
+    from .finetune_args import classifier_family
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if given_flags(argv) & {"--config", "-c", "--data_path", "-h", "--help", "--predict"}:

@@ -63,7 +63,7 @@ def build_export_encoder(model, model_args=None, img_size=None):
     import paddle
 
     from ..models import create_model
-    from ..runtime.finetune_args import classifier_name
+    from ..methods import classifier_name
 
     kwargs = dict(model_args or {})
     kwargs.update(num_classes=0, drop_path_rate=0.0, use_rel_pos_bias=True)

@@ -12,9 +12,10 @@ configs have them (``crop_size``, ``num_classes``, ``out_indices``, ``channels``
 """
 from dataclasses import replace
 
-from ..runtime.config import Arg, ArgTable, parse_args
-from ..runtime.finetune_args import COMMON_ARGS, FINETUNE_ONLY_ARGS, classifier_method, classifier_name
-from ..runtime.pretrain_args import PRETRAIN_ARGS, default_config_dir
+from ..cli.finetune_args import COMMON_ARGS, FINETUNE_ONLY_ARGS
+from ..cli.pretrain_args import PRETRAIN_ARGS
+from ..methods import classifier_method, classifier_name
+from ..runtime.config import Arg, ArgTable, default_config_dir, parse_args
 
 G_RUN, G_MODEL, G_OPT, G_DATA, G_EVAL, G_DIST = (
     "run", "model", "optimisation", "data", "evaluation", "distributed")

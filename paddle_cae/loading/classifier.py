@@ -19,7 +19,7 @@ import paddle
 from ..data.transforms import mean_std
 from ..models import create_model
 from ..models.probe import AttentiveProbe
-from ..runtime.finetune_args import classifier_method, classifier_name
+from ..methods import classifier_method, classifier_name
 
 
 def transform_method(args):

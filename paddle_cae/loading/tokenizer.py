@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..runtime.pretrain_args import default_config_dir
+from ..runtime.config import default_config_dir
 
 logger = logging.getLogger("paddle_cae")
 

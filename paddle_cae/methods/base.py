@@ -317,6 +317,11 @@ def classifier_name(model_name):
     return model_classifier(model_name) or model_name
 
 
+def classifier_method(model_name):
+    """The method of a classifier (or aliased) name; a plain ViT follows MAE's rules."""
+    return method_for(classifier_name(model_name), classifier=True)
+
+
 def pretrain_only_prefixes():
     """Key prefixes of every method's pretraining-only parts (a classifier never uses them)."""
     _load_all()

@@ -23,11 +23,10 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from .base import PretrainingModel
-from .common import (LN_EPS, drop_path_rates, ema_update_, fixed_sincos_table, gather_tokens,
-                     norm_eps_from)
+from .common import (LN_EPS, drop_path_rates, ema_update_, fixed_sincos_table, fp32_region,
+                     gather_tokens, norm_eps_from)
 from .layers import (CrossAttentionBase, DropPath, Mlp, PatchEmbed, block_stack,
                      init_linears_and_norms, trunc_normal_, xavier_uniform_, zeros_)
-from ..runtime.amp import fp32_region
 from .registry import register_model
 
 

@@ -8,7 +8,8 @@
   (MAE's ``norm_pix_loss`` target, BootMAE's pixel target) and its inverse;
 * :func:`ema_update_` - ``ema <- decay * ema + (1 - decay) * online`` over a state (BootMAE's
   teacher, CAE's alignment encoder, the fine-tuning model EMA);
-* :func:`to_uint8_hwc` - a normalised image tensor back to displayable uint8.
+* :func:`to_uint8_hwc` - a normalised image tensor back to displayable uint8;
+* :func:`fp32_region` - autocast switched off for a block (CAE's tokenizer targets).
 """
 import re
 
@@ -23,7 +24,7 @@ TORCH_LN_EPS = 1e-5  # a bare ``nn.LayerNorm``: PyTorch's default
 
 __all__ = ["LN_EPS", "TORCH_LN_EPS", "gather_tokens", "norm_eps_from", "drop_path_rates",
            "fixed_sincos_table", "normalize_patches", "denormalize_patches", "ema_update_",
-           "to_uint8_hwc"]
+           "to_uint8_hwc", "fp32_region"]
 
 
 def gather_tokens(x, ids):
@@ -160,3 +161,9 @@ def to_uint8_hwc(image_chw, mean, std):
     for logging and figures."""
     image = image_chw.numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def fp32_region():
+    """Autocast switched off for the block (the DALL-E tokenizer: the official code and PASSL
+    compute the target tokens in float32, while its convolutions are on the fp16 white list)."""
+    return paddle.amp.auto_cast(enable=False)

@@ -21,8 +21,6 @@ A model may describe itself instead of relying on the ViT naming rules:
 """
 from collections import OrderedDict, namedtuple
 
-from ..runtime.distributed import unwrap_model
-
 # The two official layer-decay rules, by the name the methods give them:
 #   mask_token_first: ``mask_token`` sits in layer 0 (BEiT's code) rather than the last layer
 #                     (MAE's rule lists only cls_token and pos_embed by name);
@@ -145,7 +143,6 @@ def assign_param_groups(named_params, weight_decay, layer_decay=None, no_weight_
 
 def _model_assignment(model, weight_decay, layer_decay, no_weight_decay_list, rule,
                       backbone_decay, skip_bias_and_1d):
-    model = unwrap_model(model)
     params = list(model.named_parameters())
     if no_weight_decay_list is None:
         no_weight_decay_list = model_no_weight_decay(model)
@@ -168,6 +165,8 @@ def param_groups(model, weight_decay, layer_decay=None, no_weight_decay_list=Non
     """Optimizer parameter groups for ``model``.
 
     Args:
+        model: the bare model; the groups are built before a run wraps it for data
+            parallelism (a ``paddle.DataParallel`` would prefix every name with ``_layers.``).
         weight_decay: the decay of parameters that are decayed.
         layer_decay: layer-wise lr decay factor, or None for one lr scale of 1.0.
         no_weight_decay_list: names never decayed. None asks ``model.no_weight_decay()``

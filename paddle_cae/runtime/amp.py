@@ -99,12 +99,6 @@ def amp_state():
     return level, str(getattr(tracer, "_amp_dtype", "float32"))
 
 
-def fp32_region():
-    """Autocast switched off for the block (the DALL-E tokenizer: the official code and PASSL
-    compute the target tokens in float32, while its convolutions are on the fp16 white list)."""
-    return paddle.amp.auto_cast(enable=False)
-
-
 class DynamicLossScaler:
     """Loss scaling with skip-on-overflow, as torch.cuda.amp.GradScaler / paddle's GradScaler
     with init_loss_scaling=65536, incr_every_n_steps=2000, decr_every_n_nan_or_inf=1."""

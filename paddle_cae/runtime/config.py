@@ -13,7 +13,7 @@ Precedence, lowest first: the argument table's defaults < the YAML file(s) given
 * ``--model_args '{"embed_dim": 64, "depth": 2}'`` (JSON or inline YAML) -> a dict.
 * Aliases (e.g. the Paddle CAE ``--dual_loss_weight``) write to the official key.
 
-The argument table is a tuple of :class:`Arg`; see ``pretrain_args.py``.
+The argument table is a tuple of :class:`Arg`; see ``paddle_cae/cli/pretrain_args.py``.
 """
 import argparse
 import difflib
@@ -31,6 +31,13 @@ _FALSE = {"false", "no", "off", "0", "n", "f"}
 
 class ConfigError(ValueError):
     """A config file or command line names an unknown key or gives a bad value."""
+
+
+def default_config_dir():
+    """The ``configs/`` folder where ``--config`` names are looked up after the path as given."""
+    from ..resources import config_dir  # the checkout's configs/, else the installed copy
+
+    return config_dir()
 
 
 @dataclass(frozen=True)

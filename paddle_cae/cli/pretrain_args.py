@@ -16,7 +16,7 @@ Aliases (same meaning, other repository's name):
 """
 from dataclasses import replace
 
-from .config import Arg, ArgTable, parse_args
+from ..runtime.config import Arg, ArgTable, default_config_dir, parse_args
 
 PRETRAIN_DEFAULT_MODEL = "mae_vit_base_patch16"
 
@@ -189,12 +189,6 @@ def absolute_lr(args, world_size=1):
 
     method = get_method(args.method) if getattr(args, "method", None) else method_for(args.model)
     return method.absolute_lr(args.lr, args.blr, effective_batch_size(args, world_size))
-
-
-def default_config_dir():
-    from ..resources import config_dir  # the checkout's configs/, else the installed copy
-
-    return config_dir()
 
 
 def parse_pretrain_args(argv=None, config_dir=None, method_defaults=True):

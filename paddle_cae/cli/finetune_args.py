@@ -14,8 +14,8 @@ pretraining table and taken from it.
 """
 from dataclasses import replace
 
-from .config import Arg, ArgTable, parse_args
-from .pretrain_args import PRETRAIN_ARGS, default_config_dir
+from ..runtime.config import Arg, ArgTable, default_config_dir, parse_args
+from .pretrain_args import PRETRAIN_ARGS
 
 G_RUN, G_MODEL, G_OPT, G_AUG, G_DATA, G_PROBE, G_DIST = (
     "run", "model", "optimisation", "augmentation", "data", "linear probe", "distributed")
@@ -197,9 +197,9 @@ def classifier_name(model):
 
 def classifier_method(model):
     """The :class:`paddle_cae.methods.Method` of a classifier (or aliased) name."""
-    from ..methods import method_for
+    from ..methods import classifier_method as resolve
 
-    return method_for(classifier_name(model), classifier=True)
+    return resolve(model)
 
 
 def classifier_family(model):
