@@ -10,7 +10,10 @@
     batch 64, 224 px, in fp16 O1 (loss scaling) and bf16 O1: img/s, peak memory, fraction of
     skipped steps, MFU against both the fp16 / bf16 matmul peak measured in the same run and the
     card's datasheet peak (dense, no sparsity), which attention kernel the step's attention
-    layers took, and which AdamW path ran (a refused multi-tensor call is reported); (c) the MAE
+    layers took, and which AdamW path ran (a refused multi-tensor call is reported), and one
+    row of the segmentation recipe's step (UperNet + auxiliary head on the CAE ViT-B encoder,
+    512x512 crops, batch 8, fp16 O1; ``paddle_cae.downstream.bench``), reported as skipped when
+    paddleseg is not installed (it lives in an environment of its own); (c) the MAE
     demo trained for 2 epochs on the GPU with AMP: does the loss fall; (d) everything in one
     JSON file (``--out``; default ``gpu_check.json`` in the current folder, and for a dry run a
     file in a new temporary folder).
@@ -53,6 +56,13 @@ MODELS = (
      {"embed_dim": 64, "depth": 1, "num_heads": 4}),
 )
 
+# the segmentation row (part "train"): UperNet + auxiliary FCN head on the CAE ViT-B encoder, the
+# recipe's optimizer and step (paddle_cae.downstream.bench.build_step); fp16 only on a GPU
+SEGMENT_MODEL = "cae_base_patch16_224"
+SEGMENT_REAL = {"crop_size": 512, "num_classes": 150, "channels": 768, "model_args": {}}
+SEGMENT_DRY = {"crop_size": 128, "num_classes": 8, "channels": 32,
+               "model_args": {"embed_dim": 64, "depth": 4, "num_heads": 4}}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -64,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="default 64 (dry run: 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per model and dtype "
                    "(default 10; dry run 2)")
+    p.add_argument("--seg_batch_size", type=int, default=None,
+                   help="batch of the UperNet ViT-B 512 row (default 8; dry run 2)")
     p.add_argument("--deadline_s", type=float, default=480.0,
                    help="the hard limit the check runs under (gpu_check.sh: 480 s)")
     p.add_argument("--margin_s", type=float, default=40.0,
@@ -399,8 +411,76 @@ def run_training(paddle, args, deadline, dtypes, peaks, datasheet_peak, report):
                     paddle.device.cuda.empty_cache()
             report.save()
             print(json.dumps(row), flush=True)
+    if deadline.left() < 20:
+        rows.append({"model": "upernet_" + SEGMENT_MODEL, "phase": "segment",
+                     "error": "not run: time budget spent"})
+        report.save()
+    else:
+        fallback.messages.clear()
+        rows.append(run_segmentation_row(paddle, args, peaks, datasheet_peak, fallback.messages))
+        report.save()
+        print(json.dumps(rows[-1]), flush=True)
     logging.getLogger().removeHandler(fallback)
     return rows
+
+
+def run_segmentation_row(paddle, args, peaks, datasheet_peak, fallback_messages):
+    """The UperNet ViT-B 512 training-step row (fp16 O1 on a GPU, fp32 in a dry run), measured
+    like the rows above; ``skipped`` with the install line when paddleseg is not importable."""
+    dtype = None if args.dry_run else "float16"
+    sizes = SEGMENT_DRY if args.dry_run else SEGMENT_REAL
+    row = {"model": "upernet_" + SEGMENT_MODEL, "phase": "segment", "amp": dtype or "fp32",
+           "batch_size": args.seg_batch_size, "input_size": sizes["crop_size"]}
+    if importlib.util.find_spec("paddleseg") is None:
+        from paddle_cae.downstream import DOWNSTREAM_INSTALL
+
+        row["skipped"] = f"paddleseg not installed: {DOWNSTREAM_INSTALL}"
+        return row
+    network = stepper = step = None
+    try:
+        from paddle_cae.downstream.bench import build_step as build_segmentation_step, counted_step
+
+        reset_peak_memory(paddle)
+        network, stepper, step, shape = build_segmentation_step(
+            SEGMENT_MODEL, sizes["crop_size"], sizes["num_classes"], sizes["channels"],
+            args.seg_batch_size, dtype, model_args=sizes["model_args"])
+        with AttentionRecorder(paddle, network) as attention:
+            flops = counted_step(network, step, shape)  # the warm-up step, counted
+        for _ in range(0 if args.dry_run else 2):
+            step()
+        sync(paddle)
+        skipped = stepper.scaler.skipped_steps
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step()
+            sync(paddle)
+            times.append(time.perf_counter() - t)
+        times.sort()
+        median = times[len(times) // 2]
+        peak = peaks.get(dtype or "float32")
+        row.update({
+            "img_per_s": round(args.seg_batch_size / median, 2),
+            "step_ms": round(1000 * median, 2),
+            "peak_memory_mb": round(peak_memory_mb(paddle), 1),
+            "skipped_fraction": (stepper.scaler.skipped_steps - skipped) / args.steps,
+            "loss_scale": stepper.scaler.scale if stepper.scaler.enabled else None,
+            "train_gflop_per_step": round(flops / 1e9, 3),
+            "mfu": round(flops / median / 1e12 / peak, 4) if peak else None,
+            "mfu_datasheet": (round(flops / median / 1e12 / datasheet_peak, 4)
+                              if datasheet_peak and dtype else None),
+            "autocast": stepper.precision.dtype or "off",
+            "attention": attention.counts,
+            "adamw": adamw_path(stepper.optimizer, fallback_messages),
+        })
+    except Exception as err:  # recorded; the report goes on
+        row["error"] = f"{type(err).__name__}: {err}"[:2000]
+        row["traceback"] = traceback.format_exc()[-3000:]
+    finally:
+        del network, stepper, step
+        if on_gpu(paddle):
+            paddle.device.cuda.empty_cache()
+    return row
 
 
 # ------------------------------------------------------------------------- (c) demo
@@ -447,6 +527,7 @@ def main(argv=None):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
     args.batch_size = args.batch_size or (2 if args.dry_run else 64)
     args.steps = args.steps or (2 if args.dry_run else 10)
+    args.seg_batch_size = args.seg_batch_size or (2 if args.dry_run else 8)
     args.input_size = 64 if args.dry_run else 224
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"parity", "train", "demo"}

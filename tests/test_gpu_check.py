@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh --dry-run: the prepared GPU check runs its whole code path on the
 CPU at tiny sizes, so that it still works when a GPU machine is available."""
+import importlib.util
 import json
 import os
 import signal
@@ -25,7 +26,18 @@ def test_gpu_check_dry_run_writes_a_complete_report(tmp_path):
     assert report["parity"]["ok"] and "passed" in report["parity"]["summary"]
     rows = report["training"]
     assert {r["model"] for r in rows} == {"mae_vit_base_patch16", "cae_base_patch16_224_8k_vocab",
-                                         "bootmae_base", "vit_base_patch16"}
+                                         "bootmae_base", "vit_base_patch16",
+                                         "upernet_cae_base_patch16_224"}
+    segment = [r for r in rows if r["phase"] == "segment"]
+    assert len(segment) == 1 and segment[0]["input_size"] == 128 and segment[0]["amp"] == "fp32"
+    if importlib.util.find_spec("paddleseg") is None:  # the core environment: a clean skip
+        assert set(segment[0]) >= {"skipped"} and "error" not in segment[0]
+        assert segment[0]["skipped"].startswith("paddleseg not installed")
+        assert "requirements-downstream.txt" in segment[0]["skipped"]
+        rows = [r for r in rows if r is not segment[0]]
+    else:  # the downstream environment: the UperNet step measured like the other rows
+        assert "skipped" not in segment[0]
+        assert segment[0]["train_gflop_per_step"] > rows[0]["train_gflop_per_step"]
     for row in rows:
         assert "error" not in row, row
         assert row["img_per_s"] > 0 and row["peak_memory_mb"] > 0 and row["skipped_fraction"] == 0

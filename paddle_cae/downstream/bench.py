@@ -48,6 +48,60 @@ def matmul_peak_gflops(paddle, dtype="float32", size=2048, repeats=3):
     return best
 
 
+def build_step(model="cae_base_patch16_224", crop_size=512, num_classes=150, channels=768,
+               batch_size=1, amp_dtype=None, model_args=None, seed=0):
+    """One training step of the segmentation recipe (encoder + neck + UperNet with its auxiliary
+    head, layer-decayed AdamW, the shared :class:`Stepper`) on a fixed random batch.
+
+    Returns ``(network, stepper, step, images_shape)``; ``step()`` runs one step and returns the
+    loss. Needs paddleseg (the UperNet head): without it the ImportError names the install.
+    Used by ``main`` below and by ``benchmarks/gpu_check.py`` (its UperNet row)."""
+    import numpy as np
+    import paddle
+
+    from ..engine.stepper import Stepper
+    from ..runtime.amp import Precision
+    from ..fast import accelerate, accelerate_optimizer
+    from .optim import build_segmentation_optimizer
+    from .seg_args import build_network
+    from .seg_engine import segmentation_loss
+
+    paddle.seed(seed)
+    config = {"model": model, "model_args": dict(model_args or {}), "crop_size": crop_size,
+              "num_classes": num_classes, "channels": channels, "out_indices": None,
+              "rel_pos_bias": True, "drop_path": 0.1}
+    network = accelerate(build_network(config))
+    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=0.65, lr=1e-4, opt_betas=[0.9, 0.999],
+                                  opt_eps=1e-8)
+    optimizer = accelerate_optimizer(build_segmentation_optimizer(network, opt_args))
+    precision = Precision(amp_dtype)
+    stepper = Stepper(network, optimizer, precision, 1, None)
+    shape = [batch_size, 3, crop_size, crop_size]
+    rng = np.random.RandomState(seed)
+    images = paddle.to_tensor(rng.randn(*shape).astype("float32"))
+    labels = paddle.to_tensor(rng.randint(0, num_classes, size=[shape[0]] + shape[2:]).astype("int64"))
+    network.train()
+
+    def step():
+        with precision.autocast():
+            logits = network(images)
+        loss, _ = segmentation_loss(logits, labels, 0.4)
+        stepper.backward(loss, 0)
+        return loss
+
+    return network, stepper, step, shape
+
+
+def counted_step(network, step, shape):
+    """Run ``step`` once (a warm-up) and return the FLOPs of a training step: the package's
+    counter (x3 for forward + backward of what trains) plus the neck's transposed convolutions."""
+    from ..fast.flops import count_flops
+
+    with count_flops() as counter:
+        step()
+    return counter.train_step() + 3 * 2 * deconv_macs(network, shape)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m paddle_cae.downstream.bench")
     parser.add_argument("--model", default="cae_base_patch16_224")
@@ -62,49 +116,19 @@ def main(argv=None):
     import numpy as np
     import paddle
 
-    from ..engine.stepper import Stepper
-    from ..runtime.amp import Precision
-    from ..fast import accelerate, accelerate_optimizer
-    from ..fast.flops import count_flops
-    from .optim import build_segmentation_optimizer
-    from .seg_args import build_network
-    from .seg_engine import segmentation_loss
-
-    config = {"model": args.model, "model_args": {}, "crop_size": args.crop_size,
-              "num_classes": args.num_classes, "channels": args.channels, "out_indices": None,
-              "rel_pos_bias": True, "drop_path": 0.1}
-    model = accelerate(build_network(config))
-    opt_args = argparse.Namespace(weight_decay=0.05, layer_decay=0.65, lr=1e-4, opt_betas=[0.9, 0.999],
-                                  opt_eps=1e-8)
-    optimizer = accelerate_optimizer(build_segmentation_optimizer(model, opt_args))
-    precision = Precision(args.amp_dtype)
-    stepper = Stepper(model, optimizer, precision, 1, None)
-    shape = [args.batch_size, 3, args.crop_size, args.crop_size]
-    rng = np.random.RandomState(0)
-    images = paddle.to_tensor(rng.randn(*shape).astype("float32"))
-    labels = paddle.to_tensor(rng.randint(0, args.num_classes, size=[shape[0]] + shape[2:]).astype("int64"))
-    model.train()
-
-    def step():
-        with precision.autocast():
-            logits = model(images)
-        loss, _ = segmentation_loss(logits, labels, 0.4)
-        stepper.backward(loss, 0)
-        return float(loss.item())
-
-    with count_flops() as counter:
-        step()  # warm-up, counted
-    flops = counter.train_step() + 3 * 2 * deconv_macs(model, shape)
+    network, stepper, step, shape = build_step(args.model, args.crop_size, args.num_classes,
+                                               args.channels, args.batch_size, args.amp_dtype)
+    flops = counted_step(network, step, shape)
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
-        step()
+        float(step().item())
         times.append(time.perf_counter() - t)
     seconds = float(np.median(times))
     peak = matmul_peak_gflops(paddle, args.amp_dtype or "float32")
     row = {"model": args.model, "crop": args.crop_size, "batch_size": args.batch_size,
            "device": paddle.device.get_device(), "threads": os.environ.get("OMP_NUM_THREADS"),
-           "amp": precision.dtype or "fp32", "step_s": round(seconds, 3),
+           "amp": stepper.precision.dtype or "fp32", "step_s": round(seconds, 3),
            "images_per_s": round(args.batch_size / seconds, 4),
            "step_tflop": round(flops / 1e12, 3), "achieved_gflops": round(flops / seconds / 1e9, 1),
            "matmul_peak_gflops": round(peak, 1), "mfu_pct": round(100 * flops / seconds / 1e9 / peak, 1),
