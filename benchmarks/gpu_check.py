@@ -353,6 +353,33 @@ def build_step(paddle, name, phase, kwargs, amp_dtype, batch_size, input_size, s
     return model, stepper, step, count, attention.counts
 
 
+def timed_steps(paddle, stepper, step, steps, batch_size, flops, peak, datasheet_peak):
+    """Time ``steps`` calls of ``step`` (after its warm-up): the row's speed, memory, loss
+    scaling and MFU fields (``peak``: the measured matmul peak of the step's dtype;
+    ``datasheet_peak``: the card's, None for fp32)."""
+    skipped = stepper.scaler.skipped_steps
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync(paddle)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    median = times[len(times) // 2]
+    return {
+        "img_per_s": round(batch_size / median, 2),
+        "step_ms": round(1000 * median, 2),
+        "peak_memory_mb": round(peak_memory_mb(paddle), 1),
+        "skipped_fraction": (stepper.scaler.skipped_steps - skipped) / steps,
+        "loss_scale": stepper.scaler.scale if stepper.scaler.enabled else None,
+        "train_gflop_per_step": round(flops / 1e9, 3),
+        "mfu": round(flops / median / 1e12 / peak, 4) if peak else None,
+        "mfu_datasheet": (round(flops / median / 1e12 / datasheet_peak, 4)
+                          if datasheet_peak else None),
+        "autocast": stepper.precision.dtype or "off",
+    }
+
+
 def run_training(paddle, args, deadline, dtypes, peaks, datasheet_peak, report):
     rows = report["training"] = []
     fallback = AdamWFallbackLog()
@@ -377,31 +404,11 @@ def run_training(paddle, args, deadline, dtypes, peaks, datasheet_peak, report):
                 for _ in range(warmup):
                     step()
                 sync(paddle)
-                skipped = stepper.scaler.skipped_steps
-                times = []
-                for _ in range(args.steps):
-                    t = time.perf_counter()
-                    step()
-                    sync(paddle)
-                    times.append(time.perf_counter() - t)
-                times.sort()
-                median = times[len(times) // 2]
-                flops = count.train_step()
-                peak = peaks.get(dtype or "float32")
-                row.update({
-                    "img_per_s": round(args.batch_size / median, 2),
-                    "step_ms": round(1000 * median, 2),
-                    "peak_memory_mb": round(peak_memory_mb(paddle), 1),
-                    "skipped_fraction": (stepper.scaler.skipped_steps - skipped) / args.steps,
-                    "loss_scale": stepper.scaler.scale if stepper.scaler.enabled else None,
-                    "train_gflop_per_step": round(flops / 1e9, 3),
-                    "mfu": round(flops / median / 1e12 / peak, 4) if peak else None,
-                    "mfu_datasheet": (round(flops / median / 1e12 / datasheet_peak, 4)
-                                      if datasheet_peak and dtype else None),
-                    "autocast": stepper.precision.dtype or "off",
-                    "attention": attention,
-                    "adamw": adamw_path(stepper.optimizer, fallback.messages),
-                })
+                row.update(timed_steps(paddle, stepper, step, args.steps, args.batch_size,
+                                       count.train_step(), peaks.get(dtype or "float32"),
+                                       datasheet_peak if dtype else None))
+                row.update(attention=attention,
+                           adamw=adamw_path(stepper.optimizer, fallback.messages))
             except Exception as err:  # record and go on with the next one
                 row["error"] = f"{type(err).__name__}: {err}"[:2000]
                 row["traceback"] = traceback.format_exc()[-3000:]
@@ -449,30 +456,10 @@ def run_segmentation_row(paddle, args, peaks, datasheet_peak, fallback_messages)
         for _ in range(0 if args.dry_run else 2):
             step()
         sync(paddle)
-        skipped = stepper.scaler.skipped_steps
-        times = []
-        for _ in range(args.steps):
-            t = time.perf_counter()
-            step()
-            sync(paddle)
-            times.append(time.perf_counter() - t)
-        times.sort()
-        median = times[len(times) // 2]
-        peak = peaks.get(dtype or "float32")
-        row.update({
-            "img_per_s": round(args.seg_batch_size / median, 2),
-            "step_ms": round(1000 * median, 2),
-            "peak_memory_mb": round(peak_memory_mb(paddle), 1),
-            "skipped_fraction": (stepper.scaler.skipped_steps - skipped) / args.steps,
-            "loss_scale": stepper.scaler.scale if stepper.scaler.enabled else None,
-            "train_gflop_per_step": round(flops / 1e9, 3),
-            "mfu": round(flops / median / 1e12 / peak, 4) if peak else None,
-            "mfu_datasheet": (round(flops / median / 1e12 / datasheet_peak, 4)
-                              if datasheet_peak and dtype else None),
-            "autocast": stepper.precision.dtype or "off",
-            "attention": attention.counts,
-            "adamw": adamw_path(stepper.optimizer, fallback_messages),
-        })
+        row.update(timed_steps(paddle, stepper, step, args.steps, args.seg_batch_size, flops,
+                               peaks.get(dtype or "float32"), datasheet_peak if dtype else None))
+        row.update(attention=attention.counts,
+                   adamw=adamw_path(stepper.optimizer, fallback_messages))
     except Exception as err:  # recorded; the report goes on
         row["error"] = f"{type(err).__name__}: {err}"[:2000]
         row["traceback"] = traceback.format_exc()[-3000:]
