@@ -10,6 +10,7 @@
 """
 import ast
 import functools
+import threading
 import re
 from pathlib import Path
 
@@ -19,9 +20,29 @@ HANG_GUARD_S = 1800
 WAITING_CALLS = {"run", "wait", "communicate", "check_output", "check_call", "call", "join", "get"}
 
 
+def _parse(source):
+    """``ast.parse`` in a thread of its own: on CPython 3.11.7, called deep in the test
+    runner's stack after other tests, the AST conversion raised "SystemError: AST constructor
+    recursion depth mismatch"; a fresh thread starts with its own recursion depth."""
+    result = {}
+
+    def run():
+        try:
+            result["tree"] = ast.parse(source)
+        except BaseException as err:  # handed back to the caller's thread
+            result["error"] = err
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    if "error" in result:
+        raise result["error"]
+    return result["tree"]
+
+
 @functools.lru_cache(maxsize=None)
 def _nodes(source):
-    return list(ast.walk(ast.parse(source)))
+    return list(ast.walk(_parse(source)))
 
 
 def _is_slow_marker(node):
