@@ -640,9 +640,9 @@ HEADER = ("| model | phase | batch | px | procs x threads | img/s | step s (medi
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    _setup_threads(args)
-    if ROOT not in sys.path:
+    if ROOT not in sys.path:  # before _setup_threads, which reads the package's switches
         sys.path.insert(0, ROOT)
+    _setup_threads(args)
     if args.explicit_attention:
         os.environ["PADDLE_CAE_ATTENTION"] = "explicit"
     import paddle

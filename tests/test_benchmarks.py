@@ -3,6 +3,7 @@ inference helper's CPU-feature logic. Nothing here is timed."""
 import json
 import os
 import subprocess
+import tempfile
 import sys
 
 import paddle
@@ -78,8 +79,9 @@ def run_script(*extra):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"), "--steps", "2",
            "--warmup", "1", "--peak_size", "256", "--json", "--batch_size", "2",
            "--input_size", "32", "--threads", "1"] + list(extra)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # run as README runs it (no PYTHONPATH, from another folder): the script finds the package
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("{")][-1]
     assert "| img/s |" in out.stdout
