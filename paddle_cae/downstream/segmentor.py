@@ -84,8 +84,9 @@ class NeckBatchNorm2D(nn.BatchNorm2D):
         out = super().forward(x)
         with paddle.no_grad():
             xf = x.astype("float32")
-            n = xf.numel().item() // xf.shape[1]
-            var = xf.var(axis=[0, 2, 3], unbiased=n > 1)
+            n = int(x.shape[0]) * int(x.shape[2]) * int(x.shape[3])
+            centred = xf - xf.mean(axis=[0, 2, 3], keepdim=True)
+            var = (centred * centred).sum(axis=[0, 2, 3]) / max(n - 1, 1)
             m = self._momentum
             self._variance.set_value(m * previous + (1.0 - m) * var.astype(previous.dtype))
             self.num_batches_tracked.set_value(self.num_batches_tracked + 1)
