@@ -65,9 +65,27 @@ def test_neck_gives_strides_4_8_16_32(patch, sizes):
 def test_neck_patch16_is_deconv_bn_gelu_deconv_then_deconv_identity_maxpool():
     neck = MultiScaleNeck(8, patch_size=16)
     kinds = [type(layer).__name__ for layer in neck.fpn1]
-    assert kinds == ["Conv2DTranspose", "BatchNorm2D", "GELU", "Conv2DTranspose"]
+    assert kinds == ["Conv2DTranspose", "NeckBatchNorm2D", "GELU", "Conv2DTranspose"]
+    assert isinstance(neck.fpn1[1], nn.BatchNorm2D)  # SyncBatchNorm conversion still applies
     assert [type(layer).__name__ for layer in neck.fpn2] == ["Conv2DTranspose"]
     assert isinstance(neck.fpn3, nn.Identity) and isinstance(neck.fpn4, nn.MaxPool2D)
+
+
+def test_neck_batchnorm_updates_running_variance_with_the_unbiased_variance():
+    from paddle_cae.downstream.segmentor import NeckBatchNorm2D
+
+    bn = NeckBatchNorm2D(3)  # Paddle momentum 0.9 = PyTorch's 0.1
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(2, 3, 2, 2)).astype("float32")
+    bn.train()
+    out = bn(paddle.to_tensor(x)).numpy()
+    mean, biased = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    unbiased = x.var(axis=(0, 2, 3), ddof=1)  # n = 8 values per channel
+    np.testing.assert_allclose(out, (x - mean[:, None, None]) / np.sqrt(biased[:, None, None] + 1e-5),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn._mean.numpy(), 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn._variance.numpy(), 0.9 + 0.1 * unbiased, rtol=1e-5)
+    assert int(bn.num_batches_tracked) == 1 and "num_batches_tracked" not in bn.state_dict()
+    assert isinstance(nn.SyncBatchNorm.convert_sync_batchnorm(bn), nn.SyncBatchNorm)
 
 
 def test_neck_rejects_a_patch_size_off_the_stride_ladder():

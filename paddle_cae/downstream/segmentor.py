@@ -61,6 +61,38 @@ def encoder_feature_maps(vit, images, out_indices, pos_embed_trainable=False):
     return [by_block[int(i)] for i in out_indices]
 
 
+class NeckBatchNorm2D(nn.BatchNorm2D):
+    """The neck's BatchNorm with the running statistics of the official (PyTorch) one: the
+    batch is normalised with its biased variance, but ``_variance`` is updated with the
+    UNBIASED one (n = B*H*W values per channel; Paddle's own update uses the biased one), and
+    ``num_batches_tracked`` counts the training batches (informational, not checkpointed).
+    ``momentum`` is Paddle's (weight of the running value: 0.9 = PyTorch's 0.1).
+    ``SyncBatchNorm.convert_sync_batchnorm`` turns it into Paddle's SyncBatchNorm (multi-GPU
+    runs), whose update uses the biased variance over the global batch, a relative
+    difference of 1 / (n - 1) of the batch's share."""
+
+    def __init__(self, num_features, momentum=0.9, epsilon=1e-5):
+        super().__init__(num_features, momentum=momentum, epsilon=epsilon)
+        self.register_buffer("num_batches_tracked", paddle.zeros([], dtype="int64"),
+                             persistable=False)
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        with paddle.no_grad():
+            previous = self._variance.clone()
+        out = super().forward(x)
+        with paddle.no_grad():
+            xf = x.astype("float32")
+            n = int(x.shape[0]) * int(x.shape[2]) * int(x.shape[3])
+            centred = xf - xf.mean(axis=[0, 2, 3], keepdim=True)
+            var = (centred * centred).sum(axis=[0, 2, 3]) / max(n - 1, 1)
+            m = self._momentum
+            self._variance.set_value(m * previous + (1.0 - m) * var.astype(previous.dtype))
+            self.num_batches_tracked.set_value(self.num_batches_tracked + 1)
+        return out
+
+
 class MultiScaleNeck(nn.Layer):
     """BEiT's four-level neck (written after the official ``fpn1..fpn4``): from four maps of
     stride p (the patch size) to strides 4, 8, 16 and 32 pixels. Patch size 16: deconv x4
@@ -81,7 +113,7 @@ class MultiScaleNeck(nn.Layer):
         d = self.embed_dim
         if scale == 4:
             return nn.Sequential(nn.Conv2DTranspose(d, d, kernel_size=2, stride=2),
-                                 nn.BatchNorm2D(d, momentum=self.bn_momentum, epsilon=self.bn_eps),
+                                 NeckBatchNorm2D(d, momentum=self.bn_momentum, epsilon=self.bn_eps),
                                  nn.GELU(), nn.Conv2DTranspose(d, d, kernel_size=2, stride=2))
         if scale == 2:
             return nn.Sequential(nn.Conv2DTranspose(d, d, kernel_size=2, stride=2))
@@ -190,5 +222,5 @@ def default_out_indices(depth):
         if depth >= 4 else [min(i, depth - 1) for i in range(4)]
 
 
-__all__ = ["MultiScaleNeck", "Segmentor", "build_segmentor", "build_uper_head",
+__all__ = ["MultiScaleNeck", "NeckBatchNorm2D", "Segmentor", "build_segmentor", "build_uper_head",
            "default_out_indices", "encoder_feature_maps", "prune_classifier"]
