@@ -61,3 +61,22 @@ def test_the_readme_demo_chain_learns(tmp_path):
     out = script("examples/predict_exported.py", exported, README_IMAGE, "--json", "--device", "cpu",
                  cwd=tmp_path).stdout
     assert json.loads(out)[0]["predictions"][0]["class_name"] == "3"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, pretrain_model, finetune_model", [
+    ("cae", "cae_base_patch16_224_8k_vocab", "cae_base_patch16_224"),
+    ("bootmae", "bootmae_base", "bootmae_base_patch16_224"),
+])
+def test_the_cae_and_bootmae_demo_chains_learn(tmp_path, method, pretrain_model, finetune_model):
+    """README: `--model cae_base_patch16_224_8k_vocab` / `--model bootmae_base` pretrain the other
+    methods' demos (configs/demo/{cae,bootmae}.yaml), then their demo fine-tunes
+    (configs/demo/finetune_{cae,bootmae}.yaml) reach the same >= 85% as MAE's."""
+    pre, ft = tmp_path / f"demo_{method}", tmp_path / "ft"
+    script("main_pretrain.py", "--model", pretrain_model, "--output_dir", pre, cwd=tmp_path)
+    checkpoint = pre / "checkpoint-2.pd"
+    assert checkpoint.is_file()
+    script("main_finetune.py", "--model", finetune_model, "--finetune", checkpoint, "--output_dir", ft,
+           cwd=tmp_path)
+    finetune_top1 = last_top1(ft)
+    assert finetune_top1 >= 85.0, finetune_top1

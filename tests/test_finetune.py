@@ -512,7 +512,10 @@ def test_demo_fine_tuning_at_32_px_takes_each_methods_official_transform_branch(
     from paddle_cae.inference.predict import preprocessing_spec
     from paddle_cae.cli.finetune_args import parse_finetune_args
 
-    args = parse_finetune_args(["--config", f"configs/demo/finetune_{method}.yaml"])
+    # the demo configs as shipped train CAE/BootMAE at 36 px: MAE's resized crop, no black padding
+    shipped = parse_finetune_args(["--config", f"configs/demo/finetune_{method}.yaml"])
+    assert isinstance(classify_cli.train_transform(shipped).transforms[0], RandomResizedCrop)
+    args = parse_finetune_args(["--config", f"configs/demo/finetune_{method}.yaml", "--input_size", "32"])
     first = classify_cli.train_transform(args).transforms[0]
     assert isinstance(first, RandomCrop if small else RandomResizedCrop)
     if small:
