@@ -1,5 +1,7 @@
 """BootMAE pretraining model: sizes, masks, loss switches, the momentum teacher and its
 update, checkpoint round trip, conversion of official keys."""
+import math
+
 import numpy as np
 import paddle
 import pytest
@@ -282,6 +284,62 @@ def test_official_model_ema_loads_into_the_teacher_and_drops_the_rest():
     images, order = paddle.randn([1, 3, 32, 32]), random_order(1, 16)
     np.testing.assert_array_equal(target(images, idx_shuffle=order)["loss"].numpy(),
                                   source(images, idx_shuffle=order)["loss"].numpy())
+
+
+# ---------------------------------------------------------------------------- init
+def _uniform(values, bound, rtol=0.03):
+    """``values`` drawn from U(-bound, bound): inside the bound, reaching close to it, with the
+    uniform's std bound / sqrt(3)."""
+    values = np.asarray(values, dtype=np.float64)
+    assert np.abs(values).max() <= bound * (1 + 1e-6)
+    assert np.abs(values).max() > 0.97 * bound
+    np.testing.assert_allclose(values.std(), bound / math.sqrt(3), rtol=rtol)
+
+
+def test_initialisation_follows_the_official_pretraining_scheme():
+    # the official pretraining model (modeling_pretrain_bootmae): Q, K and V each xavier-uniform
+    # (bound from a third of the fused output), every other Linear xavier-uniform with a zero
+    # bias, the patch projection xavier-uniform over its flattened 3*p*p inputs, the pixel
+    # head's transposed convolution left at PyTorch's default U(+-1/sqrt(3*p*p)), mask tokens
+    # truncated at +-1 std of 0.02, the class token N(0, 1e-6), no depth rescaling
+    paddle.seed(3)
+    model = create_model("bootmae_base", depth=2, fea_list=(0, 1), decoder_depth=1)
+    dim, patch = 768, 16
+    linears = [(name, layer) for name, layer in model.named_sublayers()
+               if isinstance(layer, paddle.nn.Linear)]
+    assert len(linears) >= 15
+    for name, layer in linears:
+        fan_in, fan_out = layer.weight.shape  # Paddle's Linear weight is [in, out]
+        if name.endswith("qkv"):
+            bound = math.sqrt(6.0 / (fan_out // 3 + fan_in))
+        else:
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+        _uniform(layer.weight.numpy(), bound)
+        if layer.bias is not None:
+            assert not layer.bias.numpy().any(), name
+    for name, param in model.named_parameters():
+        if name.endswith(("q_bias", "v_bias")):
+            assert not param.numpy().any(), name
+    for name, layer in model.named_sublayers():
+        if isinstance(layer, paddle.nn.LayerNorm):
+            np.testing.assert_array_equal(layer.weight.numpy(), 1.0)
+            assert not layer.bias.numpy().any(), name
+    _uniform(model.patch_embed.proj.weight.numpy(), math.sqrt(6.0 / (3 * patch * patch + dim)))
+    assert not model.patch_embed.proj.bias.numpy().any()
+    head_bound = 1.0 / math.sqrt(3 * patch * patch)
+    _uniform(model.lm_head.proj.weight.numpy(), head_bound)
+    head_bias = model.lm_head.proj.bias.numpy()
+    assert np.abs(head_bias).max() <= head_bound and head_bias.any()
+    truncated_std = 0.02 * math.sqrt(1 - 2 * 0.24197072 / 0.68268949)  # N(0, 1) cut at +-1
+    for token in (model.mask_token, model.mask_token_1):
+        values = token.numpy()
+        assert np.abs(values).max() <= 0.02
+        np.testing.assert_allclose(values.std(), truncated_std, rtol=0.12)
+    np.testing.assert_allclose(model.cls_token.numpy().std(), 1e-6, rtol=0.15)
+    # no depth rescaling: the last block's output projections reach the same bound as the first
+    for block in (model.blocks[0], model.blocks[-1]):
+        assert np.abs(block.attn.proj.weight.numpy()).max() > 0.97 * math.sqrt(6.0 / (2 * dim))
+        assert np.abs(block.mlp.fc2.weight.numpy()).max() > 0.97 * math.sqrt(6.0 / (5 * dim))
 
 
 # ------------------------------------------------------------------------- full size
