@@ -11,11 +11,19 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-throughput_table.jsonl}
 ROWS=${ROWS:-}
 : > "$OUT"
-run() {
+FAILED=()
+run() {  # a row that gives no result is reported with its last error line; the others still run
   local label=$1; shift
   if [ -n "$ROWS" ] && ! printf '%s' "|$ROWS|" | grep -qF "|$label|"; then return 0; fi
   echo "== $label" >&2
-  env "$@" --json 2>/dev/null | tee -a /dev/stderr | grep '^{' | sed "s/^{/{\"label\": \"$label\", /" >> "$OUT"
+  local err
+  err=$(mktemp)
+  if ! env "$@" --json 2>"$err" | tee -a /dev/stderr | grep '^{' \
+      | sed "s/^{/{\"label\": \"$label\", /" >> "$OUT"; then
+    echo "== $label: no result: $(grep -v '^[[:space:]]*$' "$err" | tail -n 1)" >&2
+    FAILED+=("$label")
+  fi
+  rm -f "$err"
 }
 # EXTRA: more flags for every run (a smoke test: EXTRA="--input_size 32 --steps 1 --warmup 0 --peak_size 256")
 EXTRA=${EXTRA:-}
@@ -31,7 +39,12 @@ run "ViT-B finetune, reference ops" PADDLE_CAE_FUSED_OPS=0 $T --model vit_base_p
 run "ViT-B finetune, MKL default code path" MKL_DEBUG_CPU_TYPE= $T --model vit_base_patch16 --phase finetune
 run "ViT-B finetune, 2 processes" $T --model vit_base_patch16 --phase finetune --nproc 2
 run "ViT-B linprobe"      $T --model vit_base_patch16 --phase linprobe
-for mode in dynamic fp32 bf16; do
+modes="dynamic fp32 bf16"
+if ! $PY -c "import sys; from paddle_cae.inference.predictor import cpu_has_bf16; sys.exit(not cpu_has_bf16())"; then
+  modes="dynamic fp32"  # the exported bf16 row needs avx512_bf16 or amx_bf16
+  echo "== ViT-B infer bf16: skipped, this CPU has no native bf16 (avx512_bf16 / amx_bf16)" >&2
+fi
+for mode in $modes; do
   run "ViT-B infer $mode" $PY benchmarks/throughput.py --model vit_base_patch16 --phase infer \
       --infer_mode $mode --batch_size 8 --steps 5 --warmup 2 $EXTRA
 done
@@ -45,3 +58,7 @@ for line in open(sys.argv[1]):
           f"| {r['model_tflops_per_step']:.3f} | {r['peak_gflops']:.0f} | {100 * r['mfu']:.1f}% "
           f"| {r['loadavg_1min']} |")
 PY
+if [ ${#FAILED[@]} -gt 0 ]; then
+  printf 'rows without a result: %s\n' "${FAILED[*]}" >&2
+  exit 1
+fi
