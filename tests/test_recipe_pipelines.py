@@ -1,8 +1,7 @@
-"""The pretraining data of the ImageNet recipe configs, built as ``main_pretrain.py`` builds it
-(the real argument parser, ``method.pretrain_transform`` on the model's patch grid,
-``build_dataset`` and ``accelerate_dataset``), run on an ImageNet-sized (500x375) JPEG: the
-entries each model takes, uint8 images at the recipe's sizes, masks with the recipe's counts,
-batches of 64 and the per-sample seeding of the loader. The expected numbers are read from
+"""The pretraining data of the ImageNet recipe configs, built by ``main_pretrain.py``'s own
+steps (the real argument parser and ``cli.pretrain.build_pretrain_dataset``), run on an
+ImageNet-sized (500x375) JPEG: the entries each model takes, uint8 images at the recipe's
+sizes, masks with the recipe's counts, batches of 64 and the per-sample seeding of the loader. The expected numbers are read from
 the configs through the parser. (Per-image cost is measured by benchmarks/data_throughput.py,
 not here.)"""
 import argparse
@@ -14,12 +13,10 @@ import paddle
 import pytest
 from PIL import Image
 
-from paddle_cae.cli.pretrain import build_model
+from paddle_cae.cli.pretrain import build_model, build_pretrain_dataset
 from paddle_cae.cli.pretrain_args import parse_pretrain_args
-from paddle_cae.data.datasets import build_dataset
 from paddle_cae.data.loader import SeededSamples, collate_samples, derive_seed
 from paddle_cae.engine.pretrain import training_inputs
-from paddle_cae.fast.data import accelerate_dataset
 from paddle_cae.methods import get_method
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain")
@@ -66,13 +63,6 @@ def imagenet_folder(tmp_path_factory):
     return str(root)
 
 
-def _pretrain_dataset(method, args, patch):
-    """main_pretrain's steps: the method's pipeline on the model's patch grid, the training
-    set, the exact resampler swapped in."""
-    transform = method.pretrain_transform(argparse.Namespace(**{**vars(args), "patch_size": patch}))
-    return accelerate_dataset(build_dataset("train", args.data_path, transform, options=args))
-
-
 def _samples(dataset, seed, indices, epoch=0):
     seeded = SeededSamples(dataset, seed=seed, epoch=epoch)  # the loader's per-sample seeding
     return [seeded[i] for i in indices]
@@ -97,7 +87,7 @@ def test_recipe_pipeline_on_an_imagenet_sized_jpeg(imagenet_folder, config):
     grid = size // patch
     n = grid * grid
 
-    dataset = _pretrain_dataset(method, args, patch)
+    dataset = build_pretrain_dataset(args, method, patch)
     assert len(dataset) == BATCH
     samples = _samples(dataset, args.seed, range(BATCH))
 
@@ -165,7 +155,7 @@ def test_recipe_pipeline_on_an_imagenet_sized_jpeg(imagenet_folder, config):
         assert (removed == n - int(n * (1 - float(args.mask_ratio)))).all()
 
     # ---- the same seed gives the same samples, from a pipeline built afresh; another seed does not
-    again = collate_samples(_samples(_pretrain_dataset(method, args, patch), args.seed, range(BATCH)))
+    again = collate_samples(_samples(build_pretrain_dataset(args, method, patch), args.seed, range(BATCH)))
     _assert_same(batch, again)
     other = collate_samples(_samples(dataset, args.seed + 1, range(4)))
     assert not np.array_equal(other["images"], batch["images"][:4])

@@ -95,6 +95,14 @@ def demo_config_used(args):
         os.path.abspath(os.path.join(default_config_dir(), "demo"))
 
 
+def build_pretrain_dataset(args, method, patch_size):
+    """The training set of a pretraining run: the method's pipeline with its masks laid out on
+    the model's patch grid (``patch_size``), over ``args.data_path``/train, the exact resampler
+    swapped in."""
+    transform = method.pretrain_transform(argparse.Namespace(**{**vars(args), "patch_size": patch_size}))
+    return accelerate_dataset(build_dataset("train", args.data_path, transform, options=args))
+
+
 def run(argv=None):
     env, argv, args = start_process(argv, demo_argv, parse_pretrain_args, prepare_args)
     method = get_method(args.method)
@@ -104,10 +112,7 @@ def run(argv=None):
     model = build_model(args)
     method.attach(model, prepared)
     accelerate(model)  # (with its tokenizer)
-    # the masks are laid out on the built model's patch grid
-    transform = method.pretrain_transform(
-        argparse.Namespace(**{**vars(args), "patch_size": model.input_patch_size()}))
-    dataset = accelerate_dataset(build_dataset("train", args.data_path, transform, options=args))
+    dataset = build_pretrain_dataset(args, method, model.input_patch_size())
     options = method.group_options("pretrain", model)
     groups = param_groups(model, args.weight_decay, **options)
     optimizer = build_optimizer(getattr(args, "opt", "adamw"), groups, lr=args.abs_lr,
